@@ -1,0 +1,355 @@
+"""Decoder-only transformer in Flax NNX: the llama family and the gpt2 family.
+
+llama: RoPE (HF rotate-half convention, configurable theta), grouped-query attention, RMSNorm, SwiGLU MLP,
+tied or untied LM head, no biases. gpt2: learned position table, LayerNorm with bias, tanh-GELU MLP, biases on
+every projection, final LayerNorm.
+
+Every parameter is an `nnx.Param` whose `out_sharding` metadata holds logical axis names (e.g. ("vocab", "embed"));
+`nnx.get_partition_spec(nnx.state(model, nnx.Param))` returns them, and inside `nnx.logical_axis_rules(rules)` it
+returns mesh axes. Params are sharded eagerly at creation only when the model is built under a mesh *and* logical
+axis rules (and flax's eager sharding is on); otherwise the names are metadata only (use jit out_shardings), so the
+model also builds under `nnx.eval_shape` with no mesh.
+
+Numerics: norms, RoPE, attention scores/softmax and logits are float32; matmuls run in `cfg.dtype`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd as core_spmd
+
+FAMILIES = ("llama", "gpt2")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+NEG = -1e30  # masked attention score: finite, so a query row with no visible key stays finite (uniform)
+INIT_STD = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    family: str = "llama"  # "llama" | "gpt2"
+    vocab_size: int = 2048
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 4  # gpt2: must equal n_heads
+    head_dim: int = 0  # 0 -> d_model // n_heads
+    d_ff: int = 512
+    max_len: int = 512  # gpt2: learned position table size; llama: longest sequence / cache
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    vocab_multiple: int = 1  # embedding rows padded up to a multiple of this; logits sliced back to vocab_size
+    dtype: str = "float32"  # activation/compute dtype
+    param_dtype: str = "float32"
+    remat: bool = False  # jax.checkpoint each block
+
+    def __post_init__(self):
+        def bad(name, expected):
+            raise ValueError(f"ModelConfig.{name} = {getattr(self, name)!r}: expected {expected}")
+
+        if self.family not in FAMILIES:
+            bad("family", f"one of {FAMILIES}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len",
+                     "vocab_multiple"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "a positive integer")
+        if not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim < 0:
+            bad("head_dim", "an integer >= 0 (0 = d_model // n_heads)")
+        for name in ("rope_theta", "norm_eps"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                bad(name, "a positive number")
+        for name in ("tie_embeddings", "remat"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "True or False")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                bad(name, f"one of {tuple(DTYPES)}")
+        if self.head_dim == 0 and self.d_model % self.n_heads:
+            bad("n_heads", f"a divisor of d_model={self.d_model} (or set head_dim)")
+        if self.n_heads % self.n_kv_heads:
+            bad("n_kv_heads", f"a divisor of n_heads={self.n_heads}")
+        if self.family == "gpt2" and self.n_kv_heads != self.n_heads:
+            bad("n_kv_heads", f"n_kv_heads == n_heads={self.n_heads} for family 'gpt2'")
+        if self.family == "llama" and self.hd % 2:
+            bad("head_dim", f"an even head size for RoPE (got head size {self.hd})")
+
+    @property
+    def hd(self) -> int:
+        """Size of one attention head."""
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def padded_vocab(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a dict or ml_collections ConfigDict; an unknown key is a ValueError naming it."""
+        if hasattr(d, "to_dict"):
+            d = d.to_dict()
+        d = dict(d)
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(allowed))
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown key(s) {unknown}; expected keys from {allowed}")
+        for f in dataclasses.fields(cls):  # ints are fine where a float is expected (e.g. rope_theta=10000)
+            if f.type == "float" and f.name in d and isinstance(d[f.name], int) and not isinstance(d[f.name], bool):
+                d[f.name] = float(d[f.name])
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameters and small layers
+
+
+def _eager() -> bool:
+    """Shard at creation only under a mesh with logical axis rules (otherwise names are metadata only)."""
+    return (nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
+            and bool(core_spmd.get_logical_axis_rules()))
+
+
+def _param(rngs: nnx.Rngs | None, shape, names: tuple[str, ...], cfg: ModelConfig, init: str = "normal",
+           std: float = INIT_STD) -> nnx.Param:
+    dtype = DTYPES[cfg.param_dtype]
+    if init == "normal":
+        value = std * jax.random.normal(rngs.params(), shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = jnp.zeros(shape, dtype)
+    return nnx.Param(value, out_sharding=names, eager_sharding=_eager())
+
+
+class Norm(nnx.Module):
+    """RMSNorm (llama) or LayerNorm with bias (gpt2), computed in float32."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.rms = cfg.family == "llama"
+        self.eps = float(cfg.norm_eps)
+        self.dtype = DTYPES[cfg.dtype]
+        self.scale = _param(None, (cfg.d_model,), ("norm",), cfg, "ones")
+        if not self.rms:
+            self.bias = _param(None, (cfg.d_model,), ("norm",), cfg, "zeros")
+
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        if self.rms:
+            y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+            y = y * self.scale[...].astype(jnp.float32)
+        else:
+            c = x - jnp.mean(x, axis=-1, keepdims=True)
+            y = c * jax.lax.rsqrt(jnp.mean(c * c, axis=-1, keepdims=True) + self.eps)
+            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def rope_tables(positions, head_dim: int, theta: float):
+    """cos, sin [B, T, 1, head_dim/2] (float32) for integer positions [B, T]."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x, cos, sin):
+    """HF Llama convention: the head is split into two halves, x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attend(q, k, v, mask):
+    """Grouped-query attention. q [B,T,H,hd]; k, v [B,S,K,hd]; mask bool [B,T,S] (True = may attend).
+
+    Scores and softmax in float32; a row with no allowed key gets a uniform (finite) distribution."""
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, hd)
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
+    s = jnp.where(mask[:, None, None], s, NEG)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, h, hd)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd
+        self.dtype = DTYPES[cfg.dtype]
+        self.q = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
+        self.k = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg)
+        self.v = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg)
+        self.o = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg,
+                        std=INIT_STD / math.sqrt(2 * cfg.n_layers))
+        self.has_bias = cfg.family == "gpt2"
+        if self.has_bias:
+            self.q_bias = _param(None, (h, hd), ("heads", "head_dim"), cfg, "zeros")
+            self.k_bias = _param(None, (kv, hd), ("kv_heads", "head_dim"), cfg, "zeros")
+            self.v_bias = _param(None, (kv, hd), ("kv_heads", "head_dim"), cfg, "zeros")
+            self.o_bias = _param(None, (d,), ("norm",), cfg, "zeros")
+
+    def qkv(self, x, rope):
+        proj = lambda w: jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype))  # noqa: E731
+        q, k, v = proj(self.q), proj(self.k), proj(self.v)
+        if self.has_bias:
+            q = q + self.q_bias[...].astype(self.dtype)
+            k = k + self.k_bias[...].astype(self.dtype)
+            v = v + self.v_bias[...].astype(self.dtype)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def out(self, a):
+        y = jnp.einsum("bthk,hkd->btd", a, self.o[...].astype(self.dtype))
+        if self.has_bias:
+            y = y + self.o_bias[...].astype(self.dtype)
+        return y
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.d_ff
+        self.dtype = DTYPES[cfg.dtype]
+        self.gated = cfg.family == "llama"
+        out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
+        if self.gated:
+            self.gate = _param(rngs, (d, f), ("embed", "mlp"), cfg)
+            self.up = _param(rngs, (d, f), ("embed", "mlp"), cfg)
+            self.down = _param(rngs, (f, d), ("mlp", "embed"), cfg, std=out_std)
+        else:
+            self.fc = _param(rngs, (d, f), ("embed", "mlp"), cfg)
+            self.fc_bias = _param(None, (f,), ("mlp",), cfg, "zeros")
+            self.proj = _param(rngs, (f, d), ("mlp", "embed"), cfg, std=out_std)
+            self.proj_bias = _param(None, (d,), ("norm",), cfg, "zeros")
+
+    def __call__(self, x):
+        w = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        if self.gated:
+            return (jax.nn.silu(x @ w(self.gate)) * (x @ w(self.up))) @ w(self.down)
+        hmid = jax.nn.gelu(x @ w(self.fc) + w(self.fc_bias), approximate=True)
+        return hmid @ w(self.proj) + w(self.proj_bias)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = Norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, rope, mask, cache=None, cache_index=None):
+        """-> (x, new_cache). With a cache, this step's k/v are written at slots cache_index.. and attention
+        runs over every cache slot (mask [B,T,S] selects the visible ones)."""
+        q, k, v = self.attn.qkv(self.attn_norm(x), rope)
+        if cache is not None:
+            start = (jnp.int32(0), jnp.asarray(cache_index, jnp.int32), jnp.int32(0), jnp.int32(0))
+            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
+                     "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
+            k, v = cache["k"], cache["v"]
+        x = x + self.attn.out(attend(q, k, v, mask))
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, cache
+
+
+def _block_forward(block: Block, x, rope, mask):
+    return block(x, rope, mask)[0]
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"), cfg)
+        if cfg.family == "gpt2":
+            self.pos_embed = _param(rngs, (cfg.max_len, cfg.d_model), ("pos", "embed"), cfg, std=0.01)
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = Norm(cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.head = _param(rngs, (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"), cfg)
+
+    # -- pieces ---------------------------------------------------------------------------------------------
+    def _embed(self, tokens, positions):
+        dtype = DTYPES[self.cfg.dtype]
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        if self.cfg.family == "gpt2":
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dtype)
+        return x
+
+    def _rope(self, positions):
+        if self.cfg.family != "llama":
+            return None
+        return rope_tables(positions, self.cfg.hd, self.cfg.rope_theta)
+
+    @staticmethod
+    def _positions(tokens, positions):
+        if positions is None:
+            return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        return positions
+
+    # -- public API -----------------------------------------------------------------------------------------
+    def hidden_states(self, tokens, *, positions=None, key_mask=None):
+        """tokens int32 [B,T] -> final-normed hidden states [B,T,d_model] (cfg.dtype).
+
+        positions int32 [B,T] (default arange); key_mask bool [B,T] (False = padding key, never attended)."""
+        positions = self._positions(tokens, positions)
+        t = tokens.shape[1]
+        mask = jnp.tril(jnp.ones((t, t), bool))[None]
+        if key_mask is not None:
+            mask = mask & key_mask[:, None, :].astype(bool)
+        mask = jnp.broadcast_to(mask, (tokens.shape[0], t, t))
+        x = self._embed(tokens, positions)
+        rope = self._rope(positions)
+        run = nnx.remat(_block_forward) if self.cfg.remat else _block_forward
+        for block in self.blocks:
+            x = run(block, x, rope, mask)
+        return self.final_norm(x)
+
+    def logits(self, hidden):
+        """The LM head: float32 logits [..., vocab_size] (padded vocab entries sliced off)."""
+        dtype = DTYPES[self.cfg.dtype]
+        h = hidden.astype(dtype)
+        if self.cfg.tie_embeddings:
+            out = jnp.einsum("...d,vd->...v", h, self.embed[...].astype(dtype), preferred_element_type=jnp.float32)
+        else:
+            out = jnp.einsum("...d,dv->...v", h, self.head[...].astype(dtype), preferred_element_type=jnp.float32)
+        if self.cfg.padded_vocab != self.cfg.vocab_size:
+            out = out[..., : self.cfg.vocab_size]
+        return out.astype(jnp.float32)
+
+    def __call__(self, tokens, *, positions=None, key_mask=None):
+        """tokens int32 [B,T] -> (logits float32 [B,T,vocab_size], final-normed hidden [B,T,d_model])."""
+        hidden = self.hidden_states(tokens, positions=positions, key_mask=key_mask)
+        return self.logits(hidden), hidden
+
+    def init_cache(self, batch: int, max_len: int) -> list[dict[str, jax.Array]]:
+        """Zeroed KV cache: one {"k", "v"} dict per layer, each [batch, max_len, n_kv_heads, head_dim]."""
+        shape = (batch, max_len, self.cfg.n_kv_heads, self.cfg.hd)
+        dtype = DTYPES[self.cfg.dtype]
+        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(self.cfg.n_layers)]
+
+    def decode(self, tokens, cache, *, positions, cache_index, key_mask):
+        """Run tokens [B,T] against a KV cache. Pure: returns (logits [B,T,V] f32, hidden [B,T,D], new_cache).
+
+        The tokens' keys/values go into cache slots cache_index..cache_index+T-1 (cache_index: int32 scalar, may be
+        traced); query t (slot cache_index+t) attends to slots s <= cache_index+t where key_mask [B,S] is True.
+        positions [B,T] are the tokens' position ids (RoPE angle / gpt2 table row)."""
+        b, t = tokens.shape
+        s = cache[0]["k"].shape[1]
+        q_slot = jnp.asarray(cache_index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+        mask = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot[:, None]  # [T,S]
+        mask = mask[None] & key_mask[:, None, :].astype(bool)  # [B,T,S]
+        x = self._embed(tokens, positions)
+        rope = self._rope(positions)
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache):
+            x, layer_cache = block(x, rope, mask, layer_cache, cache_index)
+            new_cache.append(layer_cache)
+        hidden = self.final_norm(x)
+        return self.logits(hidden), hidden, new_cache
