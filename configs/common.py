@@ -1,0 +1,116 @@
+"""Shared pieces of the pal_jax configs: model presets and the base config.
+
+Stage files (stage1.py, ...) call `base_config(mode, preset)` and adjust it. Every key that exists here is the
+complete set of keys: configs are locked, so a misspelt override stops with the key's name before any work.
+"""
+import ml_collections
+
+# Model shapes. vocab_size 0 means "take it from the tokenizer" (the tiny preset trains its own tokenizer).
+MODEL_PRESETS = {
+    "tiny": dict(family="llama", vocab_size=0, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=0,
+                 d_ff=384, max_len=512, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True),
+    "smollm2_135m": dict(family="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                         head_dim=0, d_ff=1536, max_len=2048, rope_theta=100000.0, norm_eps=1e-5,
+                         tie_embeddings=True),
+    "gpt2": dict(family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, head_dim=0,
+                 d_ff=3072, max_len=1024, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True),
+    "llama3_8b": dict(family="llama", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                      head_dim=0, d_ff=14336, max_len=8192, rope_theta=500000.0, norm_eps=1e-5,
+                      tie_embeddings=False),
+}
+
+# Logical parameter/activation axis -> mesh axes. Data, not code: override per run if a shape needs another split.
+DEFAULT_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("pos", None),
+    ("length", None),
+)
+
+
+def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: expected one of {sorted(MODEL_PRESETS)}")
+    c = ml_collections.ConfigDict()
+    c.mode = mode
+    c.preset = preset
+    c.seed = 0
+    c.init_from = ""  # a workdir or checkpoint dir whose params initialise the model (params only)
+
+    c.model = ml_collections.ConfigDict(dict(MODEL_PRESETS[preset]))
+    c.model.vocab_multiple = 1
+    c.model.dtype = "float32"
+    c.model.param_dtype = "float32"
+    c.model.remat = False
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ""  # a Hugging Face tokenizer dir (tokenizer.json); empty: train one (tiny preset only)
+    c.tokenizer.train_vocab_size = 2048
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"  # synthetic | convai2
+    c.data.path = ""  # ConvAI2 text file when source=convai2
+    c.data.synthetic_dialogues = 1200
+    c.data.synthetic_seed = 1234
+    c.data.split_seed = 0  # dialogues are split train/dev/test by a seeded permutation of dialogue ids
+    c.data.dev_fraction = 0.1
+    c.data.test_fraction = 0.1
+    c.data.labeler = "overlap"
+    c.data.max_len = 256
+    c.data.buckets = (64, 128, 192, 256)
+    c.data.select_ratio = 0.5  # share of select examples in each epoch of the stage 1 mixture
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 32  # global batch (rows), split over the data and fsdp mesh axes
+    c.train.grad_accum = 1  # micro-batches per step (scan inside the jitted step)
+    c.train.steps = 400
+    c.train.lr = 3e-3
+    c.train.end_lr_ratio = 0.1
+    c.train.warmup_steps = 40
+    c.train.schedule = "cosine"  # cosine | linear | constant
+    c.train.weight_decay = 0.01
+    c.train.b1 = 0.9
+    c.train.b2 = 0.98
+    c.train.clip_norm = 1.0
+    c.train.log_every = 20
+    c.train.eval_every = 100
+    c.train.eval_batches = 0  # 0 = the whole held-out split
+    c.train.checkpoint_every = 100
+    c.train.keep_checkpoints = 2
+    c.train.async_checkpoint = True
+    c.train.max_bad_steps = 5  # consecutive non-finite steps (skipped) before the run stops
+
+    # Select then Generate (predict, evaluate, chat, and the pipeline's evaluation phase)
+    c.predict = ml_collections.ConfigDict()
+    c.predict.input = ""  # ConvAI2 .txt or JSONL of {persona, history}; empty: the configured corpus's test split
+    c.predict.output = ""  # predictions JSONL; empty: WORKDIR/predictions.jsonl
+    c.predict.max_records = 0  # 0 = all
+    c.predict.batch_size = 16
+    c.predict.select_by = "sum"  # sum | mean token log-prob of each select candidate
+    c.predict.method = "greedy"  # greedy | sample | beam
+    c.predict.temperature = 1.0
+    c.predict.top_k = 0
+    c.predict.top_p = 1.0
+    c.predict.beam_width = 4
+    c.predict.length_penalty = 1.0
+    c.predict.max_new_tokens = 32
+    c.predict.persona_file = ""  # chat: one persona sentence a line
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.checkpoints = ""  # "name=path,name=path" (workdirs); empty: "model=WORKDIR"
+    c.eval.output_dir = ""  # empty: WORKDIR/eval
+    c.eval.rank_by = "mean"  # Hits@1 ranking: mean | sum token log-prob
+    c.eval.nli_model = ""  # local HF NLI model dir for the C-score; empty: skipped (noted in the report)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.axis_rules = DEFAULT_AXIS_RULES
+    return c

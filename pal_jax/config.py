@@ -1,0 +1,82 @@
+"""Config validation: every problem found before any work starts, each naming its key and what is allowed."""
+from __future__ import annotations
+
+import ml_collections
+
+MODES = ("stage1", "predict", "evaluate", "chat")
+SOURCES = ("synthetic", "convai2")
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check(errors, ok, key, value, expected):
+    if not ok:
+        errors.append(f"config.{key} = {value!r}: expected {expected}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError listing every invalid value (all of them, not just the first)."""
+    e: list[str] = []
+    c = config
+    _check(e, c.mode in MODES, "mode", c.mode, f"one of {MODES}")
+    m = c.model
+    _check(e, m.family in ("llama", "gpt2"), "model.family", m.family, "'llama' or 'gpt2'")
+    for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len"):
+        _check(e, isinstance(m[k], int) and m[k] > 0, f"model.{k}", m[k], "a positive integer")
+    _check(e, m.vocab_size >= 0, "model.vocab_size", m.vocab_size, ">= 0 (0 = from the tokenizer)")
+    if m.n_heads > 0 and m.n_kv_heads > 0:
+        _check(e, m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
+               f"a divisor of model.n_heads={m.n_heads}")
+    _check(e, m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
+    _check(e, m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"one of {DTYPES}")
+    d = c.data
+    _check(e, d.source in SOURCES, "data.source", d.source, f"one of {SOURCES}")
+    if d.source == "convai2":
+        _check(e, bool(d.path), "data.path", d.path, "the path of a ConvAI2 text file when data.source='convai2'")
+    _check(e, 0 <= d.dev_fraction < 1, "data.dev_fraction", d.dev_fraction, "in [0, 1)")
+    _check(e, 0 <= d.test_fraction < 1, "data.test_fraction", d.test_fraction, "in [0, 1)")
+    _check(e, d.dev_fraction + d.test_fraction < 1, "data.test_fraction", d.test_fraction,
+           f"dev_fraction + test_fraction < 1 (dev_fraction={d.dev_fraction})")
+    _check(e, 0.0 <= d.select_ratio <= 1.0, "data.select_ratio", d.select_ratio, "in [0, 1]")
+    buckets = tuple(d.buckets)
+    _check(e, len(buckets) > 0 and list(buckets) == sorted(set(buckets)) and buckets[-1] == d.max_len,
+           "data.buckets", buckets, f"strictly increasing lengths ending at data.max_len={d.max_len}")
+    _check(e, d.max_len <= m.max_len, "data.max_len", d.max_len, f"<= model.max_len={m.max_len}")
+    _check(e, d.synthetic_dialogues >= 10, "data.synthetic_dialogues", d.synthetic_dialogues, ">= 10")
+    t = c.train
+    for k in ("batch_size", "grad_accum", "steps", "log_every", "eval_every", "checkpoint_every",
+              "keep_checkpoints", "max_bad_steps"):
+        _check(e, isinstance(t[k], int) and t[k] > 0, f"train.{k}", t[k], "a positive integer")
+    _check(e, t.eval_batches >= 0, "train.eval_batches", t.eval_batches, ">= 0 (0 = the whole held-out split)")
+    if t.grad_accum > 0:
+        _check(e, t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
+               f"a divisor of train.batch_size={t.batch_size}")
+    _check(e, t.lr > 0, "train.lr", t.lr, "> 0")
+    _check(e, 0 <= t.end_lr_ratio <= 1, "train.end_lr_ratio", t.end_lr_ratio, "in [0, 1]")
+    _check(e, 0 <= t.warmup_steps, "train.warmup_steps", t.warmup_steps, ">= 0")
+    _check(e, t.schedule in SCHEDULES, "train.schedule", t.schedule, f"one of {SCHEDULES}")
+    _check(e, t.clip_norm >= 0, "train.clip_norm", t.clip_norm, ">= 0 (0 = no clipping)")
+    _check(e, 0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1/b2", (t.b1, t.b2), "in [0, 1)")
+    for k in ("data", "fsdp", "tensor"):
+        _check(e, c.mesh[k] == -1 or c.mesh[k] >= 1, f"mesh.{k}", c.mesh[k], ">= 1, or -1 for the rest")
+    p = c.predict
+    _check(e, p.method in ("greedy", "sample", "beam"), "predict.method", p.method, "'greedy', 'sample' or 'beam'")
+    _check(e, p.select_by in ("sum", "mean"), "predict.select_by", p.select_by, "'sum' or 'mean'")
+    _check(e, p.batch_size > 0, "predict.batch_size", p.batch_size, "a positive integer")
+    _check(e, 0 < p.max_new_tokens < d.max_len, "predict.max_new_tokens", p.max_new_tokens,
+           f"in [1, data.max_len={d.max_len})")
+    _check(e, p.temperature > 0, "predict.temperature", p.temperature, "> 0")
+    _check(e, p.top_k >= 0, "predict.top_k", p.top_k, ">= 0 (0 = off)")
+    _check(e, 0 < p.top_p <= 1, "predict.top_p", p.top_p, "in (0, 1]")
+    _check(e, p.beam_width >= 1, "predict.beam_width", p.beam_width, ">= 1")
+    _check(e, p.max_records >= 0, "predict.max_records", p.max_records, ">= 0 (0 = all)")
+    _check(e, c.eval.rank_by in ("sum", "mean"), "eval.rank_by", c.eval.rank_by, "'sum' or 'mean'")
+    if c.mode == "chat":
+        _check(e, bool(p.persona_file), "predict.persona_file", p.persona_file,
+               "a text file with one persona sentence a line")
+    if e:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(e))

@@ -1,0 +1,50 @@
+"""Load the configured corpus, fill missing persona labels, and split it by dialogue."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from pal_jax.data import convai2, labels, synthetic
+
+SPLITS = ("train", "dev", "test")
+
+
+def split_dialogues(dialogues, dev_fraction: float, test_fraction: float, seed: int) -> dict[str, list]:
+    """Split by dialogue, never by turn: a seeded permutation of dialogue positions, test first, then dev.
+
+    The same (dialogues, fractions, seed) always gives the same split, so the test part stays untouched by training.
+    """
+    n = len(dialogues)
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(n * test_fraction))
+    n_dev = int(round(n * dev_fraction))
+    parts = {"test": order[:n_test], "dev": order[n_test:n_test + n_dev], "train": order[n_test + n_dev:]}
+    out = {k: [dialogues[i] for i in sorted(v)] for k, v in parts.items()}
+    for k in SPLITS:
+        if not out[k] and (k == "train" or (k == "dev" and dev_fraction > 0) or (k == "test" and test_fraction > 0)):
+            raise ValueError(f"data split {k!r} is empty: {n} dialogues with dev_fraction={dev_fraction}, "
+                             f"test_fraction={test_fraction}; expected enough dialogues for every split")
+    return out
+
+
+def read_dialogues(data_config):
+    if data_config.source == "synthetic":
+        dialogues = synthetic.generate_corpus(data_config.synthetic_dialogues, data_config.synthetic_seed)
+        origin = f"synthetic(n={data_config.synthetic_dialogues}, seed={data_config.synthetic_seed})"
+    elif data_config.source == "convai2":
+        dialogues = convai2.read_convai2(data_config.path)
+        origin = data_config.path
+    else:
+        raise ValueError(f"config.data.source = {data_config.source!r}: expected 'synthetic' or 'convai2'")
+    labeler = labels.get_labeler(data_config.labeler)
+    labels.label_dialogues(dialogues, labeler)
+    return dialogues, origin
+
+
+def load_corpus(data_config) -> dict[str, list]:
+    dialogues, origin = read_dialogues(data_config)
+    splits = split_dialogues(dialogues, data_config.dev_fraction, data_config.test_fraction, data_config.split_seed)
+    logging.info("data: %s: %d dialogues -> %s", origin, len(dialogues),
+                 ", ".join(f"{k} {len(v)} dialogues / {sum(len(d.turns) for d in v)} turns" for k, v in splits.items()))
+    return splits

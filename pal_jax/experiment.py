@@ -1,0 +1,49 @@
+"""What every mode sets up the same way: mesh, corpus splits, tokenizer, model state."""
+from __future__ import annotations
+
+import logging
+import os
+
+from pal_jax import mesh as mesh_lib
+from pal_jax import tokenizer as tok_lib
+from pal_jax import train
+from pal_jax.data import corpus as corpus_lib
+
+
+def tokenizer_texts(dialogues) -> list[str]:
+    texts = []
+    for d in dialogues:
+        texts.extend(d.persona)
+        for t in d.turns:
+            texts.extend((t.partner, t.response))
+    return texts
+
+
+def get_tokenizer(config, workdir: str, train_dialogues=None) -> tok_lib.Tokenizer:
+    """config.tokenizer.path if given; else the one saved in the workdir (resume); else train one (tiny preset)."""
+    if config.tokenizer.path:
+        return tok_lib.load_tokenizer(config.tokenizer.path)
+    saved = os.path.join(workdir, "tokenizer")
+    if os.path.exists(os.path.join(saved, "tokenizer.json")):
+        return tok_lib.load_tokenizer(saved)
+    if config.model.vocab_size != 0:
+        raise ValueError(f"config.tokenizer.path is empty: preset {config.preset!r} has a fixed vocabulary of "
+                         f"{config.model.vocab_size}; expected a Hugging Face tokenizer directory with "
+                         f"tokenizer.json (only presets with model.vocab_size=0, e.g. tiny, train their own)")
+    if train_dialogues is None:
+        raise FileNotFoundError(f"no tokenizer in {saved}: expected the workdir of a run that trained one")
+    tok = tok_lib.train_tokenizer(tokenizer_texts(train_dialogues), config.tokenizer.train_vocab_size, saved)
+    logging.info("tokenizer: trained byte-level BPE with %d tokens on the training split, saved to %s",
+                 tok.vocab_size, saved)
+    return tok
+
+
+class Experiment:
+    def __init__(self, config, workdir: str, need_corpus: bool = True, devices=None):
+        self.config, self.workdir = config, workdir
+        self.mesh = mesh_lib.make_mesh(config.mesh, devices)
+        self.rules = mesh_lib.axis_rules(config)
+        self.corpus = corpus_lib.load_corpus(config.data) if need_corpus else None
+        self.tokenizer = get_tokenizer(config, workdir, self.corpus["train"] if self.corpus else None)
+        self.model_cfg = train.model_config(config.model, self.tokenizer.vocab_size)
+        self.model = train.ModelState(self.model_cfg, self.mesh, self.rules)

@@ -1,0 +1,60 @@
+"""Stage 1, Persona-aware Learning: multi-task SFT over select and generate examples, loss on target tokens."""
+from __future__ import annotations
+
+import logging
+
+import jax.numpy as jnp
+
+from pal_jax import checkpoint as ckpt_lib
+from pal_jax import losses, train
+from pal_jax.data import pipeline
+from pal_jax.experiment import Experiment
+
+
+def sft_loss_fn(model, batch, extra):
+    logits, _ = model(batch["inputs"], positions=batch["positions"])
+    nll, tok, task_nll, task_tok = losses.sft_loss_sums(logits, batch["targets"], batch["weights"], batch["task"],
+                                                        len(pipeline.TASKS))
+    mets = {}
+    # per-task mean losses: logged as sum/den, so scale each task's mean back by den/tokens-of-task
+    for i, name in enumerate(pipeline.TASKS):
+        mets[f"{name}_loss"] = task_nll[i] / jnp.maximum(task_tok[i], 1.0) * tok
+    return nll, tok, mets
+
+
+def encode_split(exp: Experiment, dialogues, split: str) -> pipeline.Encoded:
+    d = exp.config.data
+    enc = pipeline.encode_examples(pipeline.stage1_examples(dialogues), exp.tokenizer, d.max_len)
+    logging.info("data %s: %d examples; %d cut from the oldest history to fit %d tokens; %d dropped "
+                 "(target alone too long)", split, len(enc.ids), enc.n_truncated, d.max_len, enc.n_dropped)
+    return enc
+
+
+def build_task(exp: Experiment) -> train.Task:
+    c = exp.config
+    enc_train = encode_split(exp, exp.corpus["train"], "train")
+    enc_dev = encode_split(exp, exp.corpus["dev"], "dev")
+    buckets = tuple(c.data.buckets)
+    src = pipeline.BatchSource(enc_train, c.train.batch_size, buckets, c.seed, select_ratio=c.data.select_ratio)
+    dev = pipeline.BatchSource(enc_dev, c.train.batch_size, buckets, c.seed)
+    info = {"seed": c.seed, "train_examples": len(enc_train.ids), "dev_examples": len(enc_dev.ids),
+            "steps_per_epoch": src.steps_per_epoch, "truncated": enc_train.n_truncated,
+            "dropped": enc_train.n_dropped}
+    return train.Task(name="stage1", loss_fn=sft_loss_fn, train_batch=src.batch, eval_batches=dev.eval_batches,
+                      data_info=info)
+
+
+def initial_params(exp: Experiment):
+    """Params of config.init_from (params only, onto this run's mesh), or None for a random init."""
+    if not exp.config.init_from:
+        return None
+    params, step = ckpt_lib.load_params(exp.config.init_from, exp.model.abstract)
+    logging.info("init_from: params of %s step %d", exp.config.init_from, step)
+    return params
+
+
+def run(config, workdir: str, devices=None) -> dict:
+    exp = Experiment(config, workdir, devices=devices)
+    task = build_task(exp)
+    resuming = ckpt_lib.Checkpointer.exists(workdir)
+    return train.run(config, workdir, task, exp.model, init_params=None if resuming else initial_params(exp))

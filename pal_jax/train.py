@@ -1,0 +1,312 @@
+"""Stage-agnostic training loop: restore-or-init, a jitted sharded step, eval/log/checkpoint cadence, NaN guard,
+progress with ETA, and a clean exit after a checkpoint on SIGTERM (preemption).
+
+A stage supplies a `Task`: a loss written as sums (numerator, denominator, metric sums) so that micro-batches and
+devices add up exactly, a training batch source whose `batch(step)` is a pure function of the step, and held-out
+batches. The loop owns everything else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from pal_jax import checkpoint as ckpt_lib
+from pal_jax import mesh as mesh_lib
+from pal_jax import optim
+from pal_jax.metrics_writer import MetricsWriter
+from pal_jax.model import ModelConfig, Transformer
+
+# loss_fn(model, batch, extra) -> (numerator, denominator, {name: sum}); the loss is numerator / denominator and
+# each logged metric is its sum / denominator over the whole step (all micro-batches).
+LossFn = Callable[[Transformer, dict, Any], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass
+class Task:
+    name: str
+    loss_fn: LossFn
+    train_batch: Callable[[int], dict[str, np.ndarray]]  # pure function of the step
+    eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]]
+    eval_name: str = "dev"
+    extra: Any = None  # e.g. frozen reference params: passed to every step, never donated or differentiated
+    extra_shardings: Any = None
+    data_info: dict = dataclasses.field(default_factory=dict)  # recorded in checkpoints (data position, sizes)
+
+
+class BadStepsError(RuntimeError):
+    pass
+
+
+def model_config(model_section, vocab_size: int) -> ModelConfig:
+    """config.model (or a checkpoint's saved copy) with vocab_size 0 resolved to the tokenizer's."""
+    d = dict(model_section)
+    if d["vocab_size"] == 0:
+        d["vocab_size"] = vocab_size
+    elif d["vocab_size"] < vocab_size:
+        raise ValueError(f"config.model.vocab_size = {d['vocab_size']}: expected >= the tokenizer's vocabulary "
+                         f"size {vocab_size} (or 0 to take it from the tokenizer)")
+    return ModelConfig.from_dict(d)
+
+
+class ModelState:
+    """The model's graph, its abstract params and their shardings on a mesh."""
+
+    def __init__(self, cfg: ModelConfig, mesh, rules):
+        self.cfg, self.mesh = cfg, mesh
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+        self.graphdef, abstract_state = nnx.split(abstract, nnx.Param)
+        self.shardings = mesh_lib.param_shardings(abstract_state, mesh, rules)
+        self.abstract = ckpt_lib.abstract_like(nnx.to_pure_dict(abstract_state), self.shardings)
+
+    def init(self, seed: int):
+        def f():
+            return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+        return jax.jit(f, out_shardings=self.shardings)()
+
+    def merge(self, params) -> Transformer:
+        return nnx.merge(self.graphdef, params)
+
+    def n_params(self) -> int:
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract))
+
+
+def _microbatches(batch: dict, n: int, mesh) -> dict:
+    """[B, ...] -> [n, B/n, ...] with micro-batch i = rows i, i+n, ...: every micro-batch spans all devices."""
+    def split(x):
+        y = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+        spec = jax.sharding.PartitionSpec(None, mesh_lib.BATCH, *([None] * (x.ndim - 1)))
+        return jax.lax.with_sharding_constraint(y, jax.sharding.NamedSharding(mesh, spec))
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(ms: ModelState, task: Task, tx: optax.GradientTransformation, grad_accum: int,
+                    opt_shardings):
+    def sums(params, mb, extra):
+        num, den, mets = task.loss_fn(ms.merge(params), mb, extra)
+        return num, (den, mets)
+
+    grad_fn = jax.value_and_grad(sums, has_aux=True)
+
+    def step(params, opt_state, batch, extra):
+        extra = jax.lax.stop_gradient(extra)
+        if grad_accum == 1:
+            (num, (den, mets)), grads = grad_fn(params, batch, extra)
+        else:
+            mbs = _microbatches(batch, grad_accum, ms.mesh)
+
+            def body(carry, mb):
+                (n, (d, m)), g = grad_fn(params, mb, extra)
+                return jax.tree.map(jnp.add, carry, (n, d, m, g)), None
+
+            zero = jax.eval_shape(lambda: (lambda o: (o[0][0], o[0][1][0], o[0][1][1], o[1]))(
+                grad_fn(params, jax.tree.map(lambda x: x[0], mbs), extra)))
+            zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+            (num, den, mets, grads), _ = jax.lax.scan(body, zero, mbs)
+        den = jnp.maximum(den, 1e-9)
+        grads = jax.tree.map(lambda g: g / den, grads)
+        loss = num / den
+        gnorm = optax.global_norm(grads)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        metrics = {"loss": loss, "grad_norm": gnorm, "finite": ok.astype(jnp.float32),
+                   **{k: v / den for k, v in mets.items()}}
+        return keep(new_params, params), keep(new_opt, opt_state), metrics
+
+    return jax.jit(step, donate_argnums=(0, 1),
+                   out_shardings=(ms.shardings, opt_shardings, mesh_lib.replicated(ms.mesh)))
+
+
+def make_eval_step(ms: ModelState, task: Task):
+    def step(params, batch, extra):
+        num, den, mets = task.loss_fn(ms.merge(params), batch, extra)
+        return {"num": num, "den": den, **mets}
+    return jax.jit(step, out_shardings=mesh_lib.replicated(ms.mesh))
+
+
+def evaluate_loss(eval_step, params, task: Task, mesh, max_batches: int = 0) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for i, batch in enumerate(task.eval_batches()):
+        if max_batches and i >= max_batches:
+            break
+        out = jax.device_get(eval_step(params, mesh_lib.global_batch(_local(batch), mesh), task.extra))
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    den = max(totals.pop("den", 0.0), 1e-9)
+    res = {"loss": totals.pop("num", 0.0) / den}
+    res.update({k: v / den for k, v in totals.items()})
+    res["perplexity"] = float(np.exp(min(res["loss"], 50.0)))
+    return res
+
+
+def _local(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's rows of a global batch (each host feeds only its slice)."""
+    n, i = jax.process_count(), jax.process_index()
+    if n == 1:
+        return batch
+    return {k: np.array_split(v, n)[i] for k, v in batch.items()}
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary and returns."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. some test runners): no handler
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint at the end of this step, then exiting")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _fmt_time(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
+        trainable: Callable | None = None) -> dict[str, Any]:
+    """Train `task` for config.train.steps; resume from WORKDIR/checkpoints if present.
+
+    init_params: params for a fresh run (e.g. loaded from config.init_from); None -> random init from config.seed.
+    Returns a summary with the final held-out metrics, the step reached and whether the run was preempted.
+    """
+    t_cfg = config.train
+    os.makedirs(workdir, exist_ok=True)
+    primary = jax.process_index() == 0
+    mesh = ms.mesh
+    div = mesh_lib.batch_divisor(mesh) * t_cfg.grad_accum
+    if t_cfg.batch_size % div:
+        raise ValueError(f"config.train.batch_size = {t_cfg.batch_size}: expected a multiple of "
+                         f"data*fsdp*grad_accum = {div} on mesh {dict(mesh.shape)}")
+    tx = optim.make_optimizer(t_cfg, trainable)
+    # optimizer-state shardings as XLA propagates them from the params; scalars (step counts) replicated
+    opt_shardings = jax.tree.map(
+        lambda s: s if isinstance(s, jax.sharding.NamedSharding) else mesh_lib.replicated(mesh),
+        jax.jit(tx.init).lower(ms.abstract).compile().output_shardings)
+    abstract_opt = jax.eval_shape(tx.init, ms.abstract)
+    abstract_opt = ckpt_lib.abstract_like(abstract_opt, opt_shardings)
+
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=t_cfg.keep_checkpoints, async_save=t_cfg.async_checkpoint)
+    config_json = json.loads(config.to_json_best_effort())
+    latest = ckpt.latest_step()
+    if latest is not None:
+        params, opt_state, meta = ckpt.restore(latest, ms.abstract, abstract_opt)
+        _check_resume(meta, config_json, task, ckpt.directory)
+        start = int(meta["step"])
+        logging.info("resumed from %s step %d", ckpt.directory, start)
+    else:
+        params = init_params if init_params is not None else ms.init(config.seed)
+        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+        start = 0
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config_json, f, indent=2)
+
+    train_step = make_train_step(ms, task, tx, t_cfg.grad_accum, opt_shardings)
+    eval_step = make_eval_step(ms, task)
+    writer = MetricsWriter(workdir, enabled=primary)
+    logging.info("%s: %s params, mesh %s, %d steps from step %d, global batch %d", task.name,
+                 f"{ms.n_params():,}", dict(mesh.shape), t_cfg.steps, start, t_cfg.batch_size)
+
+    def meta_for(step):
+        return {"step": step, "task": task.name, "data": {**task.data_info, "next_step": step},
+                "config": config_json}
+
+    step, bad, preempted = start, 0, False
+    last_eval: dict[str, float] = {}
+    t_start, steps_timed, t_window, window, window_tokens, timed = None, 0, time.time(), [], 0, 0
+    with _Preemption() as pre:
+        while step < t_cfg.steps:
+            host_batch = task.train_batch(step)
+            window_tokens += host_batch["inputs"].size  # rows x bucket length (padding included)
+            batch = mesh_lib.global_batch(_local(host_batch), mesh)
+            params, opt_state, metrics = train_step(params, opt_state, batch, task.extra)
+            step += 1
+            if step == start + 1:
+                metrics = jax.device_get(metrics)  # first step includes compilation: time from here on
+                t_start, t_window, window_tokens = time.time(), time.time(), 0
+            else:
+                steps_timed += 1
+                timed += 1
+            window.append(metrics)
+            if step % t_cfg.log_every == 0 or step == t_cfg.steps:
+                m = {k: float(np.mean([float(x[k]) for x in window])) for k in window[0]}
+                n_bad = int(round(len(window) * (1 - m.pop("finite"))))
+                bad = bad + n_bad if n_bad else 0
+                now = time.time()
+                dt = (now - t_window) / max(timed, 1)
+                m["step_time_s"] = dt
+                m["tokens_per_s"] = window_tokens / (now - t_window) if now > t_window else 0.0
+                m["lr"] = float(optim.schedule(t_cfg)(step))
+                writer.write(step, {f"train/{k}": v for k, v in m.items()})
+                elapsed = now - (t_start or now)
+                eta = elapsed / max(steps_timed, 1) * (t_cfg.steps - step)
+                extra = " ".join(f"{k} {v:.3f}" for k, v in m.items()
+                                 if k not in ("loss", "grad_norm", "step_time_s", "tokens_per_s", "lr"))
+                logging.info("step %d/%d loss %.4f %s| %s tok/s lr %.2e | ETA %s", step, t_cfg.steps, m["loss"],
+                             extra + " " if extra else "", f"{m['tokens_per_s']:,.0f}", m["lr"], _fmt_time(eta))
+                window, t_window, window_tokens, timed = [], now, 0, 0
+                if bad >= t_cfg.max_bad_steps:
+                    ckpt.close()
+                    raise BadStepsError(f"{bad} consecutive steps had a non-finite loss or gradient (skipped); "
+                                        f"stopping. Last good checkpoint: {ckpt.directory} step {ckpt.latest_step()}")
+            if step % t_cfg.eval_every == 0 or step == t_cfg.steps:
+                last_eval = evaluate_loss(eval_step, params, task, mesh, t_cfg.eval_batches)
+                writer.write(step, {f"{task.eval_name}/{k}": v for k, v in last_eval.items()})
+                logging.info("eval %s step %d: %s", task.eval_name, step,
+                             " ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+            if step % t_cfg.checkpoint_every == 0 or step == t_cfg.steps:
+                ckpt.save(step, params, opt_state, meta_for(step))
+            if pre.requested:
+                ckpt.save(step, params, opt_state, meta_for(step), force=True)
+                preempted = True
+                break
+    ckpt.close()
+    writer.close()
+    summary = {"task": task.name, "step": step, "preempted": preempted, task.eval_name: last_eval,
+               "checkpoints": ckpt.directory, "metrics": writer.jsonl_path, "tensorboard": writer.tb_dir}
+    if preempted:
+        logging.warning("preempted: checkpoint saved at step %d in %s; rerun the same command to resume", step,
+                        ckpt.directory)
+    return summary
+
+
+def _check_resume(meta: dict, config_json: dict, task: Task, directory: str) -> None:
+    """A resumed run must train the same model on the same data order; say which keys differ if not."""
+    old = meta.get("config", {})
+    diffs = []
+    for section in ("model", "data", "tokenizer"):
+        for k, v in config_json.get(section, {}).items():
+            if old.get(section, {}).get(k) != v:
+                diffs.append(f"config.{section}.{k}: checkpoint has {old.get(section, {}).get(k)!r}, now {v!r}")
+    for k in ("seed", "mode"):
+        if old.get(k) != config_json.get(k):
+            diffs.append(f"config.{k}: checkpoint has {old.get(k)!r}, now {config_json.get(k)!r}")
+    if diffs:
+        raise ValueError(f"cannot resume from {directory}: the run differs from the checkpoint's:\n  "
+                         + "\n  ".join(diffs) + "\nexpected the same settings, or a new --workdir")

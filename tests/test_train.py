@@ -1,0 +1,148 @@
+"""Stage 1 training: config errors, sharding invariance, accumulation, checkpoints (kill, SIGTERM, remesh, init_from)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import REPO, main_cmd, run_main, tiny_config
+from pal_jax import checkpoint as ckpt_lib
+from pal_jax import stage1
+from pal_jax.config import ConfigError, validate
+from pal_jax.experiment import Experiment
+
+
+def saved_params(config, workdir, devices=None):
+    exp = Experiment(config, str(workdir), need_corpus=False, devices=devices)
+    params, step = ckpt_lib.load_params(str(workdir), exp.model.abstract)
+    return jax.device_get(params), step
+
+
+def max_diff(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
+               zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_invalid_value_names_key():
+    c = tiny_config(train__lr=-1.0, data__select_ratio=2.0)
+    with pytest.raises(ConfigError) as e:
+        validate(c)
+    assert "config.train.lr = -1.0: expected > 0" in str(e.value)
+    assert "config.data.select_ratio = 2.0" in str(e.value)
+
+
+def test_cli_unknown_key_and_bad_value_stop_before_work(tmp_path):
+    r = run_main(tmp_path / "w1", {"train.lrr": 0.1})
+    assert r.returncode != 0 and "lrr" in r.stderr
+    r = run_main(tmp_path / "w2", {"data.source": "reddit"})
+    assert r.returncode == 2
+    assert "config.data.source = 'reddit': expected one of ('synthetic', 'convai2')" in r.stderr
+    assert not (tmp_path / "w2").exists()  # stopped before any work
+
+
+def test_same_loss_on_1_and_8_devices(tmp_path):
+    c1 = tiny_config(train__steps=3, train__eval_every=3)
+    s1 = stage1.run(c1, str(tmp_path / "one"), devices=jax.devices()[:1])
+    c8 = tiny_config(train__steps=3, train__eval_every=3, mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
+    s8 = stage1.run(c8, str(tmp_path / "eight"))
+    assert s1["dev"]["loss"] == pytest.approx(s8["dev"]["loss"], abs=1e-5)
+    p1, _ = saved_params(c1, tmp_path / "one", devices=jax.devices()[:1])
+    p8, _ = saved_params(c8, tmp_path / "eight")
+    assert max_diff(p1, p8) < 1e-5
+    # and the 8-device params really were sharded over the tensor axis
+    exp = Experiment(c8, str(tmp_path / "eight"), need_corpus=False)
+    specs = {str(s.spec) for s in jax.tree.leaves(exp.model.shardings)}
+    assert any("tensor" in s for s in specs) and any("fsdp" in s for s in specs)
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path):
+    c1 = tiny_config(train__steps=2, train__eval_every=2, train__batch_size=16)
+    c2 = tiny_config(train__steps=2, train__eval_every=2, train__batch_size=16, train__grad_accum=2)
+    stage1.run(c1, str(tmp_path / "a"))
+    stage1.run(c2, str(tmp_path / "b"))
+    assert max_diff(saved_params(c1, tmp_path / "a")[0], saved_params(c2, tmp_path / "b")[0]) < 1e-5
+
+
+def test_checkpoint_saved_on_8_devices_restores_on_1(tmp_path):
+    c8 = tiny_config(train__steps=3, mesh__data=4, mesh__tensor=2)
+    stage1.run(c8, str(tmp_path / "w"))
+    p8, step = saved_params(c8, tmp_path / "w")
+    c1 = tiny_config(train__steps=3)
+    p1, step1 = saved_params(c1, tmp_path / "w", devices=jax.devices()[:1])
+    assert step == step1 == 3
+    assert max_diff(p8, p1) == 0.0
+    meta = ckpt_lib.load_meta(str(tmp_path / "w"))
+    assert meta["step"] == 3 and meta["data"]["next_step"] == 3 and meta["config"]["model"]["d_model"] == 32
+
+
+def test_init_from_loads_params_only(tmp_path):
+    c = tiny_config(train__steps=3)
+    stage1.run(c, str(tmp_path / "s1"))
+    c2 = tiny_config(train__steps=2, init_from=str(tmp_path / "s1"), tokenizer__path=str(tmp_path / "s1/tokenizer"))
+    exp = Experiment(c2, str(tmp_path / "s2"))
+    init = stage1.initial_params(exp)
+    assert max_diff(jax.device_get(init), saved_params(c, tmp_path / "s1")[0]) == 0.0
+    summary = stage1.run(c2, str(tmp_path / "s2"))
+    assert summary["step"] == 2  # counted from 0: the optimizer state and step were not taken from s1
+    assert ckpt_lib.load_meta(str(tmp_path / "s2"))["step"] == 2
+
+
+def _wait_for(path_fn, proc, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path_fn():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.2)
+    return False
+
+
+def _steps(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
+    over = {"train.steps": 12, "train.checkpoint_every": 2, "train.eval_every": 100}
+    ref = run_main(tmp_path / "ref", over)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    cmd, env = main_cmd(tmp_path / "killed", over)
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _wait_for(lambda: any(s >= 4 for s in _steps(str(tmp_path / "killed"))), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _steps(str(tmp_path / "killed"))
+    assert before and max(before) < 12, before
+    again = run_main(tmp_path / "killed", over)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr
+    c = tiny_config(**{k.replace(".", "__"): v for k, v in over.items()})
+    pr, sr = saved_params(c, tmp_path / "ref")
+    pk, sk = saved_params(c, tmp_path / "killed")
+    assert sr == sk == 12
+    assert max_diff(pr, pk) <= 1e-6
+
+
+def test_sigterm_saves_checkpoint_and_exits_zero(tmp_path):
+    over = {"train.steps": 100000, "train.checkpoint_every": 100000, "train.eval_every": 100000}
+    cmd, env = main_cmd(tmp_path / "w", over)
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "w" / "metrics.jsonl"
+    assert _wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    steps = _steps(str(tmp_path / "w"))
+    assert len(steps) == 1 and 2 <= steps[0] < 100000
+    assert "preempted: True" in out
+    meta = ckpt_lib.load_meta(str(tmp_path / "w"))
+    assert meta["step"] == steps[0]
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert rows[0]["step"] == 2 and np.isfinite(rows[0]["train/loss"])
