@@ -8,10 +8,12 @@ from pal_jax import mesh as mesh_lib
 from pal_jax import tokenizer as tok_lib
 from pal_jax import train
 from pal_jax.data import corpus as corpus_lib
+from pal_jax.data import templates
 
 
 def tokenizer_texts(dialogues) -> list[str]:
-    texts = []
+    """The training split's text, plus the prompts' fixed words (repeated so BPE gives them short codes)."""
+    texts = list(templates.FIXED_TEXTS) * 20
     for d in dialogues:
         texts.extend(d.persona)
         for t in d.turns:

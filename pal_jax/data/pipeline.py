@@ -1,0 +1,264 @@
+"""From dialogues to fixed-shape training batches.
+
+1. `stage1_examples`: one select and one generate example per turn (prompt parts + target text).
+2. `encode_examples`: prompt parts and target are tokenised separately and concatenated (prompt, target, eos), so
+   the prompt/target boundary is exact. Too long for max_len: the oldest history lines go first, then the head
+   is cut from the left; the target is never cut (an example whose target + eos leaves fewer than
+   MIN_PROMPT tokens for the prompt is dropped).
+3. `BatchSource`: rows grouped into length buckets; `batch(step)` is a pure function of (seed, step): epoch =
+   step // steps_per_epoch, one seeded permutation per epoch (np.random.default_rng([seed, epoch])), so a resumed
+   run sees exactly the batches it would have seen. `eval_batches()` yields every example once, in a fixed order.
+
+A row of an example with ids x[0..n-1] (n = prompt + target + 1): inputs = x[:-1], targets = x[1:], weight 1 on
+the positions whose target is a target token (the target text or its eos), i.e. t in [prompt_len - 1, n - 2].
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from pal_jax.data import templates
+from pal_jax.data.templates import PromptParts
+
+TASKS = ("select", "generate")
+SELECT = TASKS.index("select")
+MIN_PROMPT = 8  # an example keeps at least this many prompt tokens, or is dropped
+
+
+@dataclasses.dataclass
+class Example:
+    task: str  # "select" | "generate"
+    prompt: PromptParts
+    target: str
+    meta: dict  # dialogue_id, turn, label
+
+
+def stage1_examples(dialogues) -> list[Example]:
+    """Per turn: select (target 'k.<sentence>' or NONE_PERSONA) then generate (highlighted labelled persona,
+    target the gold response). Every turn needs a persona_label (labels.label_dialogues fills unknown ones)."""
+    out = []
+    for d in dialogues:
+        for i, t in enumerate(d.turns):
+            label = t.persona_label
+            if label is None:
+                raise ValueError(f"{d.source}: turn {i} of dialogue {d.dialogue_id} has persona_label None; expected "
+                                 f"labels on every turn (run labels.label_dialogues first)")
+            if not -1 <= label < len(d.persona):
+                raise ValueError(f"{d.source}: turn {i} of dialogue {d.dialogue_id} has persona_label {label}; "
+                                 f"expected -1 or an index in [0, {len(d.persona) - 1}]")
+            history = d.history(i)
+            meta = {"dialogue_id": d.dialogue_id, "turn": i, "label": label}
+            out.append(Example("select", templates.select_prompt(d.persona, history),
+                               templates.select_target(d.persona, label), dict(meta)))
+            out.append(Example("generate",
+                               templates.generate_prompt(d.persona, history, d.persona[label] if label >= 0 else None),
+                               t.response, dict(meta)))
+    return out
+
+
+@dataclasses.dataclass
+class Encoded:
+    ids: list[np.ndarray]  # int32 prompt + target + eos ids per example
+    prompt_len: list[int]
+    task: np.ndarray  # int32 task id per example (TASKS.index(task))
+    n_truncated: int  # examples whose oldest history (then head) was cut
+    n_dropped: int  # examples that could not fit even with a minimal prompt (target never cut)
+    pad_id: int = 0
+    index: np.ndarray | None = None  # int64: position in the input examples list of each kept example
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def fit_prompt(head: list[int], history: Sequence[list[int]], tail: list[int], budget: int) -> tuple[list[int], bool]:
+    """Concatenate head + history + tail within `budget` tokens: drop the oldest history lines first, then cut
+    the head (then the tail) from the left. Returns (ids, truncated)."""
+    if budget < 1:
+        raise ValueError(f"prompt budget {budget}; expected >= 1 token")
+    total = len(head) + sum(len(h) for h in history) + len(tail)
+    j = 0
+    while total > budget and j < len(history):
+        total -= len(history[j])
+        j += 1
+    ids = list(head)
+    for h in history[j:]:
+        ids += h
+    ids += tail
+    if len(ids) > budget:
+        return ids[len(ids) - budget:], True
+    return ids, j > 0
+
+
+def encode_prompt(parts: PromptParts, tokenizer, budget: int) -> list[int]:
+    """The prompt's ids within `budget` tokens (oldest history cut first), as encode_examples builds them."""
+    ids, _ = fit_prompt(tokenizer.encode(parts.head) if parts.head else [],
+                        [tokenizer.encode(h) for h in parts.history], tokenizer.encode(parts.tail), budget)
+    return ids
+
+
+def encode_examples(examples: Sequence[Example], tokenizer, max_len: int) -> Encoded:
+    """Tokenise examples into prompt + target + eos rows of at most max_len tokens (see the module doc)."""
+    if max_len < MIN_PROMPT + 2:
+        raise ValueError(f"encode_examples: max_len = {max_len}; expected >= {MIN_PROMPT + 2}")
+    # Tokenise each distinct string once (history lines and persona blocks repeat across turns and tasks).
+    strings: dict[str, int] = {}
+    for ex in examples:
+        for s in (ex.prompt.head, *ex.prompt.history, ex.prompt.tail, ex.target):
+            strings.setdefault(s, len(strings))
+    keys = list(strings)
+    encoded = tokenizer.encode_batch(keys) if hasattr(tokenizer, "encode_batch") else [tokenizer.encode(s)
+                                                                                       for s in keys]
+    table = {s: ids for s, ids in zip(keys, encoded)}
+    table[""] = []
+    eos = [tokenizer.eos_id]
+    ids_out, plen, tasks, index = [], [], [], []
+    n_trunc = n_drop = 0
+    for n, ex in enumerate(examples):
+        if ex.task not in TASKS:
+            raise ValueError(f"example {n}: task {ex.task!r}; expected one of {TASKS}")
+        target = table[ex.target] + eos
+        budget = max_len - len(target)
+        if budget < MIN_PROMPT:
+            n_drop += 1
+            continue
+        prompt, cut = fit_prompt(table[ex.prompt.head], [table[h] for h in ex.prompt.history],
+                                 table[ex.prompt.tail], budget)
+        n_trunc += cut
+        ids_out.append(np.asarray(prompt + target, np.int32))
+        plen.append(len(prompt))
+        tasks.append(TASKS.index(ex.task))
+        index.append(n)
+    return Encoded(ids=ids_out, prompt_len=plen, task=np.asarray(tasks, np.int32), n_truncated=n_trunc,
+                   n_dropped=n_drop, pad_id=int(tokenizer.pad_id), index=np.asarray(index, np.int64))
+
+
+class BatchSource:
+    """Fixed-shape batches from Encoded rows, grouped by length bucket. See the module doc."""
+
+    def __init__(self, encoded: Encoded, batch_size: int, buckets: tuple[int, ...], seed: int,
+                 select_ratio: float | None = None):
+        buckets = tuple(int(b) for b in buckets)
+        if not buckets or any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+            raise ValueError(f"buckets = {buckets}; expected strictly increasing positive lengths")
+        if batch_size < 1:
+            raise ValueError(f"batch_size = {batch_size}; expected >= 1")
+        self.enc, self.batch_size, self.buckets, self.seed = encoded, int(batch_size), buckets, int(seed)
+        self.pad_id = int(encoded.pad_id)
+        self.lengths = np.asarray([len(x) - 1 for x in encoded.ids], np.int64)  # row length = inputs length
+        if len(self.lengths) and self.lengths.max() > buckets[-1]:
+            i = int(self.lengths.argmax())
+            raise ValueError(f"example {i} has {self.lengths[i] + 1} tokens ({self.lengths[i]} input positions), "
+                             f"longer than the largest bucket {buckets[-1]}; expected encode_examples with "
+                             f"max_len <= {buckets[-1] + 1}")
+        self.bucket_of = np.searchsorted(np.asarray(buckets), self.lengths, side="left")
+        task = np.asarray(encoded.task)
+        self.select_rows = np.flatnonzero(task == SELECT)
+        self.other_rows = np.flatnonzero(task != SELECT)
+        self.select_ratio = select_ratio
+        if select_ratio is None:
+            self.n_select_epoch = len(self.select_rows)
+            self.n_other_epoch = len(self.other_rows)
+        else:
+            r = float(select_ratio)
+            if not 0.0 <= r <= 1.0:
+                raise ValueError(f"select_ratio = {select_ratio}; expected None or a fraction in [0, 1]")
+            if r > 0 and not len(self.select_rows):
+                raise ValueError(f"select_ratio = {r} but there are no select examples; expected some or ratio 0")
+            if r < 1 and not len(self.other_rows):
+                raise ValueError(f"select_ratio = {r} but there are only select examples; expected others or 1")
+            self.n_other_epoch = len(self.other_rows) if r < 1 else 0
+            self.n_select_epoch = (len(self.select_rows) if r == 1
+                                   else int(round(r * self.n_other_epoch / (1.0 - r))))
+        self.epoch_size = self.n_select_epoch + self.n_other_epoch
+        if self.epoch_size == 0:
+            self.steps_per_epoch = 0
+        else:  # a set smaller than one batch still gives one (cyclically filled) batch per epoch
+            self.steps_per_epoch = max(1, self.epoch_size // self.batch_size)
+        self._cache: tuple[int, list[np.ndarray]] | None = None
+
+    # -- training ----------------------------------------------------------------------------------------------
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """The epoch's example indices (select rows sub/over-sampled to select_ratio), permuted."""
+        rng = np.random.default_rng([self.seed, epoch])
+        rows = [self.other_rows[:self.n_other_epoch]]
+        n_sel, sel = self.n_select_epoch, self.select_rows
+        if n_sel:
+            reps, rem = divmod(n_sel, len(sel))
+            rows += [sel] * reps + [np.sort(rng.choice(sel, size=rem, replace=False))]
+        rows = np.concatenate(rows).astype(np.int64)
+        return rows[rng.permutation(len(rows))]
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """The row indices of each batch of the epoch, in step order."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        rows = self.epoch_rows(epoch)
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        B = self.batch_size
+        if len(rows) < B:
+            batches = [np.resize(rows, B)]
+        else:
+            batches, carry = [], np.zeros(0, np.int64)
+            for b in range(len(self.buckets)):  # leftovers of a bucket move up into the next one
+                pool = np.concatenate([carry, rows[self.bucket_of[rows] == b]])
+                full = len(pool) // B
+                batches += [pool[k * B:(k + 1) * B] for k in range(full)]
+                carry = pool[full * B:]
+            batches = [batches[k] for k in rng.permutation(len(batches))]
+        assert len(batches) == self.steps_per_epoch, (len(batches), self.steps_per_epoch)
+        self._cache = (epoch, batches)
+        return batches
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """The batch of a training step: a pure function of (seed, step)."""
+        if self.steps_per_epoch == 0:
+            raise ValueError("BatchSource has no examples for a training batch; expected a non-empty training set")
+        if step < 0:
+            raise ValueError(f"step = {step}; expected >= 0")
+        epoch, k = divmod(int(step), self.steps_per_epoch)
+        return self.make_batch(self.epoch_batches(epoch)[k])
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+    def eval_plan(self) -> list[np.ndarray]:
+        """Row indices of each eval batch (-1 = a padding row), every example exactly once, fixed order."""
+        B, plan, carry = self.batch_size, [], np.zeros(0, np.int64)
+        order = np.arange(len(self.lengths))
+        for b in range(len(self.buckets)):
+            pool = np.concatenate([carry, order[self.bucket_of == b]])
+            full = len(pool) // B
+            plan += [pool[k * B:(k + 1) * B] for k in range(full)]
+            carry = pool[full * B:]
+        if len(carry):
+            plan.append(np.concatenate([carry, np.full(B - len(carry), -1, np.int64)]))
+        return plan
+
+    def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """Every example once, in a fixed order; the last batch is padded with weight-0 rows."""
+        for rows in self.eval_plan():
+            yield self.make_batch(rows)
+
+    # -- rows -> arrays ----------------------------------------------------------------------------------------
+    def make_batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """inputs/targets/weights/positions [B, L] and task [B] for these rows (-1 = an all-padding row); L = the
+        smallest bucket that fits every row."""
+        real = [int(i) for i in rows if i >= 0]
+        longest = max((int(self.lengths[i]) for i in real), default=1)
+        L = self.buckets[int(np.searchsorted(np.asarray(self.buckets), longest, side="left"))]
+        B = len(rows)
+        inputs = np.full((B, L), self.pad_id, np.int32)
+        targets = np.full((B, L), self.pad_id, np.int32)
+        weights = np.zeros((B, L), np.float32)
+        task = np.zeros((B,), np.int32)
+        for r, i in enumerate(rows):
+            if i < 0:
+                continue
+            ids = self.enc.ids[i]
+            n = len(ids) - 1
+            inputs[r, :n] = ids[:-1]
+            targets[r, :n] = ids[1:]
+            weights[r, self.enc.prompt_len[i] - 1:n] = 1.0
+            task[r] = self.enc.task[i]
+        positions = np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy()
+        return {"inputs": inputs, "targets": targets, "weights": weights, "positions": positions, "task": task}

@@ -1,0 +1,161 @@
+"""Tokenizers: load a Hugging Face `tokenizer.json` (directory or file), or train a small byte-level BPE.
+
+A trained tokenizer has the special tokens <pad> = 0 and <eos> = 1 and no bos. `Tokenizer.save(dir)` writes
+tokenizer.json, tokenizer_config.json (so `transformers.AutoTokenizer` can read the directory too) and
+pal_tokenizer.json (the special ids, read first by load_tokenizer).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Sequence
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+PAD, EOS = "<pad>", "<eos>"
+PAL_FILE = "pal_tokenizer.json"
+# Special tokens tried, in order, as eos when a bare tokenizer.json comes without a tokenizer_config.json.
+EOS_CANDIDATES = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>", "<|eot_id|>")
+PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>")
+
+
+class Tokenizer:
+    """A tokenizers.Tokenizer with its pad/eos/bos ids. encode adds no special tokens; decode skips pad and eos."""
+
+    def __init__(self, tok: tokenizers.Tokenizer, *, pad_id: int, eos_id: int, bos_id: int | None = None,
+                 source: str = ""):
+        self.tok = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        for name, v in (("pad_id", pad_id), ("eos_id", eos_id), ("bos_id", bos_id)):
+            if v is not None and not 0 <= v < self.vocab_size:
+                raise ValueError(f"{source or 'tokenizer'}: {name} = {v}; expected an id in [0, {self.vocab_size})")
+        self.pad_id, self.eos_id, self.bos_id = int(pad_id), int(eos_id), bos_id
+        self.source = source
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        skip = {self.pad_id, self.eos_id}
+        return self.tok.decode([int(i) for i in ids if int(i) not in skip], skip_special_tokens=False)
+
+    def token(self, i: int) -> str | None:
+        return self.tok.id_to_token(int(i))
+
+    def save(self, directory) -> None:
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        self.tok.save(os.path.join(directory, "tokenizer.json"))
+        names = {k: (self.token(v) if v is not None else None)
+                 for k, v in (("pad_token", self.pad_id), ("eos_token", self.eos_id), ("bos_token", self.bos_id))}
+        with open(os.path.join(directory, PAL_FILE), "w") as f:
+            json.dump({"pad_id": self.pad_id, "eos_id": self.eos_id, "bos_id": self.bos_id, **names}, f, indent=1)
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **{k: v for k, v in names.items() if v is not None}}
+        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, eos_id={self.eos_id}, "
+                f"bos_id={self.bos_id}, source={self.source!r})")
+
+
+def _token_name(v) -> str | None:
+    if isinstance(v, dict):  # older tokenizer_config.json: {"content": "</s>", "lstrip": false, ...}
+        v = v.get("content")
+    return v if isinstance(v, str) and v else None
+
+
+def _ids_from_config(tok: tokenizers.Tokenizer, cfg_path: str) -> dict[str, int | None]:
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e}); expected a tokenizer_config.json object") from None
+    out: dict[str, int | None] = {}
+    for key in ("eos_token", "pad_token", "bos_token"):
+        name = _token_name(cfg.get(key))
+        if name is None:
+            out[key] = None
+            continue
+        i = tok.token_to_id(name)
+        if i is None:
+            raise ValueError(f"{cfg_path}: key {key!r} names token {name!r}, which is not in the vocabulary of "
+                             f"tokenizer.json; expected a token of the tokenizer")
+        out[key] = i
+    return out
+
+
+def _find_special(tok: tokenizers.Tokenizer, names) -> int | None:
+    for name in names:
+        i = tok.token_to_id(name)
+        if i is not None:
+            return i
+    return None
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """A directory holding tokenizer.json (special tokens from pal_tokenizer.json or tokenizer_config.json when
+    present) or a tokenizer.json file. No pad token -> pad = eos. Without either json beside tokenizer.json, eos
+    and pad are found by their usual names (EOS_CANDIDATES, PAD_CANDIDATES)."""
+    path = os.fspath(path)
+    expected = "a tokenizer directory holding tokenizer.json (Hugging Face style) or a tokenizer.json file"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or directory; expected {expected}")
+    if os.path.isdir(path):
+        directory, tok_file = path, os.path.join(path, "tokenizer.json")
+        if not os.path.exists(tok_file):
+            raise FileNotFoundError(f"{tok_file}: not found; expected {expected} (a slow tokenizer with only "
+                                    f"vocab files is not supported: save it with a fast tokenizer first)")
+    else:
+        directory, tok_file = os.path.dirname(path) or ".", path
+    try:
+        tok = tokenizers.Tokenizer.from_file(tok_file)
+    except Exception as e:  # the Rust parser raises plain Exception subclasses
+        raise ValueError(f"{tok_file}: cannot be read as a tokenizers JSON file ({e}); expected {expected}") from None
+
+    pal, cfg_file = os.path.join(directory, PAL_FILE), os.path.join(directory, "tokenizer_config.json")
+    if os.path.exists(pal):
+        with open(pal) as f:
+            meta = json.load(f)
+        for key in ("pad_id", "eos_id"):
+            if not isinstance(meta.get(key), int):
+                raise ValueError(f"{pal}: key {key!r} is {meta.get(key)!r}; expected an integer token id")
+        return Tokenizer(tok, pad_id=meta["pad_id"], eos_id=meta["eos_id"], bos_id=meta.get("bos_id"), source=pal)
+    ids = {"eos_token": None, "pad_token": None, "bos_token": None}
+    if os.path.exists(cfg_file):
+        ids = _ids_from_config(tok, cfg_file)
+    eos = ids["eos_token"] if ids["eos_token"] is not None else _find_special(tok, EOS_CANDIDATES)
+    if eos is None:
+        raise ValueError(f"{tok_file}: no eos token; expected 'eos_token' in {cfg_file} or a token named one of "
+                         f"{', '.join(EOS_CANDIDATES)}")
+    pad = ids["pad_token"]
+    if pad is None and not os.path.exists(cfg_file):  # a config without pad_token means: pad with eos
+        pad = _find_special(tok, PAD_CANDIDATES)
+    return Tokenizer(tok, pad_id=eos if pad is None else pad, eos_id=eos, bos_id=ids["bos_token"], source=tok_file)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, directory=None) -> Tokenizer:
+    """Byte-level BPE over `texts` with <pad>=0 and <eos>=1; the same texts give the same tokenizer. Saved to
+    `directory` when given."""
+    texts = list(texts)
+    if vocab_size < 256 + 2:
+        raise ValueError(f"train_tokenizer: vocab_size = {vocab_size}; expected >= 258 (256 byte tokens + <pad>, "
+                         f"<eos>)")
+    if not texts:
+        raise ValueError("train_tokenizer: no texts; expected the training corpus' sentences")
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[PAD, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    out = Tokenizer(tok, pad_id=tok.token_to_id(PAD), eos_id=tok.token_to_id(EOS), bos_id=None, source="trained")
+    assert out.pad_id == 0 and out.eos_id == 1, (out.pad_id, out.eos_id)
+    if directory is not None:
+        out.save(directory)
+        out.source = os.fspath(directory)
+    return out

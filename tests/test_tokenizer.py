@@ -1,0 +1,143 @@
+"""pal_jax.tokenizer: training, round trips, save/load, Hugging Face directories, errors."""
+import json
+
+import pytest
+import tokenizers
+from tokenizers import models, pre_tokenizers
+
+from pal_jax import tokenizer as T
+from pal_jax.data import synthetic, templates
+
+TEXTS = None
+
+
+def corpus_texts():
+    global TEXTS
+    if TEXTS is None:
+        d = synthetic.generate_corpus(200, 0)
+        TEXTS = [s for x in d for s in x.persona] + [u for x in d for t in x.turns for u in (t.partner, t.response)]
+    return TEXTS
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tok")
+    return T.train_tokenizer(corpus_texts(), 600, directory), directory
+
+
+SAMPLES = [
+    "hi , how are you today ?",
+    "i have a pet dog named max .",
+    "persona:\n1. i am a nurse.\ndialogue:\nuser: what is your job ?\nbot's reply:\n",
+    "Unseen CAPS, digits 12345 and tabs\tand  double  spaces",
+    "café ☕ naïve — 日本語 emoji 🙂",
+    "",
+]
+
+
+def test_train_special_ids_and_size(trained):
+    tok, _ = trained
+    assert (tok.pad_id, tok.eos_id, tok.bos_id) == (0, 1, None)
+    assert tok.vocab_size == 600
+    assert tok.token(0) == "<pad>" and tok.token(1) == "<eos>"
+    assert tok.encode("<eos>") == [1]  # special tokens are atomic
+    # frequent words of the corpus are merged: 8 words, 29 bytes
+    assert len(tok.encode("what do you do for a living ?")) == 10
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_round_trip(trained, text):
+    tok, _ = trained
+    ids = tok.encode(text)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == text
+
+
+def test_decode_skips_pad_and_eos(trained):
+    tok, _ = trained
+    ids = tok.encode("i love pizza .")
+    assert tok.decode([tok.pad_id] + ids + [tok.eos_id, tok.pad_id, tok.pad_id]) == "i love pizza ."
+    assert tok.encode_batch(["i love pizza .", "hello there !"]) == [ids, tok.encode("hello there !")]
+
+
+def test_training_is_deterministic(tmp_path):
+    a = T.train_tokenizer(corpus_texts(), 500, tmp_path / "a")
+    b = T.train_tokenizer(list(corpus_texts()), 500, tmp_path / "b")
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    assert a.encode(SAMPLES[2]) == b.encode(SAMPLES[2])
+
+
+def test_template_texts_become_few_tokens(trained):
+    plain, _ = trained
+    tok = T.train_tokenizer(corpus_texts() + list(templates.FIXED_TEXTS) * 50, 600)
+    assert [len(plain.encode(x)) for x in (templates.SELECT_CUE, templates.REPLY_CUE)] == [23, 9]
+    assert [len(tok.encode(x)) for x in (templates.SELECT_CUE, templates.REPLY_CUE)] == [10, 5]
+
+
+def test_save_load_same_ids(trained, tmp_path):
+    tok, directory = trained
+    for path in (directory, directory / "tokenizer.json"):
+        again = T.load_tokenizer(path)
+        assert (again.vocab_size, again.pad_id, again.eos_id, again.bos_id) == (600, 0, 1, None)
+        for s in SAMPLES:
+            assert again.encode(s) == tok.encode(s)
+    again.save(tmp_path / "copy")
+    assert json.loads((tmp_path / "copy" / "pal_tokenizer.json").read_text())["eos_token"] == "<eos>"
+    assert json.loads((tmp_path / "copy" / "tokenizer_config.json").read_text())["pad_token"] == "<pad>"
+    third = T.load_tokenizer(tmp_path / "copy")
+    assert [third.encode(s) for s in SAMPLES] == [tok.encode(s) for s in SAMPLES]
+
+
+def _hf_dir(tmp_path, config: dict | None, name="hf"):
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, "hello": 3, "world": 4, "<|pad|>": 5}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<s>", "</s>", "<|pad|>"])
+    d = tmp_path / name
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    if config is not None:
+        (d / "tokenizer_config.json").write_text(json.dumps(config))
+    return d
+
+
+def test_load_hf_dir_config_tokens(tmp_path):
+    d = _hf_dir(tmp_path, {"eos_token": "</s>", "bos_token": {"content": "<s>", "lstrip": False}})
+    tok = T.load_tokenizer(d)
+    assert (tok.eos_id, tok.pad_id, tok.bos_id) == (1, 1, 0)  # no pad token: pad = eos
+    assert tok.encode("hello world") == [3, 4]
+    assert tok.decode([3, 4, 1, 1]) == "hello world"
+
+
+def test_load_hf_dir_with_pad_and_bare_file(tmp_path):
+    d = _hf_dir(tmp_path, {"eos_token": "</s>", "pad_token": "<|pad|>"})
+    assert (T.load_tokenizer(d).pad_id, T.load_tokenizer(d).eos_id) == (5, 1)
+    bare = _hf_dir(tmp_path, None, name="bare")
+    tok = T.load_tokenizer(bare / "tokenizer.json")  # no config: eos found by name, pad by name
+    assert (tok.eos_id, tok.pad_id, tok.bos_id) == (1, 5, None)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere: no such file or directory; expected a tokenizer dir"):
+        T.load_tokenizer(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty/tokenizer.json: not found; expected"):
+        T.load_tokenizer(tmp_path / "empty")
+    d = _hf_dir(tmp_path, {"eos_token": "<end>"})
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: key 'eos_token' names token '<end>'"):
+        T.load_tokenizer(d)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad/tokenizer.json: cannot be read"):
+        T.load_tokenizer(tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"vocab_size = 100; expected >= 258"):
+        T.train_tokenizer(["a b c"], 100)
+
+
+@pytest.mark.slow
+def test_transformers_reads_saved_dir(trained):
+    transformers = pytest.importorskip("transformers")
+    tok, directory = trained
+    hf = transformers.AutoTokenizer.from_pretrained(str(directory))
+    assert (hf.pad_token_id, hf.eos_token_id) == (0, 1)
+    assert hf.encode(SAMPLES[1], add_special_tokens=False) == tok.encode(SAMPLES[1])
