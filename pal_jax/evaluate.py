@@ -1,0 +1,202 @@
+"""Evaluation: Select-then-Generate predictions scored against the gold data, and the report.
+
+For each checkpoint: predictions (never reading gold labels or responses), then
+  F1 (ParlAI normalisation), BLEU-1/2/4 (corpus), ROUGE-L, Dist-1/2 (corpus) of the responses against the gold;
+  perplexity of the gold responses under the generate prompt with the model's own selected persona;
+  Hits@1 over the ConvAI2 candidates (the last candidate is the gold one) ranked by mean token log-prob;
+  persona selection accuracy against the labels (exact on the synthetic corpus, the labeler's on ConvAI2);
+  persona coverage and persona F1 between each response and the persona;
+  C-score (Madotto et al. 2019) when an NLI model is configured, otherwise a note that it was skipped.
+The report is WORKDIR/<out>/metrics.json, report.md (a table, checkpoints side by side) and report.png.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+
+from pal_jax import metrics as M
+from pal_jax.predict import Predictor, Record
+
+# (key, label, higher is better) in report order
+REPORT_ROWS = (
+    ("f1", "F1", True), ("bleu1", "BLEU-1", True), ("bleu2", "BLEU-2", True), ("bleu4", "BLEU-4", True),
+    ("rouge_l", "ROUGE-L", True), ("dist1", "Dist-1", True), ("dist2", "Dist-2", True),
+    ("perplexity", "Perplexity", False), ("hits_at_1", "Hits@1", True),
+    ("persona_selection_accuracy", "Persona selection acc.", True), ("persona_coverage", "Persona coverage", True),
+    ("persona_f1", "Persona F1", True), ("c_score", "C-score", True),
+)
+
+
+def score_records(predictor: Predictor, records, predictions, rank_by: str = "mean") -> dict[str, float]:
+    """Gold-side scores that need the model: perplexity of gold responses and Hits@1 over candidates.
+
+    Both condition on the model's own selection (predictions), not on the gold persona label.
+    """
+    tok = predictor.tok
+    recs = [Record(tuple(r.persona), tuple(r.history)) for r in records]
+    selected = [p.selected for p in predictions]
+    eos = [tok.eos_id]
+    out: dict[str, float] = {}
+    gold = [tok.encode(r.response) + eos for r in records]
+    budget = predictor.max_len - max(len(g) for g in gold)
+    prompts = predictor.generate_prompts(recs, selected, budget)
+    sums, _ = predictor.score(prompts, [[g] for g in gold])
+    out["perplexity"] = M.perplexity(-float(sums[:, 0].sum()), sum(len(g) for g in gold))
+    with_cands = [i for i, r in enumerate(records) if r.candidates]
+    if with_cands:
+        cands = [[tok.encode(c) + eos for c in records[i].candidates] for i in with_cands]
+        budget = predictor.max_len - max(len(x) for c in cands for x in c)
+        c_prompts = predictor.generate_prompts([recs[i] for i in with_cands], [selected[i] for i in with_cands],
+                                               budget)
+        c_sums, c_means = predictor.score(c_prompts, cands)
+        scores = c_means if rank_by == "mean" else c_sums
+        gold_idx = [len(records[i].candidates) - 1 for i in with_cands]
+        out["hits_at_1"] = M.hits_at_1(scores, np.asarray(gold_idx))
+        out["hits_at_1_n"] = len(with_cands)
+    return out
+
+
+def text_metrics(records, predictions) -> dict[str, float]:
+    hyps = [p.response for p in predictions]
+    refs = [r.response for r in records]
+    out = {"f1": M.corpus_f1(hyps, [[x] for x in refs])}
+    out.update(M.bleu_scores(hypotheses=hyps, references=[[x] for x in refs]))
+    out["rouge_l"] = M.corpus_rouge_l(hyps, refs)
+    out["dist1"], out["dist2"] = M.distinct_n(hyps, 1), M.distinct_n(hyps, 2)
+    labelled = [(p.selected, r.persona_label) for p, r in zip(predictions, records) if r.persona_label is not None]
+    if labelled:
+        out["persona_selection_accuracy"] = M.persona_selection_accuracy([a for a, _ in labelled],
+                                                                          [b for _, b in labelled])
+    out["persona_coverage"] = float(np.mean([M.persona_coverage(h, list(r.persona)) for h, r in zip(hyps, records)]))
+    out["persona_f1"] = float(np.mean([M.persona_f1(h, list(r.persona)) for h, r in zip(hyps, records)]))
+    out["n"] = len(records)
+    return out
+
+
+def evaluate(predictor: Predictor, records, *, rank_by: str = "mean", nli_model: str = "") -> tuple[dict, list]:
+    """Metrics and predictions for one checkpoint on records with gold responses."""
+    missing = [r.source or str(i) for i, r in enumerate(records) if r.response is None]
+    if missing:
+        raise ValueError(f"evaluate: {len(missing)} records have no gold response (first: {missing[0]}); "
+                         f"expected a ConvAI2 file or JSONL records with 'response'")
+    t0 = time.time()
+    preds = predictor.predict(records)
+    res = text_metrics(records, preds)
+    res.update(score_records(predictor, records, preds, rank_by))
+    if nli_model:
+        raise NotImplementedError(f"config.eval.nli_model = {nli_model!r}: NLI-based C-score is not supported yet; "
+                                  f"leave it empty (the report then notes the C-score as skipped)")
+    res["seconds"] = time.time() - t0
+    return res, preds
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, (int, np.integer)):
+        return str(v)
+    return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
+
+
+def write_report(out_dir: str, results: dict[str, dict], info: dict) -> dict[str, str]:
+    """metrics.json, report.md and report.png for checkpoints side by side. Returns the three paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    names = list(results)
+    paths = {k: os.path.join(out_dir, f) for k, f in
+             (("json", "metrics.json"), ("markdown", "report.md"), ("plot", "report.png"))}
+    with open(paths["json"] + ".tmp", "w") as f:
+        json.dump({"info": info, "results": results}, f, indent=2)
+    os.replace(paths["json"] + ".tmp", paths["json"])
+    lines = [f"# pal_jax evaluation: {info.get('data', '')}", "",
+             f"{info.get('n', '')} turns. " + info.get("notes", ""), "",
+             "| metric | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for key, label, higher in REPORT_ROWS:
+        if not any(key in r for r in results.values()):
+            continue
+        arrow = "↑" if higher else "↓"
+        lines.append(f"| {label} {arrow} | " + " | ".join(_fmt(results[n].get(key)) for n in names) + " |")
+    skipped = [label for key, label, _ in REPORT_ROWS if not any(key in r for r in results.values())]
+    if skipped:
+        lines += ["", "Not measured: " + ", ".join(skipped) + (
+            " (C-score needs config.eval.nli_model)" if "C-score" in skipped else "") + "."]
+    with open(paths["markdown"], "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _plot(paths["plot"], results)
+    return paths
+
+
+def _plot(path: str, results: dict[str, dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [(k, label) for k, label, higher in REPORT_ROWS if higher and k != "c_score"
+            and all(k in r for r in results.values())]
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(keys) * max(1, len(names)) / 2), 4))
+    width = 0.8 / max(len(names), 1)
+    x = np.arange(len(keys))
+    for i, n in enumerate(names):
+        ax.bar(x + i * width, [results[n][k] for k, _ in keys], width, label=n)
+    ax.set_xticks(x + width * (len(names) - 1) / 2, [label for _, label in keys], rotation=30, ha="right")
+    ax.set_ylabel("score (higher is better)")
+    ax.legend()
+    ax.set_title("Select then Generate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_predictions(path: str, records, predictions: Sequence) -> None:
+    """JSONL: one object per record with the selection, its score, every candidate's score and the response."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r, p in zip(records, predictions):
+            obj = {"id": getattr(r, "id", None), "persona": list(r.persona), "history": list(r.history),
+                   "selected_persona": p.selected, "selected_text": p.selected_text,
+                   "select_score": p.select_score, "candidate_scores": p.candidate_scores, "response": p.response}
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    logging.info("predictions: %d records -> %s", len(predictions), path)
+
+
+def parse_checkpoints(spec: str, workdir: str) -> dict[str, str]:
+    """'name=path,name=path' (or bare paths) -> {name: path}; empty -> {'model': workdir}."""
+    if not spec:
+        return {"model": workdir}
+    out = {}
+    for i, item in enumerate(x for x in spec.split(",") if x.strip()):
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = os.path.basename(os.path.normpath(item)) or f"ckpt{i}", item
+        if name in out:
+            raise ValueError(f"config.eval.checkpoints: name {name!r} appears twice; expected unique names")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def run_evaluate(config, workdir: str) -> dict:
+    from pal_jax.predict import load_predictor, load_records
+    records, origin = load_records(config)
+    ckpts = parse_checkpoints(config.eval.checkpoints, workdir)
+    out_dir = config.eval.output_dir or os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    results = {}
+    for name, path in ckpts.items():
+        predictor = load_predictor(config, path)
+        res, preds = evaluate(predictor, records, rank_by=config.eval.rank_by, nli_model=config.eval.nli_model)
+        write_predictions(os.path.join(out_dir, f"predictions_{name}.jsonl"), records, preds)
+        results[name] = res
+        logging.info("evaluate %s: %s", name, " ".join(f"{k} {v:.4f}" for k, v in res.items()
+                                                        if isinstance(v, float)))
+    info = {"data": origin, "n": len(records), "checkpoints": ckpts,
+            "notes": "Select then Generate: the persona is chosen by the model (no gold labels); perplexity and "
+                     "Hits@1 condition on that choice. C-score skipped: no NLI model configured (eval.nli_model)."}
+    paths = write_report(out_dir, results, info)
+    with open(paths["markdown"]) as f:
+        print(f.read())
+    return {"report": paths["markdown"], "metrics": paths["json"], "plot": paths["plot"]}

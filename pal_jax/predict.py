@@ -1,0 +1,265 @@
+"""Select then Generate.
+
+1. Select: for each record, score every persona sentence (as the select target `k.<sentence>`) and
+   `No personal description.` as continuations of the select prompt with the candidate scorer; take the best.
+2. Generate: decode the reply from the generate prompt that highlights the selected persona (or none).
+
+Only the persona and the history are read: `Predictor.predict` strips every record to (persona, history) before
+anything else, so a record's gold response, label or candidates never reach a prediction.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Iterable, Sequence
+
+import jax
+import numpy as np
+
+from pal_jax import mesh as mesh_lib
+from pal_jax import sampling
+from pal_jax.data import pipeline, templates
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """What prediction may see: the persona and the dialogue history (oldest first, ending with the partner)."""
+    persona: tuple[str, ...]
+    history: tuple[str, ...]
+
+
+@dataclasses.dataclass
+class Prediction:
+    selected: int  # index into persona, -1 = none
+    selected_text: str
+    select_score: float
+    candidate_scores: list[float]  # one per persona sentence, then "none"
+    response: str
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    return buckets[-1]
+
+
+class Predictor:
+    """Holds jitted scorer/decoder over a model's params; batches records into fixed shapes (few compilations)."""
+
+    def __init__(self, model_state, params, tokenizer, *, max_len: int, buckets: Sequence[int], batch_size: int,
+                 sampling_cfg: sampling.SamplingConfig, select_by: str = "sum", seed: int = 0):
+        if select_by not in ("sum", "mean"):
+            raise ValueError(f"predict.select_by = {select_by!r}: expected 'sum' or 'mean'")
+        self.ms, self.params, self.tok = model_state, params, tokenizer
+        self.max_len, self.buckets, self.batch_size = max_len, tuple(buckets), batch_size
+        self.sampling_cfg, self.select_by = sampling_cfg, select_by
+        self.rng = jax.random.key(seed)
+        div = mesh_lib.batch_divisor(model_state.mesh)
+        if batch_size % div:
+            raise ValueError(f"batch_size {batch_size}: expected a multiple of the mesh's data*fsdp = {div}")
+
+    # -- encoding ---------------------------------------------------------------------------------------------
+    def _prompt_ids(self, parts: templates.PromptParts, budget: int) -> list[int]:
+        return pipeline.encode_prompt(parts, self.tok, budget)
+
+    def _put(self, *arrays):
+        mesh = self.ms.mesh
+        return [jax.device_put(a, mesh_lib.batch_sharding(mesh, a.ndim)) for a in arrays]
+
+    def _batches(self, n: int) -> Iterable[tuple[int, int]]:
+        for lo in range(0, n, self.batch_size):
+            yield lo, min(lo + self.batch_size, n)
+
+    # -- select -----------------------------------------------------------------------------------------------
+    def candidate_texts(self, persona: Sequence[str]) -> list[str]:
+        return [templates.select_target(list(persona), k) for k in range(len(persona))] + [templates.NONE_PERSONA]
+
+    def score(self, prompts: list[list[int]], candidates: list[list[list[int]]]) -> tuple[np.ndarray, np.ndarray]:
+        """Summed and mean log-probs [N, Kmax] (padded candidates get -inf) of candidate id lists per prompt."""
+        n = len(prompts)
+        kmax = max(len(c) for c in candidates)
+        cmax = max(len(x) for c in candidates for x in c)
+        c_len = _bucket(cmax, (8, 16, 32, 64, 128, 256))
+        p_len = _bucket(max(len(p) for p in prompts), self.buckets)
+        sums = np.full((n, kmax), -np.inf, np.float32)
+        means = np.full((n, kmax), -np.inf, np.float32)
+        for lo, hi in self._batches(n):
+            rows = list(range(lo, hi)) + [lo] * (self.batch_size - (hi - lo))  # pad the batch with a real row
+            toks, mask = sampling.left_pad([prompts[i] for i in rows], p_len, self.tok.pad_id)
+            ct = np.full((self.batch_size, kmax, c_len), self.tok.pad_id, np.int32)
+            cm = np.zeros((self.batch_size, kmax, c_len), bool)
+            for r, i in enumerate(rows):
+                for k, ids in enumerate(candidates[i]):
+                    ids = ids[:c_len]
+                    ct[r, k, :len(ids)] = ids
+                    cm[r, k, :len(ids)] = True
+            s, m = sampling.score_candidates_jit(self.ms.graphdef, self.params, *self._put(toks, mask, ct, cm))
+            s, m = np.asarray(jax.device_get(s)), np.asarray(jax.device_get(m))
+            for r, i in enumerate(rows[:hi - lo]):
+                k = len(candidates[i])
+                sums[i, :k], means[i, :k] = s[r, :k], m[r, :k]
+        return sums, means
+
+    def select(self, records: Sequence[Record]) -> list[tuple[int, float, list[float]]]:
+        eos = [self.tok.eos_id]
+        cands = [[self.tok.encode(t) + eos for t in self.candidate_texts(r.persona)] for r in records]
+        longest = max(len(x) for c in cands for x in c)
+        prompts = [self._prompt_ids(templates.select_prompt(list(r.persona), list(r.history)), self.max_len - longest)
+                   for r in records]
+        sums, means = self.score(prompts, cands)
+        scores = sums if self.select_by == "sum" else means
+        out = []
+        for i, r in enumerate(records):
+            k = len(r.persona) + 1
+            best = int(np.argmax(scores[i, :k]))
+            out.append((-1 if best == len(r.persona) else best, float(scores[i, best]),
+                        [float(x) for x in scores[i, :k]]))
+        return out
+
+    # -- generate ---------------------------------------------------------------------------------------------
+    def generate_from_prompts(self, prompts: list[list[int]]) -> list[str]:
+        p_len = _bucket(max(len(p) for p in prompts), self.buckets)
+        texts: list[str] = []
+        for lo, hi in self._batches(len(prompts)):
+            rows = list(range(lo, hi)) + [lo] * (self.batch_size - (hi - lo))
+            toks, mask = sampling.left_pad([prompts[i] for i in rows], p_len, self.tok.pad_id)
+            self.rng, key = jax.random.split(self.rng)
+            out = sampling.generate_jit(self.ms.graphdef, self.params, *self._put(toks, mask), key,
+                                        cfg=self.sampling_cfg, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
+            out = np.asarray(jax.device_get(out))
+            for r in range(hi - lo):
+                ids = [int(t) for t in out[r]]
+                if self.tok.eos_id in ids:
+                    ids = ids[:ids.index(self.tok.eos_id)]
+                texts.append(self.tok.decode(ids).strip())
+        return texts
+
+    def generate_prompts(self, records: Sequence[Record], selected: Sequence[int], budget: int) -> list[list[int]]:
+        """Generate-prompt ids highlighting each record's selected persona (-1: none), at most `budget` tokens."""
+        out = []
+        for r, s in zip(records, selected):
+            persona = list(r.persona)
+            chosen = persona[s] if s >= 0 else None
+            out.append(self._prompt_ids(templates.generate_prompt(persona, list(r.history), chosen), budget))
+        return out
+
+    def generate(self, records: Sequence[Record], selected: Sequence[int]) -> list[str]:
+        budget = self.max_len - self.sampling_cfg.max_new_tokens
+        return self.generate_from_prompts(self.generate_prompts(records, selected, budget))
+
+    def persona_free(self, records: Sequence[Record]) -> list[str]:
+        budget = self.max_len - self.sampling_cfg.max_new_tokens
+        return self.generate_from_prompts(
+            [self._prompt_ids(templates.persona_free_prompt(list(r.history)), budget) for r in records])
+
+    def predict(self, records) -> list[Prediction]:
+        """records: anything with .persona and .history (e.g. data.convai2.PromptRecord); nothing else is read."""
+        records = [Record(tuple(r.persona), tuple(r.history)) for r in records]
+        t0 = time.time()
+        sel = self.select(records)
+        t1 = time.time()
+        responses = self.generate(records, [s[0] for s in sel])
+        t2 = time.time()
+        logging.info("predict: %d records, select %.1fs, generate %.1fs", len(records), t1 - t0, t2 - t1)
+        return [Prediction(selected=s, selected_text=(r.persona[s] if s >= 0 else templates.NONE_PERSONA),
+                           select_score=score, candidate_scores=cs, response=resp)
+                for r, (s, score, cs), resp in zip(records, sel, responses)]
+
+
+# -- modes ------------------------------------------------------------------------------------------------------
+
+def sampling_config(config) -> sampling.SamplingConfig:
+    p = config.predict
+    return sampling.SamplingConfig(method=p.method, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                   beam_width=p.beam_width, length_penalty=p.length_penalty,
+                                   max_new_tokens=p.max_new_tokens)
+
+
+def load_predictor(config, ckpt_path: str, devices=None) -> Predictor:
+    """A Predictor over the latest checkpoint in ckpt_path (a workdir), on this machine's mesh.
+
+    The model shape comes from the checkpoint's own saved config; the tokenizer from config.tokenizer.path, else
+    the checkpoint's workdir, else the tokenizer path the checkpoint was trained with.
+    """
+    from pal_jax import checkpoint as ckpt_lib
+    from pal_jax import tokenizer as tok_lib
+    from pal_jax import train
+    import os
+    meta = ckpt_lib.load_meta(ckpt_path)
+    saved = meta["config"]
+    tok_path = config.tokenizer.path or (
+        os.path.join(ckpt_path, "tokenizer") if os.path.exists(os.path.join(ckpt_path, "tokenizer", "tokenizer.json"))
+        else saved.get("tokenizer", {}).get("path", ""))
+    if not tok_path:
+        raise FileNotFoundError(f"no tokenizer for {ckpt_path}: expected {ckpt_path}/tokenizer/tokenizer.json or "
+                                f"--config.tokenizer.path")
+    tok = tok_lib.load_tokenizer(tok_path)
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    ms = train.ModelState(train.model_config(saved["model"], tok.vocab_size), mesh, mesh_lib.axis_rules(config))
+    params, step = ckpt_lib.load_params(ckpt_path, ms.abstract)
+    logging.info("predict: %s step %d (%s)", ckpt_path, step, meta.get("task", "?"))
+    div = mesh_lib.batch_divisor(mesh)
+    batch = -(-config.predict.batch_size // div) * div
+    return Predictor(ms, params, tok, max_len=config.data.max_len, buckets=tuple(config.data.buckets),
+                     batch_size=batch, sampling_cfg=sampling_config(config), select_by=config.predict.select_by,
+                     seed=config.seed)
+
+
+def load_records(config):
+    """Records to predict on: config.predict.input (ConvAI2 .txt or .jsonl) or the corpus's test split."""
+    from pal_jax.data import convai2, corpus
+    from pal_jax.data import labels as labels_lib
+    path = config.predict.input
+    if path.endswith(".jsonl"):
+        records, origin = convai2.read_jsonl(path), path
+    else:
+        if path:
+            dialogues, origin = convai2.read_convai2(path), path
+            labels_lib.label_dialogues(dialogues, labels_lib.get_labeler(config.data.labeler))
+        else:
+            dialogues = corpus.load_corpus(config.data)["test"]
+            origin = f"{config.data.source} test split"
+        records = convai2.records_from_dialogues(dialogues)
+    if config.predict.max_records:
+        records = records[:config.predict.max_records]
+    return records, origin
+
+
+def run_predict(config, workdir: str) -> dict:
+    from pal_jax.evaluate import write_predictions
+    import os
+    predictor = load_predictor(config, workdir)
+    records, origin = load_records(config)
+    preds = predictor.predict(records)
+    out = config.predict.output or os.path.join(workdir, "predictions.jsonl")
+    write_predictions(out, records, preds)
+    for r, p in list(zip(records, preds))[:5]:
+        print(f"user: {r.history[-1]}\n  persona: {p.selected_text}  (score {p.select_score:.2f})\n  bot: {p.response}")
+    return {"records": len(preds), "input": origin, "predictions": out}
+
+
+def run_chat(config, workdir: str, lines=None) -> dict:
+    """Interactive: a persona file, then typed turns; the selected persona is shown beside each reply."""
+    import sys
+    with open(config.predict.persona_file, encoding="utf-8") as f:
+        persona = tuple(x.strip() for x in f if x.strip())
+    if not persona:
+        raise ValueError(f"{config.predict.persona_file}: no persona sentences; expected one sentence a line")
+    predictor = load_predictor(config, workdir)
+    print("persona:\n" + "\n".join(f"  {i + 1}. {s}" for i, s in enumerate(persona)))
+    print("type a message (empty line or Ctrl-D to stop)")
+    history: list[str] = []
+    stream = lines if lines is not None else sys.stdin
+    turns = 0
+    for line in stream:
+        line = line.strip()
+        if not line:
+            break
+        history.append(line)
+        p = predictor.predict([Record(persona, tuple(history))])[0]
+        history.append(p.response)
+        turns += 1
+        print(f"bot: {p.response}    [persona: {p.selected_text}]", flush=True)
+    return {"turns": turns}
