@@ -86,6 +86,21 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.train.async_checkpoint = True
     c.train.max_bad_steps = 5  # consecutive non-finite steps (skipped) before the run stops
 
+    # Stage 2 (Persona Alignment). train.{steps,lr,batch_size,warmup_steps} come from here in stage 2.
+    c.stage2 = ml_collections.ConfigDict()
+    c.stage2.steps = 150
+    c.stage2.lr = 3e-4
+    c.stage2.batch_size = 16  # pairs (the forward sees 2x rows: chosen and rejected)
+    c.stage2.warmup_steps = 10
+    c.stage2.beta = 0.1
+    c.stage2.label_smoothing = 0.0
+    c.stage2.use_dpo = True
+    c.stage2.align_weight = 0.1  # lambda of the embedding-alignment term; 0 = off
+    c.stage2.align_temperature = 0.1
+    c.stage2.precompute_ref = False  # reference log-probs computed once instead of a reference forward per step
+    c.stage2.pairs = ""  # pairs.jsonl; empty: WORKDIR/pairs.jsonl, made from the Stage 1 model if missing
+    c.stage2.dev_fraction = 0.05  # share of dialogues whose pairs are held out for the held-out DPO loss
+
     # Select then Generate (predict, evaluate, chat, and the pipeline's evaluation phase)
     c.predict = ml_collections.ConfigDict()
     c.predict.input = ""  # ConvAI2 .txt or JSONL of {persona, history}; empty: the configured corpus's test split

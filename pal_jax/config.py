@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ml_collections
 
-MODES = ("stage1", "predict", "evaluate", "chat")
+MODES = ("stage1", "make_pairs", "stage2", "predict", "evaluate", "chat", "pipeline")
 SOURCES = ("synthetic", "convai2")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -63,6 +63,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, 0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1/b2", (t.b1, t.b2), "in [0, 1)")
     for k in ("data", "fsdp", "tensor"):
         _check(e, c.mesh[k] == -1 or c.mesh[k] >= 1, f"mesh.{k}", c.mesh[k], ">= 1, or -1 for the rest")
+    s2 = c.stage2
+    for k in ("steps", "batch_size"):
+        _check(e, isinstance(s2[k], int) and s2[k] > 0, f"stage2.{k}", s2[k], "a positive integer")
+    _check(e, s2.lr > 0, "stage2.lr", s2.lr, "> 0")
+    _check(e, s2.warmup_steps >= 0, "stage2.warmup_steps", s2.warmup_steps, ">= 0")
+    _check(e, s2.beta > 0, "stage2.beta", s2.beta, "> 0")
+    _check(e, 0 <= s2.label_smoothing < 0.5, "stage2.label_smoothing", s2.label_smoothing, "in [0, 0.5)")
+    _check(e, s2.align_weight >= 0, "stage2.align_weight", s2.align_weight, ">= 0 (0 = off)")
+    _check(e, s2.align_temperature > 0, "stage2.align_temperature", s2.align_temperature, "> 0")
+    _check(e, s2.use_dpo or s2.align_weight > 0, "stage2.use_dpo", s2.use_dpo,
+           "True, or stage2.align_weight > 0 (otherwise there is no loss)")
+    _check(e, 0 < s2.dev_fraction < 1, "stage2.dev_fraction", s2.dev_fraction, "in (0, 1)")
+    if c.mode == "stage2":
+        _check(e, bool(c.init_from), "init_from", c.init_from, "the workdir of a Stage 1 run (the reference model)")
     p = c.predict
     _check(e, p.method in ("greedy", "sample", "beam"), "predict.method", p.method, "'greedy', 'sample' or 'beam'")
     _check(e, p.select_by in ("sum", "mean"), "predict.select_by", p.select_by, "'sum' or 'mean'")

@@ -28,7 +28,8 @@ REPORT_ROWS = (
     ("rouge_l", "ROUGE-L", True), ("dist1", "Dist-1", True), ("dist2", "Dist-2", True),
     ("perplexity", "Perplexity", False), ("hits_at_1", "Hits@1", True),
     ("persona_selection_accuracy", "Persona selection acc.", True), ("persona_coverage", "Persona coverage", True),
-    ("persona_f1", "Persona F1", True), ("c_score", "C-score", True),
+    ("persona_f1", "Persona F1", True), ("persona_use_rate", "Persona use rate (exact)", True),
+    ("persona_use_exact", "Persona use exact match", True), ("c_score", "C-score", True),
 )
 
 
@@ -61,6 +62,36 @@ def score_records(predictor: Predictor, records, predictions, rank_by: str = "me
     return out
 
 
+def synthetic_persona_use(records, predictions) -> dict[str, float]:
+    """Exact persona use on the synthetic corpus, where every persona sentence is a known fact with keywords.
+
+    A response *states* a fact when it contains all of the fact's keywords. persona_use_rate: share of the turns
+    that call for a persona fact (label >= 0) whose response states that fact. persona_use_exact: share of all
+    turns whose response states exactly what the turn calls for (the labelled fact alone, or no fact).
+    Empty when the records are not synthetic.
+    """
+    from pal_jax.data.synthetic import FACT_BY_SENTENCE, mentions
+    if not records or not all(s in FACT_BY_SENTENCE for r in records for s in r.persona):
+        return {}
+    hits, calls, exact, n = 0, 0, 0, 0
+    for r, p in zip(records, predictions):
+        if r.persona_label is None:
+            continue
+        text = " ".join(p.response.lower().split())
+        stated = {k for k, s in enumerate(r.persona)
+                  if all(mentions(text, kw) for kw in FACT_BY_SENTENCE[s].keywords)}
+        want = {r.persona_label} if r.persona_label >= 0 else set()
+        n += 1
+        exact += stated == want
+        if r.persona_label >= 0:
+            calls += 1
+            hits += r.persona_label in stated
+    out = {"persona_use_exact": exact / max(n, 1)}
+    if calls:
+        out["persona_use_rate"] = hits / calls
+    return out
+
+
 def text_metrics(records, predictions) -> dict[str, float]:
     hyps = [p.response for p in predictions]
     refs = [r.response for r in records]
@@ -74,6 +105,7 @@ def text_metrics(records, predictions) -> dict[str, float]:
                                                                           [b for _, b in labelled])
     out["persona_coverage"] = float(np.mean([M.persona_coverage(h, list(r.persona)) for h, r in zip(hyps, records)]))
     out["persona_f1"] = float(np.mean([M.persona_f1(h, list(r.persona)) for h, r in zip(hyps, records)]))
+    out.update(synthetic_persona_use(records, predictions))
     out["n"] = len(records)
     return out
 

@@ -36,6 +36,15 @@ def dispatch(config, workdir: str) -> dict:
     if config.mode == "stage1":
         from pal_jax import stage1
         return stage1.run(config, workdir)
+    if config.mode == "make_pairs":
+        from pal_jax import stage2
+        return stage2.run_make_pairs(config, workdir)
+    if config.mode == "stage2":
+        from pal_jax import stage2
+        return stage2.run(config, workdir)
+    if config.mode == "pipeline":
+        from pal_jax import pipeline_mode
+        return pipeline_mode.run(config, workdir)
     if config.mode == "predict":
         from pal_jax import predict
         return predict.run_predict(config, workdir)

@@ -1,0 +1,13 @@
+"""Stage 2, Persona Alignment: DPO against the frozen Stage 1 model + embedding alignment.
+
+    python -m pal_jax.main --config=configs/stage2.py:tiny --workdir=W2 --config.init_from=STAGE1_WORKDIR
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+
+def get_config(preset="tiny"):
+    return common.base_config("stage2", preset or "tiny")

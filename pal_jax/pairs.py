@@ -1,0 +1,97 @@
+"""Preference pairs for Stage 2 (`make_pairs` mode).
+
+For every training turn the Stage 1 model replies from the *persona-free* prompt (history only): that reply is
+`rejected`, the gold reply is `chosen`, and the prompt Stage 2 optimises is the persona-conditioned generate prompt
+with the labelled persona. Pairs whose rejected reply equals the chosen one are dropped and counted.
+
+Output: WORKDIR/pairs/part-NNNNN.jsonl shards, each written to a temporary file and renamed when complete, then
+WORKDIR/pairs.jsonl (and pairs_info.json) assembled the same way. A rerun skips the shards that exist, so an
+interrupted run continues; shard k's sampling key is fold_in(seed, k), so the same seed gives the same pairs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+
+from pal_jax.data import convai2
+
+SHARD = 256  # turns per shard
+
+
+def pairs_path(workdir: str) -> str:
+    return os.path.join(workdir, "pairs.jsonl")
+
+
+def _atomic_write_lines(path: str, rows) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _same(a: str, b: str) -> bool:
+    return " ".join(a.lower().split()) == " ".join(b.lower().split())
+
+
+def make_pairs(predictor, dialogues, workdir: str, seed: int) -> dict:
+    """Decode persona-free replies for every turn of `dialogues` and write the pairs. Returns counts and paths."""
+    out = pairs_path(workdir)
+    info_path = os.path.join(workdir, "pairs_info.json")
+    if os.path.exists(out) and os.path.exists(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+        logging.info("pairs: %s exists (%d pairs); skipping", out, info["pairs"])
+        return info
+    records = convai2.records_from_dialogues(dialogues)
+    shard_dir = os.path.join(workdir, "pairs")
+    os.makedirs(shard_dir, exist_ok=True)
+    n_shards = -(-len(records) // SHARD)
+    t0, done_before = time.time(), 0
+    for k in range(n_shards):
+        path = os.path.join(shard_dir, f"part-{k:05d}.jsonl")
+        if os.path.exists(path):
+            done_before += 1
+            continue
+        chunk = records[k * SHARD:(k + 1) * SHARD]
+        predictor.rng = jax.random.fold_in(jax.random.key(seed), k)
+        replies = predictor.persona_free(chunk)
+        _atomic_write_lines(path, ({"id": r.id, "persona": list(r.persona), "history": list(r.history),
+                                    "persona_label": r.persona_label, "chosen": r.response, "rejected": reply}
+                                   for r, reply in zip(chunk, replies)))
+        done = k + 1 - done_before
+        eta = (time.time() - t0) / done * (n_shards - k - 1)
+        logging.info("pairs: shard %d/%d (%d turns) ETA %.0fs", k + 1, n_shards, len(chunk), eta)
+    rows = []
+    for k in range(n_shards):
+        with open(os.path.join(shard_dir, f"part-{k:05d}.jsonl"), encoding="utf-8") as f:
+            rows += [json.loads(line) for line in f]
+    kept = [r for r in rows if not _same(r["chosen"], r["rejected"])]
+    _atomic_write_lines(out, kept)
+    info = {"turns": len(rows), "pairs": len(kept), "dropped_identical": len(rows) - len(kept), "path": out,
+            "seed": seed}
+    with open(info_path + ".tmp", "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(info_path + ".tmp", info_path)  # written last: its presence marks the pairs complete
+    logging.info("pairs: %d turns -> %d pairs (%d dropped: rejected reply identical to the gold one) in %s",
+                 len(rows), len(kept), len(rows) - len(kept), out)
+    return info
+
+
+def read_pairs(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no preference pairs at {path}: expected the output of "
+                                f"`python -m pal_jax.main --config=configs/make_pairs.py:PRESET --workdir=...`")
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for i, r in enumerate(rows, start=1):
+        for key in ("persona", "history", "chosen", "rejected", "persona_label"):
+            if key not in r:
+                raise ValueError(f"{path}:{i}: missing key {key!r}; expected a pair written by make_pairs")
+    return rows

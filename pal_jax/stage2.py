@@ -1,0 +1,266 @@
+"""Stage 2, Persona Alignment: DPO against the frozen Stage 1 model, plus an embedding-alignment term.
+
+Each pair: prompt = the generate prompt with the labelled persona highlighted; chosen = the gold reply; rejected =
+the Stage 1 model's reply to the persona-free prompt (pairs.py). Chosen and rejected run through one forward as a
+[2B, L] batch (chosen rows first). The reference is the Stage 1 params, passed to the jitted step as a separate
+argument that is never donated, never differentiated (stop_gradient) and never checkpointed; or, with
+stage2.precompute_ref, its log-probs are computed once and carried in the batches.
+
+Loss = DPO (if stage2.use_dpo) + stage2.align_weight * InfoNCE(pooled persona-block hidden states, pooled chosen
+response hidden states) over the chosen rows of the (micro-)batch.
+
+The Stage 2 run takes train.{steps,lr,batch_size,warmup_steps} from stage2.{steps,lr,batch_size,warmup_steps};
+the other train.* settings (clipping, cadences, checkpoints) are shared with Stage 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pal_jax import checkpoint as ckpt_lib
+from pal_jax import losses, train
+from pal_jax.data import pipeline, templates
+from pal_jax.experiment import Experiment
+from pal_jax.pairs import make_pairs, pairs_path, read_pairs
+
+
+@dataclasses.dataclass
+class PairEncoded:
+    prompt: list[list[int]]
+    chosen: list[list[int]]  # response ids + eos
+    rejected: list[list[int]]
+    head_len: list[int]  # tokens of the persona block at the start of the prompt (0 if it was cut)
+    n_truncated: int
+    n_dropped: int
+
+
+def encode_pairs(rows: list[dict], tokenizer, max_len: int) -> PairEncoded:
+    eos = [tokenizer.eos_id]
+    out = PairEncoded([], [], [], [], 0, 0)
+    for r in rows:
+        persona, history = r["persona"], r["history"]
+        label = r["persona_label"]
+        chosen_sentence = persona[label] if label is not None and label >= 0 else None
+        parts = templates.generate_prompt(persona, history, chosen_sentence)
+        c = tokenizer.encode(r["chosen"]) + eos
+        j = tokenizer.encode(r["rejected"]) + eos
+        budget = max_len - max(len(c), len(j))
+        if budget < pipeline.MIN_PROMPT:
+            out.n_dropped += 1
+            continue
+        head = tokenizer.encode(parts.head)
+        prompt, cut = pipeline.fit_prompt(head, [tokenizer.encode(h) for h in parts.history],
+                                          tokenizer.encode(parts.tail), budget)
+        out.n_truncated += cut
+        out.prompt.append(prompt)
+        out.chosen.append(c)
+        out.rejected.append(j)
+        out.head_len.append(len(head) if prompt[:len(head)] == head else 0)
+    return out
+
+
+class PairSource(pipeline.BatchSource):
+    """Bucketed pair batches (pure function of (seed, step), as BatchSource): rows [chosen..., rejected...]."""
+
+    def __init__(self, enc: PairEncoded, batch_size: int, buckets, seed: int):
+        self.pairs = enc
+        longest = [np.asarray(p + (c if len(c) >= len(j) else j), np.int32)
+                   for p, c, j in zip(enc.prompt, enc.chosen, enc.rejected)]
+        planning = pipeline.Encoded(ids=longest, prompt_len=[len(p) for p in enc.prompt],
+                                    task=np.full(len(longest), pipeline.TASKS.index("generate"), np.int32),
+                                    n_truncated=enc.n_truncated, n_dropped=enc.n_dropped, pad_id=0,
+                                    index=np.arange(len(longest)))
+        super().__init__(planning, batch_size, buckets, seed)
+        self.ref_logps: np.ndarray | None = None  # [N, 2] (chosen, rejected) when precomputed
+
+    def set_pad(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def make_batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        real = [int(i) for i in rows if i >= 0]
+        longest = max((int(self.lengths[i]) for i in real), default=1)
+        L = self.buckets[int(np.searchsorted(np.asarray(self.buckets), longest, side="left"))]
+        B = len(rows)
+        inputs = np.full((2 * B, L), self.pad_id, np.int32)
+        targets = np.full((2 * B, L), self.pad_id, np.int32)
+        weights = np.zeros((2 * B, L), np.float32)
+        persona = np.zeros((2 * B, L), np.float32)
+        valid = np.zeros((2 * B,), np.float32)
+        ref = np.zeros((2 * B,), np.float32)
+        e = self.pairs
+        for r, i in enumerate(rows):
+            if i < 0:
+                continue
+            for half, resp in ((0, e.chosen[i]), (1, e.rejected[i])):
+                ids = e.prompt[i] + resp
+                n = len(ids) - 1
+                row = half * B + r
+                inputs[row, :n] = ids[:-1]
+                targets[row, :n] = ids[1:]
+                weights[row, len(e.prompt[i]) - 1:n] = 1.0
+                persona[row, :e.head_len[i]] = 1.0
+                valid[row] = 1.0
+                if self.ref_logps is not None:
+                    ref[row] = self.ref_logps[i, half]
+        positions = np.broadcast_to(np.arange(L, dtype=np.int32), (2 * B, L)).copy()
+        batch = {"inputs": inputs, "targets": targets, "weights": weights, "positions": positions,
+                 "persona_mask": persona, "valid": valid, "task": np.zeros((2 * B,), np.int32)}
+        if self.ref_logps is not None:
+            batch["ref_logps"] = ref
+        return batch
+
+
+def make_loss_fn(graphdef, s2):
+    """loss_fn(model, batch, ref_params) for train.Task: sums so micro-batches and devices add up exactly."""
+    from flax import nnx
+
+    def loss_fn(model, batch, ref_params):
+        b = batch["inputs"].shape[0] // 2
+        logits, hidden = model(batch["inputs"], positions=batch["positions"])
+        logps = losses.sequence_logprobs(logits, batch["targets"], batch["weights"])
+        if "ref_logps" in batch:
+            ref = batch["ref_logps"]
+        else:
+            ref_logits, _ = nnx.merge(graphdef, ref_params)(batch["inputs"], positions=batch["positions"])
+            ref = losses.sequence_logprobs(ref_logits, batch["targets"], batch["weights"])
+        ref = jax.lax.stop_gradient(ref)
+        valid = batch["valid"][:b]  # 0 for the padding rows of an eval batch
+        dpo_sum, n_real, out = losses.dpo_loss_sums(logps[:b], logps[b:], ref[:b], ref[b:], s2.beta,
+                                                    s2.label_smoothing, valid=valid)
+        out = {"dpo_loss": dpo_sum, **out}
+        total = dpo_sum if s2.use_dpo else jnp.zeros((), jnp.float32)
+        if s2.align_weight > 0:
+            p_emb = losses.pooled_embeddings(hidden[:b], batch["persona_mask"][:b])
+            r_emb = losses.pooled_embeddings(hidden[:b], batch["weights"][:b])
+            align, amets = losses.embedding_alignment_loss(p_emb, r_emb, s2.align_temperature, valid=valid > 0)
+            total = total + s2.align_weight * align * n_real  # the loop divides by n_real
+            out["align_loss"] = align * n_real
+            out.update({k: v * n_real for k, v in amets.items()})
+        return total, n_real, out
+
+    return loss_fn
+
+
+def stage2_config(config):
+    """config with train.{steps,lr,batch_size,warmup_steps} taken from stage2.* (see the module doc)."""
+    import ml_collections
+    c = ml_collections.ConfigDict(config.to_dict())
+    for k in ("steps", "lr", "batch_size", "warmup_steps"):
+        c.train[k] = config.stage2[k]
+    return c
+
+
+def stage1_workdir(config, workdir: str) -> str:
+    path = config.init_from
+    if not path or not ckpt_lib.Checkpointer.exists(path):
+        raise FileNotFoundError(
+            f"no Stage 1 checkpoint at config.init_from = {path!r}: expected the workdir of a Stage 1 run; produce "
+            f"it with `python -m pal_jax.main --config=configs/stage1.py:{config.preset} --workdir=W1`, then pass "
+            f"--config.init_from=W1")
+    return path
+
+
+def _is_dev(pair_id, fraction: float) -> bool:
+    """Hold out whole dialogues (ids 'dialogue:turn') for the held-out DPO loss: a fixed hash of the dialogue."""
+    dialogue = str(pair_id).split(":")[0]
+    return (int(dialogue) * 2654435761 % 2**32) / 2**32 < fraction if dialogue.isdigit() else False
+
+
+def precompute_reference(ms, ref_params, src: PairSource) -> np.ndarray:
+    """Reference log-probs of every pair's chosen and rejected response, once: [N, 2]."""
+    from flax import nnx
+    from pal_jax import mesh as mesh_lib
+
+    @jax.jit
+    def logps(params, batch):
+        logits, _ = nnx.merge(ms.graphdef, params)(batch["inputs"], positions=batch["positions"])
+        return losses.sequence_logprobs(logits, batch["targets"], batch["weights"])
+
+    out = np.zeros((len(src.pairs.prompt), 2), np.float32)
+    for rows in src.eval_plan():
+        batch = src.make_batch(rows)
+        lp = np.asarray(jax.device_get(logps(ref_params, mesh_lib.global_batch(batch, ms.mesh))))
+        b = len(rows)
+        for r, i in enumerate(rows):
+            if i >= 0:
+                out[i] = (lp[r], lp[b + r])
+    return out
+
+
+def run(config, workdir: str, devices=None) -> dict:
+    return train_stage2(config, workdir, devices)[0]
+
+
+def reference_predictor(c, exp, ref_params):
+    from pal_jax.predict import Predictor, sampling_config
+    return Predictor(exp.model, ref_params, exp.tokenizer, max_len=c.data.max_len, buckets=tuple(c.data.buckets),
+                     batch_size=c.predict.batch_size, sampling_cfg=sampling_config(c), seed=c.seed)
+
+
+def run_make_pairs(config, workdir: str) -> dict:
+    """make_pairs mode: pairs from the Stage 1 model at config.init_from (or this workdir) into WORKDIR."""
+    c = stage2_config(config)
+    if not c.init_from:
+        c.init_from = workdir
+    s1 = stage1_workdir(c, workdir)
+    if not c.tokenizer.path and os.path.exists(os.path.join(s1, "tokenizer", "tokenizer.json")):
+        c.tokenizer.path = os.path.join(s1, "tokenizer")
+    exp = Experiment(c, workdir)
+    ref_params, _ = ckpt_lib.load_params(s1, exp.model.abstract)
+    return make_pairs(reference_predictor(c, exp, ref_params), exp.corpus["train"], workdir, c.seed)
+
+
+def train_stage2(config, workdir: str, devices=None):
+    """Stage 2 training; returns (summary, the reference params object, for checks that it stayed intact)."""
+    s1 = stage1_workdir(config, workdir)
+    c = stage2_config(config)
+    if not c.tokenizer.path and os.path.exists(os.path.join(s1, "tokenizer", "tokenizer.json")):
+        c.tokenizer.path = os.path.join(s1, "tokenizer")
+    exp = Experiment(c, workdir, devices=devices)
+    ms = exp.model
+    ref_params, step = ckpt_lib.load_params(s1, ms.abstract)
+    logging.info("stage2: reference and initial policy = Stage 1 %s step %d", s1, step)
+    path = c.stage2.pairs or pairs_path(workdir)
+    if not os.path.exists(path):
+        if c.stage2.pairs:
+            raise FileNotFoundError(f"config.stage2.pairs = {path!r} does not exist; expected a pairs.jsonl written "
+                                    f"by make_pairs, or leave it empty to make the pairs in the workdir")
+        make_pairs(reference_predictor(c, exp, ref_params), exp.corpus["train"], workdir, c.seed)
+    rows = read_pairs(path)
+    dev_rows = [r for r in rows if _is_dev(r.get("id"), c.stage2.dev_fraction)]
+    train_rows = [r for r in rows if not _is_dev(r.get("id"), c.stage2.dev_fraction)]
+    if not train_rows or not dev_rows:
+        raise ValueError(f"{path}: {len(train_rows)} training and {len(dev_rows)} held-out pairs; expected both "
+                         f"non-empty (stage2.dev_fraction = {c.stage2.dev_fraction})")
+    buckets = tuple(c.data.buckets)
+    sources = []
+    for name, part in (("train", train_rows), ("dev", dev_rows)):
+        enc = encode_pairs(part, exp.tokenizer, c.data.max_len)
+        logging.info("stage2 %s: %d pairs; %d cut from the oldest history; %d dropped (too long)", name,
+                     len(enc.prompt), enc.n_truncated, enc.n_dropped)
+        src = PairSource(enc, c.train.batch_size, buckets, c.seed)
+        src.set_pad(exp.tokenizer.pad_id)
+        sources.append(src)
+    src, dev = sources
+    extra = ref_params
+    if c.stage2.precompute_ref:
+        for s in sources:
+            s.ref_logps = precompute_reference(ms, ref_params, s)
+        extra = None
+        logging.info("stage2: reference log-probs precomputed for %d + %d pairs", len(src.pairs.prompt),
+                     len(dev.pairs.prompt))
+    task = train.Task(name="stage2", loss_fn=make_loss_fn(ms.graphdef, c.stage2), train_batch=src.batch,
+                      eval_batches=dev.eval_batches, extra=extra,
+                      data_info={"seed": c.seed, "pairs": path, "train_pairs": len(src.pairs.prompt),
+                                 "dev_pairs": len(dev.pairs.prompt), "steps_per_epoch": src.steps_per_epoch})
+    resuming = ckpt_lib.Checkpointer.exists(workdir)
+    # the policy starts as a copy: the train step donates its params, and the reference must stay intact
+    init = None if resuming else jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ms.shardings)(ref_params)
+    summary = train.run(c, workdir, task, ms, init_params=init)
+    summary["reference"] = s1
+    return summary, ref_params
