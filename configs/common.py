@@ -67,9 +67,9 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.data.select_ratio = 0.5  # share of select examples in each epoch of the stage 1 mixture
 
     c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 32  # global batch (rows), split over the data and fsdp mesh axes
+    c.train.batch_size = 16  # global batch (rows), split over the data and fsdp mesh axes
     c.train.grad_accum = 1  # micro-batches per step (scan inside the jitted step)
-    c.train.steps = 400
+    c.train.steps = 600
     c.train.lr = 3e-3
     c.train.end_lr_ratio = 0.1
     c.train.warmup_steps = 40
@@ -79,9 +79,9 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.train.b2 = 0.98
     c.train.clip_norm = 1.0
     c.train.log_every = 20
-    c.train.eval_every = 100
-    c.train.eval_batches = 0  # 0 = the whole held-out split
-    c.train.checkpoint_every = 100
+    c.train.eval_every = 200
+    c.train.eval_batches = 20  # held-out batches per evaluation; 0 = the whole held-out split
+    c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 2
     c.train.async_checkpoint = True
     c.train.max_bad_steps = 5  # consecutive non-finite steps (skipped) before the run stops
@@ -99,6 +99,7 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.stage2.align_temperature = 0.1
     c.stage2.precompute_ref = False  # reference log-probs computed once instead of a reference forward per step
     c.stage2.pairs = ""  # pairs.jsonl; empty: WORKDIR/pairs.jsonl, made from the Stage 1 model if missing
+    c.stage2.max_pair_turns = 2048  # training turns decoded into pairs (in split order); 0 = all
     c.stage2.dev_fraction = 0.05  # share of dialogues whose pairs are held out for the held-out DPO loss
 
     # Select then Generate (predict, evaluate, chat, and the pipeline's evaluation phase)

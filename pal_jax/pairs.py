@@ -40,8 +40,9 @@ def _same(a: str, b: str) -> bool:
     return " ".join(a.lower().split()) == " ".join(b.lower().split())
 
 
-def make_pairs(predictor, dialogues, workdir: str, seed: int) -> dict:
-    """Decode persona-free replies for every turn of `dialogues` and write the pairs. Returns counts and paths."""
+def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0) -> dict:
+    """Decode persona-free replies for the turns of `dialogues` (the first max_turns; 0 = all) and write the pairs.
+    Returns counts and paths."""
     out = pairs_path(workdir)
     info_path = os.path.join(workdir, "pairs_info.json")
     if os.path.exists(out) and os.path.exists(info_path):
@@ -50,6 +51,8 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int) -> dict:
         logging.info("pairs: %s exists (%d pairs); skipping", out, info["pairs"])
         return info
     records = convai2.records_from_dialogues(dialogues)
+    if max_turns:
+        records = records[:max_turns]
     shard_dir = os.path.join(workdir, "pairs")
     os.makedirs(shard_dir, exist_ok=True)
     n_shards = -(-len(records) // SHARD)
