@@ -30,31 +30,25 @@ def _distributed_init():
         jax.distributed.initialize()
 
 
+# mode -> (module, function(config, workdir) -> summary dict)
+MODES = {
+    "stage1": ("pal_jax.stage1", "run"),
+    "make_pairs": ("pal_jax.stage2", "run_make_pairs"),
+    "stage2": ("pal_jax.stage2", "run"),
+    "pipeline": ("pal_jax.pipeline_mode", "run"),
+    "predict": ("pal_jax.predict", "run_predict"),
+    "evaluate": ("pal_jax.evaluate", "run_evaluate"),
+    "chat": ("pal_jax.predict", "run_chat"),
+}
+
+
 def dispatch(config, workdir: str) -> dict:
+    import importlib
+
     from pal_jax.config import validate
-    validate(config)
-    if config.mode == "stage1":
-        from pal_jax import stage1
-        return stage1.run(config, workdir)
-    if config.mode == "make_pairs":
-        from pal_jax import stage2
-        return stage2.run_make_pairs(config, workdir)
-    if config.mode == "stage2":
-        from pal_jax import stage2
-        return stage2.run(config, workdir)
-    if config.mode == "pipeline":
-        from pal_jax import pipeline_mode
-        return pipeline_mode.run(config, workdir)
-    if config.mode == "predict":
-        from pal_jax import predict
-        return predict.run_predict(config, workdir)
-    if config.mode == "evaluate":
-        from pal_jax import evaluate
-        return evaluate.run_evaluate(config, workdir)
-    if config.mode == "chat":
-        from pal_jax import predict
-        return predict.run_chat(config, workdir)
-    raise AssertionError(config.mode)  # validate() names the allowed modes
+    validate(config)  # names the allowed modes
+    module, fn = MODES[config.mode]
+    return getattr(importlib.import_module(module), fn)(config, workdir)
 
 
 def main(argv):
