@@ -110,8 +110,11 @@ def text_metrics(records, predictions) -> dict[str, float]:
     return out
 
 
-def evaluate(predictor: Predictor, records, *, rank_by: str = "mean", nli_model: str = "") -> tuple[dict, list]:
-    """Metrics and predictions for one checkpoint on records with gold responses."""
+def evaluate(predictor: Predictor, records, *, rank_by: str = "mean", nli=None) -> tuple[dict, list]:
+    """Metrics and predictions for one checkpoint on records with gold responses.
+
+    nli: an nli.NLIModel for the C-score (premise = response, hypothesis = each persona sentence), or None.
+    """
     missing = [r.source or str(i) for i, r in enumerate(records) if r.response is None]
     if missing:
         raise ValueError(f"evaluate: {len(missing)} records have no gold response (first: {missing[0]}); "
@@ -120,9 +123,9 @@ def evaluate(predictor: Predictor, records, *, rank_by: str = "mean", nli_model:
     preds = predictor.predict(records)
     res = text_metrics(records, preds)
     res.update(score_records(predictor, records, preds, rank_by))
-    if nli_model:
-        raise NotImplementedError(f"config.eval.nli_model = {nli_model!r}: NLI-based C-score is not supported yet; "
-                                  f"leave it empty (the report then notes the C-score as skipped)")
+    if nli is not None:
+        from pal_jax.nli import c_score_nli
+        res["c_score"] = c_score_nli(nli, [p.response for p in preds], [list(r.persona) for r in records])
     res["seconds"] = time.time() - t0
     return res, preds
 
@@ -218,16 +221,22 @@ def run_evaluate(config, workdir: str) -> dict:
     out_dir = config.eval.output_dir or os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     results = {}
+    nli = None
+    if config.eval.nli_model:
+        from pal_jax.nli import NLIModel
+        nli = NLIModel.from_dir(config.eval.nli_model)
     for name, path in ckpts.items():
         predictor = load_predictor(config, path)
-        res, preds = evaluate(predictor, records, rank_by=config.eval.rank_by, nli_model=config.eval.nli_model)
+        res, preds = evaluate(predictor, records, rank_by=config.eval.rank_by, nli=nli)
         write_predictions(os.path.join(out_dir, f"predictions_{name}.jsonl"), records, preds)
         results[name] = res
         logging.info("evaluate %s: %s", name, " ".join(f"{k} {v:.4f}" for k, v in res.items()
                                                         if isinstance(v, float)))
+    c_note = (f"C-score with the NLI model at {config.eval.nli_model}." if nli is not None else
+              "C-score skipped: no NLI model configured (eval.nli_model).")
     info = {"data": origin, "n": len(records), "checkpoints": ckpts,
             "notes": "Select then Generate: the persona is chosen by the model (no gold labels); perplexity and "
-                     "Hits@1 condition on that choice. C-score skipped: no NLI model configured (eval.nli_model)."}
+                     "Hits@1 condition on that choice. " + c_note}
     paths = write_report(out_dir, results, info)
     with open(paths["markdown"]) as f:
         print(f.read())
