@@ -219,6 +219,9 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
         _check_resume(meta, config_json, task, ckpt.directory)
         start = int(meta["step"])
         logging.info("resumed from %s step %d", ckpt.directory, start)
+        if start >= t_cfg.steps:
+            logging.info("the run is complete (step %d of %d): nothing to do (raise the configured steps to train further)",
+                         start, t_cfg.steps)
     else:
         params = init_params if init_params is not None else ms.init(config.seed)
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
