@@ -1,0 +1,306 @@
+"""Side-by-side inference benchmark: pal_jax (JAX, XLA CPU) vs transformers/PyTorch on the same weights.
+
+Rows per shape:
+  decode  batch 1 and 16, prompt 128, 32 new tokens, greedy   -> new tokens/s
+          pal_jax sampling.generate_jit  vs  HF model.generate(do_sample=False, max_new_tokens=32, min_new_tokens=32)
+  score   4 prompts x 20 candidates, prompt 128, candidate 24 -> candidates/s
+          pal_jax sampling.score_candidates_jit (prompt once, shared KV cache)
+          vs a plain PyTorch loop: per prompt one forward over its 20 [prompt+candidate] rows, log-softmax, gather, sum
+
+A random-weight LlamaForCausalLM is built with transformers, saved as safetensors, and loaded into pal_jax with
+convert.load_hf_dir, so both sides run identical weights; logits (and scores) are compared before timing.
+Both decoders produce exactly 32 new tokens: pal_jax gets an eos id that no token can equal (-1), HF gets
+min_new_tokens == max_new_tokens (EOS suppressed for every step).
+
+Each timing: one untimed warm-up call (the JAX compile; a short generate / one prompt on the PyTorch side), then
+the median of --repeats timed calls (jax.block_until_ready on the JAX side). A side whose first timed call takes
+longer than --row-budget / --repeats seconds runs fewer calls (at least 1); the table marks it "(n=K)".
+
+The machine is shared: other processes on the same cores slow both sides, PyTorch's OpenMP (barrier per op)
+far more than XLA's thread pool, so the load average is printed at the start and the end.
+
+    .venv/bin/python benchmarks/bench_decode.py                      # tiny and 135m, 3 repeats
+    .venv/bin/python benchmarks/bench_decode.py --shapes tiny --repeats 5
+    .venv/bin/python benchmarks/bench_decode.py --shapes 135m --breakdown   # + prefill vs decode-loop split
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from pal_jax import convert, sampling  # noqa: E402
+
+SHAPES = {
+    # the `tiny` preset of configs/common.py (its vocab comes from the trained tokenizer: 2048)
+    "tiny": dict(vocab_size=2048, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=384, rope_theta=10000.0, tie_word_embeddings=True),
+    # SmolLM2-135M
+    "135m": dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, intermediate_size=1536, rope_theta=100000.0, tie_word_embeddings=True),
+}
+PROMPT, NEW, DECODE_BATCHES = 128, 32, (1, 16)
+SCORE_PROMPTS, SCORE_K, SCORE_C = 4, 20, 24
+NEVER_EOS = -1  # pal_jax: no sampled token id equals -1, so no row ever finishes early
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# models
+
+
+def build_models(shape: str, tmp: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    s = dict(SHAPES[shape])
+    theta = s.pop("rope_theta")
+    hf_cfg = LlamaConfig(**s, rope_parameters={"rope_type": "default", "rope_theta": theta}, rms_norm_eps=1e-5,
+                         max_position_embeddings=2048, hidden_act="silu", bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(hf_cfg).eval().to(torch.float32)
+    path = os.path.join(tmp, shape)
+    hf.save_pretrained(path, safe_serialization=True)
+    cfg, model = convert.load_hf_dir(path)
+    graphdef, params = nnx.split(model, nnx.Param)
+    return hf, cfg, graphdef, params
+
+
+def parity(hf, graphdef, params, vocab: int, rng) -> float:
+    tokens = rng.integers(3, vocab, size=(2, PROMPT)).astype(np.int32)
+    jx = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t)[0])(params, tokens)
+    with torch.inference_mode():
+        pt = hf(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+    return float(np.max(np.abs(np.asarray(jx) - pt)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# workloads
+
+
+def jax_decode_fn(graphdef, params, tokens, new: int = NEW):
+    scfg = sampling.SamplingConfig(method="greedy", max_new_tokens=new)
+    key = jax.random.key(0)
+    tokens, mask = jnp.asarray(tokens), jnp.ones(tokens.shape, bool)
+    return lambda: sampling.generate_jit(graphdef, params, tokens, mask, key, cfg=scfg, eos_id=NEVER_EOS, pad_id=0)
+
+
+def torch_decode_fn(hf, tokens, new: int = NEW):
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    am = torch.ones_like(ids)
+
+    def run():
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=am, do_sample=False, max_new_tokens=new, min_new_tokens=new,
+                              eos_token_id=2, pad_token_id=0)
+        return out[:, PROMPT:]
+    return run
+
+
+def score_inputs(vocab: int, rng):
+    tokens = rng.integers(3, vocab, size=(SCORE_PROMPTS, PROMPT)).astype(np.int32)
+    cands = rng.integers(3, vocab, size=(SCORE_PROMPTS, SCORE_K, SCORE_C)).astype(np.int32)
+    # right-padded candidates of varied real length (8..24 tokens), as in ConvAI2 replies
+    lengths = rng.integers(8, SCORE_C + 1, size=(SCORE_PROMPTS, SCORE_K))
+    cmask = np.arange(SCORE_C)[None, None, :] < lengths[..., None]
+    cands = np.where(cmask, cands, 0).astype(np.int32)
+    return tokens, cands, cmask
+
+
+def jax_score_fn(graphdef, params, tokens, cands, cmask):
+    args = [jnp.asarray(a) for a in (tokens, np.ones(tokens.shape, bool), cands, cmask)]
+    return lambda: sampling.score_candidates_jit(graphdef, params, *args)[0]
+
+
+def torch_score_fn(hf, tokens, cands, cmask):
+    """Plain loop: per prompt, one forward over its K [prompt + candidate] rows; log-softmax; gather; sum."""
+    tk = torch.from_numpy(tokens.astype(np.int64))
+    ck = torch.from_numpy(cands.astype(np.int64))
+    cm = torch.from_numpy(cmask.astype(np.float32))
+
+    def run(n_prompts=tk.shape[0]):
+        out = []
+        with torch.inference_mode():
+            for b in range(n_prompts):
+                seq = torch.cat([tk[b][None].expand(SCORE_K, -1), ck[b]], dim=1)  # [K, P+C]
+                am = torch.cat([torch.ones(SCORE_K, PROMPT, dtype=torch.long), cm[b].long()], dim=1)
+                logits = hf(seq, attention_mask=am).logits  # [K, P+C, V]
+                lp = torch.log_softmax(logits[:, PROMPT - 1:-1].float(), dim=-1)  # predicts candidate tokens
+                picked = lp.gather(-1, ck[b][..., None])[..., 0]
+                out.append((picked * cm[b]).sum(-1))
+        return torch.stack(out)
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# timing
+
+
+def _cpu_jiffies():
+    """(busy jiffies of the whole machine, jiffies of this process) from /proc; None where /proc is missing."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            w = f.read().rsplit(")", 1)[1].split()
+        return sum(v) - v[3] - v[4], sum(v), int(w[11]) + int(w[12])  # busy, total, utime + stime of this process
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def others_share(a, b) -> float:
+    """Fraction of all cores' time used by *other* processes between two _cpu_jiffies() snapshots."""
+    if a is None or b is None or b[1] <= a[1]:
+        return float("nan")
+    return max(0.0, ((b[0] - a[0]) - (b[2] - a[2])) / (b[1] - a[1]))
+
+
+def wait_idle(max_wait: float, threshold: float = 0.10):
+    """Block until other processes use < threshold of the cores over a 2 s window, or max_wait seconds pass."""
+    t_end = time.perf_counter() + max_wait
+    while max_wait > 0:
+        a = _cpu_jiffies()
+        time.sleep(2.0)
+        share = others_share(a, _cpu_jiffies())
+        if not share >= threshold or time.perf_counter() >= t_end:
+            return share
+    return float("nan")
+
+
+def timed(fn, repeats: int, row_budget: float, is_jax: bool, warm_fn=None, idle_wait: float = 0.0):
+    """-> (median seconds, calls timed, warm-up seconds, share of the cores used by other processes meanwhile).
+
+    One untimed warm-up call (warm_fn, default fn; for JAX it includes the compile), then timed calls: the first
+    one estimates the cost, and the row runs min(repeats, row_budget // cost) calls in all (at least 1)."""
+    sync = jax.block_until_ready if is_jax else (lambda x: x)
+    t0 = time.perf_counter()
+    sync((warm_fn or fn)())
+    warm = time.perf_counter() - t0
+    wait_idle(idle_wait)
+    ts = []
+    snap = _cpu_jiffies()
+    while True:
+        t0 = time.perf_counter()
+        sync(fn())
+        ts.append(time.perf_counter() - t0)
+        n = min(repeats, max(1, int(row_budget // ts[0])))
+        if len(ts) >= n:
+            return statistics.median(ts), n, warm, others_share(snap, _cpu_jiffies())
+
+
+def split_prefill(jax_fn1, jax_fn, torch_fn1, torch_fn, repeats: int, row_budget: float):
+    """Generate with 1 new token vs NEW new tokens on both sides: per-step cost = (t_NEW - t_1) / (NEW - 1), and
+    prefill (+ one step) = t_1. Returns {(side, part): seconds}."""
+    out = {}
+    for side, f1, fn, is_jax in (("pal_jax", jax_fn1, jax_fn, True), ("PyTorch", torch_fn1, torch_fn, False)):
+        t1 = timed(f1, repeats, row_budget, is_jax)[0]
+        tn = timed(fn, repeats, row_budget, is_jax)[0]
+        out[side] = (t1, (tn - t1) / (NEW - 1))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="tiny,135m", help="comma list of: " + ",".join(SHAPES))
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per row (median is reported)")
+    ap.add_argument("--row-budget", type=float, default=60.0,
+                    help="seconds of timed calls per side of a row: a side whose first timed call takes longer "
+                         "than row_budget/repeats runs fewer calls (at least 1)")
+    ap.add_argument("--wait-idle", type=float, default=0.0,
+                    help="before each timed side, wait up to this many seconds for other processes to use < 10%% "
+                         "of the cores (shared machine); 0 = do not wait")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also split decode time into prefill and per-step cost on both sides "
+                         "(generate 1 new token vs 32; extra compiles)")
+    args = ap.parse_args(argv)
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    for s in shapes:
+        if s not in SHAPES:
+            ap.error(f"--shapes: unknown shape {s!r}; expected some of {sorted(SHAPES)}")
+
+    ncpu = os.cpu_count() or 1
+    torch.set_num_threads(ncpu)
+    print(f"machine: {platform.processor() or platform.machine()}, {ncpu} cores | jax {jax.__version__} "
+          f"({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads), fp32")
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (other processes on these cores skew both columns; "
+          f"PyTorch's spinning OpenMP threads suffer most)")
+    print(f"decode: prompt {PROMPT}, {NEW} new tokens, greedy | score: {SCORE_PROMPTS} prompts x {SCORE_K} "
+          f"candidates, prompt {PROMPT}, candidate {SCORE_C} | median of {args.repeats} after a warm-up", flush=True)
+
+    rows = []
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in shapes:
+            t0 = time.perf_counter()
+            hf, cfg, graphdef, params = build_models(shape, tmp)
+            rng = np.random.default_rng(0)
+            diff = parity(hf, graphdef, params, cfg.vocab_size, rng)
+            print(f"\n[{shape}] built + converted in {time.perf_counter() - t0:.1f}s; "
+                  f"max |logit diff| pal_jax vs HF = {diff:.2e}", flush=True)
+            if not diff < 1e-3:
+                raise SystemExit(f"[{shape}] logits disagree (max diff {diff}); not timing different models")
+
+            for b in DECODE_BATCHES:
+                tokens = rng.integers(3, cfg.vocab_size, size=(b, PROMPT)).astype(np.int32)
+                jfn, tfn = jax_decode_fn(graphdef, params, tokens), torch_decode_fn(hf, tokens)
+                jt, jn, jw, jo = timed(jfn, args.repeats, args.row_budget, True, idle_wait=args.wait_idle)
+                tt, tn, tw, to = timed(tfn, args.repeats, args.row_budget, False,
+                                       warm_fn=torch_decode_fn(hf, tokens[:, :8], new=2), idle_wait=args.wait_idle)
+                jout, tout = np.asarray(jfn()), tfn().numpy()
+                assert jout.shape == tout.shape == (b, NEW), (jout.shape, tout.shape)
+                agree = float(np.mean(jout == tout))
+                print(f"[{shape}] decode b={b}: pal_jax {jt:.3f}s (compile+run {jw:.1f}s), HF {tt:.3f}s; "
+                      f"greedy tokens identical: {agree:.0%}", flush=True)
+                rows.append((shape, f"decode b={b}", "new tok/s", b * NEW / jt, jn, b * NEW / tt, tn, max(jo, to)))
+                if args.breakdown:
+                    parts = split_prefill(jax_decode_fn(graphdef, params, tokens, 1), jfn,
+                                          torch_decode_fn(hf, tokens, 1), tfn, args.repeats, args.row_budget)
+                    for side, (t1, step) in parts.items():
+                        print(f"[{shape}]   breakdown b={b} {side:<7}: prefill+1 step {t1 * 1e3:8.0f} ms | each "
+                              f"further step {step * 1e3:6.1f} ms | {NEW - 1} steps {step * (NEW - 1) * 1e3:6.0f} ms",
+                              flush=True)
+
+            tokens, cands, cmask = score_inputs(cfg.vocab_size, rng)
+            jfn = jax_score_fn(graphdef, params, tokens, cands, cmask)
+            tfn = torch_score_fn(hf, tokens, cands, cmask)
+            jt, jn, jw, jo = timed(jfn, args.repeats, args.row_budget, True, idle_wait=args.wait_idle)
+            tt, tn, tw, to = timed(tfn, args.repeats, args.row_budget, False, warm_fn=lambda: tfn(1),
+                                   idle_wait=args.wait_idle)
+            sdiff = float(np.max(np.abs(np.asarray(jfn()) - tfn().numpy())))
+            print(f"[{shape}] score: pal_jax {jt:.3f}s (compile+run {jw:.1f}s), torch {tt:.3f}s; "
+                  f"max |sum logprob diff| = {sdiff:.2e}", flush=True)
+            rows.append((shape, f"score {SCORE_PROMPTS}x{SCORE_K}", "cand/s", SCORE_PROMPTS * SCORE_K / jt, jn,
+                         SCORE_PROMPTS * SCORE_K / tt, tn, max(jo, to)))
+            del hf
+
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f}s; load average at end: {os.getloadavg()[0]:.2f}\n")
+    head = (f"| {'shape':<5} | {'workload':<12} | {'unit':<9} | {'pal_jax':>10} | {'PyTorch':>10} | "
+            f"{'pal_jax/PyTorch':>15} | {'others CPU':>10} |")
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for shape, wl, unit, j, jn, t, tn, other in rows:
+        note = lambda n: "" if n == args.repeats else f" (n={n})"  # noqa: E731
+        print(f"| {shape:<5} | {wl:<12} | {unit:<9} | {f'{j:.1f}' + note(jn):>10} | {f'{t:.1f}' + note(tn):>10} | "
+              f"{j / t:>14.2f}x | {other:>10.0%} |")
+    print("others CPU: the largest share of the cores used by other processes while either side of the row was timed")
+    if any(jn != args.repeats or tn != args.repeats for _, _, _, _, jn, _, tn, _ in rows):
+        print(f"(n=K: that side ran K timed calls instead of {args.repeats}, to stay within --row-budget "
+              f"{args.row_budget:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
