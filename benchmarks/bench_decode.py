@@ -201,7 +201,7 @@ def timed(fn, repeats: int, row_budget: float, is_jax: bool, warm_fn=None, idle_
 
 def split_prefill(jax_fn1, jax_fn, torch_fn1, torch_fn, repeats: int, row_budget: float):
     """Generate with 1 new token vs NEW new tokens on both sides: per-step cost = (t_NEW - t_1) / (NEW - 1), and
-    prefill (+ one step) = t_1. Returns {(side, part): seconds}."""
+    prefill (+ one step) = t_1. Returns {side: (t_1, seconds per further step)}."""
     out = {}
     for side, f1, fn, is_jax in (("pal_jax", jax_fn1, jax_fn, True), ("PyTorch", torch_fn1, torch_fn, False)):
         t1 = timed(f1, repeats, row_budget, is_jax)[0]
@@ -211,6 +211,17 @@ def split_prefill(jax_fn1, jax_fn, torch_fn1, torch_fn, repeats: int, row_budget
 
 
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main(argv=None):
@@ -234,7 +245,7 @@ def main(argv=None):
 
     ncpu = os.cpu_count() or 1
     torch.set_num_threads(ncpu)
-    print(f"machine: {platform.processor() or platform.machine()}, {ncpu} cores | jax {jax.__version__} "
+    print(f"machine: {cpu_name()}, {ncpu} cores | jax {jax.__version__} "
           f"({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads), fp32")
     print(f"load average at start: {os.getloadavg()[0]:.2f} (other processes on these cores skew both columns; "
           f"PyTorch's spinning OpenMP threads suffer most)")
