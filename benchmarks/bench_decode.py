@@ -227,6 +227,7 @@ def cpu_name() -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="tiny,135m", help="comma list of: " + ",".join(SHAPES))
+    ap.add_argument("--workloads", default="decode,score", help="comma list of: decode, score")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per row (median is reported)")
     ap.add_argument("--row-budget", type=float, default=60.0,
                     help="seconds of timed calls per side of a row: a side whose first timed call takes longer "
@@ -242,6 +243,10 @@ def main(argv=None):
     for s in shapes:
         if s not in SHAPES:
             ap.error(f"--shapes: unknown shape {s!r}; expected some of {sorted(SHAPES)}")
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    for w in workloads:
+        if w not in ("decode", "score"):
+            ap.error(f"--workloads: unknown workload {w!r}; expected some of ['decode', 'score']")
 
     ncpu = os.cpu_count() or 1
     torch.set_num_threads(ncpu)
@@ -265,7 +270,7 @@ def main(argv=None):
             if not diff < 1e-3:
                 raise SystemExit(f"[{shape}] logits disagree (max diff {diff}); not timing different models")
 
-            for b in DECODE_BATCHES:
+            for b in (DECODE_BATCHES if "decode" in workloads else ()):
                 tokens = rng.integers(3, cfg.vocab_size, size=(b, PROMPT)).astype(np.int32)
                 jfn, tfn = jax_decode_fn(graphdef, params, tokens), torch_decode_fn(hf, tokens)
                 jt, jn, jw, jo = timed(jfn, args.repeats, args.row_budget, True, idle_wait=args.wait_idle)
@@ -285,6 +290,9 @@ def main(argv=None):
                               f"further step {step * 1e3:6.1f} ms | {NEW - 1} steps {step * (NEW - 1) * 1e3:6.0f} ms",
                               flush=True)
 
+            if "score" not in workloads:
+                del hf
+                continue
             tokens, cands, cmask = score_inputs(cfg.vocab_size, rng)
             jfn = jax_score_fn(graphdef, params, tokens, cands, cmask)
             tfn = torch_score_fn(hf, tokens, cands, cmask)
