@@ -1,8 +1,15 @@
 """Preference pairs for Stage 2 (`make_pairs` mode).
 
-For every training turn the Stage 1 model replies from the *persona-free* prompt (history only): that reply is
-`rejected`, the gold reply is `chosen`, and the prompt Stage 2 optimises is the persona-conditioned generate prompt
-with the labelled persona. Pairs whose rejected reply equals the chosen one are dropped and counted.
+Two kinds of pair, both built from the Stage 1 model's own outputs on the training turns:
+
+- `generate` (PAL's pairs): the Stage 1 model replies from the *persona-free* prompt (history only): that reply is
+  `rejected`, the gold reply is `chosen`, and the prompt Stage 2 optimises is the persona-conditioned generate
+  prompt with the labelled persona. Pairs whose rejected reply equals the chosen one are dropped and counted.
+- `select` (with `select_pairs`, the default): the Stage 1 model's Select step (the candidate scorer, as at
+  inference) picks a persona sentence or none; where its pick differs from the turn's label, the select prompt
+  gets chosen = the labelled target (`k.<sentence>` or `No personal description.`) and rejected = the target
+  the model picked. Without these, Stage 2 has no signal on the Select step, and Select-then-Generate conditions
+  every reply on whatever Stage 1 selects.
 
 Output: WORKDIR/pairs/part-NNNNN.jsonl shards, each written to a temporary file and renamed when complete, then
 WORKDIR/pairs.jsonl (and pairs_info.json) assembled the same way. A rerun skips the shards that exist, so an
@@ -17,7 +24,7 @@ import time
 
 import jax
 
-from pal_jax.data import convai2
+from pal_jax.data import convai2, templates
 
 SHARD = 256  # turns per shard
 
@@ -40,9 +47,23 @@ def _same(a: str, b: str) -> bool:
     return " ".join(a.lower().split()) == " ".join(b.lower().split())
 
 
-def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0) -> dict:
-    """Decode persona-free replies for the turns of `dialogues` (the first max_turns; 0 = all) and write the pairs.
-    Returns counts and paths."""
+def _pairs_of(row: dict, select_pairs: bool) -> list[dict]:
+    """The pairs one decoded turn gives (see the module doc)."""
+    base = {"id": row["id"], "persona": row["persona"], "history": row["history"],
+            "persona_label": row["persona_label"]}
+    out = []
+    if not _same(row["chosen"], row["rejected"]):
+        out.append({**base, "kind": "generate", "chosen": row["chosen"], "rejected": row["rejected"]})
+    label, picked = row["persona_label"], row.get("selected")
+    if select_pairs and label is not None and picked is not None and picked != label:
+        out.append({**base, "kind": "select", "chosen": templates.select_target(row["persona"], label),
+                    "rejected": templates.select_target(row["persona"], picked)})
+    return out
+
+
+def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0, select_pairs: bool = True) -> dict:
+    """Decode persona-free replies (and run the Select step, with select_pairs) for the turns of `dialogues` (the
+    first max_turns; 0 = all) and write the pairs. Returns counts and paths."""
     out = pairs_path(workdir)
     info_path = os.path.join(workdir, "pairs_info.json")
     if os.path.exists(out) and os.path.exists(info_path):
@@ -65,9 +86,11 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
         chunk = records[k * SHARD:(k + 1) * SHARD]
         predictor.rng = jax.random.fold_in(jax.random.key(seed), k)
         replies = predictor.persona_free(chunk)
+        picks = [s[0] for s in predictor.select(chunk)] if select_pairs else [None] * len(chunk)
         _atomic_write_lines(path, ({"id": r.id, "persona": list(r.persona), "history": list(r.history),
-                                    "persona_label": r.persona_label, "chosen": r.response, "rejected": reply}
-                                   for r, reply in zip(chunk, replies)))
+                                    "persona_label": r.persona_label, "chosen": r.response, "rejected": reply,
+                                    "selected": pick}
+                                   for r, reply, pick in zip(chunk, replies, picks)))
         done = k + 1 - done_before
         eta = (time.time() - t0) / done * (n_shards - k - 1)
         logging.info("pairs: shard %d/%d (%d turns) ETA %.0fs", k + 1, n_shards, len(chunk), eta)
@@ -75,15 +98,23 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
     for k in range(n_shards):
         with open(os.path.join(shard_dir, f"part-{k:05d}.jsonl"), encoding="utf-8") as f:
             rows += [json.loads(line) for line in f]
-    kept = [r for r in rows if not _same(r["chosen"], r["rejected"])]
+    if select_pairs and any(r.get("selected") is None for r in rows):
+        raise ValueError(f"{shard_dir}: shards written without the Select step (by make_pairs with select_pairs "
+                         f"off); expected every row to have 'selected'. Delete {shard_dir} to rebuild them")
+    kept = [p for r in rows for p in _pairs_of(r, select_pairs)]
+    n_gen = sum(p["kind"] == "generate" for p in kept)
     _atomic_write_lines(out, kept)
-    info = {"turns": len(rows), "pairs": len(kept), "dropped_identical": len(rows) - len(kept), "path": out,
-            "seed": seed}
+    labelled = [r for r in rows if r["persona_label"] is not None and r.get("selected") is not None]
+    info = {"turns": len(rows), "pairs": len(kept), "generate_pairs": n_gen, "select_pairs": len(kept) - n_gen,
+            "dropped_identical": len(rows) - n_gen, "path": out, "seed": seed,
+            "stage1_selection_accuracy": (sum(r["selected"] == r["persona_label"] for r in labelled) / len(labelled)
+                                          if labelled else None)}
     with open(info_path + ".tmp", "w") as f:
         json.dump(info, f, indent=2)
     os.replace(info_path + ".tmp", info_path)  # written last: its presence marks the pairs complete
-    logging.info("pairs: %d turns -> %d pairs (%d dropped: rejected reply identical to the gold one) in %s",
-                 len(rows), len(kept), len(rows) - len(kept), out)
+    logging.info("pairs: %d turns -> %d generate pairs (%d dropped: persona-free reply identical to the gold "
+                 "one) + %d select pairs (Stage 1 selection accuracy %s) in %s", len(rows), n_gen,
+                 len(rows) - n_gen, len(kept) - n_gen, info["stage1_selection_accuracy"], out)
     return info
 
 
@@ -97,4 +128,7 @@ def read_pairs(path: str) -> list[dict]:
         for key in ("persona", "history", "chosen", "rejected", "persona_label"):
             if key not in r:
                 raise ValueError(f"{path}:{i}: missing key {key!r}; expected a pair written by make_pairs")
+        r.setdefault("kind", "generate")
+        if r["kind"] not in ("generate", "select"):
+            raise ValueError(f"{path}:{i}: kind {r['kind']!r}; expected 'generate' or 'select'")
     return rows

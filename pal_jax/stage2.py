@@ -1,13 +1,14 @@
 """Stage 2, Persona Alignment: DPO against the frozen Stage 1 model, plus an embedding-alignment term.
 
-Each pair: prompt = the generate prompt with the labelled persona highlighted; chosen = the gold reply; rejected =
-the Stage 1 model's reply to the persona-free prompt (pairs.py). Chosen and rejected run through one forward as a
+Each `generate` pair: prompt = the generate prompt with the labelled persona highlighted; chosen = the gold reply;
+rejected = the Stage 1 model's reply to the persona-free prompt. Each `select` pair: prompt = the select prompt;
+chosen = the labelled persona target; rejected = the target the Stage 1 model selected (pairs.py). Chosen and rejected run through one forward as a
 [2B, L] batch (chosen rows first). The reference is the Stage 1 params, passed to the jitted step as a separate
 argument that is never donated, never differentiated (stop_gradient) and never checkpointed; or, with
 stage2.precompute_ref, its log-probs are computed once and carried in the batches.
 
-Loss = DPO (if stage2.use_dpo) + stage2.align_weight * InfoNCE(pooled persona-block hidden states, pooled chosen
-response hidden states) over the chosen rows of the (micro-)batch.
+Loss = DPO over all pairs (if stage2.use_dpo) + stage2.align_weight * InfoNCE(pooled persona-block hidden states,
+pooled chosen response hidden states) over the chosen rows of the `generate` pairs of the (micro-)batch.
 
 The Stage 2 run takes train.{steps,lr,batch_size,warmup_steps} from stage2.{steps,lr,batch_size,warmup_steps};
 the other train.* settings (clipping, cadences, checkpoints) are shared with Stage 1.
@@ -35,18 +36,23 @@ class PairEncoded:
     chosen: list[list[int]]  # response ids + eos
     rejected: list[list[int]]
     head_len: list[int]  # tokens of the persona block at the start of the prompt (0 if it was cut)
+    is_select: list[bool]
     n_truncated: int
     n_dropped: int
 
 
 def encode_pairs(rows: list[dict], tokenizer, max_len: int) -> PairEncoded:
     eos = [tokenizer.eos_id]
-    out = PairEncoded([], [], [], [], 0, 0)
+    out = PairEncoded([], [], [], [], [], 0, 0)
     for r in rows:
         persona, history = r["persona"], r["history"]
         label = r["persona_label"]
-        chosen_sentence = persona[label] if label is not None and label >= 0 else None
-        parts = templates.generate_prompt(persona, history, chosen_sentence)
+        is_select = r.get("kind", "generate") == "select"
+        if is_select:
+            parts = templates.select_prompt(persona, history)
+        else:
+            chosen_sentence = persona[label] if label is not None and label >= 0 else None
+            parts = templates.generate_prompt(persona, history, chosen_sentence)
         c = tokenizer.encode(r["chosen"]) + eos
         j = tokenizer.encode(r["rejected"]) + eos
         budget = max_len - max(len(c), len(j))
@@ -61,6 +67,7 @@ def encode_pairs(rows: list[dict], tokenizer, max_len: int) -> PairEncoded:
         out.chosen.append(c)
         out.rejected.append(j)
         out.head_len.append(len(head) if prompt[:len(head)] == head else 0)
+        out.is_select.append(is_select)
     return out
 
 
@@ -91,6 +98,7 @@ class PairSource(pipeline.BatchSource):
         weights = np.zeros((2 * B, L), np.float32)
         persona = np.zeros((2 * B, L), np.float32)
         valid = np.zeros((2 * B,), np.float32)
+        align = np.zeros((2 * B,), np.float32)  # rows the embedding-alignment term uses: generate pairs
         ref = np.zeros((2 * B,), np.float32)
         e = self.pairs
         for r, i in enumerate(rows):
@@ -105,11 +113,12 @@ class PairSource(pipeline.BatchSource):
                 weights[row, len(e.prompt[i]) - 1:n] = 1.0
                 persona[row, :e.head_len[i]] = 1.0
                 valid[row] = 1.0
+                align[row] = 0.0 if e.is_select[i] else 1.0
                 if self.ref_logps is not None:
                     ref[row] = self.ref_logps[i, half]
         positions = np.broadcast_to(np.arange(L, dtype=np.int32), (2 * B, L)).copy()
         batch = {"inputs": inputs, "targets": targets, "weights": weights, "positions": positions,
-                 "persona_mask": persona, "valid": valid, "task": np.zeros((2 * B,), np.int32)}
+                 "persona_mask": persona, "valid": valid, "align_mask": align, "task": np.zeros((2 * B,), np.int32)}
         if self.ref_logps is not None:
             batch["ref_logps"] = ref
         return batch
@@ -137,7 +146,8 @@ def make_loss_fn(graphdef, s2):
         if s2.align_weight > 0:
             p_emb = losses.pooled_embeddings(hidden[:b], batch["persona_mask"][:b])
             r_emb = losses.pooled_embeddings(hidden[:b], batch["weights"][:b])
-            align, amets = losses.embedding_alignment_loss(p_emb, r_emb, s2.align_temperature, valid=valid > 0)
+            use = (valid * batch["align_mask"][:b]) > 0
+            align, amets = losses.embedding_alignment_loss(p_emb, r_emb, s2.align_temperature, valid=use)
             total = total + s2.align_weight * align * n_real  # the loop divides by n_real
             out["align_loss"] = align * n_real
             out.update({k: v * n_real for k, v in amets.items()})
@@ -199,7 +209,8 @@ def run(config, workdir: str, devices=None) -> dict:
 def reference_predictor(c, exp, ref_params):
     from pal_jax.predict import Predictor, sampling_config
     return Predictor(exp.model, ref_params, exp.tokenizer, max_len=c.data.max_len, buckets=tuple(c.data.buckets),
-                     batch_size=c.predict.batch_size, sampling_cfg=sampling_config(c), seed=c.seed)
+                     batch_size=c.predict.batch_size, sampling_cfg=sampling_config(c), select_by=c.predict.select_by,
+                     seed=c.seed)
 
 
 def run_make_pairs(config, workdir: str) -> dict:
@@ -213,7 +224,7 @@ def run_make_pairs(config, workdir: str) -> dict:
     exp = Experiment(c, workdir)
     ref_params, _ = ckpt_lib.load_params(s1, exp.model.abstract)
     return make_pairs(reference_predictor(c, exp, ref_params), exp.corpus["train"], workdir, c.seed,
-                      c.stage2.max_pair_turns)
+                      c.stage2.max_pair_turns, c.stage2.select_pairs)
 
 
 def train_stage2(config, workdir: str, devices=None):
@@ -232,7 +243,7 @@ def train_stage2(config, workdir: str, devices=None):
             raise FileNotFoundError(f"config.stage2.pairs = {path!r} does not exist; expected a pairs.jsonl written "
                                     f"by make_pairs, or leave it empty to make the pairs in the workdir")
         make_pairs(reference_predictor(c, exp, ref_params), exp.corpus["train"], workdir, c.seed,
-                   c.stage2.max_pair_turns)
+                   c.stage2.max_pair_turns, c.stage2.select_pairs)
     rows = read_pairs(path)
     dev_rows = [r for r in rows if _is_dev(r.get("id"), c.stage2.dev_fraction)]
     train_rows = [r for r in rows if not _is_dev(r.get("id"), c.stage2.dev_fraction)]
@@ -243,8 +254,8 @@ def train_stage2(config, workdir: str, devices=None):
     sources = []
     for name, part in (("train", train_rows), ("dev", dev_rows)):
         enc = encode_pairs(part, exp.tokenizer, c.data.max_len)
-        logging.info("stage2 %s: %d pairs; %d cut from the oldest history; %d dropped (too long)", name,
-                     len(enc.prompt), enc.n_truncated, enc.n_dropped)
+        logging.info("stage2 %s: %d pairs (%d select); %d cut from the oldest history; %d dropped (too long)", name,
+                     len(enc.prompt), sum(enc.is_select), enc.n_truncated, enc.n_dropped)
         src = PairSource(enc, c.train.batch_size, buckets, c.seed)
         src.set_pad(exp.tokenizer.pad_id)
         sources.append(src)

@@ -12,6 +12,7 @@ import pytest
 from helpers import tiny_config
 from pal_jax import checkpoint as ckpt_lib
 from pal_jax import pipeline_mode, stage1, stage2
+from pal_jax.data import templates
 from pal_jax.experiment import Experiment
 
 S2 = dict(stage2__steps=2, stage2__batch_size=8, stage2__warmup_steps=0, train__log_every=1, train__eval_every=2,
@@ -54,7 +55,8 @@ def test_stage2_trains_and_reference_is_untouched(stage1_dir, tmp_path):
 def test_pairs_deterministic_resumable_and_precomputed_reference(stage1_dir, tmp_path):
     c = tiny_config(init_from=stage1_dir, **S2)
     info = stage2.run_make_pairs(c, str(tmp_path / "a"))
-    assert info["turns"] == info["pairs"] + info["dropped_identical"] and info["pairs"] > 0
+    assert info["turns"] == info["generate_pairs"] + info["dropped_identical"] and info["generate_pairs"] > 0
+    assert info["pairs"] == info["generate_pairs"] + info["select_pairs"]
     first = open(tmp_path / "a" / "pairs.jsonl").read()
     # an interrupted run: the final file and one shard gone -> the rerun rebuilds them identically
     os.remove(tmp_path / "a" / "pairs.jsonl")
@@ -64,6 +66,17 @@ def test_pairs_deterministic_resumable_and_precomputed_reference(stage1_dir, tmp
     assert open(tmp_path / "a" / "pairs.jsonl").read() == first
     rows = [json.loads(x) for x in first.splitlines()]
     assert all(r["chosen"].split() != r["rejected"].split() for r in rows)
+    # select pairs: the Stage 1 model's wrong pick against the labelled target, on the select prompt
+    shards = [json.loads(x) for f in sorted(os.listdir(tmp_path / "a" / "pairs"))
+              for x in open(tmp_path / "a" / "pairs" / f)]
+    wrong = [t for t in shards if t["selected"] != t["persona_label"]]
+    sel = [r for r in rows if r["kind"] == "select"]
+    assert len(sel) == len(wrong) == info["select_pairs"]
+    for r, t in zip(sel, wrong):
+        assert r["id"] == t["id"]
+        assert r["chosen"] == templates.select_target(t["persona"], t["persona_label"])
+        assert r["rejected"] == templates.select_target(t["persona"], t["selected"])
+    assert info["stage1_selection_accuracy"] == pytest.approx(1 - len(wrong) / len(shards))
     # the same pairs with the reference forward per step, or with reference log-probs computed once
     pairs = str(tmp_path / "a" / "pairs.jsonl")
     live = stage2.run(tiny_config(init_from=stage1_dir, stage2__pairs=pairs, **S2), str(tmp_path / "live"))
@@ -81,3 +94,29 @@ def test_pipeline_runs_and_skips_finished_phases(tmp_path):
     again = pipeline_mode.run(c, str(tmp_path))
     assert os.path.getmtime(tmp_path / "eval" / "metrics.json") == mtime
     assert again["stage1_s"] < 5 and again["pairs_and_stage2_s"] < 5
+
+
+def test_select_and_generate_pairs_encode_to_their_prompts(stage1_dir):
+    from pal_jax import tokenizer as tok_lib
+    tok = tok_lib.load_tokenizer(os.path.join(stage1_dir, "tokenizer"))
+    persona, history = ["i have two dogs.", "i am a nurse."], ["hi , what is your job ?"]
+    base = {"persona": persona, "history": history, "persona_label": 1}
+    rows = [{**base, "kind": "generate", "chosen": "i am a nurse .", "rejected": "i like pizza ."},
+            {**base, "kind": "select", "chosen": templates.select_target(persona, 1),
+             "rejected": templates.NONE_PERSONA}]
+    enc = stage2.encode_pairs(rows, tok, 128)
+    assert enc.is_select == [False, True]
+    assert tok.decode(enc.prompt[0]) == templates.generate_prompt(persona, history, persona[1]).text()
+    assert tok.decode(enc.prompt[1]) == templates.select_prompt(persona, history).text()
+    assert tok.decode(enc.chosen[1][:-1]) == "2.i am a nurse."
+    src = stage2.PairSource(enc, 2, (64, 128), seed=0)
+    src.set_pad(tok.pad_id)
+    batch = src.make_batch(np.array([0, 1]))
+    # rows: [chosen 0, chosen 1, rejected 0, rejected 1]; alignment only on the generate pair
+    np.testing.assert_array_equal(batch["align_mask"], [1, 0, 1, 0])
+    np.testing.assert_array_equal(batch["valid"], [1, 1, 1, 1])
+    # the loss weights cover exactly the response (+ eos) of each row
+    for r, (i, resp) in enumerate([(0, enc.chosen[0]), (1, enc.chosen[1]), (0, enc.rejected[0]),
+                                   (1, enc.rejected[1])]):
+        w = batch["weights"][r] > 0
+        assert batch["targets"][r][w].tolist() == resp
