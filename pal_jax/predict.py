@@ -68,9 +68,14 @@ class Predictor:
         mesh = self.ms.mesh
         return [jax.device_put(a, mesh_lib.batch_sharding(mesh, a.ndim)) for a in arrays]
 
-    def _batches(self, n: int) -> Iterable[tuple[int, int]]:
-        for lo in range(0, n, self.batch_size):
-            yield lo, min(lo + self.batch_size, n)
+    def _batches(self, lengths: Sequence[int]) -> Iterable[tuple[list[int], int]]:
+        """Batches of row indices, shortest prompts first, each with its own prompt bucket: (rows padded to
+        batch_size with a repeat of a real row, number of real rows). Sorting by length keeps each batch's
+        padding small; the bucket set bounds the number of compiled shapes."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        for lo in range(0, len(order), self.batch_size):
+            rows = order[lo:lo + self.batch_size]
+            yield rows + [rows[0]] * (self.batch_size - len(rows)), len(rows)
 
     # -- select -----------------------------------------------------------------------------------------------
     def candidate_texts(self, persona: Sequence[str]) -> list[str]:
@@ -82,11 +87,10 @@ class Predictor:
         kmax = max(len(c) for c in candidates)
         cmax = max(len(x) for c in candidates for x in c)
         c_len = _bucket(cmax, (8, 16, 32, 64, 128, 256))
-        p_len = _bucket(max(len(p) for p in prompts), self.buckets)
         sums = np.full((n, kmax), -np.inf, np.float32)
         means = np.full((n, kmax), -np.inf, np.float32)
-        for lo, hi in self._batches(n):
-            rows = list(range(lo, hi)) + [lo] * (self.batch_size - (hi - lo))  # pad the batch with a real row
+        for rows, real in self._batches([len(p) for p in prompts]):
+            p_len = _bucket(max(len(prompts[i]) for i in rows), self.buckets)
             toks, mask = sampling.left_pad([prompts[i] for i in rows], p_len, self.tok.pad_id)
             ct = np.full((self.batch_size, kmax, c_len), self.tok.pad_id, np.int32)
             cm = np.zeros((self.batch_size, kmax, c_len), bool)
@@ -97,7 +101,7 @@ class Predictor:
                     cm[r, k, :len(ids)] = True
             s, m = sampling.score_candidates_jit(self.ms.graphdef, self.params, *self._put(toks, mask, ct, cm))
             s, m = np.asarray(jax.device_get(s)), np.asarray(jax.device_get(m))
-            for r, i in enumerate(rows[:hi - lo]):
+            for r, i in enumerate(rows[:real]):
                 k = len(candidates[i])
                 sums[i, :k], means[i, :k] = s[r, :k], m[r, :k]
         return sums, means
@@ -120,20 +124,19 @@ class Predictor:
 
     # -- generate ---------------------------------------------------------------------------------------------
     def generate_from_prompts(self, prompts: list[list[int]]) -> list[str]:
-        p_len = _bucket(max(len(p) for p in prompts), self.buckets)
-        texts: list[str] = []
-        for lo, hi in self._batches(len(prompts)):
-            rows = list(range(lo, hi)) + [lo] * (self.batch_size - (hi - lo))
+        texts: list[str | None] = [None] * len(prompts)
+        for rows, real in self._batches([len(p) for p in prompts]):
+            p_len = _bucket(max(len(prompts[i]) for i in rows), self.buckets)
             toks, mask = sampling.left_pad([prompts[i] for i in rows], p_len, self.tok.pad_id)
             self.rng, key = jax.random.split(self.rng)
             out = sampling.generate_jit(self.ms.graphdef, self.params, *self._put(toks, mask), key,
                                         cfg=self.sampling_cfg, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
             out = np.asarray(jax.device_get(out))
-            for r in range(hi - lo):
+            for r, i in enumerate(rows[:real]):
                 ids = [int(t) for t in out[r]]
                 if self.tok.eos_id in ids:
                     ids = ids[:ids.index(self.tok.eos_id)]
-                texts.append(self.tok.decode(ids).strip())
+                texts[i] = self.tok.decode(ids).strip()
         return texts
 
     def generate_prompts(self, records: Sequence[Record], selected: Sequence[int], budget: int) -> list[list[int]]:
