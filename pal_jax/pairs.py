@@ -6,14 +6,14 @@ Two kinds of pair, both built from the Stage 1 model's own outputs on the traini
   `rejected`, the gold reply is `chosen`, and the prompt Stage 2 optimises is the persona-conditioned generate
   prompt with the labelled persona. Pairs whose rejected reply equals the chosen one are dropped and counted.
 - `select` (with `select_pairs`, the default): the Stage 1 model's Select step (the candidate scorer, as at
-  inference) picks a persona sentence or none; where its pick differs from the turn's label, the select prompt
-  gets chosen = the labelled target (`k.<sentence>` or `No personal description.`) and rejected = the target
-  the model picked. Without these, Stage 2 has no signal on the Select step, and Select-then-Generate conditions
-  every reply on whatever Stage 1 selects.
+  inference) scores every persona sentence and `No personal description.` on the select prompt; chosen = the
+  turn's labelled target (`k.<sentence>` or `No personal description.`), rejected = the best-scoring *other*
+  candidate: the model's own pick where it is wrong, its runner-up where it is right. So both directions of
+  the model's confusions (a persona where none is called for, none or the wrong sentence where one is) become
+  pairs. Without them, Stage 2 has no signal on the Select step, and Select-then-Generate conditions every reply
+  on whatever Stage 1 selects.
 
-Output: WORKDIR/pairs/part-NNNNN.jsonl shards, each written to a temporary file and renamed when complete, then
-WORKDIR/pairs.jsonl (and pairs_info.json) assembled the same way. A rerun skips the shards that exist, so an
-interrupted run continues; shard k's sampling key is fold_in(seed, k), so the same seed gives the same pairs.
+Shards keep each turn's candidate scores (`select_scores`), so the pairs can be rebuilt without the model.
 """
 from __future__ import annotations
 
@@ -54,10 +54,13 @@ def _pairs_of(row: dict, select_pairs: bool) -> list[dict]:
     out = []
     if not _same(row["chosen"], row["rejected"]):
         out.append({**base, "kind": "generate", "chosen": row["chosen"], "rejected": row["rejected"]})
-    label, picked = row["persona_label"], row.get("selected")
-    if select_pairs and label is not None and picked is not None and picked != label:
+    label, scores = row["persona_label"], row.get("select_scores")
+    if select_pairs and label is not None and scores is not None:
+        n = len(row["persona"])
+        others = [k for k in range(n + 1) if k != (label if label >= 0 else n)]
+        worst = max(others, key=lambda k: scores[k])  # the strongest wrong candidate (first on ties)
         out.append({**base, "kind": "select", "chosen": templates.select_target(row["persona"], label),
-                    "rejected": templates.select_target(row["persona"], picked)})
+                    "rejected": templates.select_target(row["persona"], -1 if worst == n else worst)})
     return out
 
 
@@ -86,10 +89,10 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
         chunk = records[k * SHARD:(k + 1) * SHARD]
         predictor.rng = jax.random.fold_in(jax.random.key(seed), k)
         replies = predictor.persona_free(chunk)
-        picks = [s[0] for s in predictor.select(chunk)] if select_pairs else [None] * len(chunk)
+        picks = predictor.select(chunk) if select_pairs else [(None, None, None)] * len(chunk)
         _atomic_write_lines(path, ({"id": r.id, "persona": list(r.persona), "history": list(r.history),
                                     "persona_label": r.persona_label, "chosen": r.response, "rejected": reply,
-                                    "selected": pick}
+                                    "selected": pick[0], "select_scores": pick[2]}
                                    for r, reply, pick in zip(chunk, replies, picks)))
         done = k + 1 - done_before
         eta = (time.time() - t0) / done * (n_shards - k - 1)
@@ -98,9 +101,9 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
     for k in range(n_shards):
         with open(os.path.join(shard_dir, f"part-{k:05d}.jsonl"), encoding="utf-8") as f:
             rows += [json.loads(line) for line in f]
-    if select_pairs and any(r.get("selected") is None for r in rows):
+    if select_pairs and any(r.get("select_scores") is None for r in rows):
         raise ValueError(f"{shard_dir}: shards written without the Select step (by make_pairs with select_pairs "
-                         f"off); expected every row to have 'selected'. Delete {shard_dir} to rebuild them")
+                         f"off); expected every row to have 'select_scores'. Delete {shard_dir} to rebuild them")
     kept = [p for r in rows for p in _pairs_of(r, select_pairs)]
     n_gen = sum(p["kind"] == "generate" for p in kept)
     _atomic_write_lines(out, kept)

@@ -10,11 +10,52 @@ rerunning the same command after a crash continues where it stopped.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 
 from pal_jax import checkpoint as ckpt_lib
+
+MOVED_HEADER = "## What Stage 2 moved"
+
+
+def _none_share(path: str) -> float | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        sel = [json.loads(line)["selected_persona"] for line in f if line.strip()]
+    return sum(s == -1 for s in sel) / len(sel) if sel else None
+
+
+def what_moved(eval_dir: str, s2_dir: str) -> list[str]:
+    """Markdown lines: Stage 2 minus Stage 1 for every metric of the report, how often each model selects no
+    persona, and what the Stage 2 pairs were made of."""
+    from pal_jax.evaluate import REPORT_ROWS, _fmt
+    with open(os.path.join(eval_dir, "metrics.json")) as f:
+        res = json.load(f)["results"]
+    a, b = res["stage1"], res["stage2"]
+    lines = ["", MOVED_HEADER, "", "| metric | stage2 - stage1 | better |", "| --- | --- | --- |"]
+    for key, label, higher in REPORT_ROWS:
+        if key in a and key in b and a[key] is not None and b[key] is not None:
+            d = b[key] - a[key]
+            better = "=" if d == 0 else ("yes" if (d > 0) == higher else "no")
+            lines.append(f"| {label} | {d:+.4f} | {better} |")
+    shares = [_none_share(os.path.join(eval_dir, f"predictions_{n}.jsonl")) for n in ("stage1", "stage2")]
+    if None not in shares:
+        lines += ["", f"Share of turns where the model selects `No personal description.`: stage1 "
+                      f"{shares[0]:.4f}, stage2 {shares[1]:.4f}."]
+    info_path = os.path.join(s2_dir, "pairs_info.json")
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+        acc = info.get("stage1_selection_accuracy")
+        lines += ["", f"Stage 2 pairs ({info_path}): {info.get('generate_pairs', info['pairs'])} generate pairs "
+                      f"(gold reply vs the Stage 1 persona-free reply; {info['dropped_identical']} dropped as "
+                      f"identical) and {info.get('select_pairs', 0)} select pairs (labelled persona target vs the "
+                      f"Stage 1 model's strongest other candidate) from {info['turns']} training turns"
+                      + (f"; Stage 1 selection accuracy on those turns {acc:.4f}." if acc is not None else ".")]
+    return lines
 
 
 def _finished(workdir: str, steps: int) -> bool:
@@ -48,7 +89,8 @@ def run(config, workdir: str) -> dict:
 
     t0 = time.time()
     report = os.path.join(eval_dir, "report.md")
-    if os.path.exists(os.path.join(eval_dir, "metrics.json")) and os.path.exists(report):
+    if os.path.exists(os.path.join(eval_dir, "metrics.json")) and os.path.exists(report) and \
+            MOVED_HEADER in open(report, encoding="utf-8").read():
         logging.info("pipeline: evaluation done (%s), skipping", eval_dir)
         with open(report) as f:
             print(f.read())
@@ -60,6 +102,13 @@ def run(config, workdir: str) -> dict:
         c3.eval.output_dir = eval_dir
         c3.tokenizer.path = c3.tokenizer.path or os.path.join(s1_dir, "tokenizer")
         out = evaluate.run_evaluate(c3, workdir)
+        moved = what_moved(eval_dir, s2_dir)
+        with open(report, encoding="utf-8") as f:
+            text = f.read()
+        with open(report + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text + "\n".join(moved) + "\n")
+        os.replace(report + ".tmp", report)
+        print("\n".join(moved))
     times["eval_s"] = time.time() - t0
     logging.info("pipeline: %s", ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     return {**out, **times}

@@ -7,8 +7,10 @@ chosen = the labelled persona target; rejected = the target the Stage 1 model se
 argument that is never donated, never differentiated (stop_gradient) and never checkpointed; or, with
 stage2.precompute_ref, its log-probs are computed once and carried in the batches.
 
-Loss = DPO over all pairs (if stage2.use_dpo) + stage2.align_weight * InfoNCE(pooled persona-block hidden states,
-pooled chosen response hidden states) over the chosen rows of the `generate` pairs of the (micro-)batch.
+Loss = DPO over all pairs (if stage2.use_dpo) + stage2.sft_weight * the chosen target's mean token NLL (an NLL
+term on the chosen side, as in RPO, Pang et al. 2024: plain DPO can lower the chosen log-prob while it widens the
+margin, which shows up as a higher perplexity and a lower F1) + stage2.align_weight * InfoNCE(pooled persona-block
+hidden states, pooled chosen response hidden states) over the chosen rows of the `generate` pairs.
 
 The Stage 2 run takes train.{steps,lr,batch_size,warmup_steps} from stage2.{steps,lr,batch_size,warmup_steps};
 the other train.* settings (clipping, cadences, checkpoints) are shared with Stage 1.
@@ -143,6 +145,11 @@ def make_loss_fn(graphdef, s2):
                                                     s2.label_smoothing, valid=valid)
         out = {"dpo_loss": dpo_sum, **out}
         total = dpo_sum if s2.use_dpo else jnp.zeros((), jnp.float32)
+        if s2.sft_weight > 0:
+            ntok = jnp.maximum(jnp.sum(batch["weights"][:b], axis=-1), 1.0)
+            sft_sum = jnp.sum(-logps[:b] / ntok * valid)
+            total = total + s2.sft_weight * sft_sum
+            out["chosen_nll"] = sft_sum
         if s2.align_weight > 0:
             p_emb = losses.pooled_embeddings(hidden[:b], batch["persona_mask"][:b])
             r_emb = losses.pooled_embeddings(hidden[:b], batch["weights"][:b])

@@ -66,17 +66,23 @@ def test_pairs_deterministic_resumable_and_precomputed_reference(stage1_dir, tmp
     assert open(tmp_path / "a" / "pairs.jsonl").read() == first
     rows = [json.loads(x) for x in first.splitlines()]
     assert all(r["chosen"].split() != r["rejected"].split() for r in rows)
-    # select pairs: the Stage 1 model's wrong pick against the labelled target, on the select prompt
+    # select pairs: on every labelled turn, the labelled target against the strongest other candidate
     shards = [json.loads(x) for f in sorted(os.listdir(tmp_path / "a" / "pairs"))
               for x in open(tmp_path / "a" / "pairs" / f)]
-    wrong = [t for t in shards if t["selected"] != t["persona_label"]]
     sel = [r for r in rows if r["kind"] == "select"]
-    assert len(sel) == len(wrong) == info["select_pairs"]
-    for r, t in zip(sel, wrong):
+    assert len(sel) == len(shards) == info["select_pairs"]
+    n_right = 0
+    for r, t in zip(sel, shards):
         assert r["id"] == t["id"]
-        assert r["chosen"] == templates.select_target(t["persona"], t["persona_label"])
-        assert r["rejected"] == templates.select_target(t["persona"], t["selected"])
-    assert info["stage1_selection_accuracy"] == pytest.approx(1 - len(wrong) / len(shards))
+        persona, label, scores = t["persona"], t["persona_label"], t["select_scores"]
+        targets = [templates.select_target(persona, k) for k in range(len(persona))] + [templates.NONE_PERSONA]
+        li = label if label >= 0 else len(persona)
+        assert t["selected"] == int(np.argmax(scores)) if np.argmax(scores) < len(persona) else t["selected"] == -1
+        assert r["chosen"] == targets[li]
+        wrong = [k for k in range(len(targets)) if k != li]
+        assert r["rejected"] == targets[max(wrong, key=lambda k: scores[k])] != r["chosen"]
+        n_right += t["selected"] == label
+    assert info["stage1_selection_accuracy"] == pytest.approx(n_right / len(shards))
     # the same pairs with the reference forward per step, or with reference log-probs computed once
     pairs = str(tmp_path / "a" / "pairs.jsonl")
     live = stage2.run(tiny_config(init_from=stage1_dir, stage2__pairs=pairs, **S2), str(tmp_path / "live"))
@@ -90,6 +96,7 @@ def test_pipeline_runs_and_skips_finished_phases(tmp_path):
     out = pipeline_mode.run(c, str(tmp_path))
     table = open(out["report"]).read()
     assert "| metric | stage1 | stage2 |" in table and "Persona selection acc." in table
+    assert "## What Stage 2 moved" in table and "| F1 |" in table and "select pairs" in table
     mtime = os.path.getmtime(tmp_path / "eval" / "metrics.json")
     again = pipeline_mode.run(c, str(tmp_path))
     assert os.path.getmtime(tmp_path / "eval" / "metrics.json") == mtime
