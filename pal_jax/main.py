@@ -39,6 +39,7 @@ MODES = {
     "predict": ("pal_jax.predict", "run_predict"),
     "evaluate": ("pal_jax.evaluate", "run_evaluate"),
     "chat": ("pal_jax.predict", "run_chat"),
+    "export": ("pal_jax.convert", "run_export"),
 }
 
 
