@@ -54,8 +54,10 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.tokenizer.train_vocab_size = 2048
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # synthetic | convai2
-    c.data.path = ""  # ConvAI2 text file when source=convai2
+    c.data.source = "synthetic"  # synthetic | convai2 | tfds
+    c.data.path = ""  # ConvAI2 text file when source=convai2; the TFDS data_dir (tfds_builder.build) when source=tfds
+    c.data.tfds_split = "train"  # source=tfds: the TFDS split read ("train", "validation", "validation[:500]", ...)
+    c.data.tfds_config = "self_original"  # source=tfds: self_original | self_revised | both_original | both_revised
     c.data.synthetic_dialogues = 1200
     c.data.synthetic_seed = 1234
     c.data.split_seed = 0  # dialogues are split train/dev/test by a seeded permutation of dialogue ids

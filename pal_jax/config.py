@@ -4,7 +4,8 @@ from __future__ import annotations
 import ml_collections
 
 MODES = ("stage1", "make_pairs", "stage2", "predict", "evaluate", "chat", "pipeline", "export")  # main.MODES runs them
-SOURCES = ("synthetic", "convai2")
+SOURCES = ("synthetic", "convai2", "tfds")
+TFDS_CONFIGS = ("self_original", "self_revised", "both_original", "both_revised")  # = data.tfds_builder.VARIANTS
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -37,6 +38,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, d.source in SOURCES, "data.source", d.source, f"one of {SOURCES}")
     if d.source == "convai2":
         _check(e, bool(d.path), "data.path", d.path, "the path of a ConvAI2 text file when data.source='convai2'")
+    if d.source == "tfds":
+        _check(e, bool(d.path), "data.path", d.path,
+               "the TFDS data_dir the dataset was built into (pal_jax.data.tfds_builder.build) when data.source='tfds'")
+        _check(e, bool(d.get("tfds_split")), "data.tfds_split", d.get("tfds_split"),
+               "a TFDS split of the built dataset, e.g. 'train' or 'validation'")
+        _check(e, d.get("tfds_config", "self_original") in TFDS_CONFIGS, "data.tfds_config", d.get("tfds_config"),
+               f"one of {TFDS_CONFIGS}")
     _check(e, 0 <= d.dev_fraction < 1, "data.dev_fraction", d.dev_fraction, "in [0, 1)")
     _check(e, 0 <= d.test_fraction < 1, "data.test_fraction", d.test_fraction, "in [0, 1)")
     _check(e, d.dev_fraction + d.test_fraction < 1, "data.test_fraction", d.test_fraction,

@@ -35,8 +35,16 @@ def read_dialogues(data_config):
     elif data_config.source == "convai2":
         dialogues = convai2.read_convai2(data_config.path)
         origin = data_config.path
+    elif data_config.source == "tfds":
+        # A dataset built by tfds_builder.build, read through tfds.data_source + Grain (no TensorFlow). The
+        # dialogues come back in file order with their file ids and labels, so the split below, and the batch
+        # order of Stage 1 (a pure function of (seed, step) over them), match source=convai2 on the same file.
+        from pal_jax.data import tfds_builder  # imports tensorflow_datasets: only when asked for
+        split, name = data_config.tfds_split, data_config.get("tfds_config", "self_original")
+        dialogues = tfds_builder.load_dialogues(data_config.path, split, config=name, labeler=data_config.labeler)
+        origin = f"tfds {data_config.path} convai2_persona/{name} split {split!r}"
     else:
-        raise ValueError(f"config.data.source = {data_config.source!r}: expected 'synthetic' or 'convai2'")
+        raise ValueError(f"config.data.source = {data_config.source!r}: expected 'synthetic', 'convai2' or 'tfds'")
     labeler = labels.get_labeler(data_config.labeler)
     labels.label_dialogues(dialogues, labeler)
     return dialogues, origin
