@@ -224,6 +224,35 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def print_machine():
+    """Header lines shared by the benchmarks: CPU model, cores, versions, torch threads, load average now.
+
+    Sets torch's thread count to the core count (as every benchmark here runs it)."""
+    ncpu = os.cpu_count() or 1
+    torch.set_num_threads(ncpu)
+    print(f"machine: {cpu_name()}, {ncpu} cores | jax {jax.__version__} "
+          f"({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads), fp32")
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (other processes on these cores skew both columns; "
+          f"PyTorch's spinning OpenMP threads suffer most)")
+
+
+def print_table(rows, repeats: int, row_budget: float, fmt: str = ".1f"):
+    """Markdown table of rows (shape, workload, unit, pal_jax rate, its calls, PyTorch rate, its calls, others CPU);
+    a side that ran fewer than `repeats` timed calls is marked (n=K). `fmt` formats the rates."""
+    head = (f"| {'shape':<5} | {'workload':<12} | {'unit':<9} | {'pal_jax':>10} | {'PyTorch':>10} | "
+            f"{'pal_jax/PyTorch':>15} | {'others CPU':>10} |")
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for shape, wl, unit, j, jn, t, tn, other in rows:
+        note = lambda n: "" if n == repeats else f" (n={n})"  # noqa: E731
+        print(f"| {shape:<5} | {wl:<12} | {unit:<9} | {format(j, fmt) + note(jn):>10} | "
+              f"{format(t, fmt) + note(tn):>10} | {j / t:>14.2f}x | {other:>10.0%} |")
+    print("others CPU: the largest share of the cores used by other processes while either side of the row was timed")
+    if any(jn != repeats or tn != repeats for _, _, _, _, jn, _, tn, _ in rows):
+        print(f"(n=K: that side ran K timed calls instead of {repeats}, to stay within --row-budget "
+              f"{row_budget:.0f}s)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="tiny,135m", help="comma list of: " + ",".join(SHAPES))
@@ -248,12 +277,7 @@ def main(argv=None):
         if w not in ("decode", "score"):
             ap.error(f"--workloads: unknown workload {w!r}; expected some of ['decode', 'score']")
 
-    ncpu = os.cpu_count() or 1
-    torch.set_num_threads(ncpu)
-    print(f"machine: {cpu_name()}, {ncpu} cores | jax {jax.__version__} "
-          f"({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads), fp32")
-    print(f"load average at start: {os.getloadavg()[0]:.2f} (other processes on these cores skew both columns; "
-          f"PyTorch's spinning OpenMP threads suffer most)")
+    print_machine()
     print(f"decode: prompt {PROMPT}, {NEW} new tokens, greedy | score: {SCORE_PROMPTS} prompts x {SCORE_K} "
           f"candidates, prompt {PROMPT}, candidate {SCORE_C} | median of {args.repeats} after a warm-up", flush=True)
 
@@ -307,18 +331,7 @@ def main(argv=None):
             del hf
 
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f}s; load average at end: {os.getloadavg()[0]:.2f}\n")
-    head = (f"| {'shape':<5} | {'workload':<12} | {'unit':<9} | {'pal_jax':>10} | {'PyTorch':>10} | "
-            f"{'pal_jax/PyTorch':>15} | {'others CPU':>10} |")
-    print(head)
-    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
-    for shape, wl, unit, j, jn, t, tn, other in rows:
-        note = lambda n: "" if n == args.repeats else f" (n={n})"  # noqa: E731
-        print(f"| {shape:<5} | {wl:<12} | {unit:<9} | {f'{j:.1f}' + note(jn):>10} | {f'{t:.1f}' + note(tn):>10} | "
-              f"{j / t:>14.2f}x | {other:>10.0%} |")
-    print("others CPU: the largest share of the cores used by other processes while either side of the row was timed")
-    if any(jn != args.repeats or tn != args.repeats for _, _, _, _, jn, _, tn, _ in rows):
-        print(f"(n=K: that side ran K timed calls instead of {args.repeats}, to stay within --row-budget "
-              f"{args.row_budget:.0f}s)")
+    print_table(rows, args.repeats, args.row_budget)
 
 
 if __name__ == "__main__":
