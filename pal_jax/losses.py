@@ -18,6 +18,15 @@ def sequence_logprobs(logits, targets, weights):
     return jnp.sum(token_logprobs(logits, targets) * weights, axis=-1)
 
 
+def window_logits(model, hidden, batch):
+    """(logits, targets, weights) on the batch's target window (data.pipeline.add_window) when it has one: the LM
+    head and the softmax run on W positions per row instead of L. Without a window: every position."""
+    if "win_idx" not in batch:
+        return model.logits(hidden), batch["targets"], batch["weights"]
+    h = jnp.take_along_axis(hidden, batch["win_idx"][..., None], axis=1)
+    return model.logits(h), batch["win_targets"], batch["win_weights"]
+
+
 def sft_loss_sums(logits, targets, weights, task, num_tasks: int):
     """Cross-entropy on target tokens only, as sums so that micro-batches and devices add up exactly.
 

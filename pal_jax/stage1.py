@@ -12,8 +12,9 @@ from pal_jax.experiment import Experiment
 
 
 def sft_loss_fn(model, batch, extra):
-    logits, _ = model(batch["inputs"], positions=batch["positions"])
-    nll, tok, task_nll, task_tok = losses.sft_loss_sums(logits, batch["targets"], batch["weights"], batch["task"],
+    hidden = model.hidden_states(batch["inputs"], positions=batch["positions"])
+    logits, targets, weights = losses.window_logits(model, hidden, batch)
+    nll, tok, task_nll, task_tok = losses.sft_loss_sums(logits, targets, weights, batch["task"],
                                                         len(pipeline.TASKS))
     mets = {}
     # per-task mean losses: logged as sum/den, so scale each task's mean back by den/tokens-of-task
@@ -45,12 +46,10 @@ def build_task(exp: Experiment) -> train.Task:
 
 
 def initial_params(exp: Experiment):
-    """Params of config.init_from (params only, onto this run's mesh), or None for a random init."""
-    if not exp.config.init_from:
-        return None
-    params, step = ckpt_lib.load_params(exp.config.init_from, exp.model.abstract)
-    logging.info("init_from: params of %s step %d", exp.config.init_from, step)
-    return params
+    """Params of config.init_from (a pal_jax workdir, a Hugging Face dir, a GGUF file; see pretrained.py) on
+    this run's mesh, or None for a random init."""
+    from pal_jax import pretrained
+    return pretrained.load(exp.config.init_from, exp.model)
 
 
 def run(config, workdir: str, devices=None) -> dict:

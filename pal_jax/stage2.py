@@ -84,7 +84,7 @@ class PairSource(pipeline.BatchSource):
                                     task=np.full(len(longest), pipeline.TASKS.index("generate"), np.int32),
                                     n_truncated=enc.n_truncated, n_dropped=enc.n_dropped, pad_id=0,
                                     index=np.arange(len(longest)))
-        super().__init__(planning, batch_size, buckets, seed)
+        super().__init__(planning, batch_size, buckets, seed)  # window: the longest chosen or rejected response
         self.ref_logps: np.ndarray | None = None  # [N, 2] (chosen, rejected) when precomputed
 
     def set_pad(self, pad_id: int):
@@ -121,9 +121,17 @@ class PairSource(pipeline.BatchSource):
         positions = np.broadcast_to(np.arange(L, dtype=np.int32), (2 * B, L)).copy()
         batch = {"inputs": inputs, "targets": targets, "weights": weights, "positions": positions,
                  "persona_mask": persona, "valid": valid, "align_mask": align, "task": np.zeros((2 * B,), np.int32)}
+        starts = np.asarray([len(e.prompt[i]) - 1 if i >= 0 else 0 for i in rows], np.int64)
+        pipeline.add_window(batch, np.concatenate([starts, starts]), self.window)
         if self.ref_logps is not None:
             batch["ref_logps"] = ref
         return batch
+
+
+def _logps(model, batch):
+    """Summed log-prob of each row's response tokens (LM head on the target window only)."""
+    hidden = model.hidden_states(batch["inputs"], positions=batch["positions"])
+    return losses.sequence_logprobs(*losses.window_logits(model, hidden, batch))
 
 
 def make_loss_fn(graphdef, s2):
@@ -132,13 +140,12 @@ def make_loss_fn(graphdef, s2):
 
     def loss_fn(model, batch, ref_params):
         b = batch["inputs"].shape[0] // 2
-        logits, hidden = model(batch["inputs"], positions=batch["positions"])
-        logps = losses.sequence_logprobs(logits, batch["targets"], batch["weights"])
+        hidden = model.hidden_states(batch["inputs"], positions=batch["positions"])
+        logps = losses.sequence_logprobs(*losses.window_logits(model, hidden, batch))
         if "ref_logps" in batch:
             ref = batch["ref_logps"]
         else:
-            ref_logits, _ = nnx.merge(graphdef, ref_params)(batch["inputs"], positions=batch["positions"])
-            ref = losses.sequence_logprobs(ref_logits, batch["targets"], batch["weights"])
+            ref = _logps(nnx.merge(graphdef, ref_params), batch)
         ref = jax.lax.stop_gradient(ref)
         valid = batch["valid"][:b]  # 0 for the padding rows of an eval batch
         dpo_sum, n_real, out = losses.dpo_loss_sums(logps[:b], logps[b:], ref[:b], ref[b:], s2.beta,
@@ -195,8 +202,7 @@ def precompute_reference(ms, ref_params, src: PairSource) -> np.ndarray:
 
     @jax.jit
     def logps(params, batch):
-        logits, _ = nnx.merge(ms.graphdef, params)(batch["inputs"], positions=batch["positions"])
-        return losses.sequence_logprobs(logits, batch["targets"], batch["weights"])
+        return _logps(nnx.merge(ms.graphdef, params), batch)
 
     out = np.zeros((len(src.pairs.prompt), 2), np.float32)
     for rows in src.eval_plan():

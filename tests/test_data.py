@@ -327,6 +327,33 @@ def test_weights_exactly_on_target_tokens(corpus, tok, encoded):
     assert b["inputs"].dtype == np.int32 and b["weights"].dtype == np.float32 and b["task"].dtype == np.int32
     np.testing.assert_array_equal(b["positions"][3], np.arange(b["inputs"].shape[1]))
     np.testing.assert_array_equal(b["task"], encoded.task[plan[0]])
+    # the loss window holds exactly the weighted positions, in order
+    W = b["win_idx"].shape[1]
+    assert W == src.window and W % 16 == 0 and W >= max(len(x) - p for x, p in zip(encoded.ids, encoded.prompt_len))
+    for r in range(len(plan[0])):
+        on = np.flatnonzero(b["weights"][r])
+        won = np.flatnonzero(b["win_weights"][r])
+        np.testing.assert_array_equal(b["win_idx"][r, won], on)
+        np.testing.assert_array_equal(b["win_targets"][r, won], b["targets"][r, on])
+
+
+def test_window_loss_equals_full_loss(encoded, tok):
+    """Stage 1 loss with the LM head on the target window only equals the loss over every position."""
+    import jax
+    from flax import nnx
+    from pal_jax import stage1
+    from pal_jax.model import ModelConfig, Transformer
+    cfg = ModelConfig(family="llama", vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                      d_ff=64, max_len=256)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    b = pipeline.BatchSource(encoded, 8, (64, 128, 192, 256), seed=0).batch(1)
+    full = {k: v for k, v in b.items() if not k.startswith("win_")}
+    win = jax.jit(lambda m, x: stage1.sft_loss_fn(m, x, None))
+    (n1, d1, m1), (n2, d2, m2) = win(model, b), win(model, full)
+    assert float(d1) == float(d2) > 0
+    assert abs(float(n1) - float(n2)) < 1e-4 * float(n2)
+    for k in m1:
+        assert abs(float(m1[k]) - float(m2[k])) < 1e-4 * max(1.0, abs(float(m2[k])))
 
 
 def test_truncation_cuts_oldest_history_keeps_target(tok):

@@ -1,6 +1,7 @@
 """Model tests: parity with Hugging Face PyTorch models, KV-cache decoding, padding, sharding names, config checks."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -317,3 +318,30 @@ def test_model_config_from_hf_fields():
     assert (cfg.family, cfg.d_ff, cfg.max_len, cfg.n_kv_heads, cfg.tie_embeddings) == ("gpt2", 3072, 1024, 12, True)
     with pytest.raises(ValueError, match="key 'n_embd' missing"):
         convert.model_config_from_hf({k: v for k, v in gpt2.items() if k != "n_embd"})
+
+
+def test_init_from_hf_dir_into_a_sharded_run(hf_models):
+    """pretrained.load puts an HF dir's weights into the run's own (sharded, vocab-padded) model shape, and
+    refuses a config whose architecture differs from the file's."""
+    from pal_jax import mesh as mesh_lib
+    from pal_jax import pretrained, train
+    torch, models = hf_models
+    hf, path = models["llama"]
+    cfg = ModelConfig(family="llama", vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64,
+                      max_len=64, rope_theta=50000.0, norm_eps=1e-5, tie_embeddings=False, vocab_multiple=8)
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+    rules = (("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"),
+             ("kv_heads", "tensor"), ("mlp", "tensor"), ("head_dim", None), ("norm", None))
+    ms = train.ModelState(cfg, mesh, rules)
+    assert pretrained.kind(str(path)) == "hf" and pretrained.kind("") == "none"
+    params = pretrained.load(str(path), ms)
+    assert jax.tree.structure(params) == jax.tree.structure(ms.abstract)
+    tokens = np.random.default_rng(0).integers(0, VOCAB, size=(2, 12)).astype(np.int32)
+    logits, _ = _forward(ms.merge(params), jnp.asarray(tokens))
+    ref, _ = _hf_logits(torch, hf, tokens)
+    assert np.max(np.abs(np.asarray(logits)[..., :VOCAB] - ref)) < TOL
+    wrong = train.ModelState(dataclasses.replace(cfg, n_layers=2), mesh, rules)
+    with pytest.raises(ValueError, match=r"n_layers: file 3 vs config 2"):
+        pretrained.load(str(path), wrong)
+    with pytest.raises(FileNotFoundError, match="expected a pal_jax workdir"):
+        pretrained.kind(str(path) + "-missing")

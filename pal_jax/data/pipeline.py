@@ -134,6 +134,33 @@ def encode_examples(examples: Sequence[Example], tokenizer, max_len: int) -> Enc
                    n_dropped=n_drop, pad_id=int(tokenizer.pad_id), index=np.asarray(index, np.int64))
 
 
+WINDOW_MULTIPLE = 16
+
+
+def target_window(target_counts) -> int:
+    """The loss window of a data source: its longest target (in weighted positions), rounded up to a multiple of
+    16. One value per source keeps one compiled shape per length bucket."""
+    longest = max((int(n) for n in target_counts), default=1)
+    return max(WINDOW_MULTIPLE, -(-longest // WINDOW_MULTIPLE) * WINDOW_MULTIPLE)
+
+
+def add_window(batch: dict, starts: np.ndarray, window: int) -> dict:
+    """Add the target window of each row: win_idx [B, W] (positions starts[b] .. starts[b] + W - 1, clipped to
+    the row) and win_targets / win_weights gathered there (0 weight where clipped), W = min(window, L). The
+    losses run the LM head on these W positions only, not on all L: every weighted position lies in the window,
+    because the window is at least the longest target of the source."""
+    L = batch["targets"].shape[1]
+    W = min(window, L)
+    idx = starts[:, None].astype(np.int64) + np.arange(W)[None, :]
+    inside = idx < L
+    idx = np.minimum(idx, L - 1).astype(np.int32)
+    w = np.take_along_axis(batch["weights"], idx, axis=1) * inside
+    assert np.isclose(w.sum(), batch["weights"].sum()), "a target token fell outside the loss window"
+    batch.update(win_idx=idx, win_targets=np.take_along_axis(batch["targets"], idx, axis=1),
+                 win_weights=w.astype(np.float32))
+    return batch
+
+
 class BatchSource:
     """Fixed-shape batches from Encoded rows, grouped by length bucket. See the module doc."""
 
@@ -153,6 +180,7 @@ class BatchSource:
                              f"longer than the largest bucket {buckets[-1]}; expected encode_examples with "
                              f"max_len <= {buckets[-1] + 1}")
         self.bucket_of = np.searchsorted(np.asarray(buckets), self.lengths, side="left")
+        self.window = target_window(len(x) - p for x, p in zip(encoded.ids, encoded.prompt_len))
         task = np.asarray(encoded.task)
         self.select_rows = np.flatnonzero(task == SELECT)
         self.other_rows = np.flatnonzero(task != SELECT)
@@ -261,4 +289,6 @@ class BatchSource:
             weights[r, self.enc.prompt_len[i] - 1:n] = 1.0
             task[r] = self.enc.task[i]
         positions = np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy()
-        return {"inputs": inputs, "targets": targets, "weights": weights, "positions": positions, "task": task}
+        starts = np.asarray([self.enc.prompt_len[i] - 1 if i >= 0 else 0 for i in rows], np.int64)
+        return add_window({"inputs": inputs, "targets": targets, "weights": weights, "positions": positions,
+                           "task": task}, starts, self.window)

