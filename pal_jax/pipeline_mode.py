@@ -74,7 +74,8 @@ def run(config, workdir: str) -> dict:
         logging.info("pipeline: stage1 done (%s), skipping", s1_dir)
     else:
         logging.info("pipeline: phase 1/3: Stage 1 -> %s", s1_dir)
-        stage1.run(config, s1_dir)
+        if stage1.run(config, s1_dir).get("preempted"):
+            return {"preempted": True, "phase": "stage1"}  # rerun the same command to continue
     times["stage1_s"] = time.time() - t0
 
     t0 = time.time()
@@ -84,7 +85,8 @@ def run(config, workdir: str) -> dict:
         logging.info("pipeline: stage2 done (%s), skipping", s2_dir)
     else:
         logging.info("pipeline: phase 2/3: pairs + Stage 2 -> %s", s2_dir)
-        stage2.run(c2, s2_dir)
+        if stage2.run(c2, s2_dir).get("preempted"):
+            return {"preempted": True, "phase": "stage2"}
     times["pairs_and_stage2_s"] = time.time() - t0
 
     t0 = time.time()
