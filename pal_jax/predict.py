@@ -190,6 +190,10 @@ def load_predictor(config, ckpt_path: str, devices=None) -> Predictor:
     from pal_jax import tokenizer as tok_lib
     from pal_jax import train
     import os
+    if not ckpt_lib.Checkpointer.exists(ckpt_path):
+        spec = ckpt_path if _is_pretrained(ckpt_path) else config.init_from
+        if spec and _is_pretrained(spec):  # a base model without fine-tuning
+            return _pretrained_predictor(config, spec, ckpt_path, devices)
     meta = ckpt_lib.load_meta(ckpt_path)
     saved = meta["config"]
     tok_path = config.tokenizer.path or (
@@ -203,6 +207,30 @@ def load_predictor(config, ckpt_path: str, devices=None) -> Predictor:
     ms = train.ModelState(train.model_config(saved["model"], tok.vocab_size), mesh, mesh_lib.axis_rules(config))
     params, step = ckpt_lib.load_params(ckpt_path, ms.abstract)
     logging.info("predict: %s step %d (%s)", ckpt_path, step, meta.get("task", "?"))
+    div = mesh_lib.batch_divisor(mesh)
+    batch = -(-config.predict.batch_size // div) * div
+    return Predictor(ms, params, tok, max_len=config.data.max_len, buckets=tuple(config.data.buckets),
+                     batch_size=batch, sampling_cfg=sampling_config(config), select_by=config.predict.select_by,
+                     seed=config.seed)
+
+
+def _is_pretrained(spec: str) -> bool:
+    from pal_jax import pretrained
+    try:
+        return pretrained.kind(spec) in ("hf", "gguf")
+    except FileNotFoundError:
+        return False
+
+
+def _pretrained_predictor(config, spec: str, workdir: str, devices=None) -> Predictor:
+    """A Predictor over pretrained weights (HF dir, .gguf, smollm2_gguf) in config.model's shape: the base model."""
+    from pal_jax import pretrained, train
+    from pal_jax.experiment import get_tokenizer
+    tok = get_tokenizer(config, workdir)
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    ms = train.ModelState(train.model_config(config.model, tok.vocab_size), mesh, mesh_lib.axis_rules(config))
+    params = pretrained.load(spec, ms)
+    logging.info("predict: base model %s (no fine-tuning)", spec)
     div = mesh_lib.batch_divisor(mesh)
     batch = -(-config.predict.batch_size // div) * div
     return Predictor(ms, params, tok, max_len=config.data.max_len, buckets=tuple(config.data.buckets),

@@ -42,8 +42,10 @@ def kind(spec: str) -> str:
 
 
 def _check_arch(cfg: ModelConfig, file_cfg: ModelConfig, source: str) -> None:
+    def differ(a, b):  # floats (eps, theta) may come back from a file as float32
+        return abs(a - b) > 1e-6 * max(abs(a), abs(b)) if isinstance(a, float) or isinstance(b, float) else a != b
     bad = [f"{f}: file {getattr(file_cfg, f)} vs config {getattr(cfg, f)}" for f in ARCH_FIELDS
-           if f != "head_dim" and getattr(file_cfg, f) != getattr(cfg, f)]
+           if f != "head_dim" and differ(getattr(file_cfg, f), getattr(cfg, f))]
     if cfg.hd != file_cfg.hd:
         bad.append(f"head_dim: file {file_cfg.hd} vs config {cfg.hd}")
     if bad:
@@ -51,17 +53,18 @@ def _check_arch(cfg: ModelConfig, file_cfg: ModelConfig, source: str) -> None:
                          f"expected the preset that matches the file (set config.model.* to the file's values)")
 
 
-def _tensors(spec: str) -> tuple[ModelConfig, dict]:
-    """(the file's architecture, HF-named float32 tensors)."""
+def _open(spec: str):
+    """(the file's architecture, a function returning its HF-named float32 tensors): the architecture is checked
+    before anything is read or dequantised."""
     from pal_jax import convert
     if kind(spec) == "gguf":
         from pal_jax import gguf_import
         g = gguf_import.GGUFFile(gguf_import.find_smollm2_gguf() if spec == SMOLLM2 else spec)
         hf = gguf_import.hf_config_from_gguf(g)
-        return convert.model_config_from_hf(hf), gguf_import.hf_tensors_from_gguf(g, hf)
+        return convert.model_config_from_hf(hf), lambda: gguf_import.hf_tensors_from_gguf(g, hf)
     with open(os.path.join(spec, "config.json")) as f:
         hf = json.load(f)
-    return convert.model_config_from_hf(hf), convert.read_hf_tensors(spec)
+    return convert.model_config_from_hf(hf), lambda: convert.read_hf_tensors(spec)
 
 
 def load(spec: str, ms) -> dict | None:
@@ -74,8 +77,9 @@ def load(spec: str, ms) -> dict | None:
         logging.info("init_from: params of %s step %d", spec, step)
         return params
     from pal_jax import convert
-    file_cfg, tensors = _tensors(spec)
+    file_cfg, read = _open(spec)
     _check_arch(ms.cfg, file_cfg, spec)
+    tensors = read()
     model = nnx.eval_shape(lambda: Transformer(ms.cfg, rngs=nnx.Rngs(0)))
     convert.load_hf_state_dict(model, tensors)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
