@@ -207,7 +207,12 @@ def load_predictor(config, ckpt_path: str, devices=None) -> Predictor:
     ms = train.ModelState(train.model_config(saved["model"], tok.vocab_size), mesh, mesh_lib.axis_rules(config))
     params, step = ckpt_lib.load_params(ckpt_path, ms.abstract)
     logging.info("predict: %s step %d (%s)", ckpt_path, step, meta.get("task", "?"))
-    div = mesh_lib.batch_divisor(mesh)
+    return _predictor(config, ms, params, tok)
+
+
+def _predictor(config, ms, params, tok) -> Predictor:
+    """config.predict's Predictor; the batch is rounded up to a multiple of the mesh's data*fsdp."""
+    div = mesh_lib.batch_divisor(ms.mesh)
     batch = -(-config.predict.batch_size // div) * div
     return Predictor(ms, params, tok, max_len=config.data.max_len, buckets=tuple(config.data.buckets),
                      batch_size=batch, sampling_cfg=sampling_config(config), select_by=config.predict.select_by,
@@ -231,11 +236,7 @@ def _pretrained_predictor(config, spec: str, workdir: str, devices=None) -> Pred
     ms = train.ModelState(train.model_config(config.model, tok.vocab_size), mesh, mesh_lib.axis_rules(config))
     params = pretrained.load(spec, ms)
     logging.info("predict: base model %s (no fine-tuning)", spec)
-    div = mesh_lib.batch_divisor(mesh)
-    batch = -(-config.predict.batch_size // div) * div
-    return Predictor(ms, params, tok, max_len=config.data.max_len, buckets=tuple(config.data.buckets),
-                     batch_size=batch, sampling_cfg=sampling_config(config), select_by=config.predict.select_by,
-                     seed=config.seed)
+    return _predictor(config, ms, params, tok)
 
 
 def load_records(config):
