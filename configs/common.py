@@ -146,6 +146,7 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.compile.topology = "v5p-8"  # v5p-64, v5e-256, v4-32, v6e-64, ... or "GEN:AxBxC"; "cpu" = this machine's devices
     c.compile.stages = "stage1,stage2"  # comma-separated
     c.compile.seq_len = 0  # tokens per row; 0 = data.max_len
+    c.compile.target_window = 0  # loss window (positions per row through the LM head); 0 = seq_len, the upper bound
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import ml_collections
 
-MODES = ("stage1", "make_pairs", "stage2", "predict", "evaluate", "chat", "pipeline", "export")  # main.MODES runs them
+MODES = ("stage1", "make_pairs", "stage2", "predict", "evaluate", "chat", "pipeline", "export",
+         "compile")  # main.MODES runs them
 SOURCES = ("synthetic", "convai2", "tfds")
 TFDS_CONFIGS = ("self_original", "self_revised", "both_original", "both_revised")  # = data.tfds_builder.VARIANTS
 SCHEDULES = ("cosine", "linear", "constant")

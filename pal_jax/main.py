@@ -40,6 +40,7 @@ MODES = {
     "evaluate": ("pal_jax.evaluate", "run_evaluate"),
     "chat": ("pal_jax.predict", "run_chat"),
     "export": ("pal_jax.convert", "run_export"),
+    "compile": ("pal_jax.aot", "run_compile"),
 }
 
 

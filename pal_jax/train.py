@@ -26,7 +26,7 @@ from pal_jax import checkpoint as ckpt_lib
 from pal_jax import mesh as mesh_lib
 from pal_jax import optim
 from pal_jax.metrics_writer import MetricsWriter
-from pal_jax.model import ModelConfig, Transformer
+from pal_jax.model import ModelConfig, Transformer, shard_activations
 
 # loss_fn(model, batch, extra) -> (numerator, denominator, {name: sum}); the loss is numerator / denominator and
 # each logged metric is its sum / denominator over the whole step (all micro-batches).
@@ -82,6 +82,27 @@ class ModelState:
         return sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract))
 
 
+def optimizer_shardings(tx: optax.GradientTransformation, ms: ModelState):
+    """Shardings of tx's state: each param-shaped leaf (Adam's mu and nu, under any optax wrapper) as its param;
+    the rest (step counts) replicated.
+
+    Not the shardings XLA gives jax.jit(tx.init)'s outputs: the zeros do not depend on the params' values, so
+    nothing propagates and every leaf comes out replicated, a full copy of the optimizer state on each device
+    (the ahead-of-time compile for a TPU pod showed it: pal_jax/aot.py)."""
+    by_path = {tuple(p): (x.shape, s) for (p, x), s in zip(jax.tree_util.tree_flatten_with_path(ms.abstract)[0],
+                                                           jax.tree.leaves(ms.shardings))}
+    rep = mesh_lib.replicated(ms.mesh)
+
+    def pick(path, leaf):
+        for i in range(len(path)):  # the param's path is a suffix of the state leaf's (e.g. [0].mu + param path)
+            hit = by_path.get(tuple(path[i:]))
+            if hit is not None and tuple(hit[0]) == tuple(leaf.shape):
+                return hit[1]
+        return rep
+
+    return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, ms.abstract))
+
+
 def _microbatches(batch: dict, n: int, mesh) -> dict:
     """[B, ...] -> [n, B/n, ...] with micro-batch i = rows i, i+n, ...: every micro-batch spans all devices."""
     def split(x):
@@ -100,6 +121,10 @@ def make_train_step(ms: ModelState, task: Task, tx: optax.GradientTransformation
     grad_fn = jax.value_and_grad(sums, has_aux=True)
 
     def step(params, opt_state, batch, extra):
+        with shard_activations(ms.mesh, mesh_lib.BATCH):
+            return _step(params, opt_state, batch, extra)
+
+    def _step(params, opt_state, batch, extra):
         extra = jax.lax.stop_gradient(extra)
         if grad_accum == 1:
             (num, (den, mets)), grads = grad_fn(params, batch, extra)
@@ -132,7 +157,8 @@ def make_train_step(ms: ModelState, task: Task, tx: optax.GradientTransformation
 
 def make_eval_step(ms: ModelState, task: Task):
     def step(params, batch, extra):
-        num, den, mets = task.loss_fn(ms.merge(params), batch, extra)
+        with shard_activations(ms.mesh, mesh_lib.BATCH):
+            num, den, mets = task.loss_fn(ms.merge(params), batch, extra)
         return {"num": num, "den": den, **mets}
     return jax.jit(step, out_shardings=mesh_lib.replicated(ms.mesh))
 
@@ -204,10 +230,7 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
         raise ValueError(f"config.train.batch_size = {t_cfg.batch_size}: expected a multiple of "
                          f"data*fsdp*grad_accum = {div} on mesh {dict(mesh.shape)}")
     tx = optim.make_optimizer(t_cfg, trainable)
-    # optimizer-state shardings as XLA propagates them from the params; scalars (step counts) replicated
-    opt_shardings = jax.tree.map(
-        lambda s: s if isinstance(s, jax.sharding.NamedSharding) else mesh_lib.replicated(mesh),
-        jax.jit(tx.init).lower(ms.abstract).compile().output_shardings)
+    opt_shardings = optimizer_shardings(tx, ms)
     abstract_opt = jax.eval_shape(tx.init, ms.abstract)
     abstract_opt = ckpt_lib.abstract_like(abstract_opt, opt_shardings)
 
