@@ -20,6 +20,14 @@ from pal_jax import checkpoint as ckpt_lib
 MOVED_HEADER = "## What Stage 2 moved"
 
 
+def _read(path: str) -> str:
+    """The file's text, "" when it does not exist."""
+    if not os.path.exists(path):
+        return ""
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def _none_share(path: str) -> float | None:
     if not os.path.exists(path):
         return None
@@ -31,7 +39,7 @@ def _none_share(path: str) -> float | None:
 def what_moved(eval_dir: str, s2_dir: str) -> list[str]:
     """Markdown lines: Stage 2 minus Stage 1 for every metric of the report, how often each model selects no
     persona, and what the Stage 2 pairs were made of."""
-    from pal_jax.evaluate import REPORT_ROWS, _fmt
+    from pal_jax.evaluate import REPORT_ROWS
     with open(os.path.join(eval_dir, "metrics.json")) as f:
         res = json.load(f)["results"]
     a, b = res["stage1"], res["stage2"]
@@ -91,11 +99,9 @@ def run(config, workdir: str) -> dict:
 
     t0 = time.time()
     report = os.path.join(eval_dir, "report.md")
-    if os.path.exists(os.path.join(eval_dir, "metrics.json")) and os.path.exists(report) and \
-            MOVED_HEADER in open(report, encoding="utf-8").read():
+    if os.path.exists(os.path.join(eval_dir, "metrics.json")) and MOVED_HEADER in _read(report):
         logging.info("pipeline: evaluation done (%s), skipping", eval_dir)
-        with open(report) as f:
-            print(f.read())
+        print(_read(report))
         out = {"report": report}
     else:
         logging.info("pipeline: phase 3/3: Select then Generate evaluation -> %s", eval_dir)
@@ -105,10 +111,8 @@ def run(config, workdir: str) -> dict:
         c3.tokenizer.path = c3.tokenizer.path or os.path.join(s1_dir, "tokenizer")
         out = evaluate.run_evaluate(c3, workdir)
         moved = what_moved(eval_dir, s2_dir)
-        with open(report, encoding="utf-8") as f:
-            text = f.read()
         with open(report + ".tmp", "w", encoding="utf-8") as f:
-            f.write(text + "\n".join(moved) + "\n")
+            f.write(_read(report) + "\n".join(moved) + "\n")
         os.replace(report + ".tmp", report)
         print("\n".join(moved))
     times["eval_s"] = time.time() - t0
