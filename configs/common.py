@@ -108,6 +108,8 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.stage2.precompute_ref = False  # reference log-probs computed once instead of a reference forward per step
     c.stage2.pairs = ""  # pairs.jsonl; empty: WORKDIR/pairs.jsonl, made from the Stage 1 model if missing
     c.stage2.select_pairs = True  # also pair Stage 1's wrong persona selections with the labelled one (select task)
+    # turns that give generate pairs: "all" (the paper) | "persona" (gold reply draws on a persona; pal_jax/pairs.py)
+    c.stage2.generate_pairs_on = "persona"
     c.stage2.max_pair_turns = 2048  # training turns decoded into pairs (in split order); 0 = all
     c.stage2.dev_fraction = 0.05  # share of dialogues whose pairs are held out for the held-out DPO loss
 

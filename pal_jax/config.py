@@ -83,6 +83,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, s2.align_temperature > 0, "stage2.align_temperature", s2.align_temperature, "> 0")
     _check(e, s2.use_dpo or s2.align_weight > 0, "stage2.use_dpo", s2.use_dpo,
            "True, or stage2.align_weight > 0 (otherwise there is no loss)")
+    _check(e, s2.generate_pairs_on in ("all", "persona"), "stage2.generate_pairs_on", s2.generate_pairs_on,
+           "'all' or 'persona'")
     _check(e, s2.max_pair_turns >= 0, "stage2.max_pair_turns", s2.max_pair_turns, ">= 0 (0 = all)")
     _check(e, 0 < s2.dev_fraction < 1, "stage2.dev_fraction", s2.dev_fraction, "in (0, 1)")
     if c.mode == "stage2":

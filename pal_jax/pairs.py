@@ -5,6 +5,10 @@ Two kinds of pair, both built from the Stage 1 model's own outputs on the traini
 - `generate` (PAL's pairs): the Stage 1 model replies from the *persona-free* prompt (history only): that reply is
   `rejected`, the gold reply is `chosen`, and the prompt Stage 2 optimises is the persona-conditioned generate
   prompt with the labelled persona. Pairs whose rejected reply equals the chosen one are dropped and counted.
+  `generate_on` picks the turns: "all" (the paper) or "persona" (only turns whose gold reply draws on a persona
+  sentence). On a turn that calls for no persona the persona-free reply is not a failure to use the persona,
+  and the pair only pushes the policy away from fluent generic replies like the gold one (measured: on the
+  synthetic corpus it cost the none-turns half of their F1).
 - `select` (with `select_pairs`, the default): the Stage 1 model's Select step (the candidate scorer, as at
   inference) scores every persona sentence and `No personal description.` on the select prompt; chosen = the
   turn's labelled target (`k.<sentence>` or `No personal description.`), rejected = the best-scoring *other*
@@ -47,12 +51,16 @@ def _same(a: str, b: str) -> bool:
     return " ".join(a.lower().split()) == " ".join(b.lower().split())
 
 
-def _pairs_of(row: dict, select_pairs: bool) -> list[dict]:
+GENERATE_ON = ("all", "persona")
+
+
+def _pairs_of(row: dict, select_pairs: bool, generate_on: str = "all") -> list[dict]:
     """The pairs one decoded turn gives (see the module doc)."""
     base = {"id": row["id"], "persona": row["persona"], "history": row["history"],
             "persona_label": row["persona_label"]}
     out = []
-    if not _same(row["chosen"], row["rejected"]):
+    wanted = generate_on == "all" or (row["persona_label"] is not None and row["persona_label"] >= 0)
+    if wanted and not _same(row["chosen"], row["rejected"]):
         out.append({**base, "kind": "generate", "chosen": row["chosen"], "rejected": row["rejected"]})
     label, scores = row["persona_label"], row.get("select_scores")
     if select_pairs and label is not None and scores is not None:
@@ -64,9 +72,12 @@ def _pairs_of(row: dict, select_pairs: bool) -> list[dict]:
     return out
 
 
-def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0, select_pairs: bool = True) -> dict:
+def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0, select_pairs: bool = True,
+               generate_on: str = "all") -> dict:
     """Decode persona-free replies (and run the Select step, with select_pairs) for the turns of `dialogues` (the
     first max_turns; 0 = all) and write the pairs. Returns counts and paths."""
+    if generate_on not in GENERATE_ON:
+        raise ValueError(f"stage2.generate_pairs_on = {generate_on!r}: expected one of {GENERATE_ON}")
     out = pairs_path(workdir)
     info_path = os.path.join(workdir, "pairs_info.json")
     if os.path.exists(out) and os.path.exists(info_path):
@@ -104,20 +115,24 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
     if select_pairs and any(r.get("select_scores") is None for r in rows):
         raise ValueError(f"{shard_dir}: shards written without the Select step (by make_pairs with select_pairs "
                          f"off); expected every row to have 'select_scores'. Delete {shard_dir} to rebuild them")
-    kept = [p for r in rows for p in _pairs_of(r, select_pairs)]
+    kept = [p for r in rows for p in _pairs_of(r, select_pairs, generate_on)]
     n_gen = sum(p["kind"] == "generate" for p in kept)
+    eligible = [r for r in rows if generate_on == "all" or (r["persona_label"] is not None
+                                                            and r["persona_label"] >= 0)]
     _atomic_write_lines(out, kept)
     labelled = [r for r in rows if r["persona_label"] is not None and r.get("selected") is not None]
     info = {"turns": len(rows), "pairs": len(kept), "generate_pairs": n_gen, "select_pairs": len(kept) - n_gen,
-            "dropped_identical": len(rows) - n_gen, "path": out, "seed": seed,
+            "generate_on": generate_on, "generate_turns": len(eligible),
+            "dropped_identical": len(eligible) - n_gen, "path": out, "seed": seed,
             "stage1_selection_accuracy": (sum(r["selected"] == r["persona_label"] for r in labelled) / len(labelled)
                                           if labelled else None)}
     with open(info_path + ".tmp", "w") as f:
         json.dump(info, f, indent=2)
     os.replace(info_path + ".tmp", info_path)  # written last: its presence marks the pairs complete
-    logging.info("pairs: %d turns -> %d generate pairs (%d dropped: persona-free reply identical to the gold "
-                 "one) + %d select pairs (Stage 1 selection accuracy %s) in %s", len(rows), n_gen,
-                 len(rows) - n_gen, len(kept) - n_gen, info["stage1_selection_accuracy"], out)
+    logging.info("pairs: %d turns -> %d generate pairs from %d %s turns (%d dropped: persona-free reply identical "
+                 "to the gold one) + %d select pairs (Stage 1 selection accuracy %s) in %s", len(rows), n_gen,
+                 len(eligible), generate_on, len(eligible) - n_gen, len(kept) - n_gen,
+                 info["stage1_selection_accuracy"], out)
     return info
 
 

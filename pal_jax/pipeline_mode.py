@@ -58,9 +58,13 @@ def what_moved(eval_dir: str, s2_dir: str) -> list[str]:
         with open(info_path) as f:
             info = json.load(f)
         acc = info.get("stage1_selection_accuracy")
+        on = info.get("generate_on", "all")
+        where = ("every turn" if on == "all" else
+                 f"the {info.get('generate_turns')} turns whose gold reply draws on a persona sentence "
+                 f"(stage2.generate_pairs_on={on})")
         lines += ["", f"Stage 2 pairs ({info_path}): {info.get('generate_pairs', info['pairs'])} generate pairs "
-                      f"(gold reply vs the Stage 1 persona-free reply; {info['dropped_identical']} dropped as "
-                      f"identical) and {info.get('select_pairs', 0)} select pairs (labelled persona target vs the "
+                      f"(gold reply vs the Stage 1 persona-free reply, on {where}; {info['dropped_identical']} "
+                      f"dropped as identical) and {info.get('select_pairs', 0)} select pairs (labelled persona target vs the "
                       f"Stage 1 model's strongest other candidate) from {info['turns']} training turns"
                       + (f"; Stage 1 selection accuracy on those turns {acc:.4f}." if acc is not None else ".")]
     return lines

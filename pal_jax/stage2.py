@@ -237,7 +237,7 @@ def run_make_pairs(config, workdir: str) -> dict:
     exp = Experiment(c, workdir)
     ref_params, _ = ckpt_lib.load_params(s1, exp.model.abstract)
     return make_pairs(reference_predictor(c, exp, ref_params), exp.corpus["train"], workdir, c.seed,
-                      c.stage2.max_pair_turns, c.stage2.select_pairs)
+                      c.stage2.max_pair_turns, c.stage2.select_pairs, c.stage2.generate_pairs_on)
 
 
 def train_stage2(config, workdir: str, devices=None):
@@ -256,7 +256,7 @@ def train_stage2(config, workdir: str, devices=None):
             raise FileNotFoundError(f"config.stage2.pairs = {path!r} does not exist; expected a pairs.jsonl written "
                                     f"by make_pairs, or leave it empty to make the pairs in the workdir")
         make_pairs(reference_predictor(c, exp, ref_params), exp.corpus["train"], workdir, c.seed,
-                   c.stage2.max_pair_turns, c.stage2.select_pairs)
+                   c.stage2.max_pair_turns, c.stage2.select_pairs, c.stage2.generate_pairs_on)
     rows = read_pairs(path)
     dev_rows = [r for r in rows if _is_dev(r.get("id"), c.stage2.dev_fraction)]
     train_rows = [r for r in rows if not _is_dev(r.get("id"), c.stage2.dev_fraction)]

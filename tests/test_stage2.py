@@ -55,7 +55,8 @@ def test_stage2_trains_and_reference_is_untouched(stage1_dir, tmp_path):
 def test_pairs_deterministic_resumable_and_precomputed_reference(stage1_dir, tmp_path):
     c = tiny_config(init_from=stage1_dir, **S2)
     info = stage2.run_make_pairs(c, str(tmp_path / "a"))
-    assert info["turns"] == info["generate_pairs"] + info["dropped_identical"] and info["generate_pairs"] > 0
+    assert info["generate_on"] == "persona" and info["turns"] > info["generate_turns"]
+    assert info["generate_turns"] == info["generate_pairs"] + info["dropped_identical"] and info["generate_pairs"] > 0
     assert info["pairs"] == info["generate_pairs"] + info["select_pairs"]
     first = open(tmp_path / "a" / "pairs.jsonl").read()
     # an interrupted run: the final file and one shard gone -> the rerun rebuilds them identically
@@ -66,6 +67,7 @@ def test_pairs_deterministic_resumable_and_precomputed_reference(stage1_dir, tmp
     assert open(tmp_path / "a" / "pairs.jsonl").read() == first
     rows = [json.loads(x) for x in first.splitlines()]
     assert all(r["chosen"].split() != r["rejected"].split() for r in rows)
+    assert all(r["persona_label"] >= 0 for r in rows if r["kind"] == "generate")
     # select pairs: on every labelled turn, the labelled target against the strongest other candidate
     shards = [json.loads(x) for f in sorted(os.listdir(tmp_path / "a" / "pairs"))
               for x in open(tmp_path / "a" / "pairs" / f)]
@@ -89,6 +91,18 @@ def test_pairs_deterministic_resumable_and_precomputed_reference(stage1_dir, tmp
     pre = stage2.run(tiny_config(init_from=stage1_dir, stage2__pairs=pairs, stage2__precompute_ref=True, **S2),
                      str(tmp_path / "pre"))
     assert pre["dev"]["loss"] == pytest.approx(live["dev"]["loss"], abs=1e-5)
+    # the paper's setting from the same shards (no decoding): every turn gives a generate pair
+    os.remove(tmp_path / "a" / "pairs.jsonl")
+    os.remove(tmp_path / "a" / "pairs_info.json")
+    every = stage2.run_make_pairs(tiny_config(init_from=stage1_dir, stage2__generate_pairs_on="all", **S2),
+                                  str(tmp_path / "a"))
+    assert every["generate_turns"] == every["turns"] == info["turns"]
+    assert every["generate_pairs"] + every["dropped_identical"] == info["turns"] > info["generate_pairs"]
+    assert every["select_pairs"] == info["select_pairs"]
+    every_rows = [json.loads(x) for x in open(tmp_path / "a" / "pairs.jsonl")]
+    persona_ids = {r["id"] for r in rows if r["kind"] == "generate"}
+    assert persona_ids == {r["id"] for r in every_rows if r["kind"] == "generate" and r["persona_label"] >= 0}
+    assert any(r["persona_label"] == -1 for r in every_rows if r["kind"] == "generate")
 
 
 def test_pipeline_runs_and_skips_finished_phases(tmp_path):
