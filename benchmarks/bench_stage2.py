@@ -8,7 +8,8 @@ forward included, on the same random weights and the same batch -> pairs/s.
            state donated, the reference params a separate non-donated argument; the batch is built by
            stage2.PairSource.make_batch (chosen rows first, then rejected rows, [2N, L]) from random token ids.
   PyTorch  policy = HF LlamaForCausalLM (train mode), reference = a frozen deep copy (eval, requires_grad False,
-           forward under torch.no_grad); one concatenated forward of chosen + rejected rows per model; sequence
+           forward under torch.no_grad); one concatenated forward of chosen + rejected rows per model; the LM
+           head on the batch's target window only (the positions pal_jax's step sends through its head); sequence
            log-probs of the response tokens only (logit of the target - logsumexp, times the response mask,
            summed per row); loss = mean -logsigmoid(beta * ((pc - rc) - (pr - rr))); backward; global-norm
            clipping (torch.nn.utils.clip_grad_norm_); torch.optim.AdamW, weight decay on matrices only.
@@ -153,21 +154,30 @@ class TorchDPO:
         self.opt = torch.optim.AdamW(groups, lr=float(t.lr), betas=(float(t.b1), float(t.b2)), eps=1e-8)
         self.inputs = torch.from_numpy(host_batch["inputs"].astype(np.int64))
         self.positions = torch.from_numpy(host_batch["positions"].astype(np.int64))
-        self.targets = torch.from_numpy(host_batch["targets"].astype(np.int64))
-        self.weights = torch.from_numpy(host_batch["weights"])
+        # the same target window as pal_jax's step (data.pipeline.add_window): the LM head and the softmax run
+        # on the W positions of each row's response only, not on all L
+        self.win = host_batch.get("win_idx")
+        key = "win_" if self.win is not None else ""
+        self.targets = torch.from_numpy(host_batch[f"{key}targets"].astype(np.int64))
+        self.weights = torch.from_numpy(host_batch[f"{key}weights"])
+        if self.win is not None:
+            self.win = torch.from_numpy(self.win.astype(np.int64))
         self.n = self.inputs.shape[0] // 2
         self.metrics = []
 
-    def seq_logps(self, logits):
-        logits = logits.float()
+    def seq_logps(self, model):
+        hidden = model.model(self.inputs, position_ids=self.positions).last_hidden_state
+        if self.win is not None:
+            hidden = hidden.gather(1, self.win[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = model.lm_head(hidden).float()
         picked = logits.gather(-1, self.targets[..., None])[..., 0]
         return ((picked - torch.logsumexp(logits, dim=-1)) * self.weights).sum(-1)
 
     def __call__(self):
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            ref = self.seq_logps(self.ref(self.inputs, position_ids=self.positions).logits)
-        logps = self.seq_logps(self.policy(self.inputs, position_ids=self.positions).logits)
+            ref = self.seq_logps(self.ref)
+        logps = self.seq_logps(self.policy)
         n = self.n
         logits = self.beta * ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:]))
         loss = -torch.nn.functional.logsigmoid(logits).mean()

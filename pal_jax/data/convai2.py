@@ -177,7 +177,7 @@ JSONL_KEYS = ("persona", "history", "response", "persona_label", "candidates", "
 
 def _str_list(v, path, n, key, allow_empty: bool) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise _err(path, n, f"key {key!r} is {type(v).__name__} {str(v)[:60]}", f"a list of strings")
+        raise _err(path, n, f"key {key!r} is {type(v).__name__} {str(v)[:60]}", "a list of strings")
     if not allow_empty and not v:
         raise _err(path, n, f"key {key!r} is an empty list", "at least one string")
     return tuple(x.strip() for x in v)
