@@ -92,6 +92,13 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.async_checkpoint = True
     c.train.max_bad_steps = 5  # consecutive non-finite steps (skipped) before the run stops
+    # Performance accounting (pal_jax/perf.py): MFU = model TFLOP/s per device / this peak; 0 = the published peak
+    # of the chip (TPU v4/v5e/v5p/v6e, H100, H200) or, on CPU, a matmul measured at start
+    c.train.peak_tflops = 0.0
+    # jax.profiler trace of steps profile_start .. profile_start + profile_steps - 1 (step numbers from 1) into
+    # WORKDIR/profile; profile_steps 0 = off. Start after the first step (it compiles), e.g. 5 and 3.
+    c.train.profile_start = 0
+    c.train.profile_steps = 0
 
     # Stage 2 (Persona Alignment). train.{steps,lr,batch_size,warmup_steps} come from here in stage 2.
     c.stage2 = ml_collections.ConfigDict()

@@ -70,6 +70,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, t.schedule in SCHEDULES, "train.schedule", t.schedule, f"one of {SCHEDULES}")
     _check(e, t.clip_norm >= 0, "train.clip_norm", t.clip_norm, ">= 0 (0 = no clipping)")
     _check(e, 0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1/b2", (t.b1, t.b2), "in [0, 1)")
+    _check(e, isinstance(t.peak_tflops, (int, float)) and t.peak_tflops >= 0, "train.peak_tflops", t.peak_tflops,
+           ">= 0 (0 = the chip's published peak, or measured on CPU)")
+    for k in ("profile_start", "profile_steps"):
+        _check(e, isinstance(t[k], int) and t[k] >= 0, f"train.{k}", t[k], "an integer >= 0")
+    if isinstance(t.profile_steps, int) and t.profile_steps > 0:
+        _check(e, isinstance(t.profile_start, int) and t.profile_start >= 1, "train.profile_start", t.profile_start,
+               "the first traced step, >= 1 (steps count from 1), when train.profile_steps > 0")
     for k in ("data", "fsdp", "tensor"):
         _check(e, c.mesh[k] == -1 or c.mesh[k] >= 1, f"mesh.{k}", c.mesh[k], ">= 1, or -1 for the rest")
     s2 = c.stage2

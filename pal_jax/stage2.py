@@ -281,7 +281,7 @@ def train_stage2(config, workdir: str, devices=None):
         logging.info("stage2: reference log-probs precomputed for %d + %d pairs", len(src.pairs.prompt),
                      len(dev.pairs.prompt))
     task = train.Task(name="stage2", loss_fn=make_loss_fn(ms.graphdef, c.stage2), train_batch=src.batch,
-                      eval_batches=dev.eval_batches, extra=extra,
+                      eval_batches=dev.eval_batches, extra=extra, ref_forwards=0 if extra is None else 1,
                       data_info={"seed": c.seed, "pairs": path, "train_pairs": len(src.pairs.prompt),
                                  "dev_pairs": len(dev.pairs.prompt), "steps_per_epoch": src.steps_per_epoch})
     resuming = ckpt_lib.Checkpointer.exists(workdir)

@@ -1,5 +1,6 @@
 """Stage-agnostic training loop: restore-or-init, a jitted sharded step, eval/log/checkpoint cadence, NaN guard,
-progress with ETA, and a clean exit after a checkpoint on SIGTERM (preemption).
+progress with ETA, performance accounting (step time, tokens/s, TFLOP/s and MFU per device: pal_jax/perf.py), an
+optional profiler window, and a clean exit after a checkpoint on SIGTERM (preemption).
 
 A stage supplies a `Task`: a loss written as sums (numerator, denominator, metric sums) so that micro-batches and
 devices add up exactly, a training batch source whose `batch(step)` is a pure function of the step, and held-out
@@ -25,6 +26,7 @@ from flax import nnx
 from pal_jax import checkpoint as ckpt_lib
 from pal_jax import mesh as mesh_lib
 from pal_jax import optim
+from pal_jax import perf
 from pal_jax.metrics_writer import MetricsWriter
 from pal_jax.model import ModelConfig, Transformer, shard_activations
 
@@ -43,6 +45,9 @@ class Task:
     extra: Any = None  # e.g. frozen reference params: passed to every step, never donated or differentiated
     extra_shardings: Any = None
     data_info: dict = dataclasses.field(default_factory=dict)  # recorded in checkpoints (data position, sizes)
+    # forward-only passes of the model over each batch besides the trained one (Stage 2's reference forward: 1),
+    # for the FLOP count (pal_jax/perf.py)
+    ref_forwards: int = 0
 
 
 class BadStepsError(RuntimeError):
@@ -209,6 +214,62 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
+# shown in the progress line's own fields, not in its list of task metrics
+_LOGGED_APART = ("loss", "grad_norm", "lr", "step_time_s", "tokens_per_s", "tokens_per_s_per_device",
+                 "real_tokens_per_s_per_device", "real_token_frac", "tflops_per_device", "mfu",
+                 "peak_tflops_per_device")
+
+
+def _fmt_perf(pm: dict[str, float]) -> str:
+    if not pm:
+        return "no timed step (compiling)"
+    out = (f"{pm['step_time_s']:.3f} s/step {pm['tokens_per_s']:,.0f} tok/s ({pm['tokens_per_s_per_device']:,.0f}"
+           f"/device, {pm['real_token_frac']:.0%} real) {pm['tflops_per_device']:.3g} TFLOP/s/device")
+    return out + (f" MFU {pm['mfu']:.2%}" if "mfu" in pm else "")
+
+
+class _Profiler:
+    """A jax.profiler trace of training steps first .. first + count - 1 (the loop's step numbers, from 1) into
+    WORKDIR/profile (TensorBoard's profile plugin or Perfetto read it); count 0 = off. Starting and stopping the
+    trace wait for the queued steps; before()/after() return the seconds they took, which the timing leaves out."""
+
+    def __init__(self, workdir: str, first: int, count: int):
+        self.dir = os.path.join(workdir, "profile")
+        self.first, self.last = int(first), int(first) + int(count) - 1
+        self.enabled = int(count) > 0 and int(first) > 0
+        self.on = self.done = False
+
+    def __enter__(self):
+        return self
+
+    def before(self, step_num: int, params) -> float:
+        if not self.enabled or self.on or self.done or not self.first <= step_num <= self.last:
+            return 0.0
+        jax.block_until_ready(params)
+        t0 = time.time()
+        jax.profiler.start_trace(self.dir)
+        self.on = True
+        logging.info("profiler: tracing steps %d..%d into %s", step_num, self.last, self.dir)
+        return time.time() - t0
+
+    def after(self, step_num: int, metrics) -> float:
+        if not self.on or step_num < self.last:
+            return 0.0
+        jax.block_until_ready(metrics)
+        t0 = time.time()
+        self._stop()
+        return time.time() - t0
+
+    def _stop(self):
+        jax.profiler.stop_trace()
+        self.on, self.done = False, True
+        logging.info("profiler: trace written under %s", self.dir)
+
+    def __exit__(self, *exc):
+        if self.on:  # the run ended inside the window (last step, preemption, an error)
+            self._stop()
+
+
 def _fmt_time(s: float) -> str:
     s = int(max(s, 0))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -259,55 +320,81 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
     logging.info("%s: %s params, mesh %s, %d steps from step %d, global batch %d", task.name,
                  f"{ms.n_params():,}", dict(mesh.shape), t_cfg.steps, start, t_cfg.batch_size)
 
+    forward_passes = perf.TRAIN_PASSES + task.ref_forwards
+    peak, peak_src = perf.peak_flops_per_device(ms.cfg.dtype, list(mesh.devices.flat), t_cfg.peak_tflops)
+    logging.info("%s", perf.describe(ms.cfg, int(config.data.max_len), forward_passes, peak, peak_src))
+    meter = perf.Meter(ms.cfg, mesh.devices.size, peak, forward_passes)
+
     def meta_for(step):
         return {"step": step, "task": task.name, "data": {**task.data_info, "next_step": step},
                 "config": config_json}
 
+    def excluded(fn, *args):
+        """Run fn (evaluation, a checkpoint save) once the queued steps are done; its time is not a step's."""
+        jax.block_until_ready(params)
+        t0 = time.time()
+        out = fn(*args)
+        meter.exclude(time.time() - t0)
+        return out
+
     step, bad, preempted = start, 0, False
     last_eval: dict[str, float] = {}
-    t_start, steps_timed, t_window, window, window_tokens, timed = None, 0, time.time(), [], 0, 0
-    with _Preemption() as pre:
+    last_perf: dict[str, float] = {}
+    seen_shapes: set = set()  # batch shapes the step has been compiled for
+    t_start, window = None, []
+    with _Preemption() as pre, _Profiler(workdir, t_cfg.profile_start, t_cfg.profile_steps) as prof:
         while step < t_cfg.steps:
             host_batch = task.train_batch(step)
-            window_tokens += host_batch["inputs"].size  # rows x bucket length (padding included)
+            key = perf.shape_key(host_batch)
+            compiling = key not in seen_shapes  # a new bucket shape: this step compiles
             batch = mesh_lib.global_batch(_local(host_batch), mesh)
-            params, opt_state, metrics = train_step(params, opt_state, batch, task.extra)
+            meter.exclude(prof.before(step + 1, params))
+            if compiling:  # compilation and this step's run are left out of the timing
+                jax.block_until_ready(params)
+                t0 = time.time()
+            with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+                params, opt_state, metrics = train_step(params, opt_state, batch, task.extra)
             step += 1
-            if step == start + 1:
-                metrics = jax.device_get(metrics)  # first step includes compilation: time from here on
-                t_start, t_window, window_tokens = time.time(), time.time(), 0
+            if compiling:
+                jax.block_until_ready(metrics)
+                meter.exclude(time.time() - t0)
+                seen_shapes.add(key)
             else:
-                steps_timed += 1
-                timed += 1
+                meter.add_step(host_batch)
+            if t_start is None:
+                t_start = time.time()  # the ETA counts from the end of the first (compiling) step
+            meter.exclude(prof.after(step, metrics))
             window.append(metrics)
             if step % t_cfg.log_every == 0 or step == t_cfg.steps:
                 m = {k: float(np.mean([float(x[k]) for x in window])) for k in window[0]}
                 n_bad = int(round(len(window) * (1 - m.pop("finite"))))
                 bad = bad + n_bad if n_bad else 0
                 now = time.time()
-                dt = (now - t_window) / max(timed, 1)
-                m["step_time_s"] = dt
-                m["tokens_per_s"] = window_tokens / (now - t_window) if now > t_window else 0.0
                 m["lr"] = float(optim.schedule(t_cfg)(step))
+                pm = meter.summary(now)
+                if pm:
+                    if peak:
+                        pm["peak_tflops_per_device"] = peak / 1e12
+                    last_perf = pm
+                m.update(pm)
                 writer.write(step, {f"train/{k}": v for k, v in m.items()})
-                elapsed = now - (t_start or now)
-                eta = elapsed / max(steps_timed, 1) * (t_cfg.steps - step)
-                extra = " ".join(f"{k} {v:.3f}" for k, v in m.items()
-                                 if k not in ("loss", "grad_norm", "step_time_s", "tokens_per_s", "lr"))
-                logging.info("step %d/%d loss %.4f %s| %s tok/s lr %.2e | ETA %s", step, t_cfg.steps, m["loss"],
-                             extra + " " if extra else "", f"{m['tokens_per_s']:,.0f}", m["lr"], _fmt_time(eta))
-                window, t_window, window_tokens, timed = [], now, 0, 0
+                eta = (now - t_start) / max(step - start - 1, 1) * (t_cfg.steps - step)
+                extra = " ".join(f"{k} {v:.3f}" for k, v in m.items() if k not in _LOGGED_APART)
+                logging.info("step %d/%d loss %.4f %s| %s | lr %.2e | ETA %s", step, t_cfg.steps, m["loss"],
+                             extra + " " if extra else "", _fmt_perf(pm), m["lr"], _fmt_time(eta))
+                window = []
+                meter.reset(time.time())  # writing the metrics (TensorBoard's first write: ~1 s) is no step's time
                 if bad >= t_cfg.max_bad_steps:
                     ckpt.close()
                     raise BadStepsError(f"{bad} consecutive steps had a non-finite loss or gradient (skipped); "
                                         f"stopping. Last good checkpoint: {ckpt.directory} step {ckpt.latest_step()}")
             if step % t_cfg.eval_every == 0 or step == t_cfg.steps:
-                last_eval = evaluate_loss(eval_step, params, task, mesh, t_cfg.eval_batches)
+                last_eval = excluded(evaluate_loss, eval_step, params, task, mesh, t_cfg.eval_batches)
                 writer.write(step, {f"{task.eval_name}/{k}": v for k, v in last_eval.items()})
                 logging.info("eval %s step %d: %s", task.eval_name, step,
                              " ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             if step % t_cfg.checkpoint_every == 0 or step == t_cfg.steps:
-                ckpt.save(step, params, opt_state, meta_for(step))
+                excluded(ckpt.save, step, params, opt_state, meta_for(step))
             if pre.requested:
                 ckpt.save(step, params, opt_state, meta_for(step), force=True)
                 preempted = True
@@ -315,6 +402,7 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
     ckpt.close()
     writer.close()
     summary = {"task": task.name, "step": step, "preempted": preempted, task.eval_name: last_eval,
+               "perf": {**last_perf, "peak_source": peak_src},
                "checkpoints": ckpt.directory, "metrics": writer.jsonl_path, "tensorboard": writer.tb_dir}
     if preempted:
         logging.warning("preempted: checkpoint saved at step %d in %s; rerun the same command to resume", step,
