@@ -11,7 +11,8 @@ Export: `export_hf_dir(model_or_params, cfg, out_dir, tokenizer)` writes config.
 model.safetensors (float32, the vocab cut back from the padded `vocab_multiple` rows to `vocab_size`) and the
 tokenizer files, into a temporary directory renamed to `out_dir` when complete. `export_checkpoint(workdir,
 out_dir)` does it for a pal_jax checkpoint (its saved model config and tokenizer; a LoRA checkpoint's adapters are
-merged into its base first, W + alpha/r A B: pal_jax/lora.py); `run_export` is the `export` mode of pal_jax.main. `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads the result.
+merged into its base first, W + alpha/r A B: pal_jax/lora.py); `run_export` is the `export` mode of pal_jax.main.
+`transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads the result.
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pal_jax import checkpoint as ckpt_lib
-from pal_jax.model import LORA_TARGETS, LoraConfig
+from pal_jax.model import LoraConfig
 
 SUFFIXES = ("_lora_a", "_lora_b")
 
@@ -37,7 +37,7 @@ SUFFIXES = ("_lora_a", "_lora_b")
 # -- config ------------------------------------------------------------------------------------------------------
 
 def parse_targets(targets) -> tuple[str, ...]:
-    """"q,k,v" (or a list) -> ("q", "k", "v")."""
+    """Comma-separated names "q,k,v" (or a list) -> ("q", "k", "v")."""
     if isinstance(targets, str):
         targets = targets.split(",")
     return tuple(t.strip() for t in targets if t.strip())

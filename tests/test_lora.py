@@ -152,18 +152,27 @@ def test_rank_zero_is_the_plain_model():
     assert msl.n_frozen() == ms.n_params()
 
 
+TINY_INIT = ModelConfig(family="llama", vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=8)
+
+
+def test_adapter_init_a_random_b_zero():
+    msl = train.ModelState(TINY_INIT, _mesh1(), tuple(tiny_config().mesh.axis_rules), lora=LoraConfig(rank=2))
+    adapters = _leaves(jax.device_get(msl.init(5)))
+    assert len(adapters) == 14 and all(lora.is_adapter(k.split("'")[-2]) for k in adapters)
+    assert all(not v.any() for k, v in adapters.items() if k.endswith("_lora_b']"))
+    a = adapters["['blocks'][0]['mlp']['gate_lora_a']"]
+    assert a.shape == (8, 2) and 0.5 / math.sqrt(8) < a.std() < 2 / math.sqrt(8)  # std 1/sqrt(fan in)
+
+
+@pytest.mark.slow  # two jitted random inits: ~35 s on this 2-core CPU under load
 def test_lora_base_init_is_the_plain_init():
     """Adapters are drawn after every base param: a LoRA model's random base equals the plain model's (seed)."""
-    cfg = ModelConfig(family="llama", vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=8)
     rules = tuple(tiny_config().mesh.axis_rules)
-    plain = jax.device_get(train.ModelState(cfg, _mesh1(), rules).init(5))
-    msl = train.ModelState(cfg, _mesh1(), rules, lora=LoraConfig(rank=2))
+    plain = jax.device_get(train.ModelState(TINY_INIT, _mesh1(), rules).init(5))
+    msl = train.ModelState(TINY_INIT, _mesh1(), rules, lora=LoraConfig(rank=2))
     base = jax.device_get(msl.init_frozen(5))
     assert jax.tree.structure(base) == jax.tree.structure(plain)
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(base)))
-    adapters = _leaves(jax.device_get(msl.init(5)))
-    assert all(not v.any() for k, v in adapters.items() if k.endswith("_lora_b']"))
-    assert all(v.std() > 0 for k, v in adapters.items() if k.endswith("_lora_a']"))
 
 
 def test_config_validation_names_the_key():
@@ -184,6 +193,18 @@ def test_config_validation_names_the_key():
     import common
     assert common.base_config("stage1", "gpt2").lora.targets == "q,k,v,o,fc,proj"
     validate(common.base_config("stage1", "gpt2"))
+
+
+def test_resume_refuses_other_adapters_and_reads_old_checkpoints():
+    task = train.Task(name="stage1", loss_fn=None, train_batch=None, eval_batches=None)
+    saved = json.loads(tiny_config(lora__rank=4).to_json_best_effort())
+    now = json.loads(tiny_config(lora__rank=8).to_json_best_effort())
+    with pytest.raises(ValueError, match=r"config\.lora\.rank: checkpoint has 4, now 8"):
+        train._check_resume({"config": saved}, now, task, "W")
+    train._check_resume({"config": saved}, saved, task, "W")
+    plain = json.loads(tiny_config().to_json_best_effort())
+    old = {k: v for k, v in plain.items() if k != "lora"}  # saved before LoRA existed
+    train._check_resume({"config": old}, plain, task, "W")
 
 
 # -- train step and memory ----------------------------------------------------------------------------------------
