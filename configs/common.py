@@ -54,6 +54,14 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.remat = False
 
+    # LoRA: low-rank adapters on the attention and MLP projections, trained on a frozen base (pal_jax/lora.py).
+    # Stage 1 and Stage 2 train only the adapters; checkpoints hold only them (the base comes from init_from).
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0 = off (full fine-tuning)
+    c.lora.alpha = 16.0  # the adapters' output is scaled by alpha / rank
+    # comma-separated projections: llama q,k,v,o,gate,up,down; gpt2 q,k,v,o,fc,proj (fc/proj: the MLP's c_fc/c_proj)
+    c.lora.targets = ("q,k,v,o,fc,proj" if MODEL_PRESETS[preset]["family"] == "gpt2" else "q,k,v,o,gate,up,down")
+
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""  # a Hugging Face tokenizer dir (tokenizer.json); empty: train one (tiny preset only)
     c.tokenizer.train_vocab_size = 2048

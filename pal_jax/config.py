@@ -20,6 +20,25 @@ def _check(errors, ok, key, value, expected):
         errors.append(f"config.{key} = {value!r}: expected {expected}")
 
 
+def _validate_lora(c, e: list[str]) -> None:
+    lo = c.get("lora")
+    if lo is None:
+        return
+    rank = lo.rank
+    _check(e, isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0, "lora.rank", rank,
+           "an integer >= 0 (0 = LoRA off)")
+    if not (isinstance(rank, int) and rank > 0):
+        return
+    _check(e, isinstance(lo.alpha, (int, float)) and not isinstance(lo.alpha, bool) and lo.alpha > 0, "lora.alpha",
+           lo.alpha, "a number > 0 (the adapters' scale is alpha / rank)")
+    from pal_jax.model import LORA_TARGETS  # imported only when LoRA is on (it imports jax)
+    allowed = LORA_TARGETS.get(c.model.family, ())
+    names = [t.strip() for t in str(lo.targets).split(",") if t.strip()]
+    _check(e, bool(names) and len(set(names)) == len(names) and all(t in allowed for t in names), "lora.targets",
+           lo.targets, f"distinct comma-separated projections of a {c.model.family} model, from "
+           f"'{','.join(allowed)}'")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raise ConfigError listing every invalid value (all of them, not just the first)."""
     e: list[str] = []
@@ -96,6 +115,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, 0 < s2.dev_fraction < 1, "stage2.dev_fraction", s2.dev_fraction, "in (0, 1)")
     if c.mode == "stage2":
         _check(e, bool(c.init_from), "init_from", c.init_from, "the workdir of a Stage 1 run (the reference model)")
+    _validate_lora(c, e)
     p = c.predict
     _check(e, p.method in ("greedy", "sample", "beam"), "predict.method", p.method, "'greedy', 'sample' or 'beam'")
     _check(e, p.select_by in ("sum", "mean"), "predict.select_by", p.select_by, "'sum' or 'mean'")

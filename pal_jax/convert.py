@@ -10,8 +10,9 @@ Import: `load_hf_dir(path)` (model.safetensors, or shards listed in model.safete
 Export: `export_hf_dir(model_or_params, cfg, out_dir, tokenizer)` writes config.json, generation_config.json,
 model.safetensors (float32, the vocab cut back from the padded `vocab_multiple` rows to `vocab_size`) and the
 tokenizer files, into a temporary directory renamed to `out_dir` when complete. `export_checkpoint(workdir,
-out_dir)` does it for a pal_jax checkpoint (its saved model config and tokenizer); `run_export` is the `export`
-mode of pal_jax.main. `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads the result.
+out_dir)` does it for a pal_jax checkpoint (its saved model config and tokenizer; a LoRA checkpoint's adapters are
+merged into its base first, W + alpha/r A B: pal_jax/lora.py); `run_export` is the `export` mode of pal_jax.main.
+`transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads the result.
 """
 from __future__ import annotations
 
@@ -467,6 +468,7 @@ def load_checkpoint(workdir: str, tokenizer_path: str = ""):
     """A pal_jax checkpoint (workdir or checkpoints dir) -> (ModelConfig, params pure dict on the host CPU, tokenizer
     or None, step). The model shape comes from the checkpoint's saved config (vocab_size 0 = the tokenizer's)."""
     from pal_jax import checkpoint as ckpt_lib
+    from pal_jax import mesh as mesh_lib
     from pal_jax import train
     workdir = os.fspath(workdir)
     meta = ckpt_lib.load_meta(workdir)
@@ -479,6 +481,13 @@ def load_checkpoint(workdir: str, tokenizer_path: str = ""):
         raise FileNotFoundError(f"no tokenizer for {workdir}: its model takes vocab_size from the tokenizer; expected "
                                 f"{workdir}/tokenizer/tokenizer.json or a tokenizer path (config.tokenizer.path)")
     cfg = train.model_config(saved["model"], tok.vocab_size if tok is not None else 1)
+    from pal_jax import lora
+    if lora.lora_config(saved) is not None:  # adapters only: merged into their base (W + alpha/r A B)
+        cpu_mesh = jax.make_mesh((1, 1, 1), mesh_lib.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                                 devices=jax.local_devices(backend="cpu")[:1])  # export is a host operation
+        rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in saved["mesh"]["axis_rules"])
+        ms = train.ModelState(cfg, cpu_mesh, rules)
+        return cfg, lora.checkpoint_params(workdir, ms), tok, int(meta["step"])
     abstract_state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])  # export is a host operation
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),

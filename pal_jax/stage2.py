@@ -12,6 +12,10 @@ term on the chosen side, as in RPO, Pang et al. 2024: plain DPO can lower the ch
 margin, which shows up as a higher perplexity and a lower F1) + stage2.align_weight * InfoNCE(pooled persona-block
 hidden states, pooled chosen response hidden states) over the chosen rows of the `generate` pairs.
 
+With LoRA (config.lora.rank > 0; pal_jax/lora.py) the policy is the frozen base + trainable adapters that start
+from Stage 1's, and the reference is the same base arrays + Stage 1's adapters, frozen: one copy of the base is
+held, and only the adapter trees are duplicated.
+
 The Stage 2 run takes train.{steps,lr,batch_size,warmup_steps} from stage2.{steps,lr,batch_size,warmup_steps};
 the other train.* settings (clipping, cadences, checkpoints) are shared with Stage 1.
 """
@@ -26,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pal_jax import checkpoint as ckpt_lib
-from pal_jax import losses, train
+from pal_jax import lora, losses, train
 from pal_jax.data import pipeline, templates
 from pal_jax.experiment import Experiment
 from pal_jax.pairs import make_pairs, pairs_path, read_pairs
@@ -235,21 +239,35 @@ def run_make_pairs(config, workdir: str) -> dict:
     if not c.tokenizer.path and os.path.exists(os.path.join(s1, "tokenizer", "tokenizer.json")):
         c.tokenizer.path = os.path.join(s1, "tokenizer")
     exp = Experiment(c, workdir)
-    ref_params, _ = ckpt_lib.load_params(s1, exp.model.abstract)
+    ref_params, _ = reference_params(exp, s1)
     return make_pairs(reference_predictor(c, exp, ref_params), exp.corpus["train"], workdir, c.seed,
                       c.stage2.max_pair_turns, c.stage2.select_pairs, c.stage2.generate_pairs_on)
 
 
+def reference_params(exp: Experiment, s1: str):
+    """(reference, (frozen base, initial policy adapters) or None): the Stage 1 model at s1 as one params tree.
+
+    Without LoRA: Stage 1's params (a LoRA Stage 1's adapters merged into its base). With LoRA: lora.combine(base,
+    Stage 1's adapters), whose base leaves are the frozen base's own arrays; the second item gives them with the
+    adapters the policy starts from (the same values: copy them before training, the train step donates them)."""
+    ms = exp.model
+    if ms.lora is None:
+        return lora.checkpoint_params(s1, ms), None
+    base, adapters = lora.initial_state(s1, ms, exp.config.seed)
+    return lora.combine(base, adapters), (base, adapters)
+
+
 def train_stage2(config, workdir: str, devices=None):
-    """Stage 2 training; returns (summary, the reference params object, for checks that it stayed intact)."""
+    """Stage 2 training; returns (summary, the reference params object, for checks that it stayed intact; with
+    LoRA the one tree of the base and the Stage 1 adapters)."""
     s1 = stage1_workdir(config, workdir)
     c = stage2_config(config)
     if not c.tokenizer.path and os.path.exists(os.path.join(s1, "tokenizer", "tokenizer.json")):
         c.tokenizer.path = os.path.join(s1, "tokenizer")
     exp = Experiment(c, workdir, devices=devices)
     ms = exp.model
-    ref_params, step = ckpt_lib.load_params(s1, ms.abstract)
-    logging.info("stage2: reference and initial policy = Stage 1 %s step %d", s1, step)
+    ref_params, lora_state = reference_params(exp, s1)
+    logging.info("stage2: reference and initial policy = Stage 1 %s%s", s1, " (LoRA)" if lora_state else "")
     path = c.stage2.pairs or pairs_path(workdir)
     if not os.path.exists(path):
         if c.stage2.pairs:
@@ -286,7 +304,8 @@ def train_stage2(config, workdir: str, devices=None):
                                  "dev_pairs": len(dev.pairs.prompt), "steps_per_epoch": src.steps_per_epoch})
     resuming = ckpt_lib.Checkpointer.exists(workdir)
     # the policy starts as a copy: the train step donates its params, and the reference must stay intact
-    init = None if resuming else jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ms.shardings)(ref_params)
-    summary = train.run(c, workdir, task, ms, init_params=init)
+    base, start = lora_state if lora_state else (None, ref_params)
+    init = None if resuming else jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ms.shardings)(start)
+    summary = train.run(c, workdir, task, ms, init_params=init, frozen=base)
     summary["reference"] = s1
     return summary, ref_params

@@ -24,11 +24,12 @@ import optax
 from flax import nnx
 
 from pal_jax import checkpoint as ckpt_lib
+from pal_jax import lora as lora_lib
 from pal_jax import mesh as mesh_lib
 from pal_jax import optim
 from pal_jax import perf
 from pal_jax.metrics_writer import MetricsWriter
-from pal_jax.model import ModelConfig, Transformer, shard_activations
+from pal_jax.model import LoraConfig, ModelConfig, Transformer, shard_activations
 
 # loss_fn(model, batch, extra) -> (numerator, denominator, {name: sum}); the loss is numerator / denominator and
 # each logged metric is its sum / denominator over the whole step (all micro-batches).
@@ -66,25 +67,57 @@ def model_config(model_section, vocab_size: int) -> ModelConfig:
 
 
 class ModelState:
-    """The model's graph, its abstract params and their shardings on a mesh."""
+    """The model's graph, its abstract params and their shardings on a mesh.
 
-    def __init__(self, cfg: ModelConfig, mesh, rules):
-        self.cfg, self.mesh = cfg, mesh
-        abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    `abstract`, `shardings` and `init(seed)` describe the params the optimizer trains and the checkpoints hold.
+    Without LoRA that is every param. With `lora` (a model.LoraConfig) it is the adapters only, and the frozen base
+    has `frozen_abstract`, `frozen_shardings` and `init_frozen(seed)` (the same values as the plain model's init);
+    `merge(params, frozen)` builds the model from both. `graphdef` merges one tree holding every param (base and
+    adapters: pal_jax.lora.combine), as the samplers and the Stage 2 reference call nnx.merge(graphdef, tree)."""
+
+    def __init__(self, cfg: ModelConfig, mesh, rules, lora: LoraConfig | None = None):
+        self.cfg, self.mesh, self.rules, self.lora = cfg, mesh, rules, lora
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), lora=lora))
         self.graphdef, abstract_state = nnx.split(abstract, nnx.Param)
-        self.shardings = mesh_lib.param_shardings(abstract_state, mesh, rules)
-        self.abstract = ckpt_lib.abstract_like(nnx.to_pure_dict(abstract_state), self.shardings)
+        shardings = mesh_lib.param_shardings(abstract_state, mesh, rules)
+        full = ckpt_lib.abstract_like(nnx.to_pure_dict(abstract_state), shardings)
+        if lora is None:
+            self.shardings, self.abstract = shardings, full
+            self.frozen_shardings = self.frozen_abstract = None
+        else:
+            self.shardings, self.frozen_shardings = lora_lib.split(shardings)
+            self.abstract, self.frozen_abstract = lora_lib.split(full)
+
+    def _init_all(self, seed: int):
+        return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, rngs=nnx.Rngs(seed), lora=self.lora), nnx.Param))
 
     def init(self, seed: int):
-        def f():
-            return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, rngs=nnx.Rngs(seed)), nnx.Param))
-        return jax.jit(f, out_shardings=self.shardings)()
+        """The trainable params from a random init (with LoRA: the adapters, A random and B zero)."""
+        if self.lora is None:
+            return jax.jit(lambda: self._init_all(seed), out_shardings=self.shardings)()
+        return jax.jit(lambda: lora_lib.split(self._init_all(seed))[0], out_shardings=self.shardings)()
 
-    def merge(self, params) -> Transformer:
+    def init_frozen(self, seed: int):
+        """With LoRA: a random base, equal to the plain model's init(seed)."""
+        return jax.jit(lambda: lora_lib.split(self._init_all(seed))[1], out_shardings=self.frozen_shardings)()
+
+    def merge(self, params, frozen=None) -> Transformer:
+        """The model from its params; with LoRA, from the adapters `params` and the base `frozen` (or, with frozen
+        None, from one tree holding both)."""
+        if frozen is not None:
+            params = lora_lib.combine(frozen, params)
         return nnx.merge(self.graphdef, params)
 
+    def plain(self) -> "ModelState":
+        """This model without adapters, on the same mesh (what merged LoRA params fit)."""
+        return self if self.lora is None else ModelState(self.cfg, self.mesh, self.rules)
+
     def n_params(self) -> int:
+        """Trainable params (with LoRA: the adapters)."""
         return sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract))
+
+    def n_frozen(self) -> int:
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(self.frozen_abstract))
 
 
 def optimizer_shardings(tx: optax.GradientTransformation, ms: ModelState):
@@ -119,29 +152,31 @@ def _microbatches(batch: dict, n: int, mesh) -> dict:
 
 def make_train_step(ms: ModelState, task: Task, tx: optax.GradientTransformation, grad_accum: int,
                     opt_shardings):
-    def sums(params, mb, extra):
-        num, den, mets = task.loss_fn(ms.merge(params), mb, extra)
+    """step(params, opt_state, batch, extra, frozen=None) -> (params, opt_state, metrics), jitted; params and
+    opt_state are donated. frozen: with LoRA, the base params (never donated, never differentiated)."""
+    def sums(params, mb, extra, frozen):
+        num, den, mets = task.loss_fn(ms.merge(params, frozen), mb, extra)
         return num, (den, mets)
 
     grad_fn = jax.value_and_grad(sums, has_aux=True)
 
-    def step(params, opt_state, batch, extra):
+    def step(params, opt_state, batch, extra, frozen=None):
         with shard_activations(ms.mesh, mesh_lib.BATCH):
-            return _step(params, opt_state, batch, extra)
+            return _step(params, opt_state, batch, extra, frozen)
 
-    def _step(params, opt_state, batch, extra):
-        extra = jax.lax.stop_gradient(extra)
+    def _step(params, opt_state, batch, extra, frozen):
+        extra, frozen = jax.lax.stop_gradient((extra, frozen))
         if grad_accum == 1:
-            (num, (den, mets)), grads = grad_fn(params, batch, extra)
+            (num, (den, mets)), grads = grad_fn(params, batch, extra, frozen)
         else:
             mbs = _microbatches(batch, grad_accum, ms.mesh)
 
             def body(carry, mb):
-                (n, (d, m)), g = grad_fn(params, mb, extra)
+                (n, (d, m)), g = grad_fn(params, mb, extra, frozen)
                 return jax.tree.map(jnp.add, carry, (n, d, m, g)), None
 
             zero = jax.eval_shape(lambda: (lambda o: (o[0][0], o[0][1][0], o[0][1][1], o[1]))(
-                grad_fn(params, jax.tree.map(lambda x: x[0], mbs), extra)))
+                grad_fn(params, jax.tree.map(lambda x: x[0], mbs), extra, frozen)))
             zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
             (num, den, mets, grads), _ = jax.lax.scan(body, zero, mbs)
         den = jnp.maximum(den, 1e-9)
@@ -161,19 +196,19 @@ def make_train_step(ms: ModelState, task: Task, tx: optax.GradientTransformation
 
 
 def make_eval_step(ms: ModelState, task: Task):
-    def step(params, batch, extra):
+    def step(params, batch, extra, frozen=None):
         with shard_activations(ms.mesh, mesh_lib.BATCH):
-            num, den, mets = task.loss_fn(ms.merge(params), batch, extra)
+            num, den, mets = task.loss_fn(ms.merge(params, frozen), batch, extra)
         return {"num": num, "den": den, **mets}
     return jax.jit(step, out_shardings=mesh_lib.replicated(ms.mesh))
 
 
-def evaluate_loss(eval_step, params, task: Task, mesh, max_batches: int = 0) -> dict[str, float]:
+def evaluate_loss(eval_step, params, task: Task, mesh, max_batches: int = 0, frozen=None) -> dict[str, float]:
     totals: dict[str, float] = {}
     for i, batch in enumerate(task.eval_batches()):
         if max_batches and i >= max_batches:
             break
-        out = jax.device_get(eval_step(params, mesh_lib.global_batch(_local(batch), mesh), task.extra))
+        out = jax.device_get(eval_step(params, mesh_lib.global_batch(_local(batch), mesh), task.extra, frozen))
         for k, v in out.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     den = max(totals.pop("den", 0.0), 1e-9)
@@ -276,12 +311,17 @@ def _fmt_time(s: float) -> str:
 
 
 def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
-        trainable: Callable | None = None) -> dict[str, Any]:
+        trainable: Callable | None = None, frozen=None) -> dict[str, Any]:
     """Train `task` for config.train.steps; resume from WORKDIR/checkpoints if present.
 
     init_params: params for a fresh run (e.g. loaded from config.init_from); None -> random init from config.seed.
+    frozen: with LoRA (ms.lora), the base params, required: passed to every step, never updated, donated or
+    checkpointed (only the adapters and their optimizer state are).
     Returns a summary with the final held-out metrics, the step reached and whether the run was preempted.
     """
+    if (ms.lora is not None) != (frozen is not None):
+        raise ValueError("train.run: expected the frozen base params exactly when the model has LoRA adapters "
+                         f"(ms.lora = {ms.lora}, frozen given: {frozen is not None})")
     t_cfg = config.train
     os.makedirs(workdir, exist_ok=True)
     primary = jax.process_index() == 0
@@ -317,8 +357,9 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
     train_step = make_train_step(ms, task, tx, t_cfg.grad_accum, opt_shardings)
     eval_step = make_eval_step(ms, task)
     writer = MetricsWriter(workdir, enabled=primary)
-    logging.info("%s: %s params, mesh %s, %d steps from step %d, global batch %d", task.name,
-                 f"{ms.n_params():,}", dict(mesh.shape), t_cfg.steps, start, t_cfg.batch_size)
+    logging.info("%s: %s params%s, mesh %s, %d steps from step %d, global batch %d", task.name,
+                 f"{ms.n_params():,}", f" (LoRA adapters; {ms.n_frozen():,} frozen)" if ms.lora else "",
+                 dict(mesh.shape), t_cfg.steps, start, t_cfg.batch_size)
 
     forward_passes = perf.TRAIN_PASSES + task.ref_forwards
     peak, peak_src = perf.peak_flops_per_device(ms.cfg.dtype, list(mesh.devices.flat), t_cfg.peak_tflops)
@@ -353,7 +394,7 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
                 jax.block_until_ready(params)
                 t0 = time.time()
             with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
-                params, opt_state, metrics = train_step(params, opt_state, batch, task.extra)
+                params, opt_state, metrics = train_step(params, opt_state, batch, task.extra, frozen)
             step += 1
             if compiling:
                 jax.block_until_ready(metrics)
@@ -389,7 +430,7 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
                     raise BadStepsError(f"{bad} consecutive steps had a non-finite loss or gradient (skipped); "
                                         f"stopping. Last good checkpoint: {ckpt.directory} step {ckpt.latest_step()}")
             if step % t_cfg.eval_every == 0 or step == t_cfg.steps:
-                last_eval = excluded(evaluate_loss, eval_step, params, task, mesh, t_cfg.eval_batches)
+                last_eval = excluded(evaluate_loss, eval_step, params, task, mesh, t_cfg.eval_batches, frozen)
                 writer.write(step, {f"{task.eval_name}/{k}": v for k, v in last_eval.items()})
                 logging.info("eval %s step %d: %s", task.eval_name, step,
                              " ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
@@ -414,7 +455,10 @@ def _check_resume(meta: dict, config_json: dict, task: Task, directory: str) -> 
     """A resumed run must train the same model on the same data order; say which keys differ if not."""
     old = meta.get("config", {})
     diffs = []
-    for section in ("model", "data", "tokenizer"):
+    sections = ["model", "data", "tokenizer"]
+    if (config_json.get("lora") or {}).get("rank", 0) or (old.get("lora") or {}).get("rank", 0):
+        sections.append("lora")  # the adapters' shape and scale (a checkpoint from before LoRA has no section)
+    for section in sections:
         for k, v in config_json.get(section, {}).items():
             if old.get(section, {}).get(k) != v:
                 diffs.append(f"config.{section}.{k}: checkpoint has {old.get(section, {}).get(k)!r}, now {v!r}")
