@@ -10,8 +10,10 @@ the "bert." prefix, or with it) and tokenizer.json; max_seq_length from sentence
 installed distribution's file list (the package itself is never imported: it depends on sentence-transformers, so
 it is installed with --no-deps, see requirements-nodeps.txt).
 
-`encode(texts, batch_size)` -> float32 [N, D] unit vectors. Texts are sorted by length, then batched with rows
-padded to a power of two (at most batch_size) and tokens padded to nli.BUCKETS: one compilation per (rows, bucket).
+`encode(texts, batch_size)` -> float32 [N, D] unit vectors. Each distinct text is encoded once per encoder (a
+memo: evaluation encodes the same persona sentences for every checkpoint, and templated replies repeat). New texts
+are sorted by length, then batched with rows padded to batch_size (to a power of two when there are fewer texts) and
+tokens padded to BUCKETS: one compilation per (rows, bucket).
 
 `consistency_proxy(encoder, responses, personas, labels)`: the embedding-similarity consistency score used by
 evaluate.py when no NLI model is given (a proxy for the C-score, named as such in the report).
@@ -67,6 +69,10 @@ def embed(params: dict, input_ids, attention_mask, token_type_ids, *, cfg: nli.N
     return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
+BUCKETS = (8, 16) + nli.BUCKETS  # sentences are short: padding a 10-token reply to 32 tripled the cost
+MEMO_MAX = 200_000  # texts kept in an encoder's memo (about 1.5 KB each at dim 384); cleared when full
+
+
 def _rows(n: int, batch_size: int) -> int:
     r = 1
     while r < n:
@@ -85,6 +91,7 @@ class SentenceEncoder:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=max_len)
         self._apply = jax.jit(functools.partial(embed, cfg=cfg))
+        self._memo: dict[str, np.ndarray] = {}
 
     @classmethod
     def from_dir(cls, path: str, max_len: int | None = None) -> "SentenceEncoder":
@@ -121,16 +128,29 @@ class SentenceEncoder:
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """float32 [len(texts), dim] unit vectors, in the order of texts."""
         texts = list(texts)
+        new = [t for t in dict.fromkeys(texts) if t not in self._memo]
+        if len(self._memo) + len(new) > MEMO_MAX:
+            self._memo.clear()
+            new = list(dict.fromkeys(texts))
+        if new:
+            for t, v in zip(new, self._encode(new, batch_size)):
+                self._memo[t] = v
         out = np.zeros((len(texts), self.dim), np.float32)
-        if not texts:
-            return out
+        for i, t in enumerate(texts):
+            out[i] = self._memo[t]
+        return out
+
+    def _encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), np.float32)
         encs = self.tokenizer.encode_batch(texts)
         order = sorted(range(len(texts)), key=lambda i: -len(encs[i].ids))  # similar lengths share a batch
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             L = max(len(encs[i].ids) for i in idx)
-            T = next((b for b in nli.BUCKETS if b >= L), L)
-            R = _rows(len(idx), batch_size)
+            T = next((b for b in BUCKETS if b >= L), L)
+            # rows: a full batch whenever there are that many texts (one compilation per bucket, reused by later
+            # calls), else the next power of two (a chat turn does not pay for batch_size rows)
+            R = batch_size if len(texts) >= batch_size else _rows(len(idx), batch_size)
             ids = np.full((R, T), self.cfg.pad_id, np.int32)
             mask = np.zeros((R, T), np.int32)
             types = np.zeros((R, T), np.int32)
