@@ -4,6 +4,11 @@ progress with ETA, and a clean exit after a checkpoint on SIGTERM (preemption).
 A stage supplies a `Task`: a loss written as sums (numerator, denominator, metric sums) so that micro-batches and
 devices add up exactly, a training batch source whose `batch(step)` is a pure function of the step, and held-out
 batches. The loop owns everything else.
+
+Multi-host: every process runs this loop. Each builds only its rows of every global batch (mesh.process_rows, passed
+to the task's batch functions as `rows_of`) and the global array is assembled from them; the checkpoints are written
+and restored by all processes together (Orbax); config.json, metrics and progress lines come from process 0 only.
+The workdir may be any etils.epath location (gs://...) that all processes share.
 """
 from __future__ import annotations
 
@@ -11,7 +16,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import time
 from typing import Any, Callable, Iterable
@@ -20,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
 from pal_jax import checkpoint as ckpt_lib
@@ -37,8 +42,10 @@ LossFn = Callable[[Transformer, dict, Any], tuple[jax.Array, jax.Array, dict[str
 class Task:
     name: str
     loss_fn: LossFn
-    train_batch: Callable[[int], dict[str, np.ndarray]]  # pure function of the step
-    eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]]
+    # train_batch(step, rows_of): a pure function of the step; rows_of(n_rows) -> the indices of the rows of the
+    # global batch to build (this process's, mesh.process_rows); eval_batches(rows_of) likewise
+    train_batch: Callable[[int, Callable], dict[str, np.ndarray]]
+    eval_batches: Callable[[Callable], Iterable[dict[str, np.ndarray]]]
     eval_name: str = "dev"
     extra: Any = None  # e.g. frozen reference params: passed to every step, never donated or differentiated
     extra_shardings: Any = None
@@ -165,10 +172,10 @@ def make_eval_step(ms: ModelState, task: Task):
 
 def evaluate_loss(eval_step, params, task: Task, mesh, max_batches: int = 0) -> dict[str, float]:
     totals: dict[str, float] = {}
-    for i, batch in enumerate(task.eval_batches()):
+    for i, batch in enumerate(task.eval_batches(_rows_of(mesh))):
         if max_batches and i >= max_batches:
             break
-        out = jax.device_get(eval_step(params, mesh_lib.global_batch(_local(batch), mesh), task.extra))
+        out = jax.device_get(eval_step(params, mesh_lib.global_batch(batch, mesh), task.extra))
         for k, v in out.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     den = max(totals.pop("den", 0.0), 1e-9)
@@ -178,12 +185,9 @@ def evaluate_loss(eval_step, params, task: Task, mesh, max_batches: int = 0) -> 
     return res
 
 
-def _local(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """This process's rows of a global batch (each host feeds only its slice)."""
-    n, i = jax.process_count(), jax.process_index()
-    if n == 1:
-        return batch
-    return {k: np.array_split(v, n)[i] for k, v in batch.items()}
+def _rows_of(mesh) -> Callable[[int], np.ndarray]:
+    """rows_of(n_rows): the rows of a global batch this process builds (each host reads only its slice)."""
+    return lambda n_rows: mesh_lib.process_rows(mesh, n_rows)
 
 
 class _Preemption:
@@ -222,8 +226,9 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
     Returns a summary with the final held-out metrics, the step reached and whether the run was preempted.
     """
     t_cfg = config.train
-    os.makedirs(workdir, exist_ok=True)
-    primary = jax.process_index() == 0
+    primary = mesh_lib.is_primary()
+    if primary:
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = ms.mesh
     div = mesh_lib.batch_divisor(mesh) * t_cfg.grad_accum
     if t_cfg.batch_size % div:
@@ -250,8 +255,7 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
         start = 0
     if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_json, f, indent=2)
+        (epath.Path(workdir) / "config.json").write_text(json.dumps(config_json, indent=2))
 
     train_step = make_train_step(ms, task, tx, t_cfg.grad_accum, opt_shardings)
     eval_step = make_eval_step(ms, task)
@@ -267,10 +271,10 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
     last_eval: dict[str, float] = {}
     t_start, steps_timed, t_window, window, window_tokens, timed = None, 0, time.time(), [], 0, 0
     with _Preemption() as pre:
+        rows_of = _rows_of(mesh)
         while step < t_cfg.steps:
-            host_batch = task.train_batch(step)
-            window_tokens += host_batch["inputs"].size  # rows x bucket length (padding included)
-            batch = mesh_lib.global_batch(_local(host_batch), mesh)
+            batch = mesh_lib.global_batch(task.train_batch(step, rows_of), mesh)
+            window_tokens += batch["inputs"].size  # global rows x bucket length (padding included)
             params, opt_state, metrics = train_step(params, opt_state, batch, task.extra)
             step += 1
             if step == start + 1:
