@@ -1,6 +1,10 @@
 """pal_jax entry point: one absl app that dispatches on config.mode.
 
     python -m pal_jax.main --config=configs/stage1.py:tiny --workdir=/tmp/pal_s1 [--config.train.steps=100]
+
+Multi-host: the same command on every host, plus --distributed=on (TPU pod slices) or --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (GPU nodes, tests); SLURM / Open MPI jobs are detected (--distributed=auto). Only
+process 0 prints progress and the summary.
 """
 from __future__ import annotations
 

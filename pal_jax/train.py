@@ -272,6 +272,7 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
     t_start, steps_timed, t_window, window, window_tokens, timed = None, 0, time.time(), [], 0, 0
     with _Preemption() as pre:
         rows_of = _rows_of(mesh)
+        lr_at = jax.jit(optim.schedule(t_cfg))  # one compile (op by op, each schedule op compiles on its own)
         while step < t_cfg.steps:
             batch = mesh_lib.global_batch(task.train_batch(step, rows_of), mesh)
             window_tokens += batch["inputs"].size  # global rows x bucket length (padding included)
@@ -292,7 +293,7 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
                 dt = (now - t_window) / max(timed, 1)
                 m["step_time_s"] = dt
                 m["tokens_per_s"] = window_tokens / (now - t_window) if now > t_window else 0.0
-                m["lr"] = float(optim.schedule(t_cfg)(step))
+                m["lr"] = float(lr_at(step))
                 writer.write(step, {f"train/{k}": v for k, v in m.items()})
                 elapsed = now - (t_start or now)
                 eta = elapsed / max(steps_timed, 1) * (t_cfg.steps - step)
