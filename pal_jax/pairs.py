@@ -86,8 +86,8 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
     out = pairs_path(workdir)
     info_path = root / "pairs_info.json"
     primary = mesh_lib.is_primary()
-    done = bool(mesh_lib.broadcast(np.asarray(epath.Path(out).exists() and info_path.exists(), np.int32)))
-    if done:
+    finished = bool(mesh_lib.broadcast(np.asarray(epath.Path(out).exists() and info_path.exists(), np.int32)))
+    if finished:
         info = json.loads(info_path.read_text())
         logging.info("pairs: %s exists (%d pairs); skipping", out, info["pairs"])
         return info

@@ -106,14 +106,22 @@ def _params(config, workdir, devices):
     return jax.device_get(params), step
 
 
-def test_two_processes_match_one_process_with_four_devices(tmp_path):
+@pytest.fixture(scope="module")
+def stage1_runs(tmp_path_factory):
+    """Stage 1 at once in the reference (one process, 4 devices) and in two processes of 2 devices each."""
+    root = tmp_path_factory.mktemp("multihost")
+    ref1, mh1 = root / "ref1", root / "mh1"
+    runs = [_start("configs/stage1.py:tiny", ref1, {}, 1, 4), _start("configs/stage1.py:tiny", mh1, {}, 2, 2)]
+    _, s1 = [_wait(r) for r in runs]
+    return ref1, mh1, s1
+
+
+def test_two_processes_match_one_process_with_four_devices(stage1_runs, tmp_path):
+    ref1, mh1, s1 = stage1_runs
     c1 = _config()
     pairs = str(tmp_path / "pairs.jsonl")
     _write_pairs(c1, pairs)
-    ref1, ref2, mh1, mh2 = (tmp_path / n for n in ("ref1", "ref2", "mh1", "mh2"))
-    # at once: the reference (one process, 4 devices) and the two processes of 2 devices each
-    runs = [_start("configs/stage1.py:tiny", ref1, {}, 1, 4), _start("configs/stage1.py:tiny", mh1, {}, 2, 2)]
-    _, s1 = [_wait(r) for r in runs]
+    ref2, mh2 = tmp_path / "ref2", tmp_path / "mh2"
     s2_over = {"stage2.pairs": pairs}
     runs = [_start("configs/stage2.py:tiny", ref2, {"init_from": str(ref1), **s2_over}, 1, 4),
             _start("configs/stage2.py:tiny", mh2, {"init_from": str(mh1), **s2_over}, 2, 2)]
@@ -128,7 +136,8 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
         # every step logged once: only process 0 writes metrics (the workdir is shared)
         assert len(b) == len(a)
         assert len(os.listdir(mh / "tensorboard")) == 1
-    # Stage 2 moved off log 2 (policy = reference at step 1) in both runs, by the same amounts
+    # Stage 2's first step: policy = reference (the Stage 1 checkpoint the two processes restored), so the loss is
+    # DPO's log 2 plus stage2.align_weight (0.1) x the alignment term
     first = _losses(_metrics(mh2), "train/loss")[0][1]
     assert first == pytest.approx(np.log(2) + 0.1 * _losses(_metrics(mh2), "train/align_loss")[0][1], abs=1e-4)
     # progress lines and the summary come from process 0 only
@@ -147,6 +156,31 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     # and one process (4 devices) resumes from it (params, optimizer state, step): nothing left to do at step 3
     c2 = _config(mode="stage2", init_from=str(mh1), **{"stage2.pairs": pairs})
     assert stage2.run(c2, str(mh2), devices=jax.devices()[:4])["step"] == 3
+
+
+@pytest.mark.slow
+def test_two_processes_make_pairs_and_evaluate(stage1_runs, tmp_path):
+    """make_pairs (decoding and candidate scoring over a mesh spanning both processes) writes the pairs of one
+    process with 4 devices; evaluate writes its report from process 0."""
+    _, mh1, _ = stage1_runs
+    over = {"init_from": str(mh1), "stage2.max_pair_turns": 16, "predict.max_new_tokens": 6, "predict.batch_size": 8}
+    one, two = tmp_path / "one", tmp_path / "two"
+    runs = [_start("configs/make_pairs.py:tiny", one, over, 1, 4), _start("configs/make_pairs.py:tiny", two, over, 2, 2)]
+    for r in runs:
+        _wait(r)
+    a, b = ([json.loads(x) for x in open(w / "pairs" / "part-00000.jsonl")] for w in (one, two))
+    assert len(a) == len(b) == 16
+    for x, y in zip(a, b):
+        assert (x["id"], x["rejected"], x["selected"]) == (y["id"], y["rejected"], y["selected"])
+        assert np.allclose(x["select_scores"], y["select_scores"], atol=1e-4)
+    assert open(one / "pairs.jsonl").read() == open(two / "pairs.jsonl").read()
+    ev = _wait(_start("configs/evaluate.py:tiny", tmp_path / "ev", {
+        "eval.checkpoints": f"s1={mh1}", "predict.max_records": 8, "predict.max_new_tokens": 6,
+        "predict.batch_size": 8, "eval.sentence_encoder": ""}, 2, 2))
+    report = tmp_path / "ev" / "eval" / "report.md"
+    assert "| Persona selection acc. ↑ |" in report.read_text() and "report: " in ev[0].stdout
+    assert "report: " not in ev[1].stdout  # process 1 prints no summary
+    assert len(open(tmp_path / "ev" / "eval" / "predictions_s1.jsonl").readlines()) == 8
 
 
 def test_each_host_builds_only_its_rows():
