@@ -104,6 +104,16 @@ def global_batch(batch: dict[str, np.ndarray], mesh: Mesh, n_rows: int | None = 
     return {k: put(v) for k, v in batch.items()}
 
 
+def put_global(tree, shardings):
+    """Host numpy arrays (the same full values on every process) -> global arrays with these shardings. With more
+    than one process each process places only the slices its devices hold (jax.device_put would first all-gather
+    every array to check that the processes agree: a full copy of the model per host)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+                        tree, shardings)
+
+
 def to_host(x) -> np.ndarray:
     """A jax.Array's full value as numpy on every process (an all-gather when other processes hold parts of it)."""
     if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:

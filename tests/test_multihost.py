@@ -16,7 +16,7 @@ from absl import app
 
 from helpers import REPO, cli_args, tiny_config
 from pal_jax import checkpoint as ckpt_lib
-from pal_jax import stage1, stage2
+from pal_jax import stage2
 from pal_jax.data import convai2, corpus, pipeline, templates
 from pal_jax.experiment import Experiment
 from pal_jax.main import distributed_args
