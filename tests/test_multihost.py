@@ -136,12 +136,16 @@ def test_two_processes_match_one_process_with_four_devices(stage1_runs, tmp_path
         # every step logged once: only process 0 writes metrics (the workdir is shared)
         assert len(b) == len(a)
         assert len(os.listdir(mh / "tensorboard")) == 1
+    # process 0 trained and saved the tokenizer (whole files, renamed into place); process 1 loaded it
+    assert sorted(os.listdir(mh1 / "tokenizer")) == ["pal_tokenizer.json", "tokenizer.json", "tokenizer_config.json"]
     # Stage 2's first step: policy = reference (the Stage 1 checkpoint the two processes restored), so the loss is
     # DPO's log 2 plus stage2.align_weight (0.1) x the alignment term
     first = _losses(_metrics(mh2), "train/loss")[0][1]
     assert first == pytest.approx(np.log(2) + 0.1 * _losses(_metrics(mh2), "train/align_loss")[0][1], abs=1e-4)
     # progress lines and the summary come from process 0 only
     for res in (s1, s2):
+        for i in (0, 1):
+            assert f"jax.distributed: process {i} of 2, 2 local / 4 global devices" in res[i].stderr
         assert "step 3/3 loss" in res[0].stderr and "step: 3" in res[0].stdout
         assert "step 3/3 loss" not in res[1].stderr and "step: 3" not in res[1].stdout
     # the two processes' Stage 2 checkpoint restores in one process, on one device, equal to the reference
