@@ -119,7 +119,8 @@ class JaxDPO:
             jax.jit(tx.init).lower(ms.abstract).compile().output_shardings)
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(policy)
         self.task = train.Task(name="stage2", loss_fn=stage2.make_loss_fn(ms.graphdef, c.stage2),
-                               train_batch=lambda step: host_batch, eval_batches=lambda: [], extra=self.ref)
+                               train_batch=lambda step, rows_of=None: host_batch, eval_batches=lambda rows_of=None: [],
+                               extra=self.ref)
         self.step_fn = train.make_train_step(ms, self.task, tx, c.train.grad_accum, opt_shardings)
         self.batch = mesh_lib.global_batch(host_batch, mesh)
         self.state = (policy, opt_state)

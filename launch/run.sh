@@ -14,9 +14,11 @@
 #   --fetch_logs  afterwards, copy every worker's log to --log_dir (default pal_logs/NAME) with launch/logs.sh
 #   --dry_run     print the gcloud commands (one per line, "+ ...") instead of running them
 #
-# Multi-host: the same command runs on every worker of the slice. On a TPU pod slice jax.distributed.initialize()
-# needs no flags (JAX finds the coordinator, the process count and its own index from the TPU VM metadata), so no
+# Multi-host: the same command runs on every worker of the slice, with --distributed=on: pal_jax.main then calls
+# jax.distributed.initialize(), which on a TPU VM needs no flags (JAX finds the coordinator, the process count and
+# its own index from the TPU VM metadata; a gcloud ssh session carries no TPU_* variables to detect it by), so no
 # --coordinator_address/--num_processes/--process_id are passed; those are for GPU clusters (launch/gpu_multinode.sh).
+# `-- --distributed=auto` after the other arguments overrides it (the last flag wins).
 # Each worker also writes its exit status to ~/pal_logs/run-$(hostname).exit (read by launch/babysit.sh).
 set -euo pipefail
 # shellcheck source=common.sh
@@ -28,7 +30,7 @@ check_workdir
 tpu_flags
 name=${ARG[name]}
 
-pal_main_words "\$HOME/$REMOTE_VENV/bin/python"
+pal_main_words "\$HOME/$REMOTE_VENV/bin/python" --distributed=on
 main=$REPLY
 # Appends, so a rerun keeps the earlier attempts' output above its own.
 body="$main >> $HOST_LOG 2>&1"

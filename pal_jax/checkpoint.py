@@ -3,6 +3,9 @@
 Layout: WORKDIR/checkpoints/<step>/{params,opt_state,meta}. Orbax writes each step into a temporary directory and
 renames it when complete, so a crash or SIGKILL mid-save leaves the previous step as the latest readable one.
 Restoring takes abstract targets with shardings, so a checkpoint written on one mesh restores onto another.
+Multi-host: every process calls save and restore (each writes and reads its own shards; Orbax coordinates them);
+the workdir must be a location all processes share (gs://..., NFS). Paths go through etils.epath: a local path is
+made absolute as before, a URL (gs://bucket/run) is kept as it is.
 """
 from __future__ import annotations
 
@@ -12,18 +15,30 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+def is_url(path) -> bool:
+    """gs://..., s3://... and other epath URLs (never made absolute or joined with os.path)."""
+    return "://" in os.fspath(path)
+
+
+def resolve(path) -> str:
+    """A workdir as a string: a local path made absolute, a URL unchanged."""
+    path = os.fspath(path)
+    return path if is_url(path) else os.path.abspath(path)
 
 
 def checkpoint_dir(path: str) -> str:
     """A workdir or its checkpoints/ folder -> the checkpoints folder."""
-    path = os.path.abspath(path)
-    sub = os.path.join(path, "checkpoints")
-    return sub if os.path.isdir(sub) else path
+    path = epath.Path(resolve(path))
+    sub = path / "checkpoints"
+    return os.fspath(sub if sub.is_dir() else path)
 
 
 class Checkpointer:
     def __init__(self, workdir: str, keep: int = 2, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = os.fspath(epath.Path(resolve(workdir)) / "checkpoints")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -31,8 +46,8 @@ class Checkpointer:
     @staticmethod
     def exists(workdir: str) -> bool:
         """True when WORKDIR/checkpoints holds at least one complete step (a run to resume)."""
-        d = os.path.join(os.path.abspath(workdir), "checkpoints")
-        return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+        d = epath.Path(resolve(workdir)) / "checkpoints"
+        return d.is_dir() and any(n.name.isdigit() for n in d.iterdir())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -63,7 +78,7 @@ class Checkpointer:
 
 def _manager(path: str) -> tuple[ocp.CheckpointManager, int]:
     directory = checkpoint_dir(path)
-    if not os.path.isdir(directory):
+    if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"no checkpoints at {path}: expected a workdir with a checkpoints/ folder "
                                 f"(written by a stage1 run) or a checkpoints folder")
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))

@@ -21,7 +21,9 @@ import time
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 
+from pal_jax import mesh as mesh_lib
 from pal_jax import metrics as M
 from pal_jax.predict import Predictor, Record
 
@@ -174,14 +176,16 @@ def _fmt(v) -> str:
 
 
 def write_report(out_dir: str, results: dict[str, dict], info: dict) -> dict[str, str]:
-    """metrics.json, report.md and report.png for checkpoints side by side. Returns the three paths."""
-    os.makedirs(out_dir, exist_ok=True)
+    """metrics.json, report.md and report.png for checkpoints side by side (out_dir: a local path or an epath URL
+    such as gs://...). Returns the three paths."""
+    root = epath.Path(os.fspath(out_dir))
+    root.mkdir(parents=True, exist_ok=True)
     names = list(results)
-    paths = {k: os.path.join(out_dir, f) for k, f in
+    paths = {k: os.fspath(root / f) for k, f in
              (("json", "metrics.json"), ("markdown", "report.md"), ("plot", "report.png"))}
-    with open(paths["json"] + ".tmp", "w") as f:
-        json.dump({"info": info, "results": results}, f, indent=2)
-    os.replace(paths["json"] + ".tmp", paths["json"])
+    tmp = epath.Path(paths["json"] + ".tmp")
+    tmp.write_text(json.dumps({"info": info, "results": results}, indent=2))
+    tmp.replace(paths["json"])
     lines = [f"# pal_jax evaluation: {info.get('data', '')}", "",
              f"{info.get('n', '')} turns. " + info.get("notes", ""), "",
              "| metric | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
@@ -196,8 +200,7 @@ def write_report(out_dir: str, results: dict[str, dict], info: dict) -> dict[str
             " (C-score needs config.eval.nli_model)" if "C-score" in skipped else "") + (
             " (the consistency proxy needs config.eval.sentence_encoder)"
             if set(CONSISTENCY_LABELS) <= set(skipped) else "") + "."]
-    with open(paths["markdown"], "w") as f:
-        f.write("\n".join(lines) + "\n")
+    epath.Path(paths["markdown"]).write_text("\n".join(lines) + "\n")
     _plot(paths["plot"], results)
     return paths
 
@@ -219,20 +222,24 @@ def _plot(path: str, results: dict[str, dict]) -> None:
     ax.legend()
     ax.set_title("Select then Generate")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    epath.Path(path).write_bytes(buf.getvalue())
 
 
 def write_predictions(path: str, records, predictions: Sequence) -> None:
     """JSONL: one object per record with the selection, its score, every candidate's score and the response."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r, p in zip(records, predictions):
-            obj = {"id": getattr(r, "id", None), "persona": list(r.persona), "history": list(r.history),
-                   "selected_persona": p.selected, "selected_text": p.selected_text,
-                   "select_score": p.select_score, "candidate_scores": p.candidate_scores, "response": p.response}
-            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    lines = []
+    for r, p in zip(records, predictions):
+        obj = {"id": getattr(r, "id", None), "persona": list(r.persona), "history": list(r.history),
+               "selected_persona": p.selected, "selected_text": p.selected_text,
+               "select_score": p.select_score, "candidate_scores": p.candidate_scores, "response": p.response}
+        lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
+    tmp = epath.Path(os.fspath(path) + ".tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    tmp.replace(path)
     logging.info("predictions: %d records -> %s", len(predictions), path)
 
 
@@ -255,8 +262,8 @@ def run_evaluate(config, workdir: str) -> dict:
     from pal_jax.predict import load_predictor, load_records
     records, origin = load_records(config)
     ckpts = parse_checkpoints(config.eval.checkpoints, workdir)
-    out_dir = config.eval.output_dir or os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = config.eval.output_dir or os.fspath(epath.Path(workdir) / "eval")
+    primary = mesh_lib.is_primary()  # multi-host: every process predicts, process 0 writes the files
     results = {}
     nli = None
     if config.eval.nli_model:
@@ -266,7 +273,9 @@ def run_evaluate(config, workdir: str) -> dict:
     for name, path in ckpts.items():
         predictor = load_predictor(config, path)
         res, preds = evaluate(predictor, records, rank_by=config.eval.rank_by, nli=nli, sentence_encoder=encoder)
-        write_predictions(os.path.join(out_dir, f"predictions_{name}.jsonl"), records, preds)
+        if primary:
+            epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+            write_predictions(os.fspath(epath.Path(out_dir) / f"predictions_{name}.jsonl"), records, preds)
         results[name] = res
         logging.info("evaluate %s: %s", name, " ".join(f"{k} {v:.4f}" for k, v in res.items()
                                                         if isinstance(v, float)))
@@ -275,7 +284,11 @@ def run_evaluate(config, workdir: str) -> dict:
     info = {"data": origin, "n": len(records), "checkpoints": ckpts,
             "notes": "Select then Generate: the persona is chosen by the model (no gold labels); perplexity and "
                      "Hits@1 condition on that choice. " + c_note + " " + enc_note}
-    paths = write_report(out_dir, results, info)
-    with open(paths["markdown"]) as f:
-        print(f.read())
+    if primary:
+        paths = write_report(out_dir, results, info)
+        print(epath.Path(paths["markdown"]).read_text())
+    else:
+        paths = {k: os.fspath(epath.Path(out_dir) / f) for k, f in
+                 (("json", "metrics.json"), ("markdown", "report.md"), ("plot", "report.png"))}
+    mesh_lib.sync("evaluation written")
     return {"report": paths["markdown"], "metrics": paths["json"], "plot": paths["plot"]}

@@ -1,6 +1,10 @@
 """pal_jax entry point: one absl app that dispatches on config.mode.
 
     python -m pal_jax.main --config=configs/stage1.py:tiny --workdir=/tmp/pal_s1 [--config.train.steps=100]
+
+Multi-host: the same command on every host, plus --distributed=on (TPU pod slices) or --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (GPU nodes, tests); SLURM / Open MPI jobs are detected (--distributed=auto). Only
+process 0 prints progress and the summary.
 """
 from __future__ import annotations
 
@@ -12,7 +16,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file, optionally with ':preset'.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, the tokenizer and reports go (a local path).")
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, the tokenizer and reports go: a local path or "
+                    "any etils.epath URL, e.g. gs://bucket/run (shared by every process of a multi-host run).")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "jax.distributed.initialize(): 'on' always (TPU pod slices: JAX finds the coordinator, the process "
+                  "count and this process's index itself), 'off' never, 'auto' when the coordinator flags below are "
+                  "given or the environment shows a multi-process job (SLURM, Open MPI, TPU_WORKER_HOSTNAMES, "
+                  "JAX_COORDINATOR_ADDRESS).")
 flags.DEFINE_string("coordinator_address", None, "Multi-process runs outside TPU pods/SLURM: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
@@ -20,14 +30,55 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+def _env_is_multiprocess(env) -> bool:
+    """Whether the environment shows a job of more than one process that jax.distributed can configure itself."""
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    if "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "2")) > 1:
+        return True
+    hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+    return len([h for h in hosts.split(",") if h.strip()]) > 1 or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
+
+
+def distributed_args(mode: str, coordinator_address: str | None, num_processes: int | None,
+                     process_id: int | None, env=None) -> dict | None:
+    """The keyword arguments for jax.distributed.initialize(), or None for a single-process run.
+
+    Explicit flags are passed as given (what they leave out JAX detects); `on` initialises even when nothing in
+    the environment says so (a gcloud ssh session on a TPU pod slice carries no TPU_* variables; JAX reads the TPU
+    VM's metadata instead); `off` never initialises."""
+    env = os.environ if env is None else env
+    explicit = {k: v for k, v in (("coordinator_address", coordinator_address), ("num_processes", num_processes),
+                                  ("process_id", process_id)) if v is not None}
+    if mode == "off":
+        if explicit:
+            raise app.UsageError(f"--distributed=off contradicts --{', --'.join(explicit)}: expected no coordinator "
+                                 f"flags with --distributed=off, or --distributed=auto/on")
+        return None
+    if mode not in ("auto", "on"):
+        raise app.UsageError(f"--distributed={mode!r}: expected auto, on or off")
+    if explicit and "coordinator_address" not in explicit and not env.get("JAX_COORDINATOR_ADDRESS") \
+            and mode == "auto":
+        raise app.UsageError(f"--{', --'.join(explicit)} given without --coordinator_address: expected all three "
+                             f"(--coordinator_address=HOST:PORT --num_processes=N --process_id=I), or "
+                             f"--distributed=on where JAX finds the coordinator itself (TPU pods, SLURM)")
+    if mode == "on" or explicit or _env_is_multiprocess(env):
+        return explicit
+    return None
+
+
 def _distributed_init():
+    kwargs = distributed_args(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if kwargs is None:
+        return
     import jax
-    if FLAGS.coordinator_address:
-        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    elif any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "JAX_COORDINATOR_ADDRESS")) and \
-            int(os.environ.get("TPU_WORKER_COUNT", os.environ.get("SLURM_NTASKS", "2"))) > 1:
-        jax.distributed.initialize()
+    jax.distributed.initialize(**kwargs)
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    if jax.process_index() != 0:  # progress, metrics and reports come from process 0 only
+        logging.set_verbosity(logging.WARNING)
 
 
 # mode -> (module, function(config, workdir) -> summary dict)
@@ -68,8 +119,10 @@ def main(argv):
         sys.exit(2)
     _distributed_init()
     summary = dispatch(FLAGS.config, FLAGS.workdir)
-    for k, v in summary.items():
-        print(f"{k}: {v}")
+    import jax
+    if jax.process_index() == 0:
+        for k, v in summary.items():
+            print(f"{k}: {v}")
 
 
 if __name__ == "__main__":

@@ -82,12 +82,64 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def process_rows(mesh: Mesh, n_rows: int) -> np.ndarray:
+    """The rows of an [n_rows, ...] global batch that this process feeds: the union, in increasing order, of the
+    row blocks its devices hold under batch_sharding (all rows with one process). A host builds only these rows;
+    global_batch assembles the global array from them."""
+    if jax.process_count() == 1:
+        return np.arange(n_rows)
+    blocks = {(s[0].start or 0, n_rows if s[0].stop is None else s[0].stop)
+              for s in batch_sharding(mesh, 1).addressable_devices_indices_map((n_rows,)).values()}
+    return np.concatenate([np.arange(a, b) for a, b in sorted(blocks)]).astype(np.int64)
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh: Mesh, n_rows: int | None = None) -> dict[str, jax.Array]:
     """Host-local numpy batch -> global jax arrays split along the batch axes.
 
-    Each process passes its own rows (its slice of the global batch); with one process that is the whole batch.
-    """
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in batch.items()}
+    Each process passes its own rows, `process_rows(mesh, n_rows)` of the global batch (with one process: all of
+    them); n_rows is the global batch's row count (None: inferred from the local rows and the sharding)."""
+    def put(v):
+        shape = None if n_rows is None else (n_rows, *v.shape[1:])
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v, shape)
+    return {k: put(v) for k, v in batch.items()}
+
+
+def put_global(tree, shardings):
+    """Host numpy arrays (the same full values on every process) -> global arrays with these shardings. With more
+    than one process each process places only the slices its devices hold (jax.device_put would first all-gather
+    every array to check that the processes agree: a full copy of the model per host)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+                        tree, shardings)
+
+
+def to_host(x) -> np.ndarray:
+    """A jax.Array's full value as numpy on every process (an all-gather when other processes hold parts of it)."""
+    if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def is_primary() -> bool:
+    """Process 0: the one that writes logs, metrics, reports and other files beside the checkpoints."""
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Wait until every process reaches this point (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def broadcast(value):
+    """Process 0's value (a numpy-convertible pytree) on every process (no-op with one process)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    return multihost_utils.broadcast_one_to_all(value)
 
 
 def batch_divisor(mesh: Mesh) -> int:

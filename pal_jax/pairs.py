@@ -18,6 +18,10 @@ Two kinds of pair, both built from the Stage 1 model's own outputs on the traini
   on whatever Stage 1 selects.
 
 Shards keep each turn's candidate scores (`select_scores`), so the pairs can be rebuilt without the model.
+
+Multi-host: every process decodes every shard (the model is sharded over all of them); process 0 decides which
+shards are missing and writes the files; the others wait for it and read pairs_info.json. Paths go through
+etils.epath, so the workdir may be gs://... .
 """
 from __future__ import annotations
 
@@ -27,24 +31,35 @@ import os
 import time
 
 import jax
+import numpy as np
+from etils import epath
 
+from pal_jax import mesh as mesh_lib
 from pal_jax.data import convai2, templates
 
 SHARD = 256  # turns per shard
 
 
 def pairs_path(workdir: str) -> str:
-    return os.path.join(workdir, "pairs.jsonl")
+    return os.fspath(epath.Path(os.fspath(workdir)) / "pairs.jsonl")
 
 
 def _atomic_write_lines(path: str, rows) -> None:
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     tmp = f"{path}.tmp-{os.getpid()}"
+    if "://" in path:  # object store: written whole, then renamed
+        epath.Path(tmp).write_text(text, encoding="utf-8")
+        epath.Path(tmp).replace(path)
+        return
     with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _read_lines(path) -> list[dict]:
+    return [json.loads(line) for line in epath.Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def _same(a: str, b: str) -> bool:
@@ -78,40 +93,56 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
     first max_turns; 0 = all) and write the pairs. Returns counts and paths."""
     if generate_on not in GENERATE_ON:
         raise ValueError(f"stage2.generate_pairs_on = {generate_on!r}: expected one of {GENERATE_ON}")
+    root = epath.Path(os.fspath(workdir))
     out = pairs_path(workdir)
-    info_path = os.path.join(workdir, "pairs_info.json")
-    if os.path.exists(out) and os.path.exists(info_path):
-        with open(info_path) as f:
-            info = json.load(f)
+    info_path = root / "pairs_info.json"
+    primary = mesh_lib.is_primary()
+    finished = bool(mesh_lib.broadcast(np.asarray(epath.Path(out).exists() and info_path.exists(), np.int32)))
+    if finished:
+        info = json.loads(info_path.read_text())
         logging.info("pairs: %s exists (%d pairs); skipping", out, info["pairs"])
         return info
     records = convai2.records_from_dialogues(dialogues)
     if max_turns:
         records = records[:max_turns]
-    shard_dir = os.path.join(workdir, "pairs")
-    os.makedirs(shard_dir, exist_ok=True)
+    shard_dir = root / "pairs"
     n_shards = -(-len(records) // SHARD)
+    shard = [os.fspath(shard_dir / f"part-{k:05d}.jsonl") for k in range(n_shards)]
+    if primary:
+        shard_dir.mkdir(parents=True, exist_ok=True)
+    # which shards exist: process 0's view, so every process decodes the same shards (the decoding is collective)
+    have = mesh_lib.broadcast(np.asarray([epath.Path(p).exists() for p in shard] or [False], np.int32))
     t0, done_before = time.time(), 0
     for k in range(n_shards):
-        path = os.path.join(shard_dir, f"part-{k:05d}.jsonl")
-        if os.path.exists(path):
+        if have[k]:
             done_before += 1
             continue
         chunk = records[k * SHARD:(k + 1) * SHARD]
         predictor.rng = jax.random.fold_in(jax.random.key(seed), k)
         replies = predictor.persona_free(chunk)
         picks = predictor.select(chunk) if select_pairs else [(None, None, None)] * len(chunk)
-        _atomic_write_lines(path, ({"id": r.id, "persona": list(r.persona), "history": list(r.history),
-                                    "persona_label": r.persona_label, "chosen": r.response, "rejected": reply,
-                                    "selected": pick[0], "select_scores": pick[2]}
-                                   for r, reply, pick in zip(chunk, replies, picks)))
+        if primary:
+            _atomic_write_lines(shard[k], ({"id": r.id, "persona": list(r.persona), "history": list(r.history),
+                                            "persona_label": r.persona_label, "chosen": r.response, "rejected": reply,
+                                            "selected": pick[0], "select_scores": pick[2]}
+                                           for r, reply, pick in zip(chunk, replies, picks)))
         done = k + 1 - done_before
         eta = (time.time() - t0) / done * (n_shards - k - 1)
         logging.info("pairs: shard %d/%d (%d turns) ETA %.0fs", k + 1, n_shards, len(chunk), eta)
+    if not primary:
+        mesh_lib.sync("pairs written")  # process 0 writes pairs.jsonl and pairs_info.json
+        return json.loads(info_path.read_text())
+    info = _finish(shard, out, info_path, seed, select_pairs, generate_on)
+    mesh_lib.sync("pairs written")
+    return info
+
+
+def _finish(shard: list[str], out: str, info_path, seed: int, select_pairs: bool, generate_on: str) -> dict:
+    """The pairs of every decoded shard -> pairs.jsonl, then pairs_info.json (written last: it marks them done)."""
+    shard_dir = os.path.dirname(shard[0]) if shard else ""
     rows = []
-    for k in range(n_shards):
-        with open(os.path.join(shard_dir, f"part-{k:05d}.jsonl"), encoding="utf-8") as f:
-            rows += [json.loads(line) for line in f]
+    for path in shard:
+        rows += _read_lines(path)
     if select_pairs and any(r.get("select_scores") is None for r in rows):
         raise ValueError(f"{shard_dir}: shards written without the Select step (by make_pairs with select_pairs "
                          f"off); expected every row to have 'select_scores'. Delete {shard_dir} to rebuild them")
@@ -126,9 +157,9 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
             "dropped_identical": len(eligible) - n_gen, "path": out, "seed": seed,
             "stage1_selection_accuracy": (sum(r["selected"] == r["persona_label"] for r in labelled) / len(labelled)
                                           if labelled else None)}
-    with open(info_path + ".tmp", "w") as f:
-        json.dump(info, f, indent=2)
-    os.replace(info_path + ".tmp", info_path)  # written last: its presence marks the pairs complete
+    tmp = epath.Path(os.fspath(info_path) + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(info_path)  # written last: its presence marks the pairs complete
     logging.info("pairs: %d turns -> %d generate pairs from %d %s turns (%d dropped: persona-free reply identical "
                  "to the gold one) + %d select pairs (Stage 1 selection accuracy %s) in %s", len(rows), n_gen,
                  len(eligible), generate_on, len(eligible) - n_gen, len(kept) - n_gen,
@@ -137,11 +168,10 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
 
 
 def read_pairs(path: str) -> list[dict]:
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         raise FileNotFoundError(f"no preference pairs at {path}: expected the output of "
                                 f"`python -m pal_jax.main --config=configs/make_pairs.py:PRESET --workdir=...`")
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = _read_lines(path)
     for i, r in enumerate(rows, start=1):
         for key in ("persona", "history", "chosen", "rejected", "persona_label"):
             if key not in r:

@@ -15,24 +15,24 @@ import logging
 import os
 import time
 
+from etils import epath
+
 from pal_jax import checkpoint as ckpt_lib
+from pal_jax import mesh as mesh_lib
 
 MOVED_HEADER = "## What Stage 2 moved"
 
 
 def _read(path: str) -> str:
     """The file's text, "" when it does not exist."""
-    if not os.path.exists(path):
-        return ""
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    p = epath.Path(path)
+    return p.read_text(encoding="utf-8") if p.exists() else ""
 
 
 def _none_share(path: str) -> float | None:
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         return None
-    with open(path, encoding="utf-8") as f:
-        sel = [json.loads(line)["selected_persona"] for line in f if line.strip()]
+    sel = [json.loads(line)["selected_persona"] for line in _read(path).split("\n") if line.strip()]
     return sum(s == -1 for s in sel) / len(sel) if sel else None
 
 
@@ -40,8 +40,7 @@ def what_moved(eval_dir: str, s2_dir: str) -> list[str]:
     """Markdown lines: Stage 2 minus Stage 1 for every metric of the report, how often each model selects no
     persona, and what the Stage 2 pairs were made of."""
     from pal_jax.evaluate import REPORT_ROWS
-    with open(os.path.join(eval_dir, "metrics.json")) as f:
-        res = json.load(f)["results"]
+    res = json.loads(_read(os.fspath(epath.Path(eval_dir) / "metrics.json")))["results"]
     a, b = res["stage1"], res["stage2"]
     lines = ["", MOVED_HEADER, "", "| metric | stage2 - stage1 | better |", "| --- | --- | --- |"]
     for key, label, higher in REPORT_ROWS:
@@ -49,14 +48,13 @@ def what_moved(eval_dir: str, s2_dir: str) -> list[str]:
             d = b[key] - a[key]
             better = "=" if d == 0 else ("yes" if (d > 0) == higher else "no")
             lines.append(f"| {label} | {d:+.4f} | {better} |")
-    shares = [_none_share(os.path.join(eval_dir, f"predictions_{n}.jsonl")) for n in ("stage1", "stage2")]
+    shares = [_none_share(os.fspath(epath.Path(eval_dir) / f"predictions_{n}.jsonl")) for n in ("stage1", "stage2")]
     if None not in shares:
         lines += ["", f"Share of turns where the model selects `No personal description.`: stage1 "
                       f"{shares[0]:.4f}, stage2 {shares[1]:.4f}."]
-    info_path = os.path.join(s2_dir, "pairs_info.json")
-    if os.path.exists(info_path):
-        with open(info_path) as f:
-            info = json.load(f)
+    info_path = os.fspath(epath.Path(s2_dir) / "pairs_info.json")
+    if epath.Path(info_path).exists():
+        info = json.loads(_read(info_path))
         acc = info.get("stage1_selection_accuracy")
         on = info.get("generate_on", "all")
         where = ("every turn" if on == "all" else
@@ -79,7 +77,7 @@ def run(config, workdir: str) -> dict:
 
     from pal_jax import evaluate, stage1, stage2
     times = {}
-    s1_dir, s2_dir, eval_dir = (os.path.join(workdir, d) for d in ("stage1", "stage2", "eval"))
+    s1_dir, s2_dir, eval_dir = (os.fspath(epath.Path(workdir) / d) for d in ("stage1", "stage2", "eval"))
 
     t0 = time.time()
     if _finished(s1_dir, config.train.steps):
@@ -102,10 +100,11 @@ def run(config, workdir: str) -> dict:
     times["pairs_and_stage2_s"] = time.time() - t0
 
     t0 = time.time()
-    report = os.path.join(eval_dir, "report.md")
-    if os.path.exists(os.path.join(eval_dir, "metrics.json")) and MOVED_HEADER in _read(report):
+    report = os.fspath(epath.Path(eval_dir) / "report.md")
+    if epath.Path(eval_dir, "metrics.json").exists() and MOVED_HEADER in _read(report):
         logging.info("pipeline: evaluation done (%s), skipping", eval_dir)
-        print(_read(report))
+        if mesh_lib.is_primary():
+            print(_read(report))
         out = {"report": report}
     else:
         logging.info("pipeline: phase 3/3: Select then Generate evaluation -> %s", eval_dir)
@@ -114,11 +113,13 @@ def run(config, workdir: str) -> dict:
         c3.eval.output_dir = eval_dir
         c3.tokenizer.path = c3.tokenizer.path or os.path.join(s1_dir, "tokenizer")
         out = evaluate.run_evaluate(c3, workdir)
-        moved = what_moved(eval_dir, s2_dir)
-        with open(report + ".tmp", "w", encoding="utf-8") as f:
-            f.write(_read(report) + "\n".join(moved) + "\n")
-        os.replace(report + ".tmp", report)
-        print("\n".join(moved))
+        if mesh_lib.is_primary():  # multi-host: process 0 writes the report
+            moved = what_moved(eval_dir, s2_dir)
+            tmp = epath.Path(report + ".tmp")
+            tmp.write_text(_read(report) + "\n".join(moved) + "\n", encoding="utf-8")
+            tmp.replace(report)
+            print("\n".join(moved))
+        mesh_lib.sync("report written")
     times["eval_s"] = time.time() - t0
     logging.info("pipeline: %s", ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     return {**out, **times}

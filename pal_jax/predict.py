@@ -65,8 +65,11 @@ class Predictor:
         return pipeline.encode_prompt(parts, self.tok, budget)
 
     def _put(self, *arrays):
+        """Batch arrays -> global arrays split by rows; each process passes only its rows (multi-host)."""
         mesh = self.ms.mesh
-        return [jax.device_put(a, mesh_lib.batch_sharding(mesh, a.ndim)) for a in arrays]
+        local = mesh_lib.process_rows(mesh, len(arrays[0]))
+        out = mesh_lib.global_batch({str(i): a[local] for i, a in enumerate(arrays)}, mesh, len(arrays[0]))
+        return [out[str(i)] for i in range(len(arrays))]
 
     def _batches(self, lengths: Sequence[int]) -> Iterable[tuple[list[int], int]]:
         """Batches of row indices, shortest prompts first, each with its own prompt bucket: (rows padded to
@@ -100,7 +103,7 @@ class Predictor:
                     ct[r, k, :len(ids)] = ids
                     cm[r, k, :len(ids)] = True
             s, m = sampling.score_candidates_jit(self.ms.graphdef, self.params, *self._put(toks, mask, ct, cm))
-            s, m = np.asarray(jax.device_get(s)), np.asarray(jax.device_get(m))
+            s, m = mesh_lib.to_host(s), mesh_lib.to_host(m)  # every process gets every row
             for r, i in enumerate(rows[:real]):
                 k = len(candidates[i])
                 sums[i, :k], means[i, :k] = s[r, :k], m[r, :k]
@@ -131,7 +134,7 @@ class Predictor:
             self.rng, key = jax.random.split(self.rng)
             out = sampling.generate_jit(self.ms.graphdef, self.params, *self._put(toks, mask), key,
                                         cfg=self.sampling_cfg, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
-            out = np.asarray(jax.device_get(out))
+            out = mesh_lib.to_host(out)
             for r, i in enumerate(rows[:real]):
                 ids = [int(t) for t in out[r]]
                 if self.tok.eos_id in ids:
@@ -196,9 +199,10 @@ def load_predictor(config, ckpt_path: str, devices=None) -> Predictor:
             return _pretrained_predictor(config, spec, ckpt_path, devices)
     meta = ckpt_lib.load_meta(ckpt_path)
     saved = meta["config"]
+    from etils import epath
+    beside = epath.Path(ckpt_path) / "tokenizer"
     tok_path = config.tokenizer.path or (
-        os.path.join(ckpt_path, "tokenizer") if os.path.exists(os.path.join(ckpt_path, "tokenizer", "tokenizer.json"))
-        else saved.get("tokenizer", {}).get("path", ""))
+        os.fspath(beside) if (beside / "tokenizer.json").exists() else saved.get("tokenizer", {}).get("path", ""))
     if not tok_path:
         raise FileNotFoundError(f"no tokenizer for {ckpt_path}: expected {ckpt_path}/tokenizer/tokenizer.json or "
                                 f"--config.tokenizer.path")
@@ -267,6 +271,8 @@ def run_predict(config, workdir: str) -> dict:
     records, origin = load_records(config)
     preds = predictor.predict(records)
     out = config.predict.output or os.path.join(workdir, "predictions.jsonl")
+    if not mesh_lib.is_primary():  # multi-host: every process predicts, process 0 writes
+        return {"records": len(preds), "input": origin, "predictions": out}
     write_predictions(out, records, preds)
     for r, p in list(zip(records, preds))[:5]:
         print(f"user: {r.history[-1]}\n  persona: {p.selected_text}  (score {p.select_score:.2f})\n  bot: {p.response}")

@@ -16,10 +16,10 @@ import json
 import logging
 import os
 
-import jax
 from flax import nnx
 
 from pal_jax import checkpoint as ckpt_lib
+from pal_jax import mesh as mesh_lib
 from pal_jax.model import ModelConfig, Transformer
 
 SMOLLM2 = "smollm2_gguf"
@@ -87,6 +87,6 @@ def load(spec: str, ms) -> dict | None:
     model = nnx.eval_shape(lambda: Transformer(ms.cfg, rngs=nnx.Rngs(0)))
     convert.load_hf_state_dict(model, tensors)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    params = jax.device_put(params, ms.shardings)
+    params = mesh_lib.put_global(params, ms.shardings)
     logging.info("init_from: %s weights of %s (%d tensors)", k, spec, len(tensors))
     return params

@@ -28,6 +28,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from pal_jax import checkpoint as ckpt_lib
 from pal_jax import lora, losses, train
@@ -94,39 +95,46 @@ class PairSource(pipeline.BatchSource):
     def set_pad(self, pad_id: int):
         self.pad_id = pad_id
 
-    def make_batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        real = [int(i) for i in rows if i >= 0]
-        longest = max((int(self.lengths[i]) for i in real), default=1)
-        L = self.buckets[int(np.searchsorted(np.asarray(self.buckets), longest, side="left"))]
+    @property
+    def rows_per_batch(self) -> int:
+        return 2 * self.batch_size  # chosen rows, then rejected rows
+
+    def make_batch(self, rows: np.ndarray, out: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The [2B, L] pair batch of these B pairs (-1 = a padding pair): row r < B is pair r's chosen side, row
+        B + r its rejected side. out: build only these of the 2B rows (multi-host: this process's slice)."""
+        L = self.bucket_length(rows)
         B = len(rows)
-        inputs = np.full((2 * B, L), self.pad_id, np.int32)
-        targets = np.full((2 * B, L), self.pad_id, np.int32)
-        weights = np.zeros((2 * B, L), np.float32)
-        persona = np.zeros((2 * B, L), np.float32)
-        valid = np.zeros((2 * B,), np.float32)
-        align = np.zeros((2 * B,), np.float32)  # rows the embedding-alignment term uses: generate pairs
-        ref = np.zeros((2 * B,), np.float32)
+        out = np.arange(2 * B) if out is None else np.asarray(out, np.int64)
+        R = len(out)
+        inputs = np.full((R, L), self.pad_id, np.int32)
+        targets = np.full((R, L), self.pad_id, np.int32)
+        weights = np.zeros((R, L), np.float32)
+        persona = np.zeros((R, L), np.float32)
+        valid = np.zeros((R,), np.float32)
+        align = np.zeros((R,), np.float32)  # rows the embedding-alignment term uses: generate pairs
+        ref = np.zeros((R,), np.float32)
+        starts = np.zeros((R,), np.int64)
         e = self.pairs
-        for r, i in enumerate(rows):
+        for row, o in enumerate(out):
+            half, r = divmod(int(o), B)
+            i = int(rows[r])
             if i < 0:
                 continue
-            for half, resp in ((0, e.chosen[i]), (1, e.rejected[i])):
-                ids = e.prompt[i] + resp
-                n = len(ids) - 1
-                row = half * B + r
-                inputs[row, :n] = ids[:-1]
-                targets[row, :n] = ids[1:]
-                weights[row, len(e.prompt[i]) - 1:n] = 1.0
-                persona[row, :e.head_len[i]] = 1.0
-                valid[row] = 1.0
-                align[row] = 0.0 if e.is_select[i] else 1.0
-                if self.ref_logps is not None:
-                    ref[row] = self.ref_logps[i, half]
-        positions = np.broadcast_to(np.arange(L, dtype=np.int32), (2 * B, L)).copy()
+            ids = e.prompt[i] + (e.chosen[i] if half == 0 else e.rejected[i])
+            n = len(ids) - 1
+            inputs[row, :n] = ids[:-1]
+            targets[row, :n] = ids[1:]
+            weights[row, len(e.prompt[i]) - 1:n] = 1.0
+            persona[row, :e.head_len[i]] = 1.0
+            valid[row] = 1.0
+            align[row] = 0.0 if e.is_select[i] else 1.0
+            starts[row] = len(e.prompt[i]) - 1
+            if self.ref_logps is not None:
+                ref[row] = self.ref_logps[i, half]
+        positions = np.broadcast_to(np.arange(L, dtype=np.int32), (R, L)).copy()
         batch = {"inputs": inputs, "targets": targets, "weights": weights, "positions": positions,
-                 "persona_mask": persona, "valid": valid, "align_mask": align, "task": np.zeros((2 * B,), np.int32)}
-        starts = np.asarray([len(e.prompt[i]) - 1 if i >= 0 else 0 for i in rows], np.int64)
-        pipeline.add_window(batch, np.concatenate([starts, starts]), self.window)
+                 "persona_mask": persona, "valid": valid, "align_mask": align, "task": np.zeros((R,), np.int32)}
+        pipeline.add_window(batch, starts, self.window)
         if self.ref_logps is not None:
             batch["ref_logps"] = ref
         return batch
@@ -183,6 +191,13 @@ def stage2_config(config):
     return c
 
 
+def _use_stage1_tokenizer(c, s1: str) -> None:
+    """config.tokenizer.path = the Stage 1 workdir's tokenizer, unless one is configured."""
+    saved = epath.Path(s1) / "tokenizer"
+    if not c.tokenizer.path and (saved / "tokenizer.json").exists():
+        c.tokenizer.path = os.fspath(saved)
+
+
 def stage1_workdir(config, workdir: str) -> str:
     path = config.init_from
     if not path or not ckpt_lib.Checkpointer.exists(path):
@@ -209,9 +224,11 @@ def precompute_reference(ms, ref_params, src: PairSource) -> np.ndarray:
         return _logps(nnx.merge(ms.graphdef, params), batch)
 
     out = np.zeros((len(src.pairs.prompt), 2), np.float32)
+    n_rows = src.rows_per_batch
+    local = mesh_lib.process_rows(ms.mesh, n_rows)  # this process builds its rows; every process gets all log-probs
     for rows in src.eval_plan():
-        batch = src.make_batch(rows)
-        lp = np.asarray(jax.device_get(logps(ref_params, mesh_lib.global_batch(batch, ms.mesh))))
+        batch = src.make_batch(rows, local)
+        lp = mesh_lib.to_host(logps(ref_params, mesh_lib.global_batch(batch, ms.mesh, n_rows)))
         b = len(rows)
         for r, i in enumerate(rows):
             if i >= 0:
@@ -236,8 +253,7 @@ def run_make_pairs(config, workdir: str) -> dict:
     if not c.init_from:
         c.init_from = workdir
     s1 = stage1_workdir(c, workdir)
-    if not c.tokenizer.path and os.path.exists(os.path.join(s1, "tokenizer", "tokenizer.json")):
-        c.tokenizer.path = os.path.join(s1, "tokenizer")
+    _use_stage1_tokenizer(c, s1)
     exp = Experiment(c, workdir)
     ref_params, _ = reference_params(exp, s1)
     return make_pairs(reference_predictor(c, exp, ref_params), exp.corpus["train"], workdir, c.seed,
@@ -262,14 +278,13 @@ def train_stage2(config, workdir: str, devices=None):
     LoRA the one tree of the base and the Stage 1 adapters)."""
     s1 = stage1_workdir(config, workdir)
     c = stage2_config(config)
-    if not c.tokenizer.path and os.path.exists(os.path.join(s1, "tokenizer", "tokenizer.json")):
-        c.tokenizer.path = os.path.join(s1, "tokenizer")
+    _use_stage1_tokenizer(c, s1)
     exp = Experiment(c, workdir, devices=devices)
     ms = exp.model
     ref_params, lora_state = reference_params(exp, s1)
     logging.info("stage2: reference and initial policy = Stage 1 %s%s", s1, " (LoRA)" if lora_state else "")
     path = c.stage2.pairs or pairs_path(workdir)
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         if c.stage2.pairs:
             raise FileNotFoundError(f"config.stage2.pairs = {path!r} does not exist; expected a pairs.jsonl written "
                                     f"by make_pairs, or leave it empty to make the pairs in the workdir")

@@ -13,6 +13,7 @@ import os
 from typing import Iterable, Sequence
 
 import tokenizers
+from etils import epath
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
 PAD, EOS = "<pad>", "<eos>"
@@ -52,16 +53,22 @@ class Tokenizer:
         return self.tok.id_to_token(int(i))
 
     def save(self, directory) -> None:
-        directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
-        self.tok.save(os.path.join(directory, "tokenizer.json"))
+        """tokenizer.json, pal_tokenizer.json and tokenizer_config.json into `directory` (a local path or an epath
+        URL such as gs://...), each written whole and renamed into place, tokenizer.json last: a reader that finds
+        tokenizer.json finds the other two complete."""
+        directory = epath.Path(os.fspath(directory))
+        directory.mkdir(parents=True, exist_ok=True)
         names = {k: (self.token(v) if v is not None else None)
                  for k, v in (("pad_token", self.pad_id), ("eos_token", self.eos_id), ("bos_token", self.bos_id))}
-        with open(os.path.join(directory, PAL_FILE), "w") as f:
-            json.dump({"pad_id": self.pad_id, "eos_id": self.eos_id, "bos_id": self.bos_id, **names}, f, indent=1)
         cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **{k: v for k, v in names.items() if v is not None}}
-        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-            json.dump(cfg, f, indent=1)
+        files = {PAL_FILE: json.dumps({"pad_id": self.pad_id, "eos_id": self.eos_id, "bos_id": self.bos_id, **names},
+                                      indent=1),
+                 "tokenizer_config.json": json.dumps(cfg, indent=1),
+                 "tokenizer.json": self.tok.to_str(pretty=True)}
+        for name, text in files.items():
+            tmp = directory / f".{name}.tmp-{os.getpid()}"
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(directory / name)
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, eos_id={self.eos_id}, "
@@ -76,8 +83,7 @@ def _token_name(v) -> str | None:
 
 def _ids_from_config(tok: tokenizers.Tokenizer, cfg_path: str) -> dict[str, int | None]:
     try:
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
+        cfg = json.loads(epath.Path(cfg_path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e}); expected a tokenizer_config.json object") from None
     out: dict[str, int | None] = {}
@@ -105,42 +111,43 @@ def _find_special(tok: tokenizers.Tokenizer, names) -> int | None:
 def load_tokenizer(path) -> Tokenizer:
     """A directory holding tokenizer.json (special tokens from pal_tokenizer.json or tokenizer_config.json when
     present) or a tokenizer.json file. No pad token -> pad = eos. Without either json beside tokenizer.json, eos
-    and pad are found by their usual names (EOS_CANDIDATES, PAD_CANDIDATES)."""
-    path = os.fspath(path)
+    and pad are found by their usual names (EOS_CANDIDATES, PAD_CANDIDATES). `path` may be an epath URL (gs://)."""
+    path = epath.Path(os.fspath(path))
     expected = "a tokenizer directory holding tokenizer.json (Hugging Face style) or a tokenizer.json file"
-    if not os.path.exists(path):
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory; expected {expected}")
-    if os.path.isdir(path):
-        directory, tok_file = path, os.path.join(path, "tokenizer.json")
-        if not os.path.exists(tok_file):
+    if path.is_dir():
+        directory, tok_file = path, path / "tokenizer.json"
+        if not tok_file.exists():
             raise FileNotFoundError(f"{tok_file}: not found; expected {expected} (a slow tokenizer with only "
                                     f"vocab files is not supported: save it with a fast tokenizer first)")
     else:
-        directory, tok_file = os.path.dirname(path) or ".", path
+        directory, tok_file = path.parent, path
     try:
-        tok = tokenizers.Tokenizer.from_file(tok_file)
+        tok = tokenizers.Tokenizer.from_str(tok_file.read_text(encoding="utf-8"))
     except Exception as e:  # the Rust parser raises plain Exception subclasses
         raise ValueError(f"{tok_file}: cannot be read as a tokenizers JSON file ({e}); expected {expected}") from None
 
-    pal, cfg_file = os.path.join(directory, PAL_FILE), os.path.join(directory, "tokenizer_config.json")
-    if os.path.exists(pal):
-        with open(pal) as f:
-            meta = json.load(f)
+    pal, cfg_file = directory / PAL_FILE, directory / "tokenizer_config.json"
+    if pal.exists():
+        meta = json.loads(pal.read_text())
         for key in ("pad_id", "eos_id"):
             if not isinstance(meta.get(key), int):
                 raise ValueError(f"{pal}: key {key!r} is {meta.get(key)!r}; expected an integer token id")
-        return Tokenizer(tok, pad_id=meta["pad_id"], eos_id=meta["eos_id"], bos_id=meta.get("bos_id"), source=pal)
+        return Tokenizer(tok, pad_id=meta["pad_id"], eos_id=meta["eos_id"], bos_id=meta.get("bos_id"),
+                         source=os.fspath(pal))
     ids = {"eos_token": None, "pad_token": None, "bos_token": None}
-    if os.path.exists(cfg_file):
+    if cfg_file.exists():
         ids = _ids_from_config(tok, cfg_file)
     eos = ids["eos_token"] if ids["eos_token"] is not None else _find_special(tok, EOS_CANDIDATES)
     if eos is None:
         raise ValueError(f"{tok_file}: no eos token; expected 'eos_token' in {cfg_file} or a token named one of "
                          f"{', '.join(EOS_CANDIDATES)}")
     pad = ids["pad_token"]
-    if pad is None and not os.path.exists(cfg_file):  # a config without pad_token means: pad with eos
+    if pad is None and not cfg_file.exists():  # a config without pad_token means: pad with eos
         pad = _find_special(tok, PAD_CANDIDATES)
-    return Tokenizer(tok, pad_id=eos if pad is None else pad, eos_id=eos, bos_id=ids["bos_token"], source=tok_file)
+    return Tokenizer(tok, pad_id=eos if pad is None else pad, eos_id=eos, bos_id=ids["bos_token"],
+                     source=os.fspath(tok_file))
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, directory=None) -> Tokenizer:

@@ -5,6 +5,11 @@ optional profiler window, and a clean exit after a checkpoint on SIGTERM (preemp
 A stage supplies a `Task`: a loss written as sums (numerator, denominator, metric sums) so that micro-batches and
 devices add up exactly, a training batch source whose `batch(step)` is a pure function of the step, and held-out
 batches. The loop owns everything else.
+
+Multi-host: every process runs this loop. Each builds only its rows of every global batch (mesh.process_rows, passed
+to the task's batch functions as `rows_of`) and the global array is assembled from them; the checkpoints are written
+and restored by all processes together (Orbax); config.json, metrics and progress lines come from process 0 only.
+The workdir may be any etils.epath location (gs://...) that all processes share.
 """
 from __future__ import annotations
 
@@ -12,7 +17,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import time
 from typing import Any, Callable, Iterable
@@ -21,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
 from pal_jax import checkpoint as ckpt_lib
@@ -40,8 +45,10 @@ LossFn = Callable[[Transformer, dict, Any], tuple[jax.Array, jax.Array, dict[str
 class Task:
     name: str
     loss_fn: LossFn
-    train_batch: Callable[[int], dict[str, np.ndarray]]  # pure function of the step
-    eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]]
+    # train_batch(step, rows_of): a pure function of the step; rows_of(n_rows) -> the indices of the rows of the
+    # global batch to build (this process's, mesh.process_rows); eval_batches(rows_of) likewise
+    train_batch: Callable[[int, Callable], dict[str, np.ndarray]]
+    eval_batches: Callable[[Callable], Iterable[dict[str, np.ndarray]]]
     eval_name: str = "dev"
     extra: Any = None  # e.g. frozen reference params: passed to every step, never donated or differentiated
     extra_shardings: Any = None
@@ -205,10 +212,10 @@ def make_eval_step(ms: ModelState, task: Task):
 
 def evaluate_loss(eval_step, params, task: Task, mesh, max_batches: int = 0, frozen=None) -> dict[str, float]:
     totals: dict[str, float] = {}
-    for i, batch in enumerate(task.eval_batches()):
+    for i, batch in enumerate(task.eval_batches(_rows_of(mesh))):
         if max_batches and i >= max_batches:
             break
-        out = jax.device_get(eval_step(params, mesh_lib.global_batch(_local(batch), mesh), task.extra, frozen))
+        out = jax.device_get(eval_step(params, mesh_lib.global_batch(batch, mesh), task.extra, frozen))
         for k, v in out.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     den = max(totals.pop("den", 0.0), 1e-9)
@@ -218,12 +225,9 @@ def evaluate_loss(eval_step, params, task: Task, mesh, max_batches: int = 0, fro
     return res
 
 
-def _local(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """This process's rows of a global batch (each host feeds only its slice)."""
-    n, i = jax.process_count(), jax.process_index()
-    if n == 1:
-        return batch
-    return {k: np.array_split(v, n)[i] for k, v in batch.items()}
+def _rows_of(mesh) -> Callable[[int], np.ndarray]:
+    """rows_of(n_rows): the rows of a global batch this process builds (each host reads only its slice)."""
+    return lambda n_rows: mesh_lib.process_rows(mesh, n_rows)
 
 
 class _Preemption:
@@ -269,7 +273,7 @@ class _Profiler:
     trace wait for the queued steps; before()/after() return the seconds they took, which the timing leaves out."""
 
     def __init__(self, workdir: str, first: int, count: int):
-        self.dir = os.path.join(workdir, "profile")
+        self.dir = str(epath.Path(workdir) / "profile")  # a gs:// workdir stays a URL
         self.first, self.last = int(first), int(first) + int(count) - 1
         self.enabled = int(count) > 0 and int(first) > 0
         self.on = self.done = False
@@ -323,8 +327,9 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
         raise ValueError("train.run: expected the frozen base params exactly when the model has LoRA adapters "
                          f"(ms.lora = {ms.lora}, frozen given: {frozen is not None})")
     t_cfg = config.train
-    os.makedirs(workdir, exist_ok=True)
-    primary = jax.process_index() == 0
+    primary = mesh_lib.is_primary()
+    if primary:
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = ms.mesh
     div = mesh_lib.batch_divisor(mesh) * t_cfg.grad_accum
     if t_cfg.batch_size % div:
@@ -351,8 +356,7 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
         start = 0
     if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_json, f, indent=2)
+        (epath.Path(workdir) / "config.json").write_text(json.dumps(config_json, indent=2))
 
     train_step = make_train_step(ms, task, tx, t_cfg.grad_accum, opt_shardings)
     eval_step = make_eval_step(ms, task)
@@ -364,7 +368,9 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
     forward_passes = perf.TRAIN_PASSES + task.ref_forwards
     peak, peak_src = perf.peak_flops_per_device(ms.cfg.dtype, list(mesh.devices.flat), t_cfg.peak_tflops)
     logging.info("%s", perf.describe(ms.cfg, int(config.data.max_len), forward_passes, peak, peak_src))
-    meter = perf.Meter(ms.cfg, mesh.devices.size, peak, forward_passes)
+    # the meter sees this process's rows of each batch: per-device figures over this process's devices
+    local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    meter = perf.Meter(ms.cfg, local_devices, peak, forward_passes)
 
     def meta_for(step):
         return {"step": step, "task": task.name, "data": {**task.data_info, "next_step": step},
@@ -384,11 +390,13 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
     seen_shapes: set = set()  # batch shapes the step has been compiled for
     t_start, window = None, []
     with _Preemption() as pre, _Profiler(workdir, t_cfg.profile_start, t_cfg.profile_steps) as prof:
+        rows_of = _rows_of(mesh)
+        lr_at = jax.jit(optim.schedule(t_cfg))  # one compile (op by op, each schedule op compiles on its own)
         while step < t_cfg.steps:
-            host_batch = task.train_batch(step)
+            host_batch = task.train_batch(step, rows_of)  # this process's rows of the global batch
             key = perf.shape_key(host_batch)
             compiling = key not in seen_shapes  # a new bucket shape: this step compiles
-            batch = mesh_lib.global_batch(_local(host_batch), mesh)
+            batch = mesh_lib.global_batch(host_batch, mesh)
             meter.exclude(prof.before(step + 1, params))
             if compiling:  # compilation and this step's run are left out of the timing
                 jax.block_until_ready(params)
@@ -411,7 +419,7 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
                 n_bad = int(round(len(window) * (1 - m.pop("finite"))))
                 bad = bad + n_bad if n_bad else 0
                 now = time.time()
-                m["lr"] = float(optim.schedule(t_cfg)(step))
+                m["lr"] = float(lr_at(step))
                 pm = meter.summary(now)
                 if pm:
                     if peak:

@@ -26,7 +26,7 @@ LOC = ["--zone=us-central2-b", "--project=my-proj"]
 CREATE = ["--accelerator_type=v4-32", "--runtime_version=tpu-ubuntu2204-base"]
 RUN = ["--config=configs/stage1.py:tiny", "--workdir=gs://my-bucket/pal/stage1", "--config.train.steps=2000"]
 MAIN = ("$HOME/pal_venv/bin/python -m pal_jax.main --config=configs/stage1.py:tiny "
-        "--workdir=gs://my-bucket/pal/stage1 --config.train.steps=2000")
+        "--workdir=gs://my-bucket/pal/stage1 --config.train.steps=2000 --distributed=on")
 LOG = ">> $HOME/pal_logs/run-$(hostname).log 2>&1"
 SSH = ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
 SCP = ["gcloud", "compute", "tpus", "tpu-vm", "scp"]
@@ -170,7 +170,7 @@ def test_run_starts_pal_jax_main_on_every_worker_with_a_per_host_log(poisoned_pa
     assert remote.startswith("cd $HOME/pal_jax && mkdir -p $HOME/pal_logs && ")
     assert f"{MAIN} {LOG};" in remote
     assert "echo $status > $HOME/pal_logs/run-$(hostname).exit; exit $status" in remote
-    # a TPU pod needs no coordinator flags
+    # a TPU pod needs no coordinator flags; --distributed=on makes pal_jax call jax.distributed.initialize()
     assert "--coordinator_address" not in remote and "--process_id" not in remote
 
 
@@ -217,7 +217,7 @@ def test_run_remote_command_quotes_arguments_and_writes_the_host_log(poisoned_pa
         assert p.returncode == 3
     assert log.read_text().splitlines() == [
         "-m", "pal_jax.main", "--config=configs/stage1.py:tiny", "--workdir=gs://my-bucket/pal/stage1",
-        "--config.train.steps=2000", odd, "--alsologtostderr"]
+        "--config.train.steps=2000", odd, "--distributed=on", "--alsologtostderr"]
     assert exit_file.read_text().strip() == "3"
 
 

@@ -8,6 +8,8 @@
 3. `BatchSource`: rows grouped into length buckets; `batch(step)` is a pure function of (seed, step): epoch =
    step // steps_per_epoch, one seeded permutation per epoch (np.random.default_rng([seed, epoch])), so a resumed
    run sees exactly the batches it would have seen. `eval_batches()` yields every example once, in a fixed order.
+   Multi-host: `batch(step, rows_of)` builds only the rows of the global batch that `rows_of(n_rows)` names (this
+   process's slice, mesh.process_rows); the row order and the bucket length are those of the global batch.
 
 A row of an example with ids x[0..n-1] (n = prompt + target + 1): inputs = x[:-1], targets = x[1:], weight 1 on
 the positions whose target is a target token (the target text or its eos), i.e. t in [prompt_len - 1, n - 2].
@@ -239,14 +241,23 @@ class BatchSource:
         self._cache = (epoch, batches)
         return batches
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        """The batch of a training step: a pure function of (seed, step)."""
+    @property
+    def rows_per_batch(self) -> int:
+        """Rows of one batch's arrays (the global batch)."""
+        return self.batch_size
+
+    def _out(self, rows_of) -> np.ndarray | None:
+        return None if rows_of is None else np.asarray(rows_of(self.rows_per_batch), np.int64)
+
+    def batch(self, step: int, rows_of=None) -> dict[str, np.ndarray]:
+        """The batch of a training step: a pure function of (seed, step). rows_of(n_rows) -> the indices of the
+        rows to build (this process's slice of the global batch); None = all rows."""
         if self.steps_per_epoch == 0:
             raise ValueError("BatchSource has no examples for a training batch; expected a non-empty training set")
         if step < 0:
             raise ValueError(f"step = {step}; expected >= 0")
         epoch, k = divmod(int(step), self.steps_per_epoch)
-        return self.make_batch(self.epoch_batches(epoch)[k])
+        return self.make_batch(self.epoch_batches(epoch)[k], self._out(rows_of))
 
     # -- evaluation --------------------------------------------------------------------------------------------
     def eval_plan(self) -> list[np.ndarray]:
@@ -262,18 +273,24 @@ class BatchSource:
             plan.append(np.concatenate([carry, np.full(B - len(carry), -1, np.int64)]))
         return plan
 
-    def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
-        """Every example once, in a fixed order; the last batch is padded with weight-0 rows."""
+    def eval_batches(self, rows_of=None) -> Iterator[dict[str, np.ndarray]]:
+        """Every example once, in a fixed order; the last batch is padded with weight-0 rows. rows_of: as batch."""
+        out = self._out(rows_of)
         for rows in self.eval_plan():
-            yield self.make_batch(rows)
+            yield self.make_batch(rows, out)
 
     # -- rows -> arrays ----------------------------------------------------------------------------------------
-    def make_batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    def bucket_length(self, rows: np.ndarray) -> int:
+        """The smallest bucket that fits every row of a batch (all of its rows, wherever they are built)."""
+        longest = max((int(self.lengths[i]) for i in rows if i >= 0), default=1)
+        return self.buckets[int(np.searchsorted(np.asarray(self.buckets), longest, side="left"))]
+
+    def make_batch(self, rows: np.ndarray, out: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """inputs/targets/weights/positions [B, L] and task [B] for these rows (-1 = an all-padding row); L = the
-        smallest bucket that fits every row."""
-        real = [int(i) for i in rows if i >= 0]
-        longest = max((int(self.lengths[i]) for i in real), default=1)
-        L = self.buckets[int(np.searchsorted(np.asarray(self.buckets), longest, side="left"))]
+        smallest bucket that fits every row. out: build only these rows of the batch (B = len(out)); L is still
+        the whole batch's."""
+        L = self.bucket_length(rows)
+        rows = rows if out is None else np.asarray(rows)[out]
         B = len(rows)
         inputs = np.full((B, L), self.pad_id, np.int32)
         targets = np.full((B, L), self.pad_id, np.int32)
