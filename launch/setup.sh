@@ -24,11 +24,12 @@ name=${ARG[name]}
 # 1. The requirements files, to ~/pal_setup/ on every worker (the code itself comes with sync.sh).
 run_cmd gcloud compute tpus tpu-vm ssh "$name" "${TPU_FLAGS[@]}" --worker=all --command "mkdir -p \$HOME/$REMOTE_SETUP"
 run_cmd gcloud compute tpus tpu-vm scp "${TPU_FLAGS[@]}" --worker=all \
-  "$REPO_ROOT/requirements.txt" "$REPO_ROOT/requirements-nodeps.txt" "$name:$REMOTE_SETUP/"
+  "$REPO_ROOT/requirements.txt" "$REPO_ROOT/requirements-nodeps.txt" "$REPO_ROOT/requirements-gcs.txt" \
+  "$name:$REMOTE_SETUP/"
 
 # 2. The venv. 'jax[tpu]==0.10.2' brings libtpu (the TPU runtime) from PyPI as a dependency: no other TPU
 # driver or -f index is needed. requirements.txt pins the same jax/jaxlib; the --no-deps file holds wheels whose
-# own dependencies pal_jax never imports (see requirements-nodeps.txt).
+# own dependencies pal_jax never imports (see requirements-nodeps.txt); requirements-gcs.txt: gs:// workdirs.
 pip="\$HOME/$REMOTE_VENV/bin/python -m pip install -q"
 remote="if ! $py -c \"import ensurepip\" > /dev/null 2>&1; then"
 remote+=" sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q $py $py-venv; fi"
@@ -37,6 +38,7 @@ remote+=" && \$HOME/$REMOTE_VENV/bin/python -m pip install -q --upgrade pip"
 remote+=" && $pip \"$JAX_TPU_SPEC\""
 remote+=" && $pip -r \$HOME/$REMOTE_SETUP/requirements.txt"
 remote+=" && $pip --no-deps -r \$HOME/$REMOTE_SETUP/requirements-nodeps.txt"
+remote+=" && $pip -r \$HOME/$REMOTE_SETUP/requirements-gcs.txt"  # gs:// workdirs
 # a check that needs no TPU (initialising the TPU backend on one worker of a pod would wait for the others)
 remote+=" && \$HOME/$REMOTE_VENV/bin/python -c \"import jax, libtpu; print(jax.__version__)\""
 run_cmd gcloud compute tpus tpu-vm ssh "$name" "${TPU_FLAGS[@]}" --worker=all --command "$remote"

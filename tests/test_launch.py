@@ -118,14 +118,15 @@ def test_setup_installs_jax_tpu_and_requirements_on_every_worker(poisoned_path):
     for argv in (mkdir, scp, install):
         assert "--worker=all" in argv and "--zone=us-central2-b" in argv and "--project=my-proj" in argv
     assert mkdir[:6] == [*SSH, "pal-v4"] and install[:6] == [*SSH, "pal-v4"]
-    assert scp[:5] == SCP and scp[-3:] == [str(REPO / "requirements.txt"), str(REPO / "requirements-nodeps.txt"),
-                                           "pal-v4:pal_setup/"]
+    assert scp[:5] == SCP and scp[-4:] == [str(REPO / "requirements.txt"), str(REPO / "requirements-nodeps.txt"),
+                                           str(REPO / "requirements-gcs.txt"), "pal-v4:pal_setup/"]
     remote = command_of(install)
     steps = [
         "python3.11 -m venv $HOME/pal_venv",
         '$HOME/pal_venv/bin/python -m pip install -q "jax[tpu]==0.10.2"',
         "$HOME/pal_venv/bin/python -m pip install -q -r $HOME/pal_setup/requirements.txt",
         "$HOME/pal_venv/bin/python -m pip install -q --no-deps -r $HOME/pal_setup/requirements-nodeps.txt",
+        "$HOME/pal_venv/bin/python -m pip install -q -r $HOME/pal_setup/requirements-gcs.txt",
     ]
     positions = [remote.index(s) for s in steps]
     assert positions == sorted(positions), remote
