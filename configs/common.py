@@ -135,6 +135,12 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.predict.max_records = 0  # 0 = all
     c.predict.batch_size = 16
     c.predict.select_by = "sum"  # sum | mean token log-prob of each select candidate
+    # Prompt format of the generate / persona-free prompts (pal_jax/predict.py resolve_formats): "plain" = the
+    # text templates Stage 1 trains on; "chat" = the base model's ChatML chat template (persona in the system
+    # message, history as user/assistant turns, decoding stops at <|im_end|>); "auto" = chat for a base instruct
+    # model (init_from weights, no fine-tuning here) with a ChatML template, plain for pal_jax checkpoints.
+    c.predict.prompt_format = "auto"
+    c.predict.select_format = "auto"  # the Select step's format: auto (predict.SELECT_AUTO) | plain | chat
     c.predict.method = "greedy"  # greedy | sample | beam
     c.predict.temperature = 1.0
     c.predict.top_k = 0

@@ -1,6 +1,8 @@
 """Config validation: every problem found before any work starts, each naming its key and what is allowed."""
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 MODES = ("stage1", "make_pairs", "stage2", "predict", "evaluate", "chat", "pipeline", "export",
@@ -9,6 +11,8 @@ SOURCES = ("synthetic", "convai2", "tfds")
 TFDS_CONFIGS = ("self_original", "self_revised", "both_original", "both_revised")  # = data.tfds_builder.VARIANTS
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+CORPUS_MODES = ("stage1", "make_pairs", "stage2", "pipeline")  # modes that always read config.data
+PROMPT_FORMATS = ("auto", "plain", "chat")  # = predict.PROMPT_FORMATS
 
 
 class ConfigError(ValueError):
@@ -58,6 +62,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, d.source in SOURCES, "data.source", d.source, f"one of {SOURCES}")
     if d.source == "convai2":
         _check(e, bool(d.path), "data.path", d.path, "the path of a ConvAI2 text file when data.source='convai2'")
+        reads_corpus = c.mode in CORPUS_MODES or (c.mode in ("predict", "evaluate") and not c.predict.input)
+        if d.path and reads_corpus:
+            _check(e, os.path.isfile(d.path), "data.path", d.path,
+                   f"an existing ConvAI2 text file (ParlAI format, e.g. valid_self_original.txt; the data is not part "
+                   f"of the repository; relative paths are from the current directory {os.getcwd()})")
     if d.source == "tfds":
         _check(e, bool(d.path), "data.path", d.path,
                "the TFDS data_dir the dataset was built into (pal_jax.data.tfds_builder.build) when data.source='tfds'")
@@ -119,6 +128,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     p = c.predict
     _check(e, p.method in ("greedy", "sample", "beam"), "predict.method", p.method, "'greedy', 'sample' or 'beam'")
     _check(e, p.select_by in ("sum", "mean"), "predict.select_by", p.select_by, "'sum' or 'mean'")
+    for k in ("prompt_format", "select_format"):
+        _check(e, p[k] in PROMPT_FORMATS, f"predict.{k}", p[k], f"one of {PROMPT_FORMATS}")
     _check(e, p.batch_size > 0, "predict.batch_size", p.batch_size, "a positive integer")
     _check(e, 0 < p.max_new_tokens < d.max_len, "predict.max_new_tokens", p.max_new_tokens,
            f"in [1, data.max_len={d.max_len})")

@@ -49,7 +49,7 @@ def score_records(predictor: Predictor, records, predictions, rank_by: str = "me
     tok = predictor.tok
     recs = [Record(tuple(r.persona), tuple(r.history)) for r in records]
     selected = [p.selected for p in predictions]
-    eos = [tok.eos_id]
+    eos = [predictor.end_id]  # a reply's end in the predictor's prompt format (eos, or <|im_end|> in chat)
     out: dict[str, float] = {}
     gold = [tok.encode(r.response) + eos for r in records]
     budget = predictor.max_len - max(len(g) for g in gold)
@@ -131,14 +131,18 @@ def evaluate(predictor: Predictor, records, *, rank_by: str = "mean", nli=None,
                          f"expected a ConvAI2 file or JSONL records with 'response'")
     t0 = time.time()
     preds = predictor.predict(records)
+    t1 = time.time()
     res = text_metrics(records, preds)
     res.update(score_records(predictor, records, preds, rank_by))
+    t2 = time.time()
     if nli is not None:
         from pal_jax.nli import c_score_nli
         res["c_score"] = c_score_nli(nli, [p.response for p in preds], [list(r.persona) for r in records])
     if sentence_encoder is not None:
         res.update(consistency_metrics(sentence_encoder, records, preds))
     res["seconds"] = time.time() - t0
+    # where the time went: Select then Generate; perplexity + Hits@1 scoring; C-score / consistency proxy
+    res["seconds_predict"], res["seconds_scoring"], res["seconds_consistency"] = t1 - t0, t2 - t1, time.time() - t2
     return res, preds
 
 

@@ -1,6 +1,11 @@
 """The full PAL pipeline as one job: Stage 1 -> pairs -> Stage 2 -> Select-then-Generate evaluation of both
 checkpoints on the held-out test split -> one report comparing them.
 
+When Stage 1 starts from pretrained weights (init_from: a Hugging Face dir, a .gguf file or smollm2_gguf), the
+evaluation also runs that base model without fine-tuning (report column `base`), prompted in its own chat format
+when it has a ChatML template (predict.prompt_format auto; the Stage 1 and Stage 2 checkpoints read the plain
+templates they were trained on). From random init (the tiny preset) there is no base column.
+
     WORKDIR/stage1/   Stage 1 run (checkpoints, tokenizer, metrics)
     WORKDIR/stage2/   pairs.jsonl and the Stage 2 run
     WORKDIR/eval/     metrics.json, report.md, report.png, predictions_<name>.jsonl
@@ -21,6 +26,7 @@ from pal_jax import checkpoint as ckpt_lib
 from pal_jax import mesh as mesh_lib
 
 MOVED_HEADER = "## What Stage 2 moved"
+BASE = "base"  # the report's column for the pretrained model without fine-tuning
 
 
 def _read(path: str) -> str:
@@ -37,21 +43,35 @@ def _none_share(path: str) -> float | None:
 
 
 def what_moved(eval_dir: str, s2_dir: str) -> list[str]:
-    """Markdown lines: Stage 2 minus Stage 1 for every metric of the report, how often each model selects no
-    persona, and what the Stage 2 pairs were made of."""
+    """Markdown lines: Stage 2 minus Stage 1 for every metric of the report (and Stage 2 minus the base model when
+    the report has one), how often each model selects no persona, and what the Stage 2 pairs were made of."""
     from pal_jax.evaluate import REPORT_ROWS
     res = json.loads(_read(os.fspath(epath.Path(eval_dir) / "metrics.json")))["results"]
-    a, b = res["stage1"], res["stage2"]
-    lines = ["", MOVED_HEADER, "", "| metric | stage2 - stage1 | better |", "| --- | --- | --- |"]
+    a, b, base = res["stage1"], res["stage2"], res.get(BASE)
+
+    def delta(x, y, key, higher):
+        if key not in x or key not in y or x[key] is None or y[key] is None:
+            return None
+        d = y[key] - x[key]
+        return f"{d:+.4f} | {'=' if d == 0 else ('yes' if (d > 0) == higher else 'no')}"
+
+    if base is None:
+        lines = ["", MOVED_HEADER, "", "| metric | stage2 - stage1 | better |", "| --- | --- | --- |"]
+    else:
+        lines = ["", MOVED_HEADER, "", "| metric | stage2 - stage1 | better | stage2 - base | better |",
+                 "| --- | --- | --- | --- | --- |"]
     for key, label, higher in REPORT_ROWS:
-        if key in a and key in b and a[key] is not None and b[key] is not None:
-            d = b[key] - a[key]
-            better = "=" if d == 0 else ("yes" if (d > 0) == higher else "no")
-            lines.append(f"| {label} | {d:+.4f} | {better} |")
-    shares = [_none_share(os.fspath(epath.Path(eval_dir) / f"predictions_{n}.jsonl")) for n in ("stage1", "stage2")]
+        d = delta(a, b, key, higher)
+        if d is None:
+            continue
+        if base is not None:
+            d += " | " + (delta(base, b, key, higher) or "- | -")
+        lines.append(f"| {label} | {d} |")
+    names = [n for n in (BASE, "stage1", "stage2") if n in res]
+    shares = [_none_share(os.fspath(epath.Path(eval_dir) / f"predictions_{n}.jsonl")) for n in names]
     if None not in shares:
-        lines += ["", f"Share of turns where the model selects `No personal description.`: stage1 "
-                      f"{shares[0]:.4f}, stage2 {shares[1]:.4f}."]
+        lines += ["", "Share of turns where the model selects `No personal description.`: "
+                  + ", ".join(f"{n} {x:.4f}" for n, x in zip(names, shares)) + "."]
     info_path = os.fspath(epath.Path(s2_dir) / "pairs_info.json")
     if epath.Path(info_path).exists():
         info = json.loads(_read(info_path))
@@ -66,6 +86,15 @@ def what_moved(eval_dir: str, s2_dir: str) -> list[str]:
                       f"Stage 1 model's strongest other candidate) from {info['turns']} training turns"
                       + (f"; Stage 1 selection accuracy on those turns {acc:.4f}." if acc is not None else ".")]
     return lines
+
+
+def base_model(config) -> str | None:
+    """The pretrained weights Stage 1 starts from (HF dir, .gguf, smollm2_gguf), or None (random init, or a
+    pal_jax workdir: not a base model)."""
+    from pal_jax import pretrained
+    if not config.init_from:
+        return None
+    return config.init_from if pretrained.kind(config.init_from) in ("hf", "gguf") else None
 
 
 def _finished(workdir: str, steps: int) -> bool:
@@ -109,7 +138,8 @@ def run(config, workdir: str) -> dict:
     else:
         logging.info("pipeline: phase 3/3: Select then Generate evaluation -> %s", eval_dir)
         c3 = ml_collections.ConfigDict(config.to_dict())
-        c3.eval.checkpoints = f"stage1={s1_dir},stage2={s2_dir}"
+        base = base_model(config)
+        c3.eval.checkpoints = (f"{BASE}={base}," if base else "") + f"stage1={s1_dir},stage2={s2_dir}"
         c3.eval.output_dir = eval_dir
         c3.tokenizer.path = c3.tokenizer.path or os.path.join(s1_dir, "tokenizer")
         out = evaluate.run_evaluate(c3, workdir)

@@ -6,6 +6,13 @@
 
 Only the persona and the history are read: `Predictor.predict` strips every record to (persona, history) before
 anything else, so a record's gold response, label or candidates never reach a prediction.
+
+Prompt formats (`predict.prompt_format`, resolved by `resolve_formats`): "plain" is the text format Stage 1 trains
+on (data/templates.py), right for pal_jax checkpoints; "chat" wraps the same prompts as the base model's ChatML
+conversation (data/chat_format.py: persona in the system message, the history as user/assistant turns) and stops
+decoding at `<|im_end|>`, right for an instruct model that was not fine-tuned here. "auto" picks chat for a base
+model with a ChatML chat template and plain for everything else. The Select step has its own format
+(`predict.select_format`, "auto" = SELECT_AUTO[prompt format]); see SELECT_AUTO for the measurement behind it.
 """
 from __future__ import annotations
 
@@ -19,7 +26,14 @@ import numpy as np
 
 from pal_jax import mesh as mesh_lib
 from pal_jax import sampling
-from pal_jax.data import pipeline, templates
+from pal_jax.data import chat_format, pipeline, templates
+
+PROMPT_FORMATS = ("auto", "plain", "chat")
+FORMAT_MODULES = {"plain": templates, "chat": chat_format}
+# The Select step's format when predict.select_format = "auto", by the resolved generate format. Chosen by the
+# base SmolLM2-135M-Instruct's persona selection accuracy on the first 100 ConvAI2 dev-part turns (overlap labels,
+# 46% "none"; select_by=sum): chat 0.36, plain 0.09 (docs/real_run.md, "Prompt formats").
+SELECT_AUTO = {"plain": "plain", "chat": "chat"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +52,9 @@ class Prediction:
     response: str
 
 
+CAND_BUCKETS = (8, 16, 24, 32, 48, 64, 128, 256)  # candidate lengths (tokens) the scorer compiles for
+
+
 def _bucket(n: int, buckets: Sequence[int]) -> int:
     for b in buckets:
         if n <= b:
@@ -49,16 +66,39 @@ class Predictor:
     """Holds jitted scorer/decoder over a model's params; batches records into fixed shapes (few compilations)."""
 
     def __init__(self, model_state, params, tokenizer, *, max_len: int, buckets: Sequence[int], batch_size: int,
-                 sampling_cfg: sampling.SamplingConfig, select_by: str = "sum", seed: int = 0):
+                 sampling_cfg: sampling.SamplingConfig, select_by: str = "sum", seed: int = 0,
+                 prompt_format: str = "plain", select_format: str | None = None):
+        """prompt_format: "plain" | "chat" (resolved; see resolve_formats) for the generate and persona-free
+        prompts; select_format: the Select step's ("plain" | "chat"; None = prompt_format)."""
         if select_by not in ("sum", "mean"):
             raise ValueError(f"predict.select_by = {select_by!r}: expected 'sum' or 'mean'")
+        select_format = select_format or prompt_format
+        for key, fmt in (("prompt_format", prompt_format), ("select_format", select_format)):
+            if fmt not in FORMAT_MODULES:
+                raise ValueError(f"predict.{key} = {fmt!r}: expected one of {tuple(FORMAT_MODULES)} (resolved)")
         self.ms, self.params, self.tok = model_state, params, tokenizer
         self.max_len, self.buckets, self.batch_size = max_len, tuple(buckets), batch_size
         self.sampling_cfg, self.select_by = sampling_cfg, select_by
+        self.prompt_format, self.select_format = prompt_format, select_format
+        self._gen_tpl, self._sel_tpl = FORMAT_MODULES[prompt_format], FORMAT_MODULES[select_format]
+        self.end_id = self._end_id(prompt_format)  # ends a reply (decoding stops there; appended to scored replies)
+        self.select_end_id = self._end_id(select_format)
+        self.stop_ids = (tokenizer.eos_id,) if prompt_format == "plain" else tuple(sorted(
+            {tokenizer.eos_id, self.end_id} | {i for i in (_token_id(tokenizer, "<|endoftext|>"),) if i is not None}))
         self.rng = jax.random.key(seed)
         div = mesh_lib.batch_divisor(model_state.mesh)
         if batch_size % div:
             raise ValueError(f"batch_size {batch_size}: expected a multiple of the mesh's data*fsdp = {div}")
+
+    def _end_id(self, fmt: str) -> int:
+        if fmt == "plain":
+            return self.tok.eos_id
+        i = _token_id(self.tok, chat_format.IM_END)
+        if i is None:
+            raise ValueError(f"prompt format 'chat': the tokenizer ({self.tok.source or 'given'}) has no single "
+                             f"{chat_format.IM_END} token; expected a ChatML tokenizer, or predict.prompt_format="
+                             f"'plain'")
+        return i
 
     # -- encoding ---------------------------------------------------------------------------------------------
     def _prompt_ids(self, parts: templates.PromptParts, budget: int) -> list[int]:
@@ -85,15 +125,17 @@ class Predictor:
         return [templates.select_target(list(persona), k) for k in range(len(persona))] + [templates.NONE_PERSONA]
 
     def score(self, prompts: list[list[int]], candidates: list[list[list[int]]]) -> tuple[np.ndarray, np.ndarray]:
-        """Summed and mean log-probs [N, Kmax] (padded candidates get -inf) of candidate id lists per prompt."""
+        """Summed and mean log-probs [N, Kmax] (padded candidates get -inf) of candidate id lists per prompt.
+
+        Each batch pads its candidates to the bucket (CAND_BUCKETS) of its own longest one, so one long candidate
+        (ConvAI2's 20 have up to ~35 tokens, 14 on average) does not pad every batch."""
         n = len(prompts)
         kmax = max(len(c) for c in candidates)
-        cmax = max(len(x) for c in candidates for x in c)
-        c_len = _bucket(cmax, (8, 16, 32, 64, 128, 256))
         sums = np.full((n, kmax), -np.inf, np.float32)
         means = np.full((n, kmax), -np.inf, np.float32)
         for rows, real in self._batches([len(p) for p in prompts]):
             p_len = _bucket(max(len(prompts[i]) for i in rows), self.buckets)
+            c_len = _bucket(max(len(x) for i in rows for x in candidates[i]), CAND_BUCKETS)
             toks, mask = sampling.left_pad([prompts[i] for i in rows], p_len, self.tok.pad_id)
             ct = np.full((self.batch_size, kmax, c_len), self.tok.pad_id, np.int32)
             cm = np.zeros((self.batch_size, kmax, c_len), bool)
@@ -109,11 +151,14 @@ class Predictor:
                 sums[i, :k], means[i, :k] = s[r, :k], m[r, :k]
         return sums, means
 
+    def select_prompt(self, persona, history) -> templates.PromptParts:
+        return self._sel_tpl.select_prompt(list(persona), list(history))
+
     def select(self, records: Sequence[Record]) -> list[tuple[int, float, list[float]]]:
-        eos = [self.tok.eos_id]
-        cands = [[self.tok.encode(t) + eos for t in self.candidate_texts(r.persona)] for r in records]
+        end = [self.select_end_id]
+        cands = [[self.tok.encode(t) + end for t in self.candidate_texts(r.persona)] for r in records]
         longest = max(len(x) for c in cands for x in c)
-        prompts = [self._prompt_ids(templates.select_prompt(list(r.persona), list(r.history)), self.max_len - longest)
+        prompts = [self._prompt_ids(self.select_prompt(r.persona, r.history), self.max_len - longest)
                    for r in records]
         sums, means = self.score(prompts, cands)
         scores = sums if self.select_by == "sum" else means
@@ -132,13 +177,15 @@ class Predictor:
             p_len = _bucket(max(len(prompts[i]) for i in rows), self.buckets)
             toks, mask = sampling.left_pad([prompts[i] for i in rows], p_len, self.tok.pad_id)
             self.rng, key = jax.random.split(self.rng)
+            stop = self.stop_ids if len(self.stop_ids) > 1 else self.stop_ids[0]
             out = sampling.generate_jit(self.ms.graphdef, self.params, *self._put(toks, mask), key,
-                                        cfg=self.sampling_cfg, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
+                                        cfg=self.sampling_cfg, eos_id=stop, pad_id=self.tok.pad_id)
             out = mesh_lib.to_host(out)
             for r, i in enumerate(rows[:real]):
                 ids = [int(t) for t in out[r]]
-                if self.tok.eos_id in ids:
-                    ids = ids[:ids.index(self.tok.eos_id)]
+                cut = [ids.index(s) for s in self.stop_ids if s in ids]
+                if cut:
+                    ids = ids[:min(cut)]
                 texts[i] = self.tok.decode(ids).strip()
         return texts
 
@@ -148,7 +195,7 @@ class Predictor:
         for r, s in zip(records, selected):
             persona = list(r.persona)
             chosen = persona[s] if s >= 0 else None
-            out.append(self._prompt_ids(templates.generate_prompt(persona, list(r.history), chosen), budget))
+            out.append(self._prompt_ids(self._gen_tpl.generate_prompt(persona, list(r.history), chosen), budget))
         return out
 
     def generate(self, records: Sequence[Record], selected: Sequence[int]) -> list[str]:
@@ -158,7 +205,7 @@ class Predictor:
     def persona_free(self, records: Sequence[Record]) -> list[str]:
         budget = self.max_len - self.sampling_cfg.max_new_tokens
         return self.generate_from_prompts(
-            [self._prompt_ids(templates.persona_free_prompt(list(r.history)), budget) for r in records])
+            [self._prompt_ids(self._gen_tpl.persona_free_prompt(list(r.history)), budget) for r in records])
 
     def predict(self, records) -> list[Prediction]:
         """records: anything with .persona and .history (e.g. data.convai2.PromptRecord); nothing else is read."""
@@ -172,6 +219,12 @@ class Predictor:
         return [Prediction(selected=s, selected_text=(r.persona[s] if s >= 0 else templates.NONE_PERSONA),
                            select_score=score, candidate_scores=cs, response=resp)
                 for r, (s, score, cs), resp in zip(records, sel, responses)]
+
+
+def _token_id(tok, text: str) -> int | None:
+    """The id of `text` when the tokenizer has it as one token, else None."""
+    i = tok.tok.token_to_id(text)
+    return None if i is None else int(i)
 
 
 # -- modes ------------------------------------------------------------------------------------------------------
@@ -212,16 +265,53 @@ def load_predictor(config, ckpt_path: str, devices=None) -> Predictor:
     from pal_jax import lora
     params = lora.checkpoint_params(ckpt_path, ms)  # a LoRA checkpoint's adapters merged into its base
     logging.info("predict: %s step %d (%s)", ckpt_path, meta["step"], meta.get("task", "?"))
-    return _predictor(config, ms, params, tok)
+    return _predictor(config, ms, params, tok, resolve_formats(config, ckpt_path, base=False))
 
 
-def _predictor(config, ms, params, tok) -> Predictor:
+def resolve_formats(config, spec: str, base: bool) -> tuple[str, str]:
+    """(generate format, select format), each "plain" or "chat", for the model at `spec` (an init_from value or a
+    pal_jax workdir); base: `spec` is pretrained weights without fine-tuning here.
+
+    predict.prompt_format "auto": "chat" for a base model whose chat template is ChatML, else "plain" (Stage 1
+    trains on the plain templates, so a pal_jax checkpoint reads them); "chat" requires a ChatML template (the
+    checkpoint's own, or that of the weights it started from) and stops with an error otherwise; "plain" is
+    plain. predict.select_format: "auto" = SELECT_AUTO[the generate format], or "plain" / "chat"."""
+    p = config.predict
+    want = p.get("prompt_format", "plain")
+    if want not in PROMPT_FORMATS:
+        raise ValueError(f"config.predict.prompt_format = {want!r}: expected one of {PROMPT_FORMATS}")
+    fmt = "plain"
+    needs_template = want == "chat" or p.get("select_format", "auto") == "chat" or (want == "auto" and base)
+    template = None
+    if needs_template:
+        from pal_jax import pretrained
+        template = pretrained.chat_template(spec)
+    if want == "chat":
+        chat_format.check_chatml(template, f"predict.prompt_format='chat' for {spec}")
+        fmt = "chat"
+    elif want == "auto" and base:
+        if chat_format.is_chatml(template):
+            fmt = "chat"
+        elif template:
+            logging.warning("predict: %s has a chat template that is not ChatML; prompt_format auto -> plain", spec)
+    sel = p.get("select_format", "auto")
+    if sel not in PROMPT_FORMATS:
+        raise ValueError(f"config.predict.select_format = {sel!r}: expected one of {PROMPT_FORMATS}")
+    if sel == "auto":
+        sel = SELECT_AUTO[fmt]
+    elif sel == "chat" and fmt != "chat":
+        chat_format.check_chatml(template, f"predict.select_format='chat' for {spec}")
+    logging.info("predict: %s: prompt format %s, select format %s", spec, fmt, sel)
+    return fmt, sel
+
+
+def _predictor(config, ms, params, tok, formats: tuple[str, str] = ("plain", "plain")) -> Predictor:
     """config.predict's Predictor; the batch is rounded up to a multiple of the mesh's data*fsdp."""
     div = mesh_lib.batch_divisor(ms.mesh)
     batch = -(-config.predict.batch_size // div) * div
     return Predictor(ms, params, tok, max_len=config.data.max_len, buckets=tuple(config.data.buckets),
                      batch_size=batch, sampling_cfg=sampling_config(config), select_by=config.predict.select_by,
-                     seed=config.seed)
+                     seed=config.seed, prompt_format=formats[0], select_format=formats[1])
 
 
 def _is_pretrained(spec: str) -> bool:
@@ -232,16 +322,32 @@ def _is_pretrained(spec: str) -> bool:
         return False
 
 
+def _base_tokenizer(config, spec: str, workdir: str):
+    """The base model's tokenizer: config.tokenizer.path; else the spec's own (GGUF metadata, or the HF dir's
+    tokenizer.json) when the spec is the path being predicted from (so nothing is written beside it); else the
+    workdir's / the preset's (experiment.get_tokenizer)."""
+    from pal_jax import pretrained
+    from pal_jax import tokenizer as tok_lib
+    from pal_jax.experiment import get_tokenizer
+    import os
+    if not config.tokenizer.path and os.path.normpath(spec) == os.path.normpath(workdir):
+        if pretrained.kind(spec) == "gguf":
+            from pal_jax import gguf_import
+            return gguf_import.gguf_tokenizer(gguf_import.find_smollm2_gguf() if spec == pretrained.SMOLLM2 else spec)
+        if os.path.exists(os.path.join(spec, "tokenizer.json")):
+            return tok_lib.load_tokenizer(spec)
+    return get_tokenizer(config, workdir)
+
+
 def _pretrained_predictor(config, spec: str, workdir: str, devices=None) -> Predictor:
     """A Predictor over pretrained weights (HF dir, .gguf, smollm2_gguf) in config.model's shape: the base model."""
     from pal_jax import pretrained, train
-    from pal_jax.experiment import get_tokenizer
-    tok = get_tokenizer(config, workdir)
+    tok = _base_tokenizer(config, spec, workdir)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     ms = train.ModelState(train.model_config(config.model, tok.vocab_size), mesh, mesh_lib.axis_rules(config))
     params = pretrained.load(spec, ms)
     logging.info("predict: base model %s (no fine-tuning)", spec)
-    return _predictor(config, ms, params, tok)
+    return _predictor(config, ms, params, tok, resolve_formats(config, spec, base=True))
 
 
 def load_records(config):

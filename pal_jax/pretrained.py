@@ -68,6 +68,37 @@ def _open(spec: str):
     return convert.model_config_from_hf(hf), lambda: convert.read_hf_tensors(spec)
 
 
+def chat_template(spec: str, _depth: int = 0) -> str | None:
+    """The chat template (Jinja text) that comes with init_from `spec`, or None: a GGUF's tokenizer.chat_template,
+    a Hugging Face dir's chat_template.jinja or tokenizer_config.json `chat_template`; for a pal_jax workdir, the
+    template of the weights it was initialised from (its saved config's init_from, followed back)."""
+    k = kind(spec)
+    if k == "gguf":
+        from pal_jax import gguf_import
+        g = gguf_import.GGUFFile(gguf_import.find_smollm2_gguf() if spec == SMOLLM2 else spec)
+        return g.get("tokenizer.chat_template")
+    if k == "hf":
+        jinja = os.path.join(spec, "chat_template.jinja")
+        if os.path.exists(jinja):
+            with open(jinja, encoding="utf-8") as f:
+                return f.read()
+        cfg_path = os.path.join(spec, "tokenizer_config.json")
+        if os.path.exists(cfg_path):
+            with open(cfg_path, encoding="utf-8") as f:
+                t = json.load(f).get("chat_template")
+            if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
+                t = next((x.get("template") for x in t if x.get("name") == "default"), None)
+            return t if isinstance(t, str) else None
+        return None
+    if k == "checkpoint" and _depth < 8:
+        parent = ckpt_lib.load_meta(spec).get("config", {}).get("init_from", "")
+        try:
+            return chat_template(parent, _depth + 1) if parent and parent != spec else None
+        except FileNotFoundError:
+            return None
+    return None
+
+
 def load(spec: str, ms) -> dict | None:
     """Params for train.ModelState `ms` (sharded on its mesh) from init_from `spec`, or None for "" (random)."""
     k = kind(spec)

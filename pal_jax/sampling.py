@@ -55,6 +55,13 @@ def left_pad(seqs: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarra
     return tokens, mask
 
 
+def _is_stop(tok, eos_id):
+    """tok == eos_id, or tok in eos_id when it is a tuple of stop ids (e.g. eos and a chat end-of-turn token)."""
+    if isinstance(eos_id, (tuple, list)):
+        return jnp.isin(tok, jnp.asarray(eos_id, jnp.int32))
+    return tok == eos_id
+
+
 def _positions(mask):
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
 
@@ -88,7 +95,7 @@ def filter_logits(logits, temperature: float, top_k: int, top_p: float):
     return logits
 
 
-def _decode_loop(model, tokens, mask, rng, cfg: SamplingConfig, eos_id: int, pad_id: int):
+def _decode_loop(model, tokens, mask, rng, cfg: SamplingConfig, eos_id, pad_id: int):
     b, p = tokens.shape
     n = cfg.max_new_tokens
     logits, cache, key_mask, pos = prefill(model, tokens, mask, p + n)
@@ -109,7 +116,7 @@ def _decode_loop(model, tokens, mask, rng, cfg: SamplingConfig, eos_id: int, pad
         rng, key = jax.random.split(rng)
         tok = jnp.where(done, pad_id, pick(logits, key))
         out = out.at[:, i].set(tok)
-        done = done | (tok == eos_id)
+        done = done | _is_stop(tok, eos_id)
         key_mask = key_mask.at[:, p + i].set(True)
         new_logits, _, cache = model.decode(tok[:, None], cache, positions=pos[:, None], cache_index=p + i,
                                             key_mask=key_mask)
@@ -120,7 +127,7 @@ def _decode_loop(model, tokens, mask, rng, cfg: SamplingConfig, eos_id: int, pad
     return state[6]
 
 
-def _beam_loop(model, tokens, mask, cfg: SamplingConfig, eos_id: int, pad_id: int):
+def _beam_loop(model, tokens, mask, cfg: SamplingConfig, eos_id, pad_id: int):
     """Beam search: each row keeps `beam_width` hypotheses; finished ones keep their score and emit pad."""
     b, p = tokens.shape
     w, n = cfg.beam_width, cfg.max_new_tokens
@@ -153,7 +160,7 @@ def _beam_loop(model, tokens, mask, cfg: SamplingConfig, eos_id: int, pad_id: in
         key_mask, pos = key_mask[src], pos[src]
         out = out.at[:, i].set(tok)
         lengths = lengths + (~done).astype(jnp.int32)
-        done = done | (tok == eos_id)
+        done = done | _is_stop(tok, eos_id)
         key_mask = key_mask.at[:, p + i].set(True)
         new_logits, _, cache = model.decode(tok[:, None], cache, positions=pos[:, None], cache_index=p + i,
                                             key_mask=key_mask)
@@ -167,8 +174,10 @@ def _beam_loop(model, tokens, mask, cfg: SamplingConfig, eos_id: int, pad_id: in
     return out[best]
 
 
-def generate(model, tokens, mask, rng, cfg: SamplingConfig, eos_id: int, pad_id: int):
-    """New tokens [B, max_new_tokens] for left-padded prompts; after EOS a row holds pad_id."""
+def generate(model, tokens, mask, rng, cfg: SamplingConfig, eos_id, pad_id: int):
+    """New tokens [B, max_new_tokens] for left-padded prompts; after EOS a row holds pad_id.
+
+    eos_id: one stop id, or a tuple of them (a row stops at the first of any; the stop token is kept in the row)."""
     if cfg.method == "beam":
         return _beam_loop(model, tokens, mask, cfg, eos_id, pad_id)
     return _decode_loop(model, tokens, mask, rng, cfg, eos_id, pad_id)
@@ -200,7 +209,7 @@ def score_candidates(model, tokens, mask, cand_tokens, cand_mask):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "eos_id", "pad_id"))
-def generate_jit(graphdef, params, tokens, mask, rng, *, cfg: SamplingConfig, eos_id: int, pad_id: int):
+def generate_jit(graphdef, params, tokens, mask, rng, *, cfg: SamplingConfig, eos_id, pad_id: int):
     from flax import nnx
     return generate(nnx.merge(graphdef, params), tokens, mask, rng, cfg, eos_id, pad_id)
 

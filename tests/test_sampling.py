@@ -70,6 +70,30 @@ def test_greedy_cache_equals_full_recompute(family):
         assert all(t == PAD for t in row[len(ref):])  # after EOS (or nothing when no EOS)
 
 
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_any_of_several_stop_ids_ends_a_row(method):
+    """eos_id may be a tuple (e.g. eos and a chat end-of-turn token): a row stops at the first of any of them."""
+    graphdef, params = make()
+    _, (toks, mask) = prompts(np.random.default_rng(4), n=3)
+    cfg = sampling.SamplingConfig(method=method, beam_width=2, max_new_tokens=8)
+    free = np.asarray(sampling.generate_jit(graphdef, params, toks, mask, jax.random.key(0), cfg=cfg,
+                                            eos_id=60, pad_id=PAD))
+    stop = int(free[0, 2])  # the first row's third token becomes a stop token
+    assert 60 not in free[0, :3] and stop not in free[0, :2]
+    out = np.asarray(sampling.generate_jit(graphdef, params, toks, mask, jax.random.key(0), cfg=cfg,
+                                           eos_id=(60, stop), pad_id=PAD))
+    for row in out:  # nothing but pad after a row's first stop id
+        ends = [i for i, t in enumerate(row) if t in (60, stop)]
+        if ends:
+            assert all(t == PAD for t in row[ends[0] + 1:]), row
+    if method == "greedy":  # greedy rows are the free ones cut after their first stop id
+        assert list(out[0]) == list(free[0, :3]) + [PAD] * 5
+        for row, ref in zip(out, free):
+            ends = [i for i, t in enumerate(ref) if t in (60, stop)]
+            n = ends[0] + 1 if ends else len(ref)
+            assert list(row[:n]) == list(ref[:n]) and all(t == PAD for t in row[n:])
+
+
 def test_sampling_filters_reduce_to_greedy():
     graphdef, params = make()
     _, (toks, mask) = prompts(np.random.default_rng(1))

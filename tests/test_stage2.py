@@ -117,6 +117,32 @@ def test_pipeline_runs_and_skips_finished_phases(tmp_path):
     assert again["stage1_s"] < 5 and again["pairs_and_stage2_s"] < 5
 
 
+def test_pipeline_adds_the_base_model_when_stage1_starts_from_pretrained_weights(tmp_path, stage1_dir):
+    import json
+    assert pipeline_mode.base_model(tiny_config()) is None  # random init: no base column
+    assert pipeline_mode.base_model(tiny_config(init_from=stage1_dir)) is None  # a pal_jax workdir is no base
+    assert pipeline_mode.base_model(tiny_config(init_from="smollm2_gguf")) == "smollm2_gguf"
+    assert pipeline_mode.base_model(tiny_config(init_from="/x/model.Q4_1.gguf")) == "/x/model.Q4_1.gguf"
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    assert pipeline_mode.base_model(tiny_config(init_from=str(hf))) == str(hf)
+    # the "What Stage 2 moved" section gains a Stage 2 - base column and the base's "none" share
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    res = {"base": {"f1": 0.10, "perplexity": 40.0}, "stage1": {"f1": 0.15, "perplexity": 30.0},
+           "stage2": {"f1": 0.14, "perplexity": 20.0}}
+    (ev / "metrics.json").write_text(json.dumps({"results": res}))
+    for name, sel in (("base", [-1, -1, 0, 1]), ("stage1", [0, 0, 0, -1]), ("stage2", [0, 1, 2, 3])):
+        (ev / f"predictions_{name}.jsonl").write_text("".join(json.dumps({"selected_persona": x}) + "\n"
+                                                              for x in sel))
+    lines = pipeline_mode.what_moved(str(ev), str(tmp_path / "none"))
+    assert "| metric | stage2 - stage1 | better | stage2 - base | better |" in lines
+    assert "| F1 | -0.0100 | no | +0.0400 | yes |" in lines
+    assert "| Perplexity | -10.0000 | yes | -20.0000 | yes |" in lines
+    assert any("base 0.5000, stage1 0.2500, stage2 0.0000" in x for x in lines)
+
+
 def test_select_and_generate_pairs_encode_to_their_prompts(stage1_dir):
     from pal_jax import tokenizer as tok_lib
     tok = tok_lib.load_tokenizer(os.path.join(stage1_dir, "tokenizer"))
