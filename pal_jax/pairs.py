@@ -69,13 +69,18 @@ def _same(a: str, b: str) -> bool:
 GENERATE_ON = ("all", "persona")
 
 
+def _gives_generate(persona_label, generate_on: str) -> bool:
+    """Whether a turn with this persona label gives a generate pair (and so needs a persona-free reply)."""
+    return generate_on == "all" or (persona_label is not None and persona_label >= 0)
+
+
 def _pairs_of(row: dict, select_pairs: bool, generate_on: str = "all") -> list[dict]:
     """The pairs one decoded turn gives (see the module doc)."""
     base = {"id": row["id"], "persona": row["persona"], "history": row["history"],
             "persona_label": row["persona_label"]}
     out = []
-    wanted = generate_on == "all" or (row["persona_label"] is not None and row["persona_label"] >= 0)
-    if wanted and not _same(row["chosen"], row["rejected"]):
+    if (_gives_generate(row["persona_label"], generate_on) and row["rejected"] is not None
+            and not _same(row["chosen"], row["rejected"])):
         out.append({**base, "kind": "generate", "chosen": row["chosen"], "rejected": row["rejected"]})
     label, scores = row["persona_label"], row.get("select_scores")
     if select_pairs and label is not None and scores is not None:
@@ -119,7 +124,10 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
             continue
         chunk = records[k * SHARD:(k + 1) * SHARD]
         predictor.rng = jax.random.fold_in(jax.random.key(seed), k)
-        replies = predictor.persona_free(chunk)
+        # persona-free replies only where a generate pair can come of them (rejected = None elsewhere)
+        wanted = [_gives_generate(r.persona_label, generate_on) for r in chunk]
+        decoded = iter(predictor.persona_free([r for r, w in zip(chunk, wanted) if w]) if any(wanted) else [])
+        replies = [next(decoded) if w else None for w in wanted]
         picks = predictor.select(chunk) if select_pairs else [(None, None, None)] * len(chunk)
         if primary:
             _atomic_write_lines(shard[k], ({"id": r.id, "persona": list(r.persona), "history": list(r.history),
@@ -146,10 +154,13 @@ def _finish(shard: list[str], out: str, info_path, seed: int, select_pairs: bool
     if select_pairs and any(r.get("select_scores") is None for r in rows):
         raise ValueError(f"{shard_dir}: shards written without the Select step (by make_pairs with select_pairs "
                          f"off); expected every row to have 'select_scores'. Delete {shard_dir} to rebuild them")
+    eligible = [r for r in rows if _gives_generate(r["persona_label"], generate_on)]
+    if any(r["rejected"] is None for r in eligible):
+        raise ValueError(f"{shard_dir}: shards decoded with fewer persona-free replies than "
+                         f"stage2.generate_pairs_on={generate_on!r} needs (made with generate_pairs_on=persona); "
+                         f"delete {shard_dir} to rebuild them")
     kept = [p for r in rows for p in _pairs_of(r, select_pairs, generate_on)]
     n_gen = sum(p["kind"] == "generate" for p in kept)
-    eligible = [r for r in rows if generate_on == "all" or (r["persona_label"] is not None
-                                                            and r["persona_label"] >= 0)]
     _atomic_write_lines(out, kept)
     labelled = [r for r in rows if r["persona_label"] is not None and r.get("selected") is not None]
     info = {"turns": len(rows), "pairs": len(kept), "generate_pairs": n_gen, "select_pairs": len(kept) - n_gen,

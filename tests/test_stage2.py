@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -91,11 +92,16 @@ def test_pairs_deterministic_resumable_and_precomputed_reference(stage1_dir, tmp
     pre = stage2.run(tiny_config(init_from=stage1_dir, stage2__pairs=pairs, stage2__precompute_ref=True, **S2),
                      str(tmp_path / "pre"))
     assert pre["dev"]["loss"] == pytest.approx(live["dev"]["loss"], abs=1e-5)
-    # the paper's setting from the same shards (no decoding): every turn gives a generate pair
+    # persona-free replies were decoded only on persona turns, so the paper's setting cannot reuse these shards:
+    # it says so, and rebuilds them once they are deleted; then every turn gives a generate pair
+    assert all((t["rejected"] is None) == (t["persona_label"] < 0) for t in shards)
     os.remove(tmp_path / "a" / "pairs.jsonl")
     os.remove(tmp_path / "a" / "pairs_info.json")
-    every = stage2.run_make_pairs(tiny_config(init_from=stage1_dir, stage2__generate_pairs_on="all", **S2),
-                                  str(tmp_path / "a"))
+    c_all = tiny_config(init_from=stage1_dir, stage2__generate_pairs_on="all", **S2)
+    with pytest.raises(ValueError, match=r"pairs: shards decoded with fewer persona-free replies .* delete"):
+        stage2.run_make_pairs(c_all, str(tmp_path / "a"))
+    shutil.rmtree(tmp_path / "a" / "pairs")
+    every = stage2.run_make_pairs(c_all, str(tmp_path / "a"))
     assert every["generate_turns"] == every["turns"] == info["turns"]
     assert every["generate_pairs"] + every["dropped_identical"] == info["turns"] > info["generate_pairs"]
     assert every["select_pairs"] == info["select_pairs"]
