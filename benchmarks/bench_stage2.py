@@ -210,7 +210,14 @@ def main(argv=None):
     ap.add_argument("--wait-idle", type=float, default=0.0,
                     help="before each timed side, wait up to this many seconds for other processes to use < 10%% "
                          "of the cores (shared machine); 0 = do not wait")
+    ap.add_argument("--cpu-devices", type=int, default=1,
+                    help="pal_jax on CPU: split the host into this many JAX devices, the batch data-parallel over "
+                         "them (config mesh.cpu_devices; the tiny preset runs on 2); PyTorch is unchanged")
     args = ap.parse_args(argv)
+    if args.cpu_devices < 1:
+        ap.error("--cpu-devices must be >= 1")
+    if args.cpu_devices > 1:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before the backend starts (print_machine)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     for s in shapes:
         if s not in SHAPES:

@@ -177,7 +177,7 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
     # On CPU: split the host into this many JAX devices (jax_num_cpu_devices), so the data axis runs data-parallel
     # over the cores; XLA's own threading leaves a 2-core host half idle on the tiny model's small ops (Stage 1 steps
-    # ~13% faster on 2 devices, benchmarks/README.md). 0 = JAX's default (one CPU device). Ignored on GPU/TPU, and
+    # 1.21x faster on 2 devices, benchmarks/README.md). 0 = JAX's default (one CPU device). Ignored on GPU/TPU, and
     # when XLA_FLAGS sets --xla_force_host_platform_device_count. Fixed, not per-machine, so results reproduce.
     c.mesh.cpu_devices = 2 if preset == "tiny" else 0
     c.mesh.axis_rules = DEFAULT_AXIS_RULES
