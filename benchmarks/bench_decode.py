@@ -231,7 +231,8 @@ def print_machine():
     ncpu = os.cpu_count() or 1
     torch.set_num_threads(ncpu)
     print(f"machine: {cpu_name()}, {ncpu} cores | jax {jax.__version__} "
-          f"({jax.devices()[0].platform}, {jax.device_count()} device(s)), torch {torch.__version__} ({torch.get_num_threads()} threads), fp32")
+          f"({jax.devices()[0].platform}, {jax.device_count()} device(s)), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), fp32")
     print(f"load average at start: {os.getloadavg()[0]:.2f} (other processes on these cores skew both columns; "
           f"PyTorch's spinning OpenMP threads suffer most)")
 

@@ -217,7 +217,7 @@ def main(argv=None):
     if args.cpu_devices < 1:
         ap.error("--cpu-devices must be >= 1")
     if args.cpu_devices > 1:
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before the backend starts (print_machine)
+        mesh_lib.cpu_devices(args.cpu_devices)  # before the backend starts (print_machine)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     for s in shapes:
         if s not in SHAPES:

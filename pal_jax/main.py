@@ -69,17 +69,6 @@ def distributed_args(mode: str, coordinator_address: str | None, num_processes: 
     return None
 
 
-def cpu_devices(n: int, env=None) -> int:
-    """Split the host CPU into n JAX devices (config mesh.cpu_devices) before any backend starts; returns the count
-    set, or 0 where nothing was set (n = 0, or XLA_FLAGS already names a count: the explicit flag wins)."""
-    env = os.environ if env is None else env
-    if n <= 0 or "xla_force_host_platform_device_count" in env.get("XLA_FLAGS", ""):
-        return 0
-    import jax
-    jax.config.update("jax_num_cpu_devices", n)  # the CPU backend only: a GPU/TPU run keeps its accelerators
-    return n
-
-
 def _distributed_init():
     kwargs = distributed_args(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if kwargs is None:
@@ -128,7 +117,8 @@ def main(argv):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    cpu_devices(FLAGS.config.mesh.get("cpu_devices", 0))
+    from pal_jax import mesh as mesh_lib
+    mesh_lib.cpu_devices(FLAGS.config.mesh.get("cpu_devices", 0))
     _distributed_init()
     summary = dispatch(FLAGS.config, FLAGS.workdir)
     import jax

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any, Sequence
 
 import jax
@@ -16,6 +17,16 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # mesh axes a batch's leading dim is split over
+
+
+def cpu_devices(n: int, env=None) -> int:
+    """Split the host CPU into n JAX devices (config mesh.cpu_devices) before any backend starts; returns the count
+    set, or 0 where nothing was set (n = 0, or XLA_FLAGS already names a count: the explicit flag wins)."""
+    env = os.environ if env is None else env
+    if n <= 0 or "xla_force_host_platform_device_count" in env.get("XLA_FLAGS", ""):
+        return 0
+    jax.config.update("jax_num_cpu_devices", n)  # the CPU backend only: a GPU/TPU run keeps its accelerators
+    return n
 
 
 def mesh_shape(sizes: dict[str, int], n_devices: int) -> tuple[int, ...]:

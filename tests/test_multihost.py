@@ -248,10 +248,10 @@ def test_url_workdirs_are_not_made_local_paths(tmp_path, monkeypatch):
 
 
 def test_cpu_devices_split_the_host_before_jax_starts():
-    from pal_jax.main import cpu_devices
+    from pal_jax.mesh import cpu_devices
     assert cpu_devices(0, env={}) == 0  # JAX's default
     assert cpu_devices(2, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}) == 0  # the flag wins
-    code = ("from pal_jax.main import cpu_devices; n = cpu_devices(2, env={}); import jax; "
+    code = ("from pal_jax.mesh import cpu_devices; n = cpu_devices(2, env={}); import jax; "
             "print(n, jax.device_count(), jax.devices()[0].platform)")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu"},
