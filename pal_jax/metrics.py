@@ -4,8 +4,8 @@ Every function is small and composable; corpus-level aggregation is explicit.
 
 Tokenisation conventions (stated once here, repeated in each docstring):
 - F1, persona coverage, persona F1: ParlAI's ``normalize_answer`` then whitespace split.
-- BLEU, ROUGE-L, Dist-n: lowercase, then whitespace split (ConvAI2 text is already tokenised, with spaces
-  around punctuation, so punctuation tokens count as tokens like the references' do).
+- BLEU, ROUGE-L, Dist-n, Entropy-n, repetition: lowercase, then whitespace split (ConvAI2 text is already
+  tokenised, with spaces around punctuation, so punctuation tokens count as tokens like the references' do).
 
 Definitions and their sources:
 - F1: ParlAI ``F1Metric`` (unigram overlap after ``normalize_answer``, max over references).
@@ -16,8 +16,10 @@ Definitions and their sources:
 - ROUGE-L: Lin 2004, LCS-based F-measure with ``beta`` = 1.2 by default (the coco-caption / nlg-eval value);
   corpus value = mean over pairs.
 - Dist-n: Li et al. 2016, distinct n-grams / total n-grams over the whole corpus.
+- Entropy-n: Zhang et al. 2018, entropy (natural log) of the corpus n-gram frequency distribution.
+- Repetition rate: share of replies that contain some n-gram (trigram by default) at least twice.
 - C-score: Madotto et al. 2019 (NLI entail +1 / neutral 0 / contradict -1, summed over persona sentences,
-  averaged over responses).
+  averaged over responses); PAL's released-code form takes the max over persona sentences instead of the sum.
 - Persona coverage: after Song et al. 2019 (persona coverage of a response); persona F1: unigram F1 between
   response and persona on content words (the knowledge/persona F1 of Lian et al. 2019 and later persona
   dialogue work). Exact definitions are in the docstrings.
@@ -39,9 +41,16 @@ __all__ = [
     "corpus_f1",
     "bleu",
     "bleu_scores",
+    "bleu_stats",
+    "bleu_from_stats",
     "rouge_l",
     "corpus_rouge_l",
     "distinct_n",
+    "ngram_counts",
+    "entropy_from_counts",
+    "entropy_n",
+    "repeats_ngram",
+    "repetition_rate",
     "perplexity",
     "hits_at_1",
     "persona_selection_accuracy",
@@ -49,6 +58,9 @@ __all__ = [
     "persona_coverage",
     "persona_f1",
     "c_score",
+    "c_score_rows",
+    "c_score_max",
+    "c_score_max_rows",
 ]
 
 # ---------------------------------------------------------------------------------------------------------
@@ -72,7 +84,7 @@ def normalize_answer(s: str) -> str:
 
 
 def _lower_tokens(s: str) -> list[str]:
-    """BLEU / ROUGE-L / Dist tokenisation: lowercase, split on whitespace."""
+    """BLEU / ROUGE-L / Dist / Entropy / repetition tokenisation: lowercase, split on whitespace."""
     return s.lower().split()
 
 
@@ -139,6 +151,11 @@ def _check_same_len(a, b, fn: str, an: str, bn: str) -> None:
 
 def _ngrams(tokens: Sequence[str], n: int) -> collections.Counter:
     return collections.Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def ngram_counts(text: str, n: int) -> collections.Counter:
+    """The n-gram counts of one text as Dist-n and Entropy-n count them (lowercase + whitespace split)."""
+    return _ngrams(_lower_tokens(_check_str(text, "ngram_counts text")), n)
 
 
 def _check_bleu_inputs(hypotheses, references) -> tuple[list[str], list[list[str]]]:
@@ -212,6 +229,19 @@ def bleu(*, hypotheses: list[str], references: list[list[str]], max_n: int = 4, 
         raise ValueError(f"pal_jax/metrics.py: bleu epsilon={epsilon!r}; expected >= 0")
     hypotheses, references = _check_bleu_inputs(hypotheses, references)
     matches, totals, c, r = _bleu_stats(hypotheses, references, max_n)
+    return bleu_from_stats(matches, totals, c, r, epsilon)
+
+
+def bleu_stats(hypothesis: str, references: list[str], max_n: int = 4) -> np.ndarray:
+    """One hypothesis' BLEU sums as a row [matches_1..max_n, totals_1..max_n, c, r] (see ``bleu``): rows add up
+    over a corpus, and ``bleu_from_stats`` of their sum is the corpus BLEU (so a bootstrap can resample rows)."""
+    matches, totals, c, r = _bleu_stats(*_check_bleu_inputs([hypothesis], [references]), max_n)
+    return np.array(matches + totals + [c, r], np.float64)
+
+
+def bleu_from_stats(matches, totals, c, r, epsilon: float = 0.0) -> float:
+    """BLEU from corpus sums (``bleu``'s formula): clipped matches and hypothesis n-gram totals per order n =
+    1..len(matches), hypothesis length c, effective reference length r."""
     if c == 0 or any(t == 0 for t in totals):
         return 0.0
     log_p = 0.0
@@ -222,7 +252,7 @@ def bleu(*, hypotheses: list[str], references: list[list[str]], max_n: int = 4, 
             m = epsilon
         log_p += math.log(m / t)
     bp = 1.0 if c > r else math.exp(1.0 - r / c)
-    return float(bp * math.exp(log_p / max_n))
+    return float(bp * math.exp(log_p / len(matches)))
 
 
 def bleu_scores(*, hypotheses: list[str], references: list[list[str]], epsilon: float = 0.0) -> dict[str, float]:
@@ -295,6 +325,78 @@ def distinct_n(hyps: list[str], n: int) -> float:
         seen.update(g)
         total += sum(g.values())
     return len(seen) / total if total else 0.0
+
+
+def _check_n(n, fn: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"pal_jax/metrics.py: {fn} n={n!r}; expected an int >= 1")
+    return int(n)
+
+
+def entropy_from_counts(counts) -> float:
+    """Shannon entropy, natural log, of the distribution given by ``counts``: H = -sum_i p_i ln p_i with
+    p_i = c_i / sum_j c_j. The formula of ``entropy_n``, for callers that aggregate n-gram counts themselves
+    (a bootstrap over replies, a streamed corpus).
+
+    counts: a 1-D array-like of non-negative finite numbers (one per distinct n-gram; the order is irrelevant),
+    or a mapping n-gram -> count (its values are used). Zero counts contribute nothing (0 ln 0 = 0); only the
+    proportions matter, so [2, 1, 1] and [4, 2, 2] give the same value. 0.0 when the counts are empty or all zero.
+    """
+    if isinstance(counts, Mapping):
+        counts = list(counts.values())
+    try:
+        c = np.asarray(counts, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"pal_jax/metrics.py: entropy_from_counts counts of type {type(counts).__name__} is not numeric ({e}); "
+            "expected a 1-D array of non-negative counts"
+        ) from None
+    if c.ndim != 1:
+        raise ValueError(f"pal_jax/metrics.py: entropy_from_counts counts shape {c.shape}; expected a 1-D array")
+    if not np.isfinite(c).all() or (c < 0).any():
+        bad = c[~np.isfinite(c) | (c < 0)][0]
+        raise ValueError(f"pal_jax/metrics.py: entropy_from_counts got count {float(bad)!r}; expected finite counts >= 0")
+    total = c.sum()
+    if total == 0:
+        return 0.0
+    p = c[c > 0] / total
+    return max(0.0, float(-np.sum(p * np.log(p))))  # max: a single n-gram gives 0.0, not -0.0
+
+
+def entropy_n(hyps: list[str], n: int) -> float:
+    """Entropy-n (Zhang et al. 2018, "Generating informative and diverse conversational responses via
+    adversarial information maximization", NeurIPS), corpus level.
+
+    Tokens: lowercase + whitespace split; n-grams do not cross hypothesis boundaries. With F(w) the count of
+    n-gram w over all hyps and p(w) = F(w) / sum_v F(v): Entropy-n = -sum_w p(w) ln p(w) (natural log), computed
+    by ``entropy_from_counts``. Example: unigram counts {a: 2, b: 1, c: 1} -> -(0.5 ln 0.5 + 2 * 0.25 ln 0.25)
+    = 1.5 ln 2. 0.0 when there are no n-grams at all.
+    """
+    hyps = _check_str_list(hyps, "entropy_n hyps")
+    n = _check_n(n, "entropy_n")
+    counts: collections.Counter = collections.Counter()
+    for h in hyps:
+        counts.update(_ngrams(_lower_tokens(h), n))
+    return entropy_from_counts(list(counts.values()))
+
+
+def repeats_ngram(hyp: str, n: int = 3) -> bool:
+    """Whether the reply contains some n-gram at least twice (occurrences may overlap: "a a a a" repeats the
+    trigram "a a a"). Tokens: lowercase + whitespace split. False for a reply shorter than n + 1 tokens.
+    """
+    _check_str(hyp, "repeats_ngram hyp")
+    n = _check_n(n, "repeats_ngram")
+    return any(k >= 2 for k in _ngrams(_lower_tokens(hyp), n).values())
+
+
+def repetition_rate(hyps: list[str], n: int = 3) -> float:
+    """Share of replies for which ``repeats_ngram(reply, n)`` is true (default n = 3: a repeated trigram, the
+    degenerate "i like dogs and i like dogs" loop of an over-optimised generator)."""
+    hyps = _check_str_list(hyps, "repetition_rate hyps")
+    n = _check_n(n, "repetition_rate")
+    if not hyps:
+        raise ValueError("pal_jax/metrics.py: repetition_rate got 0 hyps; expected at least one")
+    return sum(repeats_ngram(h, n) for h in hyps) / len(hyps)
 
 
 def perplexity(total_nll: float, total_tokens: float) -> float:
@@ -417,30 +519,86 @@ _NLI_VALUES: Mapping[str, int] = {
 }
 
 
-def _nli_value(x, where: str) -> int:
+def _nli_value(x, where: str, fn: str = "c_score") -> int:
     if isinstance(x, str):
         v = _NLI_VALUES.get(x.lower())
         if v is None:
             raise ValueError(
-                f"pal_jax/metrics.py: c_score label {where}={x!r}; expected one of {sorted(_NLI_VALUES)} or +1/0/-1"
+                f"pal_jax/metrics.py: {fn} label {where}={x!r}; expected one of {sorted(_NLI_VALUES)} or +1/0/-1"
             )
         return v
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)) or int(x) not in (-1, 0, 1):
-        raise ValueError(f"pal_jax/metrics.py: c_score label {where}={x!r}; expected +1, 0 or -1 (or a label name)")
+        raise ValueError(f"pal_jax/metrics.py: {fn} label {where}={x!r}; expected +1, 0 or -1 (or a label name)")
     return int(x)
+
+
+def _label_rows(nli_labels, fn: str) -> list[list[int]]:
+    """Rows of NLI labels -> rows of +1/0/-1 ints; errors name ``fn`` and the [response][sentence] position."""
+    if isinstance(nli_labels, str) or not isinstance(nli_labels, Iterable):
+        raise TypeError(
+            f"pal_jax/metrics.py: {fn} nli_labels is {type(nli_labels).__name__}; expected one row of labels per "
+            "response (a list of lists or a 2-D int array)"
+        )
+    rows = []
+    for i, row in enumerate(nli_labels):
+        if isinstance(row, str) or not isinstance(row, Iterable):
+            raise TypeError(
+                f"pal_jax/metrics.py: {fn} nli_labels[{i}] is {type(row).__name__}; expected a row of labels "
+                "(one per persona sentence; wrap a single label as [label])"
+            )
+        rows.append([_nli_value(x, f"[{i}][{j}]", fn) for j, x in enumerate(row)])
+    return rows
+
+
+def c_score_rows(nli_labels: Iterable[Iterable]) -> np.ndarray:
+    """Per-response C-score of Madotto et al. 2019: float64 array [N], entry i = the SUM over response i's
+    persona sentences of the NLI value (0.0 for an empty row).
+
+    In pal_jax/nli.py's ``c_score_nli`` the labels come from NLI(premise = response, hypothesis = persona
+    sentence). nli_labels: one row per response, one label per persona sentence; labels are ints (+1 entail,
+    0 neutral, -1 contradict) or names ("entail"/"entailment", "neutral", "contradict"/"contradiction", any case).
+    Rows may differ in length (a 2-D int array also works). No rows -> an empty array.
+    """
+    rows = _label_rows(nli_labels, "c_score_rows")
+    return np.array([sum(r) for r in rows], dtype=np.float64)
+
+
+def c_score_max_rows(nli_labels: Iterable[Iterable]) -> np.ndarray:
+    """Per-response C-score in PAL's released-code form: float64 array [N], entry i = the MAX over response i's
+    persona sentences of the NLI value, so one entailed sentence gives +1 whatever the others say.
+
+    PAL's code labels each pair with NLI(premise = persona sentence, hypothesis = reply), value in {-1, 0, 1}
+    (the opposite direction to ``c_score_rows`` in pal_jax/nli.py). Labels and rows as in ``c_score_rows``.
+    An empty row (a response with no persona sentences) gives 0.0: nothing entailed, nothing contradicted.
+    No rows -> an empty array.
+    """
+    rows = _label_rows(nli_labels, "c_score_max_rows")
+    return np.array([max(r, default=0) for r in rows], dtype=np.float64)
 
 
 def c_score(nli_labels: Iterable[Iterable]) -> float:
     """C-score (Madotto et al. 2019, "Personalizing dialogue agents via meta-learning").
 
     nli_labels: one row per response, holding the NLI label of (response, persona sentence j) for each persona
-    sentence; labels are ints (+1 entail, 0 neutral, -1 contradict) or names ("entail"/"entailment", "neutral",
+    sentence (pal_jax/nli.py's ``c_score_nli``: premise = response, hypothesis = persona sentence); labels are
+    ints (+1 entail, 0 neutral, -1 contradict) or names ("entail"/"entailment", "neutral",
     "contradict"/"contradiction"). Rows may differ in length (a 2-D int array also works).
-    C = mean over responses of the sum over that response's persona sentences.
+    C = mean over responses of the sum over that response's persona sentences (``c_score_rows``).
     """
-    sums = []
-    for i, row in enumerate(nli_labels):
-        sums.append(sum(_nli_value(x, f"[{i}][{j}]") for j, x in enumerate(row)))
-    if not sums:
+    sums = c_score_rows(nli_labels)
+    if sums.size == 0:
         raise ValueError("pal_jax/metrics.py: c_score got 0 responses; expected at least one row of labels")
     return float(np.mean(sums))
+
+
+def c_score_max(nli_labels: Iterable[Iterable]) -> float:
+    """C-score as PAL's released code computes it: mean over responses of the MAX over that response's persona
+    sentences of NLI(premise = persona sentence, hypothesis = reply) in {-1, 0, 1} (``c_score_max_rows``).
+
+    Differs from Madotto et al.'s ``c_score`` (sum over sentences, premise = response): the row [1, -1, 0] gives
+    a sum of 0 but a max of 1. Its range is [-1, 1] whatever the persona size. Labels as in ``c_score``.
+    """
+    maxes = c_score_max_rows(nli_labels)
+    if maxes.size == 0:
+        raise ValueError("pal_jax/metrics.py: c_score_max got 0 responses; expected at least one row of labels")
+    return float(np.mean(maxes))

@@ -12,8 +12,16 @@ Architecture (matches transformers' eager implementation):
 - head: BERT: pooler tanh(dense(h[CLS])) -> classifier. RoBERTa: out_proj(tanh(dense(h[<s>]))).
 
 API: `NLIModel.from_dir(path)`, `NLIModel.predict(premises, hypotheses)` -> +1 entail / 0 neutral / -1 contradict,
-`NLIModel.logits(...)`, and `c_score_nli(model, responses, personas)`. `load_params(..., prefix="", head=False)` and
-`encode` (final hidden states) are shared with the sentence encoder in pal_jax/sentence_encoder.py.
+`NLIModel.logits(...)`, `c_score_nli(model, responses, personas)` (Madotto et al.'s C-score) and
+`c_scores_nli(model, responses, personas)` (that and PAL's released-code form, with per-response rows).
+`load_params(..., prefix="", head=False)` and `encode` (final hidden states) are shared with the sentence encoder
+in pal_jax/sentence_encoder.py.
+
+The two C-score forms run the NLI model in opposite directions:
+- Madotto et al. 2019 (`metrics.c_score`, as this module has always run it): premise = response, hypothesis =
+  persona sentence; per response the SUM over persona sentences; mean over responses.
+- PAL's released code (`metrics.c_score_max`): premise = persona sentence, hypothesis = response; per response
+  the MAX over persona sentences; mean over responses.
 """
 from __future__ import annotations
 
@@ -29,7 +37,8 @@ import numpy as np
 
 from pal_jax import metrics
 
-__all__ = ["NLIConfig", "load_params", "encode", "forward", "NLIModel", "c_score_nli", "BUCKETS", "MAX_LEN"]
+__all__ = ["NLIConfig", "load_params", "encode", "forward", "NLIModel", "c_score_nli", "c_scores_nli", "BUCKETS",
+           "MAX_LEN"]
 
 MAX_LEN = 256
 BUCKETS = (32, 64, 128, 256)
@@ -220,16 +229,70 @@ class NLIModel:
         return [self.label_values[int(i)] for i in lg.argmax(-1)]
 
 
-def c_score_nli(model: NLIModel, responses: Sequence[str], personas: Sequence[Sequence[str]],
-                batch_size: int = 32) -> float:
-    """C-score: NLI(premise=response, hypothesis=persona sentence), summed per response, mean over responses."""
+def _check_pairs(responses, personas, fn: str) -> None:
+    if isinstance(responses, str) or isinstance(personas, str):
+        raise TypeError(f"pal_jax/nli.py: {fn} got a str for responses or personas; expected a list of responses "
+                        "and one list of persona sentences per response")
     if len(responses) != len(personas):
         raise ValueError(f"pal_jax/nli.py: {len(responses)} responses vs {len(personas)} personas")
-    prem = [r for r, ps in zip(responses, personas) for _ in ps]
-    hyp = [p for ps in personas for p in ps]
-    flat = model.predict(prem, hyp, batch_size) if prem else []
+    for i, ps in enumerate(personas):
+        if isinstance(ps, str):
+            raise TypeError(f"pal_jax/nli.py: {fn} personas[{i}] is a str; expected a list of persona sentences")
+
+
+def _label_rows(model, responses, personas, batch_size: int, *, persona_premise: bool) -> list[list[int]]:
+    """NLI labels, one row per response and one entry per persona sentence, from one batched model pass.
+
+    persona_premise=False: NLI(premise = response, hypothesis = sentence) (Madotto et al.); True: NLI(premise =
+    sentence, hypothesis = response) (PAL's released code).
+    """
+    resp = [r for r, ps in zip(responses, personas) for _ in ps]
+    sent = [p for ps in personas for p in ps]
+    if not resp:
+        flat = []
+    elif persona_premise:
+        flat = list(model.predict(sent, resp, batch_size))
+    else:
+        flat = list(model.predict(resp, sent, batch_size))
+    if len(flat) != len(resp):
+        raise ValueError(f"pal_jax/nli.py: the NLI model returned {len(flat)} labels for {len(resp)} pairs; "
+                         "expected one label per (premise, hypothesis) pair")
     rows, k = [], 0
     for ps in personas:
         rows.append(flat[k:k + len(ps)])
         k += len(ps)
-    return metrics.c_score(rows)
+    return rows
+
+
+def c_score_nli(model: NLIModel, responses: Sequence[str], personas: Sequence[Sequence[str]],
+                batch_size: int = 32) -> float:
+    """C-score (Madotto et al.): NLI(premise=response, hypothesis=persona sentence), summed per response, mean
+    over responses. One model pass; `c_scores_nli` also gives PAL's form and the per-response rows."""
+    _check_pairs(responses, personas, "c_score_nli")
+    return metrics.c_score(_label_rows(model, responses, personas, batch_size, persona_premise=False))
+
+
+def c_scores_nli(model: NLIModel, responses: Sequence[str], personas: Sequence[Sequence[str]],
+                 batch_size: int = 32) -> dict:
+    """Both C-score forms and their per-response values, from two batched NLI passes (one per direction).
+
+    model: an `NLIModel`, or any object with `predict(premises, hypotheses, batch_size)` -> one +1/0/-1 per pair.
+    responses: N strings; personas: N lists of persona sentences (response i is scored against personas[i]).
+    Returns {
+      "c_score": Madotto et al. 2019 = mean of "c_score_rows" (`metrics.c_score`),
+      "c_score_max": PAL's released code = mean of "c_score_max_rows" (`metrics.c_score_max`),
+      "c_score_rows": list[float], per response the SUM over its persona sentences of NLI(premise = response,
+                      hypothesis = sentence),
+      "c_score_max_rows": list[float], per response the MAX over its persona sentences of NLI(premise = sentence,
+                          hypothesis = response); 0.0 for a response with no persona sentences,
+    }. No responses -> ValueError (from pal_jax/metrics.py).
+    """
+    _check_pairs(responses, personas, "c_scores_nli")
+    madotto = _label_rows(model, responses, personas, batch_size, persona_premise=False)
+    pal = _label_rows(model, responses, personas, batch_size, persona_premise=True)
+    return {
+        "c_score": metrics.c_score(madotto),
+        "c_score_max": metrics.c_score_max(pal),
+        "c_score_rows": metrics.c_score_rows(madotto).tolist(),
+        "c_score_max_rows": metrics.c_score_max_rows(pal).tolist(),
+    }

@@ -208,3 +208,128 @@ def test_c_score():
     assert M.c_score(np.array([[1, 1, 0], [-1, 0, 0]])) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="\\[0\\]\\[1\\]=2"):
         M.c_score([[1, 2]])
+
+
+def test_c_score_max_vs_sum():
+    # the row [1, -1, 0]: sum 1 - 1 + 0 = 0 (Madotto) but max 1 (PAL)
+    assert M.c_score([[1, -1, 0]]) == 0.0
+    assert M.c_score_max([[1, -1, 0]]) == 1.0
+    # sums [0, 0 - 1, 1 + 1] = [0, -1, 2] -> mean 1/3; maxes [1, 0, 1] -> mean 2/3
+    labels = [[1, -1, 0], ["neutral", "contradiction"], ["entail", "Entailment"]]
+    rows = M.c_score_rows(labels)
+    assert isinstance(rows, np.ndarray) and rows.dtype == np.float64
+    np.testing.assert_array_equal(rows, [0.0, -1.0, 2.0])
+    np.testing.assert_array_equal(M.c_score_max_rows(labels), [1.0, 0.0, 1.0])
+    assert M.c_score(labels) == pytest.approx(1 / 3)
+    assert M.c_score_max(labels) == pytest.approx(2 / 3)
+    # all-contradict row: sum -2, max -1; 2-D array [[1, -1, 0], [-1, -1, 0]]: maxes [1, 0] -> 0.5, sums [0, -2] -> -1
+    assert M.c_score_max([["contradict", "CONTRADICTION"]]) == -1.0
+    arr = np.array([[1, -1, 0], [-1, -1, 0]])
+    assert M.c_score_max(arr) == pytest.approx(0.5)
+    assert M.c_score(arr) == pytest.approx(-1.0)
+    # an empty row (no persona sentences): sum 0, max 0 by convention -> rows [0, 1], max mean 0.5
+    np.testing.assert_array_equal(M.c_score_max_rows([[], [1]]), [0.0, 1.0])
+    np.testing.assert_array_equal(M.c_score_rows([[], [1]]), [0.0, 1.0])
+    assert M.c_score_rows([]).shape == (0,)
+
+
+def test_c_score_forms_reject_bad_input():
+    for fn in (M.c_score_max, M.c_score_max_rows, M.c_score_rows):
+        with pytest.raises(ValueError, match=f"{fn.__name__}.*\\[0\\]\\[1\\]=2"):
+            fn([[1, 2]])
+        with pytest.raises(ValueError, match="\\[1\\]\\[0\\]='maybe'"):
+            fn([[1], ["maybe"]])
+        with pytest.raises(ValueError, match="True"):
+            fn([[True]])  # a bool is not a label
+        with pytest.raises(ValueError, match="1.0"):
+            fn([[1.0]])  # nor a float
+        with pytest.raises(TypeError, match="nli_labels\\[0\\] is str"):
+            fn(["entail"])  # a row must be a list, not one label
+        with pytest.raises(TypeError, match="nli_labels\\[0\\] is int"):
+            fn(np.array([1, 0]))  # 1-D array: rows are scalars
+    with pytest.raises(ValueError, match="c_score_max got 0 responses"):
+        M.c_score_max([])
+    with pytest.raises(ValueError, match="c_score got 0 responses"):
+        M.c_score([])
+
+
+# ------------------------------------------------------------------------------------------------ Entropy-n
+ENT_HYPS = ["A b a b", "c a b"]
+
+
+def test_entropy_n_hand_computed():
+    # unigrams over "a b a b" + "c a b": a 3, b 3, c 1 of 7 -> -(2 * 3/7 ln 3/7 + 1/7 ln 1/7)
+    assert M.entropy_n(ENT_HYPS, 1) == pytest.approx(-(2 * 3 / 7 * math.log(3 / 7) + 1 / 7 * math.log(1 / 7)))
+    # bigrams: a-b, b-a, a-b | c-a, a-b -> a-b 3, b-a 1, c-a 1 of 5 (no b-c across the two hyps)
+    assert M.entropy_n(ENT_HYPS, 2) == pytest.approx(-(3 / 5 * math.log(3 / 5) + 2 / 5 * math.log(1 / 5)))
+    # trigrams: a-b-a, b-a-b | c-a-b -> 3 distinct, once each -> ln 3
+    assert M.entropy_n(ENT_HYPS, 3) == pytest.approx(math.log(3))
+    # 4-grams: only a-b-a-b -> one n-gram, probability 1 -> 0
+    assert M.entropy_n(ENT_HYPS, 4) == 0.0
+    # 5-grams: none (one would exist only across the hyps) -> 0
+    assert M.entropy_n(ENT_HYPS, 5) == 0.0
+    # {a: 2, b: 1, c: 1} -> -(0.5 ln 0.5 + 2 * 0.25 ln 0.25) = 1.5 ln 2
+    assert M.entropy_n(["a b a", "c"], 1) == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
+    assert M.entropy_n(["a b a", "c"], 1) == pytest.approx(1.5 * math.log(2))
+
+
+def test_entropy_n_empty_and_errors():
+    assert M.entropy_n([], 1) == 0.0
+    assert M.entropy_n(["", "  "], 1) == 0.0
+    assert M.entropy_n(["a b"], 3) == 0.0
+    with pytest.raises(ValueError, match="entropy_n n=0"):
+        M.entropy_n(ENT_HYPS, 0)
+    with pytest.raises(TypeError, match="entropy_n hyps"):
+        M.entropy_n("a b a", 1)
+
+
+def test_entropy_from_counts():
+    # the same formula as entropy_n: bigram counts of ENT_HYPS are [3, 1, 1], unigram counts [3, 3, 1]
+    assert M.entropy_from_counts([3, 1, 1]) == M.entropy_n(ENT_HYPS, 2)
+    assert M.entropy_from_counts(np.array([1, 3, 3])) == pytest.approx(M.entropy_n(ENT_HYPS, 1))
+    assert M.entropy_from_counts([2, 1, 1]) == pytest.approx(1.5 * math.log(2))
+    # only proportions matter; zero counts contribute nothing; uniform over k -> ln k; a mapping uses its values
+    assert M.entropy_from_counts([4, 0, 2, 2]) == pytest.approx(1.5 * math.log(2))
+    assert M.entropy_from_counts([0.5, 0.5, 0.5, 0.5]) == pytest.approx(math.log(4))
+    assert M.entropy_from_counts({("a",): 2, ("b",): 1, ("c",): 1}) == pytest.approx(1.5 * math.log(2))
+    assert M.entropy_from_counts([]) == 0.0
+    assert M.entropy_from_counts([0, 0]) == 0.0
+    assert str(M.entropy_from_counts([5])) == "0.0"  # not -0.0
+    with pytest.raises(ValueError, match="count -1.0;"):
+        M.entropy_from_counts([2, -1])
+    with pytest.raises(ValueError, match="nan"):
+        M.entropy_from_counts([1, float("nan")])
+    with pytest.raises(ValueError, match="1-D"):
+        M.entropy_from_counts([[1, 2], [3, 4]])
+    with pytest.raises(TypeError, match="entropy_from_counts"):
+        M.entropy_from_counts(["a", "b"])
+
+
+# ------------------------------------------------------------------------------------------------ repetition
+def test_repeats_ngram():
+    assert M.repeats_ngram("i like dogs and i like dogs")  # trigram "i like dogs" twice
+    assert M.repeats_ngram("I like dogs , i LIKE dogs")  # case-insensitive
+    assert not M.repeats_ngram("i like dogs and cats")  # every trigram once
+    assert not M.repeats_ngram("hi hi")  # shorter than 3 tokens: no trigram at all
+    assert M.repeats_ngram("a a a a")  # overlapping: a-a-a at positions 0 and 1
+    assert not M.repeats_ngram("a a a")  # a-a-a once
+    # n = 2: bigram "i like" twice; n = 3: "i like cats", "like cats i", "cats i like" once each
+    assert M.repeats_ngram("i like cats i like", 2)
+    assert not M.repeats_ngram("i like cats i like", 3)
+    assert M.repeats_ngram("hi hi", 1)
+    with pytest.raises(ValueError, match="repeats_ngram n=0"):
+        M.repeats_ngram("a a", 0)
+    with pytest.raises(TypeError, match="repeats_ngram hyp"):
+        M.repeats_ngram(["a", "a"])
+
+
+def test_repetition_rate():
+    replies = ["i like dogs and i like dogs", "i like dogs and cats", "hi hi"]
+    assert M.repetition_rate(replies) == pytest.approx(1 / 3)  # only the first repeats a trigram
+    assert M.repetition_rate(replies, n=1) == pytest.approx(2 / 3)  # "i" in the first, "hi" in the last
+    assert M.repetition_rate(replies, n=2) == pytest.approx(1 / 3)  # "i like dogs and cats": bigrams once each
+    assert M.repetition_rate(["a b c"]) == 0.0
+    with pytest.raises(ValueError, match="repetition_rate got 0 hyps"):
+        M.repetition_rate([])
+    with pytest.raises(ValueError, match="repetition_rate n=-1"):
+        M.repetition_rate(replies, n=-1)

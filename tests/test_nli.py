@@ -1,15 +1,20 @@
-"""pal_jax.nli vs PyTorch transformers on tiny random BERT / RoBERTa sequence classifiers."""
+"""pal_jax.nli vs PyTorch transformers on tiny random BERT / RoBERTa sequence classifiers; the C-score forms on a
+stub NLI model (that test needs no torch)."""
 import json
 import os
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+from pal_jax import metrics, nli
 
-from pal_jax import metrics, nli  # noqa: E402
+try:
+    import tokenizers
+    import torch
+    import transformers
+except ImportError:
+    tokenizers = torch = transformers = None
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch, transformers, tokenizers (requirements-test.txt)")
 
 ID2LABEL = {0: "contradiction", 1: "neutral", 2: "entailment"}
 WORDS = ("i like my dog cat red blue car have love hate am a teacher student live in city farm do not "
@@ -44,6 +49,7 @@ def _batch(pad_id, rows=((5, 7, 9, 11, 3), (5, 8, 3), (5, 20, 30, 40, 50, 60, 70
     return ids, mask, types
 
 
+@needs_torch
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
 def test_logits_match_torch(tmp_path, kind):
     model, d = _save(tmp_path, kind)
@@ -65,6 +71,7 @@ def test_logits_match_torch(tmp_path, kind):
     assert np.abs(ref).max() > 1e-2  # non-trivial logits
 
 
+@needs_torch
 def test_errors(tmp_path):
     _, d = _save(tmp_path, "bert")
     from safetensors.numpy import load_file
@@ -95,6 +102,7 @@ def _write_tokenizer(d):
     return tok
 
 
+@needs_torch
 def test_predict_and_c_score(tmp_path):
     model, d = _save(tmp_path, "bert")
     tok = _write_tokenizer(d)
@@ -132,3 +140,73 @@ def test_predict_and_c_score(tmp_path):
         rows.append(expected[k:k + len(ps)])
         k += len(ps)
     assert nli.c_score_nli(m, responses, personas, batch_size=4) == pytest.approx(metrics.c_score(rows))
+
+    # PAL's direction on the real model: premise = persona sentence, hypothesis = response
+    prem, hyp = hyp, prem
+    expected_pal = [value[ID2LABEL[int(i)]] for i in torch_logits().argmax(-1)]
+    pal_rows, k = [], 0
+    for ps in personas:
+        pal_rows.append(expected_pal[k:k + len(ps)])
+        k += len(ps)
+    got = nli.c_scores_nli(m, responses, personas, batch_size=4)
+    np.testing.assert_array_equal(got["c_score_rows"], [sum(r) for r in rows])
+    np.testing.assert_array_equal(got["c_score_max_rows"], [max(r) for r in pal_rows])
+    assert got["c_score"] == pytest.approx(metrics.c_score(rows))
+    assert got["c_score_max"] == pytest.approx(metrics.c_score_max(pal_rows))
+
+
+# A toy NLI model that looks each (premise, hypothesis) pair up in a table holding both directions with different
+# labels, so a swapped direction, or a response paired with another response's persona, changes the result or
+# raises KeyError.
+R0, R1 = "i love my dog max", "i hate dogs"
+PERSONAS = [["i have a dog", "my dog is max", "i am a teacher"], ["i love dogs", "i live on a farm"]]
+TABLE = {
+    # Madotto direction: premise = response, hypothesis = persona sentence
+    (R0, "i have a dog"): 1, (R0, "my dog is max"): 1, (R0, "i am a teacher"): 0,
+    (R1, "i love dogs"): -1, (R1, "i live on a farm"): 0,
+    # PAL direction: premise = persona sentence, hypothesis = response
+    ("i have a dog", R0): 0, ("my dog is max", R0): 1, ("i am a teacher", R0): -1,
+    ("i love dogs", R1): -1, ("i live on a farm", R1): -1,
+}
+
+
+class StubNLI:
+    def __init__(self):
+        self.calls = []
+
+    def predict(self, premises, hypotheses, batch_size=32):
+        self.calls.append((len(premises), batch_size))
+        return [TABLE[(p, h)] for p, h in zip(premises, hypotheses)]
+
+
+def test_c_scores_nli_directions_on_stub():
+    stub = StubNLI()
+    got = nli.c_scores_nli(stub, [R0, R1], PERSONAS, batch_size=2)
+    # Madotto rows: R0 [1, 1, 0] -> sum 2; R1 [-1, 0] -> sum -1; mean (2 - 1) / 2 = 0.5
+    # (with the PAL labels instead: sums 0 and -2 -> -1)
+    assert got["c_score_rows"] == [2.0, -1.0]
+    assert got["c_score"] == pytest.approx(0.5)
+    # PAL rows: R0 [0, 1, -1] -> max 1; R1 [-1, -1] -> max -1; mean 0
+    # (with the Madotto labels instead: maxes 1 and 0 -> 0.5)
+    assert got["c_score_max_rows"] == [1.0, -1.0]
+    assert got["c_score_max"] == pytest.approx(0.0)
+    assert set(got) == {"c_score", "c_score_max", "c_score_rows", "c_score_max_rows"}
+    assert all(isinstance(v, float) for v in got["c_score_rows"] + got["c_score_max_rows"])
+    assert stub.calls == [(5, 2), (5, 2)]  # one batched pass per direction over all 5 (response, sentence) pairs
+
+    stub = StubNLI()
+    assert nli.c_score_nli(stub, [R0, R1], PERSONAS) == pytest.approx(0.5)
+    assert stub.calls == [(5, 32)]  # Madotto's form alone: one pass
+
+    # a response with no persona sentences: sum 0, max 0, and no pair sent to the model for it
+    stub = StubNLI()
+    got = nli.c_scores_nli(stub, [R0, R1], [PERSONAS[0], []])
+    assert got["c_score_rows"] == [2.0, 0.0] and got["c_score_max_rows"] == [1.0, 0.0]
+    assert stub.calls == [(3, 32), (3, 32)]
+
+    with pytest.raises(ValueError, match="2 responses vs 1 personas"):
+        nli.c_scores_nli(StubNLI(), [R0, R1], PERSONAS[:1])
+    with pytest.raises(TypeError, match="personas\\[0\\] is a str"):
+        nli.c_scores_nli(StubNLI(), [R0], ["i have a dog"])
+    with pytest.raises(ValueError, match="0 responses"):
+        nli.c_scores_nli(StubNLI(), [], [])
