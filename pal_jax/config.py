@@ -13,6 +13,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 CORPUS_MODES = ("stage1", "make_pairs", "stage2", "pipeline")  # modes that always read config.data
 PROMPT_FORMATS = ("auto", "plain", "chat")  # = predict.PROMPT_FORMATS
+SELECT_RULES = ("calibrated", "marginal", "lse", "decision", "mean", "sum")  # = selection.RULES
 
 
 class ConfigError(ValueError):
@@ -123,13 +124,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, s2.generate_pairs_on in ("all", "persona"), "stage2.generate_pairs_on", s2.generate_pairs_on,
            "'all' or 'persona'")
     _check(e, s2.max_pair_turns >= 0, "stage2.max_pair_turns", s2.max_pair_turns, ">= 0 (0 = all)")
+    _check(e, s2.get("reference", "stage1") in ("stage1", "base"), "stage2.reference", s2.get("reference"),
+           "'stage1' (the Stage 1 model) or 'base' (the weights Stage 1 started from)")
     _check(e, 0 < s2.dev_fraction < 1, "stage2.dev_fraction", s2.dev_fraction, "in (0, 1)")
     if c.mode == "stage2":
         _check(e, bool(c.init_from), "init_from", c.init_from, "the workdir of a Stage 1 run (the reference model)")
     _validate_lora(c, e)
     p = c.predict
     _check(e, p.method in ("greedy", "sample", "beam"), "predict.method", p.method, "'greedy', 'sample' or 'beam'")
-    _check(e, p.select_by in ("sum", "mean"), "predict.select_by", p.select_by, "'sum' or 'mean'")
+    _check(e, p.select_by in SELECT_RULES, "predict.select_by", p.select_by, f"one of {SELECT_RULES}")
+    _check(e, isinstance(p.calibration_turns, int) and p.calibration_turns >= 0, "predict.calibration_turns",
+           p.calibration_turns, "an integer >= 0 (0 = the whole dev split)")
+    if p.select_by == "calibrated" and c.mode in ("predict", "evaluate", "chat", "pipeline", "make_pairs", "stage2"):
+        _check(e, d.dev_fraction > 0, "data.dev_fraction", d.dev_fraction,
+               "> 0 with predict.select_by='calibrated' (its bias is fitted on the dev split)")
     for k in ("prompt_format", "select_format"):
         _check(e, p[k] in PROMPT_FORMATS, f"predict.{k}", p[k], f"one of {PROMPT_FORMATS}")
     _check(e, p.batch_size > 0, "predict.batch_size", p.batch_size, "a positive integer")
@@ -140,7 +148,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, 0 < p.top_p <= 1, "predict.top_p", p.top_p, "in (0, 1]")
     _check(e, p.beam_width >= 1, "predict.beam_width", p.beam_width, ">= 1")
     _check(e, p.max_records >= 0, "predict.max_records", p.max_records, ">= 0 (0 = all)")
-    _check(e, c.eval.rank_by in ("sum", "mean"), "eval.rank_by", c.eval.rank_by, "'sum' or 'mean'")
+    _check(e, isinstance(c.eval.bootstrap_resamples, int) and c.eval.bootstrap_resamples >= 100,
+           "eval.bootstrap_resamples", c.eval.bootstrap_resamples, "an integer >= 100")
     if c.mode == "chat":
         _check(e, bool(p.persona_file), "predict.persona_file", p.persona_file,
                "a text file with one persona sentence a line")

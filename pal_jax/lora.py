@@ -17,7 +17,8 @@ Where the base comes from. A LoRA checkpoint holds only adapters; its base is fo
 A relative init_from path is resolved against the current directory, as in the run that saved it.
 
 Stage 2 with LoRA: the policy is the base + trainable adapters starting from Stage 1's; the reference is
-`combine(base, stage-1 adapters)`: the same base arrays, so only the small adapter trees are held twice.
+`combine(base, stage-1 adapters)`: the same base arrays, so only the small adapter trees are held twice
+(stage2.reference=base: `combine(base, all-zero adapters)`, exactly the base model; pal_jax/stage2.py).
 """
 from __future__ import annotations
 

@@ -50,7 +50,8 @@ def dpo_loss_sums(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, 
     jax.lax.stop_gradient.
 
     Returns (loss_sum, num_pairs as float32, metric_sums) where metric_sums holds the sums over pairs of
-    "rewards_chosen", "rewards_rejected", "reward_margin" (r_c - r_r) and "reward_accuracy" (r_c > r_r as 0/1);
+    "rewards_chosen", "rewards_rejected", "reward_margin" (r_c - r_r), "reward_accuracy" (r_c > r_r as 0/1) and
+    the policy's "logps_chosen" and "logps_rejected";
     divide every sum by num_pairs for the means. `valid` [B] (default all) leaves padding pairs out of every sum
     and of num_pairs.
     """
@@ -71,6 +72,8 @@ def dpo_loss_sums(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, 
         "rewards_rejected": (reward_rejected * w).sum(),
         "reward_margin": (margin * w).sum(),
         "reward_accuracy": ((reward_chosen > reward_rejected).astype(f32) * w).sum(),
+        "logps_chosen": (pc * w).sum(),  # the policy's summed log-prob of the chosen reply (DPO can lower it)
+        "logps_rejected": (pr * w).sum(),
     }
     return (per_pair * w).sum(), w.sum(), metric_sums
 

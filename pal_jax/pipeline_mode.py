@@ -35,43 +35,45 @@ def _read(path: str) -> str:
     return p.read_text(encoding="utf-8") if p.exists() else ""
 
 
-def _none_share(path: str) -> float | None:
-    if not epath.Path(path).exists():
-        return None
-    sel = [json.loads(line)["selected_persona"] for line in _read(path).split("\n") if line.strip()]
-    return sum(s == -1 for s in sel) / len(sel) if sel else None
-
-
 def what_moved(eval_dir: str, s2_dir: str) -> list[str]:
-    """Markdown lines: Stage 2 minus Stage 1 for every metric of the report (and Stage 2 minus the base model when
-    the report has one), how often each model selects no persona, and what the Stage 2 pairs were made of."""
+    """Markdown lines: Stage 2 minus Stage 1 for every metric of the report, with its paired bootstrap interval
+    and whether the change is better, worse or not significant (and Stage 2 minus the base model when the report
+    has one), how often each model selects no persona, and what the Stage 2 pairs were made of."""
     from pal_jax.evaluate import REPORT_ROWS
-    res = json.loads(_read(os.fspath(epath.Path(eval_dir) / "metrics.json")))["results"]
-    a, b, base = res["stage1"], res["stage2"], res.get(BASE)
+    m = json.loads(_read(os.fspath(epath.Path(eval_dir) / "metrics.json")))
+    res, diffs = m["results"], m.get("differences", {})
+    cols = [("stage1", "stage2")] + ([(BASE, "stage2")] if BASE in res else [])
 
-    def delta(x, y, key, higher):
-        if key not in x or key not in y or x[key] is None or y[key] is None:
-            return None
-        d = y[key] - x[key]
-        return f"{d:+.4f} | {'=' if d == 0 else ('yes' if (d > 0) == higher else 'no')}"
+    def cell(a, b, key, higher):
+        d = diffs.get(f"{b} - {a}", {}).get(key)
+        if d is None:  # a report without intervals: the plain difference
+            if res[a].get(key) is None or res[b].get(key) is None:
+                return None
+            d = {"delta": res[b][key] - res[a][key], "lo": float("nan"), "hi": float("nan"), "significant": True}
+        delta = d["delta"]
+        iv = f" [{d['lo']:+.4f}, {d['hi']:+.4f}]" if d["lo"] == d["lo"] else ""
+        if higher is None:
+            verdict = "-"
+        elif not d["significant"]:
+            verdict = "n.s."
+        else:
+            verdict = "=" if delta == 0 else ("yes" if (delta > 0) == higher else "no")
+        return f"{delta:+.4f}{iv} | {verdict}"
 
-    if base is None:
-        lines = ["", MOVED_HEADER, "", "| metric | stage2 - stage1 | better |", "| --- | --- | --- |"]
-    else:
-        lines = ["", MOVED_HEADER, "", "| metric | stage2 - stage1 | better | stage2 - base | better |",
-                 "| --- | --- | --- | --- | --- |"]
+    head = "| metric |" + "".join(f" {b} - {a} [95% CI] | better |" for a, b in cols)
+    lines = ["", MOVED_HEADER, "", head, "| --- |" + " --- | --- |" * len(cols)]
     for key, label, higher in REPORT_ROWS:
-        d = delta(a, b, key, higher)
-        if d is None:
+        cells = [cell(a, b, key, higher) for a, b in cols]
+        if cells[0] is None:
             continue
-        if base is not None:
-            d += " | " + (delta(base, b, key, higher) or "- | -")
-        lines.append(f"| {label} | {d} |")
+        lines.append(f"| {label} | " + " | ".join(c or "- | -" for c in cells) + " |")
+    if diffs:
+        lines += ["", "better: yes / no when the 95% interval of the difference (dialogues resampled) excludes 0; "
+                  "n.s. when it contains 0."]
     names = [n for n in (BASE, "stage1", "stage2") if n in res]
-    shares = [_none_share(os.fspath(epath.Path(eval_dir) / f"predictions_{n}.jsonl")) for n in names]
-    if None not in shares:
+    if all("selects_none" in res[n] for n in names):
         lines += ["", "Share of turns where the model selects `No personal description.`: "
-                  + ", ".join(f"{n} {x:.4f}" for n, x in zip(names, shares)) + "."]
+                  + ", ".join(f"{n} {res[n]['selects_none']:.4f}" for n in names) + "."]
     info_path = os.fspath(epath.Path(s2_dir) / "pairs_info.json")
     if epath.Path(info_path).exists():
         info = json.loads(_read(info_path))

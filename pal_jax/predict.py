@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Iterable, Sequence
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from pal_jax import mesh as mesh_lib
 from pal_jax import sampling
+from pal_jax import selection
 from pal_jax.data import chat_format, pipeline, templates
 
 PROMPT_FORMATS = ("auto", "plain", "chat")
@@ -48,8 +50,9 @@ class Prediction:
     selected: int  # index into persona, -1 = none
     selected_text: str
     select_score: float
-    candidate_scores: list[float]  # one per persona sentence, then "none"
+    candidate_scores: list[float]  # one per persona sentence, then "none", under the Predictor's select_by
     response: str
+    features: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # selection.features, every rule
 
 
 CAND_BUCKETS = (8, 16, 24, 32, 48, 64, 128, 256)  # candidate lengths (tokens) the scorer compiles for
@@ -66,19 +69,21 @@ class Predictor:
     """Holds jitted scorer/decoder over a model's params; batches records into fixed shapes (few compilations)."""
 
     def __init__(self, model_state, params, tokenizer, *, max_len: int, buckets: Sequence[int], batch_size: int,
-                 sampling_cfg: sampling.SamplingConfig, select_by: str = "sum", seed: int = 0,
-                 prompt_format: str = "plain", select_format: str | None = None):
+                 sampling_cfg: sampling.SamplingConfig, select_by: str = "decision", seed: int = 0,
+                 prompt_format: str = "plain", select_format: str | None = None, none_bias: float = 0.0):
         """prompt_format: "plain" | "chat" (resolved; see resolve_formats) for the generate and persona-free
-        prompts; select_format: the Select step's ("plain" | "chat"; None = prompt_format)."""
-        if select_by not in ("sum", "mean"):
-            raise ValueError(f"predict.select_by = {select_by!r}: expected 'sum' or 'mean'")
+        prompts; select_format: the Select step's ("plain" | "chat"; None = prompt_format); select_by: a
+        selection.RULES rule; none_bias: the "calibrated" rule's bias on "none" (see calibrate)."""
+        if select_by not in selection.RULES:
+            raise ValueError(f"predict.select_by = {select_by!r}: expected one of {selection.RULES}")
         select_format = select_format or prompt_format
         for key, fmt in (("prompt_format", prompt_format), ("select_format", select_format)):
             if fmt not in FORMAT_MODULES:
                 raise ValueError(f"predict.{key} = {fmt!r}: expected one of {tuple(FORMAT_MODULES)} (resolved)")
         self.ms, self.params, self.tok = model_state, params, tokenizer
         self.max_len, self.buckets, self.batch_size = max_len, tuple(buckets), batch_size
-        self.sampling_cfg, self.select_by = sampling_cfg, select_by
+        self.sampling_cfg, self.select_by, self.none_bias = sampling_cfg, select_by, float(none_bias)
+        self.calibration: dict | None = None  # how none_bias was fitted (calibrate)
         self.prompt_format, self.select_format = prompt_format, select_format
         self._gen_tpl, self._sel_tpl = FORMAT_MODULES[prompt_format], FORMAT_MODULES[select_format]
         self.end_id = self._end_id(prompt_format)  # ends a reply (decoding stops there; appended to scored replies)
@@ -124,15 +129,14 @@ class Predictor:
     def candidate_texts(self, persona: Sequence[str]) -> list[str]:
         return [templates.select_target(list(persona), k) for k in range(len(persona))] + [templates.NONE_PERSONA]
 
-    def score(self, prompts: list[list[int]], candidates: list[list[list[int]]]) -> tuple[np.ndarray, np.ndarray]:
-        """Summed and mean log-probs [N, Kmax] (padded candidates get -inf) of candidate id lists per prompt.
+    def token_scores(self, prompts: list[list[int]], candidates: list[list[list[int]]]) -> list[list[np.ndarray]]:
+        """Per prompt, per candidate: the token log-probs of the candidate id list after the prompt (its real
+        tokens; a candidate longer than the largest CAND_BUCKETS length is cut there).
 
         Each batch pads its candidates to the bucket (CAND_BUCKETS) of its own longest one, so one long candidate
         (ConvAI2's 20 have up to ~35 tokens, 14 on average) does not pad every batch."""
-        n = len(prompts)
         kmax = max(len(c) for c in candidates)
-        sums = np.full((n, kmax), -np.inf, np.float32)
-        means = np.full((n, kmax), -np.inf, np.float32)
+        out: list[list[np.ndarray] | None] = [None] * len(prompts)
         for rows, real in self._batches([len(p) for p in prompts]):
             p_len = _bucket(max(len(prompts[i]) for i in rows), self.buckets)
             c_len = _bucket(max(len(x) for i in rows for x in candidates[i]), CAND_BUCKETS)
@@ -144,30 +148,42 @@ class Predictor:
                     ids = ids[:c_len]
                     ct[r, k, :len(ids)] = ids
                     cm[r, k, :len(ids)] = True
-            s, m = sampling.score_candidates_jit(self.ms.graphdef, self.params, *self._put(toks, mask, ct, cm))
-            s, m = mesh_lib.to_host(s), mesh_lib.to_host(m)  # every process gets every row
+            lp = sampling.candidate_token_logprobs_jit(self.ms.graphdef, self.params,
+                                                       *self._put(toks, mask, ct, cm))
+            lp = mesh_lib.to_host(lp)  # every process gets every row
             for r, i in enumerate(rows[:real]):
-                k = len(candidates[i])
-                sums[i, :k], means[i, :k] = s[r, :k], m[r, :k]
+                out[i] = [lp[r, k, :min(len(ids), c_len)] for k, ids in enumerate(candidates[i])]
+        return out
+
+    def score(self, prompts: list[list[int]], candidates: list[list[list[int]]]) -> tuple[np.ndarray, np.ndarray]:
+        """Summed and mean log-probs [N, Kmax] (padded candidates get -inf) of candidate id lists per prompt."""
+        n, kmax = len(prompts), max(len(c) for c in candidates)
+        sums = np.full((n, kmax), -np.inf, np.float32)
+        means = np.full((n, kmax), -np.inf, np.float32)
+        for i, lps in enumerate(self.token_scores(prompts, candidates)):
+            for k, x in enumerate(lps):
+                sums[i, k], means[i, k] = x.sum(), x.sum() / max(len(x), 1)
         return sums, means
 
     def select_prompt(self, persona, history) -> templates.PromptParts:
         return self._sel_tpl.select_prompt(list(persona), list(history))
 
-    def select(self, records: Sequence[Record]) -> list[tuple[int, float, list[float]]]:
+    def select_features(self, records: Sequence[Record]) -> list[dict[str, np.ndarray]]:
+        """selection.features (sum, mean, decision per candidate, "none" last) of each record's select candidates."""
         end = [self.select_end_id]
         cands = [[self.tok.encode(t) + end for t in self.candidate_texts(r.persona)] for r in records]
         longest = max(len(x) for c in cands for x in c)
         prompts = [self._prompt_ids(self.select_prompt(r.persona, r.history), self.max_len - longest)
                    for r in records]
-        sums, means = self.score(prompts, cands)
-        scores = sums if self.select_by == "sum" else means
+        return [selection.features(lps, c) for lps, c in zip(self.token_scores(prompts, cands), cands)]
+
+    def select(self, records: Sequence[Record], feats=None) -> list[tuple[int, float, list[float]]]:
+        """(persona index or -1, its score, every candidate's score) per record under self.select_by."""
         out = []
-        for i, r in enumerate(records):
-            k = len(r.persona) + 1
-            best = int(np.argmax(scores[i, :k]))
-            out.append((-1 if best == len(r.persona) else best, float(scores[i, best]),
-                        [float(x) for x in scores[i, :k]]))
+        for f in feats if feats is not None else self.select_features(records):
+            sc = selection.rule_scores(f, self.select_by, self.none_bias)
+            best = selection.pick(sc)
+            out.append((best, float(sc[best]), [float(x) for x in sc]))
         return out
 
     # -- generate ---------------------------------------------------------------------------------------------
@@ -211,14 +227,16 @@ class Predictor:
         """records: anything with .persona and .history (e.g. data.convai2.PromptRecord); nothing else is read."""
         records = [Record(tuple(r.persona), tuple(r.history)) for r in records]
         t0 = time.time()
-        sel = self.select(records)
+        feats = self.select_features(records)
+        sel = self.select(records, feats)
         t1 = time.time()
         responses = self.generate(records, [s[0] for s in sel])
         t2 = time.time()
         logging.info("predict: %d records, select %.1fs, generate %.1fs", len(records), t1 - t0, t2 - t1)
         return [Prediction(selected=s, selected_text=(r.persona[s] if s >= 0 else templates.NONE_PERSONA),
-                           select_score=score, candidate_scores=cs, response=resp)
-                for r, (s, score, cs), resp in zip(records, sel, responses)]
+                           select_score=score, candidate_scores=cs, response=resp,
+                           features={k: [float(x) for x in v] for k, v in f.items()})
+                for r, (s, score, cs), resp, f in zip(records, sel, responses, feats)]
 
 
 def _token_id(tok, text: str) -> int | None:
@@ -245,7 +263,6 @@ def load_predictor(config, ckpt_path: str, devices=None) -> Predictor:
     from pal_jax import checkpoint as ckpt_lib
     from pal_jax import tokenizer as tok_lib
     from pal_jax import train
-    import os
     if not ckpt_lib.Checkpointer.exists(ckpt_path):
         spec = ckpt_path if _is_pretrained(ckpt_path) else config.init_from
         if spec and _is_pretrained(spec):  # a base model without fine-tuning
@@ -265,7 +282,56 @@ def load_predictor(config, ckpt_path: str, devices=None) -> Predictor:
     from pal_jax import lora
     params = lora.checkpoint_params(ckpt_path, ms)  # a LoRA checkpoint's adapters merged into its base
     logging.info("predict: %s step %d (%s)", ckpt_path, meta["step"], meta.get("task", "?"))
-    return _predictor(config, ms, params, tok, resolve_formats(config, ckpt_path, base=False))
+    predictor = _predictor(config, ms, params, tok, resolve_formats(config, ckpt_path, base=False))
+    return calibrate(config, predictor, ckpt_path, meta["step"])
+
+
+CALIBRATION_FILE = "select_calibration.json"  # in a checkpoint's workdir: the calibrated rule's fitted bias
+
+
+def calibrate(config, predictor: Predictor, workdir: str | None, step) -> Predictor:
+    """With predict.select_by = "calibrated": set the predictor's "none" bias (selection.calibrate_none_bias) and
+    return it. The bias is read from WORKDIR/select_calibration.json when that was fitted for the same checkpoint
+    step, select format and dev turns; otherwise it is fitted now on the first predict.calibration_turns (0 = all)
+    turns of the configured corpus's dev split and written there (process 0, atomically). workdir None (a base
+    model): fitted and kept in memory only. Other rules: the predictor as it is."""
+    if predictor.select_by != "calibrated":
+        return predictor
+    from pal_jax.data import convai2, corpus
+    from etils import epath
+    import json
+    if not config.data.dev_fraction:
+        raise ValueError("config.predict.select_by = 'calibrated' fits its bias on the dev split, but "
+                         "config.data.dev_fraction = 0; expected a dev split, or another predict.select_by")
+    turns = config.predict.get("calibration_turns", 0)
+    key = {"step": step, "select_format": predictor.select_format, "data": corpus.origin(config.data),
+           "split_seed": config.data.split_seed, "dev_fraction": config.data.dev_fraction, "turns": turns}
+    path = epath.Path(workdir) / CALIBRATION_FILE if workdir else None
+    if path is not None and path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            predictor.none_bias, predictor.calibration = float(saved["none_bias"]), saved
+            logging.info("predict: calibrated 'none' bias %+.3f from %s", predictor.none_bias, path)
+            return predictor
+    recs = [r for r in convai2.records_from_dialogues(corpus.load_corpus(config.data)["dev"])
+            if r.persona_label is not None]
+    recs = recs[:turns] if turns else recs
+    if not recs:
+        raise ValueError(f"config.predict.select_by = 'calibrated': no labelled turns in the dev split of "
+                         f"{key['data']}; expected persona labels (data.labeler) on dev turns")
+    t0 = time.time()
+    feats = predictor.select_features([Record(tuple(r.persona), tuple(r.history)) for r in recs])
+    bias, acc, acc0 = selection.calibrate_none_bias([f["sum"] for f in feats], [r.persona_label for r in recs])
+    predictor.none_bias = bias
+    predictor.calibration = {"key": key, "none_bias": bias, "dev_turns": len(recs), "dev_accuracy": acc,
+                             "dev_accuracy_sum": acc0, "rule": "sum + none_bias"}
+    logging.info("predict: calibrated 'none' bias %+.3f on %d dev turns (dev selection accuracy %.3f; %.3f with "
+                 "no bias) in %.0fs", bias, len(recs), acc, acc0, time.time() - t0)
+    if path is not None and mesh_lib.is_primary():
+        tmp = epath.Path(os.fspath(path) + ".tmp")
+        tmp.write_text(json.dumps(predictor.calibration, indent=2))
+        tmp.replace(path)
+    return predictor
 
 
 def resolve_formats(config, spec: str, base: bool) -> tuple[str, str]:
@@ -329,7 +395,6 @@ def _base_tokenizer(config, spec: str, workdir: str):
     from pal_jax import pretrained
     from pal_jax import tokenizer as tok_lib
     from pal_jax.experiment import get_tokenizer
-    import os
     if not config.tokenizer.path and os.path.normpath(spec) == os.path.normpath(workdir):
         if pretrained.kind(spec) == "gguf":
             from pal_jax import gguf_import
@@ -347,7 +412,8 @@ def _pretrained_predictor(config, spec: str, workdir: str, devices=None) -> Pred
     ms = train.ModelState(train.model_config(config.model, tok.vocab_size), mesh, mesh_lib.axis_rules(config))
     params = pretrained.load(spec, ms)
     logging.info("predict: base model %s (no fine-tuning)", spec)
-    return _predictor(config, ms, params, tok, resolve_formats(config, spec, base=True))
+    return calibrate(config, _predictor(config, ms, params, tok, resolve_formats(config, spec, base=True)), None,
+                     spec)
 
 
 def load_records(config):
@@ -372,7 +438,6 @@ def load_records(config):
 
 def run_predict(config, workdir: str) -> dict:
     from pal_jax.evaluate import write_predictions
-    import os
     predictor = load_predictor(config, workdir)
     records, origin = load_records(config)
     preds = predictor.predict(records)

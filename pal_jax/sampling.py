@@ -183,11 +183,10 @@ def generate(model, tokens, mask, rng, cfg: SamplingConfig, eos_id, pad_id: int)
     return _decode_loop(model, tokens, mask, rng, cfg, eos_id, pad_id)
 
 
-def score_candidates(model, tokens, mask, cand_tokens, cand_mask):
-    """Log-probs of K continuations per prompt, the prompt run once.
+def candidate_token_logprobs(model, tokens, mask, cand_tokens, cand_mask):
+    """Per-token log-probs [B, K, C] of K continuations per prompt (0 on padding), the prompt run once.
 
     tokens/mask [B, P] left-padded prompts; cand_tokens/cand_mask [B, K, C] right-padded continuations.
-    Returns (sum_logprob [B, K], mean_logprob [B, K]) over each continuation's real tokens.
     The prompt's KV cache is computed once and shared by its K continuations (broadcast, not recomputed).
     """
     b, p = tokens.shape
@@ -202,10 +201,14 @@ def score_candidates(model, tokens, mask, cand_tokens, cand_mask):
     logits, _, _ = model.decode(ct, cache, positions=cpos, cache_index=jnp.int32(p), key_mask=km)
     # token j of a candidate is predicted by the logits before it: the prompt's last logits for j = 0
     pred = jnp.concatenate([rep(last)[:, None], logits[:, :-1].astype(jnp.float32)], axis=1)
-    lp = token_logprobs(pred, ct) * cm
-    total = lp.sum(-1).reshape(b, k)
-    count = jnp.maximum(cm.sum(-1), 1).reshape(b, k)
-    return total, total / count
+    return (token_logprobs(pred, ct) * cm).reshape(b, k, c)
+
+
+def score_candidates(model, tokens, mask, cand_tokens, cand_mask):
+    """(sum_logprob [B, K], mean_logprob [B, K]) over each continuation's real tokens (candidate_token_logprobs)."""
+    lp = candidate_token_logprobs(model, tokens, mask, cand_tokens, cand_mask)
+    total = lp.sum(-1)
+    return total, total / jnp.maximum(cand_mask.sum(-1), 1)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "eos_id", "pad_id"))
@@ -218,6 +221,12 @@ def generate_jit(graphdef, params, tokens, mask, rng, *, cfg: SamplingConfig, eo
 def score_candidates_jit(graphdef, params, tokens, mask, cand_tokens, cand_mask):
     from flax import nnx
     return score_candidates(nnx.merge(graphdef, params), tokens, mask, cand_tokens, cand_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def candidate_token_logprobs_jit(graphdef, params, tokens, mask, cand_tokens, cand_mask):
+    from flax import nnx
+    return candidate_token_logprobs(nnx.merge(graphdef, params), tokens, mask, cand_tokens, cand_mask)
 
 
 def default_rng(seed: int = 0) -> Any:

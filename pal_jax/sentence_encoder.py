@@ -162,13 +162,15 @@ class SentenceEncoder:
 
 
 def consistency_proxy(encoder, responses: Sequence[str], personas: Sequence[Sequence[str]],
-                      labels: Sequence[int | None] | None = None, batch_size: int = 64) -> dict[str, float]:
+                      labels: Sequence[int | None] | None = None, batch_size: int = 64,
+                      per_turn: bool = False) -> dict:
     """Embedding consistency between each response and its persona (a proxy for the NLI C-score).
 
     consistency_max_cos: mean over responses (with a non-empty persona) of the max cosine between the response and
     its persona sentences. consistency_best_persona: share of turns with a label >= 0 whose most similar persona
     sentence is the labelled one (consistency_best_persona_n turns). encoder: anything with
     encode(texts, batch_size) -> [N, D]; the vectors are normalised here, so the scores are cosines either way.
+    per_turn: also "rows": {metric: one value per response, None where it does not apply} (for a bootstrap).
     """
     if len(responses) != len(personas):
         raise ValueError(f"consistency_proxy: {len(responses)} responses vs {len(personas)} personas")
@@ -187,15 +189,21 @@ def consistency_proxy(encoder, responses: Sequence[str], personas: Sequence[Sequ
     r_emb = unit(encoder.encode([responses[i] for i in rows], batch_size=batch_size))
     p_emb = unit(encoder.encode(uniq, batch_size=batch_size))
     best_cos, hits, n_lab = [], 0, 0
+    cos_rows: list[float | None] = [None] * len(responses)
+    hit_rows: list[float | None] = [None] * len(responses)
     for k, i in enumerate(rows):
         cos = p_emb[[where[s] for s in personas[i]]] @ r_emb[k]
         best_cos.append(float(cos.max()))
+        cos_rows[i] = best_cos[-1]
         lab = labels[i] if labels is not None else None
         if lab is not None and lab >= 0:
             n_lab += 1
             hits += int(np.argmax(cos)) == lab
+            hit_rows[i] = float(int(np.argmax(cos)) == lab)
     out = {"consistency_max_cos": float(np.mean(best_cos))}
     if n_lab:
         out["consistency_best_persona"] = hits / n_lab
         out["consistency_best_persona_n"] = n_lab
+    if per_turn:
+        out["rows"] = {"consistency_max_cos": cos_rows, "consistency_best_persona": hit_rows}
     return out

@@ -1,11 +1,22 @@
-"""Stage 2, Persona Alignment: DPO against the frozen Stage 1 model, plus an embedding-alignment term.
+"""Stage 2, Persona Alignment: DPO against a frozen reference model, plus an embedding-alignment term.
 
 Each `generate` pair: prompt = the generate prompt with the labelled persona highlighted; chosen = the gold reply;
 rejected = the Stage 1 model's reply to the persona-free prompt. Each `select` pair: prompt = the select prompt;
-chosen = the labelled persona target; rejected = the target the Stage 1 model selected (pairs.py). Chosen and rejected run through one forward as a
-[2B, L] batch (chosen rows first). The reference is the Stage 1 params, passed to the jitted step as a separate
-argument that is never donated, never differentiated (stop_gradient) and never checkpointed; or, with
-stage2.precompute_ref, its log-probs are computed once and carried in the batches.
+chosen = the labelled persona target; rejected = the target the Stage 1 model selected (pairs.py). Chosen and
+rejected run through one forward as a [2B, L] batch (chosen rows first). The reference params are passed to the
+jitted step as a separate argument that is never donated, never differentiated (stop_gradient) and never
+checkpointed; or, with stage2.precompute_ref, their log-probs are computed once and carried in the batches.
+
+The reference, stage2.reference:
+- "stage1" (default; the paper): the Stage 1 model, i.e. the policy's own starting point, so the first step's DPO
+  loss is log 2.
+- "base" (PAL's released LoRA code, whose reference is the bare base model): the weights Stage 1 started from.
+  Stage 1's saved config says which: its init_from (pretrained weights, a GGUF, another pal_jax workdir: its latest
+  checkpoint), loaded again; or, for a random init, the same init rebuilt from Stage 1's seed and model config (an
+  error names stage2.reference when it cannot be rebuilt exactly). A LoRA Stage 1 started from its frozen base (a
+  LoRA Stage 1 that continued earlier adapters of the same shape is followed back to their base: the base model
+  alone).
+In both cases the policy starts from Stage 1 and the pairs come from the Stage 1 model; only the reference differs.
 
 Loss = DPO over all pairs (if stage2.use_dpo) + stage2.sft_weight * the chosen target's mean token NLL (an NLL
 term on the chosen side, as in RPO, Pang et al. 2024: plain DPO can lower the chosen log-prob while it widens the
@@ -13,8 +24,10 @@ margin, which shows up as a higher perplexity and a lower F1) + stage2.align_wei
 hidden states, pooled chosen response hidden states) over the chosen rows of the `generate` pairs.
 
 With LoRA (config.lora.rank > 0; pal_jax/lora.py) the policy is the frozen base + trainable adapters that start
-from Stage 1's, and the reference is the same base arrays + Stage 1's adapters, frozen: one copy of the base is
-held, and only the adapter trees are duplicated.
+from Stage 1's. The "stage1" reference is the same base arrays + Stage 1's adapters, frozen; the "base" reference
+is the same base arrays + all-zero adapters (exactly the base model). Either way one copy of the base is held and
+only the adapter trees are duplicated (after a full fine-tune Stage 1, "base" needs Stage 1's initial weights as a
+second full tree).
 
 The Stage 2 run takes train.{steps,lr,batch_size,warmup_steps} from stage2.{steps,lr,batch_size,warmup_steps};
 the other train.* settings (clipping, cadences, checkpoints) are shared with Stage 1.
@@ -240,11 +253,15 @@ def run(config, workdir: str, devices=None) -> dict:
     return train_stage2(config, workdir, devices)[0]
 
 
-def reference_predictor(c, exp, ref_params):
-    from pal_jax.predict import Predictor, sampling_config
-    return Predictor(exp.model, ref_params, exp.tokenizer, max_len=c.data.max_len, buckets=tuple(c.data.buckets),
-                     batch_size=c.predict.batch_size, sampling_cfg=sampling_config(c), select_by=c.predict.select_by,
-                     seed=c.seed)
+def stage1_predictor(c, exp, s1_params, s1: str):
+    """The Stage 1 model's Select then Generate predictor (make_pairs decodes the rejected replies with it, and
+    takes the select pairs' rejected side from its selection rule; the calibrated rule's bias is the one the
+    evaluation of the Stage 1 workdir s1 uses, fitted once and saved there)."""
+    from pal_jax.predict import Predictor, calibrate, sampling_config
+    p = Predictor(exp.model, s1_params, exp.tokenizer, max_len=c.data.max_len, buckets=tuple(c.data.buckets),
+                  batch_size=c.predict.batch_size, sampling_cfg=sampling_config(c), select_by=c.predict.select_by,
+                  seed=c.seed)
+    return calibrate(c, p, s1, ckpt_lib.load_meta(s1)["step"])
 
 
 def run_make_pairs(config, workdir: str) -> dict:
@@ -255,13 +272,13 @@ def run_make_pairs(config, workdir: str) -> dict:
     s1 = stage1_workdir(c, workdir)
     _use_stage1_tokenizer(c, s1)
     exp = Experiment(c, workdir)
-    ref_params, _ = reference_params(exp, s1)
-    return make_pairs(reference_predictor(c, exp, ref_params), exp.corpus["train"], workdir, c.seed,
+    s1_params, _ = stage1_params(exp, s1)
+    return make_pairs(stage1_predictor(c, exp, s1_params, s1), exp.corpus["train"], workdir, c.seed,
                       c.stage2.max_pair_turns, c.stage2.select_pairs, c.stage2.generate_pairs_on)
 
 
-def reference_params(exp: Experiment, s1: str):
-    """(reference, (frozen base, initial policy adapters) or None): the Stage 1 model at s1 as one params tree.
+def stage1_params(exp: Experiment, s1: str):
+    """(the Stage 1 model at s1 as one params tree, (frozen base, initial policy adapters) or None).
 
     Without LoRA: Stage 1's params (a LoRA Stage 1's adapters merged into its base). With LoRA: lora.combine(base,
     Stage 1's adapters), whose base leaves are the frozen base's own arrays; the second item gives them with the
@@ -273,22 +290,128 @@ def reference_params(exp: Experiment, s1: str):
     return lora.combine(base, adapters), (base, adapters)
 
 
+REFERENCES = ("stage1", "base")  # stage2.reference (module doc)
+_BASE_ERROR = ("config.stage2.reference = 'base': the weights Stage 1 ({s1}) started from cannot be rebuilt: {why}; "
+               "expected {fix}, or use --config.stage2.reference=stage1 (the Stage 1 model as the reference)")
+
+
+def _saved_config(path: str) -> dict:
+    return ckpt_lib.load_meta(path).get("config") or {}
+
+
+def stage1_start(s1: str) -> tuple[str, dict]:
+    """(init_from, saved config) of the run whose starting weights are the ones the Stage 1 run at s1 started from
+    (without adapters): Stage 1's own init_from and config, except that a LoRA Stage 1 whose init_from is a LoRA
+    checkpoint with the same adapters trained on that checkpoint's base, so the chain is followed back (as
+    lora.base_params does). init_from "" means a random init from that config's seed and model."""
+    spec = s1
+    for _ in range(16):
+        saved = _saved_config(spec)
+        if not saved:
+            raise ValueError(_BASE_ERROR.format(s1=s1, why=f"the checkpoint of {spec} records no config",
+                                                fix="a checkpoint written by a pal_jax run (meta holds its config)"))
+        parent = saved.get("init_from", "")
+        own = lora.lora_config(saved)
+        continued = bool(parent) and ckpt_lib.Checkpointer.exists(parent) and lora.checkpoint_lora(parent) == own
+        if own is None or not continued:
+            return parent, saved
+        spec = parent
+    raise ValueError(_BASE_ERROR.format(s1=s1, why="its chain of LoRA init_from checkpoints is longer than 16",
+                                        fix="a chain that ends at pretrained weights or a random init"))
+
+
+def _saved_model_config(exp: Experiment, s1: str, saved: dict):
+    """The ModelConfig a run with saved config `saved` built (vocab_size 0: the tokenizer's, Stage 1's own)."""
+    try:
+        return train.model_config(saved["model"], exp.tokenizer.vocab_size)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(_BASE_ERROR.format(s1=s1, why=f"its saved model config does not build ({e})",
+                                            fix="a Stage 1 checkpoint written by this version of pal_jax")) from e
+
+
+def _random_init(exp: Experiment, s1: str, saved: dict):
+    """The random init of the run with saved config `saved` (its seed and model config), for exp.model's plain
+    params: what train.run built at step 0 (ms.init(seed); with LoRA the base init is the same, ModelState)."""
+    plain = exp.model.plain()
+    seed = int(saved.get("seed", 0))
+    cfg = _saved_model_config(exp, s1, saved)
+    if cfg == plain.cfg:
+        return plain.init(seed)
+    ms1 = train.ModelState(cfg, plain.mesh, plain.rules)
+    shapes = lambda t: jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), t)  # noqa: E731
+    if jax.tree.structure(ms1.abstract) != jax.tree.structure(plain.abstract) or \
+            shapes(ms1.abstract) != shapes(plain.abstract):
+        raise ValueError(_BASE_ERROR.format(
+            s1=s1, why=f"Stage 1's random init (seed {seed}) has other parameter shapes than this run's model "
+                       f"(Stage 1 model config {cfg}, this run's {plain.cfg})",
+            fix="this run's config.model (and tokenizer) equal to Stage 1's"))
+    return jax.device_put(ms1.init(seed), plain.shardings)
+
+
+def _zero_adapters(ms):
+    """All-zero adapters for the LoRA model state ms: base + these = exactly the base model."""
+    return jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), ms.abstract),
+                   out_shardings=ms.shardings)()
+
+
+def base_params(exp: Experiment, s1: str, lora_state=None):
+    """(params for exp.model, a description): the weights the Stage 1 run at s1 started from, the reference of
+    stage2.reference='base' (module doc). With LoRA: the base + zero adapters; when Stage 1 trained adapters of the
+    same shape, the base is the policy's frozen base (lora_state[0]) itself, so it is held once."""
+    ms = exp.model
+    spec, saved = stage1_start(s1)
+    desc = f"init_from {spec!r}" if spec else f"a random init (seed {int(saved.get('seed', 0))}, rebuilt)"
+    plain = ms.plain()
+    same_base = lora_state is not None and lora.lora_config(_saved_config(s1)) == ms.lora
+    if same_base and not spec:  # lora.base_params rebuilt it with this run's model config: it must be Stage 1's
+        same_base = _saved_model_config(exp, s1, saved) == plain.cfg
+    if same_base:
+        base = lora_state[0]
+    elif spec:
+        try:
+            base = lora.full_params(spec, plain)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(_BASE_ERROR.format(
+                s1=s1, why=f"its init_from {spec!r} is not found ({e})",
+                fix="the same weights at that path (a relative path is read from the current directory)")) from e
+    else:
+        base = _random_init(exp, s1, saved)
+    if not spec:
+        logging.info("stage2: reference = the random init Stage 1 (%s) started from, rebuilt from the seed (%d) "
+                     "and model config its checkpoint records", s1, int(saved.get("seed", 0)))
+    if ms.lora is None:
+        return base, f"the weights Stage 1 started from: {desc}"
+    return lora.combine(base, _zero_adapters(ms)), f"the base model alone (no adapters): {desc}"
+
+
+def reference_params(exp: Experiment, s1: str, which: str, s1_tree, lora_state):
+    """(the DPO reference params for exp.model, a description) for stage2.reference = which."""
+    if which == "stage1":
+        return s1_tree, f"the Stage 1 model {s1}" + (" (its base + its adapters)" if lora_state else "")
+    if which == "base":
+        return base_params(exp, s1, lora_state)
+    raise ValueError(f"config.stage2.reference = {which!r}: expected one of {REFERENCES}")
+
+
 def train_stage2(config, workdir: str, devices=None):
     """Stage 2 training; returns (summary, the reference params object, for checks that it stayed intact; with
-    LoRA the one tree of the base and the Stage 1 adapters)."""
+    LoRA one tree of the base and the reference's adapters)."""
     s1 = stage1_workdir(config, workdir)
     c = stage2_config(config)
     _use_stage1_tokenizer(c, s1)
     exp = Experiment(c, workdir, devices=devices)
     ms = exp.model
-    ref_params, lora_state = reference_params(exp, s1)
-    logging.info("stage2: reference and initial policy = Stage 1 %s%s", s1, " (LoRA)" if lora_state else "")
+    which = c.stage2.get("reference", "stage1")
+    s1_tree, lora_state = stage1_params(exp, s1)
+    ref_params, ref_desc = reference_params(exp, s1, which, s1_tree, lora_state)
+    logging.info("stage2: initial policy = Stage 1 %s%s; DPO reference (stage2.reference=%s) = %s", s1,
+                 " (LoRA)" if lora_state else "", which, ref_desc)
     path = c.stage2.pairs or pairs_path(workdir)
     if not epath.Path(path).exists():
         if c.stage2.pairs:
             raise FileNotFoundError(f"config.stage2.pairs = {path!r} does not exist; expected a pairs.jsonl written "
                                     f"by make_pairs, or leave it empty to make the pairs in the workdir")
-        make_pairs(reference_predictor(c, exp, ref_params), exp.corpus["train"], workdir, c.seed,
+        make_pairs(stage1_predictor(c, exp, s1_tree, s1), exp.corpus["train"], workdir, c.seed,  # always Stage 1's
                    c.stage2.max_pair_turns, c.stage2.select_pairs, c.stage2.generate_pairs_on)
     rows = read_pairs(path)
     dev_rows = [r for r in rows if _is_dev(r.get("id"), c.stage2.dev_fraction)]
@@ -316,11 +439,20 @@ def train_stage2(config, workdir: str, devices=None):
     task = train.Task(name="stage2", loss_fn=make_loss_fn(ms.graphdef, c.stage2), train_batch=src.batch,
                       eval_batches=dev.eval_batches, extra=extra, ref_forwards=0 if extra is None else 1,
                       data_info={"seed": c.seed, "pairs": path, "train_pairs": len(src.pairs.prompt),
-                                 "dev_pairs": len(dev.pairs.prompt), "steps_per_epoch": src.steps_per_epoch})
+                                 "dev_pairs": len(dev.pairs.prompt), "steps_per_epoch": src.steps_per_epoch,
+                                 "reference": which, "reference_weights": ref_desc})
     resuming = ckpt_lib.Checkpointer.exists(workdir)
-    # the policy starts as a copy: the train step donates its params, and the reference must stay intact
-    base, start = lora_state if lora_state else (None, ref_params)
-    init = None if resuming else jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ms.shardings)(start)
+    # the policy starts from Stage 1. The train step donates its params: a copy where they are the reference's too
+    # ("stage1"); the "base" reference holds none of them, so they are handed over (no second copy held)
+    base, start = lora_state if lora_state else (None, s1_tree)
+    del s1_tree, lora_state
+    if resuming:
+        init = None
+    elif which == "stage1":
+        init = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ms.shardings)(start)
+    else:
+        init = start
+    del start
     summary = train.run(c, workdir, task, ms, init_params=init, frozen=base)
-    summary["reference"] = s1
+    summary.update(stage1=s1, reference=which, reference_weights=ref_desc)
     return summary, ref_params

@@ -59,6 +59,8 @@ def _np_dpo(pc, pr, rc, rr, beta, ls):
         "rewards_rejected": rew_r.mean(),
         "reward_margin": (rew_c - rew_r).mean(),
         "reward_accuracy": np.mean(rew_c > rew_r),
+        "logps_chosen": pc.mean(),
+        "logps_rejected": pr.mean(),
     }
 
 

@@ -48,17 +48,29 @@ def test_predictions_ignore_gold_labels_and_references(trained, records):
 
 
 def test_select_scores_equal_direct_scoring(trained, records):
-    """The select candidate scores are the summed log-probs of 'k.<sentence>' + eos after the select prompt."""
+    """The select candidates' summed log-probs are those of 'k.<sentence>' + eos after the select prompt, scored
+    one at a time; the default calibrated rule adds its dev-fitted bias to "none" alone, and saves it."""
     config, workdir = trained
     predictor = predict.load_predictor(config, workdir)
+    assert predictor.select_by == "calibrated" and predictor.calibration["dev_turns"] > 0
+    saved = json.load(open(f"{workdir}/{predict.CALIBRATION_FILE}"))
+    assert saved["none_bias"] == predictor.none_bias and saved["key"]["step"] == 6
     r = records[0]
-    sel = predictor.select([r])[0]
+    feats = predictor.select_features([r])[0]
+    sel = predictor.select([r], [feats])[0]
     from pal_jax.data import pipeline, templates
     prompt = pipeline.encode_prompt(templates.select_prompt(list(r.persona), list(r.history)), predictor.tok, 200)
-    for k, text in enumerate(predictor.candidate_texts(r.persona)):
+    texts = predictor.candidate_texts(r.persona)
+    for k, text in enumerate(texts):
         ids = predictor.tok.encode(text) + [predictor.tok.eos_id]
-        sums, _ = predictor.score([prompt], [[ids]])
-        assert sel[2][k] == pytest.approx(float(sums[0, 0]), abs=1e-4)
+        sums, means = predictor.score([prompt], [[ids]])
+        assert feats["sum"][k] == pytest.approx(float(sums[0, 0]), abs=1e-4)
+        assert feats["mean"][k] == pytest.approx(float(means[0, 0]), abs=1e-5)
+        bias = predictor.none_bias if k == len(texts) - 1 else 0.0
+        assert sel[2][k] == pytest.approx(float(sums[0, 0]) + bias, abs=1e-4)
+    # a second load reads the saved bias instead of fitting it again
+    again = predict.load_predictor(config, workdir)
+    assert again.none_bias == predictor.none_bias and again.calibration == saved
 
 
 def test_evaluate_report_has_every_metric(trained, records, tmp_path):
@@ -66,16 +78,28 @@ def test_evaluate_report_has_every_metric(trained, records, tmp_path):
     predictor = predict.load_predictor(config, workdir)
     with_cands = [dataclasses.replace(r, candidates=tuple(f"cand {i} {r.response}" for i in range(19))
                                       + (r.response,)) for r in records]
-    res, preds = evaluate.evaluate(predictor, with_cands)
-    for key in ("f1", "bleu1", "bleu2", "bleu4", "rouge_l", "dist1", "dist2", "perplexity", "hits_at_1",
-                "persona_selection_accuracy", "persona_coverage", "persona_f1"):
+    ev = evaluate.evaluate(predictor, with_cands, oracle=True)
+    res = ev.results
+    for key in ("f1", "bleu1", "bleu2", "bleu4", "rouge_l", "dist1", "dist2", "entropy1", "entropy4",
+                "repetition_rate", "perplexity", "hits_at_1_mean", "hits_at_1_sum", "persona_selection_accuracy",
+                "selects_none", "persona_coverage", "persona_f1"):
         assert key in res and np.isfinite(res[key]), key
-    assert res["n"] == len(records) and res["hits_at_1_n"] == len(records)
-    assert 0 <= res["hits_at_1"] <= 1 and res["perplexity"] > 1
-    paths = evaluate.write_report(str(tmp_path), {"a": res, "b": res}, {"data": "test", "n": len(records)})
+    assert res["n"] == len(records) and res["hits_at_1_n"] == len(records) and res["select_by"] == "calibrated"
+    assert 0 <= res["hits_at_1_mean"] <= 1 and res["perplexity"] > 1
+    assert res["selects_none"] == np.mean([p.selected == -1 for p in ev.predictions])
+    # the oracle row generates with the gold persona on every labelled turn, apart from the real results
+    assert ev.oracle_results["n"] == sum(r.persona_label is not None for r in records) and "f1" in ev.oracle_results
+    analysis = evaluate.analyse({"a": ev, "b": ev}, with_cands, n_resamples=200)
+    assert analysis["differences"]["b - a"]["f1"] == {"delta": 0.0, "lo": 0.0, "hi": 0.0, "significant": False}
+    paths = evaluate.write_report(str(tmp_path), {"a": res, "b": res}, {"data": "test", "n": len(records)},
+                                  analysis, curves={"a": workdir})
     table = open(paths["markdown"]).read()
     assert "| F1 ↑ | " in table and "| Perplexity ↓ |" in table and "C-score" in table  # noted as not measured
-    assert json.load(open(paths["json"]))["results"]["a"]["f1"] == res["f1"]
+    assert "Selection rule, the same for every checkpoint: a: `calibrated" in table
+    assert "## Selection errors (labelled turns)" in table and "## Oracle persona: an upper bound" in table
+    assert " n.s. |" in table  # identical checkpoints: every difference is not significant
+    saved = json.load(open(paths["json"]))
+    assert saved["results"]["a"]["f1"] == res["f1"] and saved["bootstrap"]["unit"] == "dialogue"
     assert open(paths["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 

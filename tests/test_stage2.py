@@ -12,7 +12,8 @@ import pytest
 
 from helpers import tiny_config
 from pal_jax import checkpoint as ckpt_lib
-from pal_jax import pipeline_mode, stage1, stage2
+from pal_jax import lora, pipeline_mode, stage1, stage2, train
+from pal_jax.config import ConfigError, validate
 from pal_jax.data import templates
 from pal_jax.experiment import Experiment
 
@@ -20,11 +21,34 @@ S2 = dict(stage2__steps=2, stage2__batch_size=8, stage2__warmup_steps=0, train__
           predict__batch_size=8, predict__max_new_tokens=6, data__synthetic_dialogues=30)
 
 
+def _record_step0(seen: dict):
+    """A stand-in for train.make_train_step whose step records (as numpy) the params of its first call."""
+    real = train.make_train_step
+
+    def make(*args, **kw):
+        step = real(*args, **kw)
+
+        def first(params, *rest):
+            seen.setdefault("step0", jax.tree.map(np.asarray, jax.device_get(params)))
+            return step(params, *rest)
+        return first
+    return make
+
+
 @pytest.fixture(scope="module")
-def stage1_dir(tmp_path_factory):
+def stage1_run(tmp_path_factory):
+    """A random-init tiny Stage 1, and the params its first train step started from."""
     workdir = tmp_path_factory.mktemp("s1")
-    stage1.run(tiny_config(train__steps=4, data__synthetic_dialogues=30), str(workdir))
-    return str(workdir)
+    seen = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "make_train_step", _record_step0(seen))
+        stage1.run(tiny_config(train__steps=4, data__synthetic_dialogues=30), str(workdir))
+    return str(workdir), seen["step0"]
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(stage1_run):
+    return stage1_run[0]
 
 
 def test_missing_stage1_names_the_command(tmp_path):
@@ -115,8 +139,15 @@ def test_pipeline_runs_and_skips_finished_phases(tmp_path):
     c = tiny_config(train__steps=3, predict__max_records=8, **S2)
     out = pipeline_mode.run(c, str(tmp_path))
     table = open(out["report"]).read()
-    assert "| metric | stage1 | stage2 |" in table and "Persona selection acc." in table
+    assert "| metric | stage1 | stage2 | stage2 - stage1 |" in table and "Persona selection acc." in table
     assert "## What Stage 2 moved" in table and "| F1 |" in table and "select pairs" in table
+    m = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert {r["select_by"] for r in m["results"].values()} == {"calibrated"}  # one rule for every checkpoint
+    assert m["bootstrap"]["turns"] == 8 and "f1" in m["differences"]["stage2 - stage1"]
+    assert set(m["by_turn_type"]) <= {"persona", "none"} and m["by_turn_type"]
+    # the Stage 1 bias fitted for the pairs is the one the evaluation reads (one fit, saved in the workdir)
+    cal = json.load(open(tmp_path / "stage1" / "select_calibration.json"))
+    assert m["results"]["stage1"]["none_bias"] == cal["none_bias"]
     mtime = os.path.getmtime(tmp_path / "eval" / "metrics.json")
     again = pipeline_mode.run(c, str(tmp_path))
     assert os.path.getmtime(tmp_path / "eval" / "metrics.json") == mtime
@@ -136,16 +167,23 @@ def test_pipeline_adds_the_base_model_when_stage1_starts_from_pretrained_weights
     # the "What Stage 2 moved" section gains a Stage 2 - base column and the base's "none" share
     ev = tmp_path / "eval"
     ev.mkdir()
-    res = {"base": {"f1": 0.10, "perplexity": 40.0}, "stage1": {"f1": 0.15, "perplexity": 30.0},
-           "stage2": {"f1": 0.14, "perplexity": 20.0}}
-    (ev / "metrics.json").write_text(json.dumps({"results": res}))
-    for name, sel in (("base", [-1, -1, 0, 1]), ("stage1", [0, 0, 0, -1]), ("stage2", [0, 1, 2, 3])):
-        (ev / f"predictions_{name}.jsonl").write_text("".join(json.dumps({"selected_persona": x}) + "\n"
-                                                              for x in sel))
+    res = {"base": {"f1": 0.10, "perplexity": 40.0, "selects_none": 0.5},
+           "stage1": {"f1": 0.15, "perplexity": 30.0, "selects_none": 0.25},
+           "stage2": {"f1": 0.14, "perplexity": 20.0, "selects_none": 0.0}}
+    (ev / "metrics.json").write_text(json.dumps({"results": res}))  # no intervals: the plain differences
     lines = pipeline_mode.what_moved(str(ev), str(tmp_path / "none"))
-    assert "| metric | stage2 - stage1 | better | stage2 - base | better |" in lines
+    assert "| metric | stage2 - stage1 [95% CI] | better | stage2 - base [95% CI] | better |" in lines
     assert "| F1 | -0.0100 | no | +0.0400 | yes |" in lines
     assert "| Perplexity | -10.0000 | yes | -20.0000 | yes |" in lines
+    assert any("base 0.5000, stage1 0.2500, stage2 0.0000" in x for x in lines)
+    # with the report's paired intervals: a difference whose interval holds 0 is "n.s.", not "no"
+    diffs = {"stage2 - stage1": {"f1": {"delta": -0.01, "lo": -0.03, "hi": 0.01, "significant": False},
+                                 "perplexity": {"delta": -10.0, "lo": -12.0, "hi": -8.0, "significant": True}},
+             "stage2 - base": {"f1": {"delta": 0.04, "lo": 0.02, "hi": 0.06, "significant": True}}}
+    (ev / "metrics.json").write_text(json.dumps({"results": res, "differences": diffs}))
+    lines = pipeline_mode.what_moved(str(ev), str(tmp_path / "none"))
+    assert "| F1 | -0.0100 [-0.0300, +0.0100] | n.s. | +0.0400 [+0.0200, +0.0600] | yes |" in lines
+    assert "| Perplexity | -10.0000 [-12.0000, -8.0000] | yes | -20.0000 | yes |" in lines
     assert any("base 0.5000, stage1 0.2500, stage2 0.0000" in x for x in lines)
 
 
@@ -173,3 +211,129 @@ def test_select_and_generate_pairs_encode_to_their_prompts(stage1_dir):
                                    (1, enc.rejected[1])]):
         w = batch["weights"][r] > 0
         assert batch["targets"][r][w].tolist() == resp
+
+
+# -- stage2.reference: the Stage 1 model (default) or the weights Stage 1 started from -------------------------------
+
+def _np(tree) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _reference(s1: str, which: str, devices=None, tok=None, **overrides):
+    """(reference params, (frozen base, adapters) or None, the Experiment) as train_stage2 builds them."""
+    c = stage2.stage2_config(tiny_config(init_from=s1, stage2__reference=which,
+                                         tokenizer__path=tok or os.path.join(s1, "tokenizer"), **S2, **overrides))
+    exp = Experiment(c, s1, need_corpus=False, devices=devices)
+    tree, lora_state = stage2.stage1_params(exp, s1)
+    return stage2.reference_params(exp, s1, which, tree, lora_state)[0], lora_state, exp
+
+
+def test_base_reference_is_the_rebuilt_random_init_of_stage1(stage1_run):
+    s1, step0 = stage1_run
+    ref, _, exp = _reference(s1, "stage1")
+    final = _np(ckpt_lib.load_params(s1, exp.model.abstract)[0])
+    for a, b in zip(_np(ref), final):
+        np.testing.assert_array_equal(a, b)
+    # rebuilt from Stage 1's saved seed and model config, here on a 1-device mesh (Stage 1 ran on 8)
+    ref, _, _ = _reference(s1, "base", devices=jax.devices()[:1])
+    got, want = _np(ref), [np.asarray(x) for x in jax.tree.leaves(step0)]
+    assert len(got) == len(want) == len(final)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)  # bit-identical to Stage 1's step-0 params
+    assert max(float(np.abs(a - b).max()) for a, b in zip(got, final)) > 0  # and not Stage 1's trained ones
+
+
+def test_base_reference_refuses_a_random_init_it_cannot_rebuild(stage1_dir):
+    _, _, exp = _reference(stage1_dir, "base")
+    saved = ckpt_lib.load_meta(stage1_dir)["config"]
+    other = {**saved, "model": {**saved["model"], "d_ff": 2 * saved["model"]["d_ff"]}}
+    with pytest.raises(ValueError, match=r"config\.stage2\.reference = 'base'.*random init.*stage2\.reference=stage1"):
+        stage2._random_init(exp, stage1_dir, other)
+
+
+@pytest.fixture(scope="module")
+def pairs_file(stage1_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("pairs"))
+    stage2.run_make_pairs(tiny_config(init_from=stage1_dir, **S2), workdir)
+    return os.path.join(workdir, "pairs.jsonl")
+
+
+def _first_step(workdir) -> dict:
+    rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [r for r in rows if "train/loss" in r][0]
+
+
+def test_first_dpo_loss_is_log2_only_against_the_stage1_reference(stage1_run, pairs_file, tmp_path):
+    s1, step0 = stage1_run
+    one = dict(S2, stage2__steps=1, stage2__pairs=pairs_file, stage2__align_weight=0.0)
+    out = {}
+    for name, which, pre in (("stage1", "stage1", True), ("base", "base", False), ("base_pre", "base", True)):
+        c = tiny_config(init_from=s1, stage2__reference=which, stage2__precompute_ref=pre, **one)
+        summary, ref = stage2.train_stage2(c, str(tmp_path / name))
+        assert summary["reference"] == which and summary["stage1"] == s1
+        saved = json.load(open(tmp_path / name / "config.json"))
+        assert saved["stage2"]["reference"] == which  # the run's resolved config records it
+        out[name] = (_first_step(tmp_path / name), ref)
+    # the policy starts from Stage 1 in both cases: against Stage 1 it equals the reference, so loss log 2
+    assert out["stage1"][0]["train/dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert out["stage1"][0]["train/reward_margin"] == pytest.approx(0.0, abs=1e-5)
+    base = out["base"][0]
+    assert abs(base["train/dpo_loss"] - math.log(2)) > 1e-3 and abs(base["train/reward_margin"]) > 1e-3
+    # precomputed reference log-probs give the same first step as the reference forward
+    assert out["base_pre"][0]["train/dpo_loss"] == pytest.approx(base["train/dpo_loss"], abs=1e-5)
+    for a, b in zip(jax.tree.leaves(out["base"][1]), jax.tree.leaves(step0)):
+        assert not a.is_deleted()  # the base reference was never donated
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    meta = ckpt_lib.load_meta(str(tmp_path / "base"))
+    assert meta["data"]["reference"] == "base" and "random init" in meta["data"]["reference_weights"]
+
+
+def test_config_rejects_an_unknown_reference():
+    validate(tiny_config(mode="stage2", init_from="W1", stage2__reference="base"))
+    with pytest.raises(ConfigError, match=r"config\.stage2\.reference = 'foo': expected 'stage1'.* or 'base'"):
+        validate(tiny_config(stage2__reference="foo"))
+
+
+def test_lora_base_reference_is_the_frozen_base_without_adapters(stage1_dir, pairs_file, tmp_path):
+    """A LoRA Stage 1 on another pal_jax workdir (stage1_dir): "base" = that workdir's params + zero adapters,
+    sharing the policy's frozen base arrays; "stage1" = the same base + Stage 1's trained adapters."""
+    tok = os.path.join(stage1_dir, "tokenizer")
+    lo = dict(lora__rank=4, lora__alpha=8.0)
+    s1 = str(tmp_path / "lora_s1")
+    stage1.run(tiny_config(init_from=stage1_dir, tokenizer__path=tok, train__steps=2, train__eval_every=2,
+                           train__checkpoint_every=2, data__synthetic_dialogues=30, **lo), s1)
+    init_w = _np(ckpt_lib.load_params(stage1_dir, _reference(stage1_dir, "stage1")[2].model.abstract)[0])
+    ref, (frozen, _), exp = _reference(s1, "base", tok=tok, **lo)
+    ref_adapters, ref_base = lora.split(ref)
+    assert all(a is b for a, b in zip(jax.tree.leaves(ref_base), jax.tree.leaves(frozen)))  # one copy of the base
+    assert jax.tree.structure(ref_base) == jax.tree.structure(frozen)
+    assert all(not np.asarray(x).any() for x in jax.tree.leaves(ref_adapters))  # no adapter contribution
+    for a, b in zip(_np(ref_base), init_w):  # the base is what Stage 1 started from: stage1_dir's params
+        np.testing.assert_array_equal(a, b)
+    ms = exp.model
+    tokens = np.random.RandomState(0).randint(0, ms.cfg.vocab_size, (2, 16)).astype(np.int32)
+    ours = jax.jit(lambda p, t: ms.merge(p)(t)[0])(ref, tokens)
+    plain = jax.jit(lambda p, t: ms.plain().merge(p)(t)[0])(ref_base, tokens)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(plain), rtol=0, atol=1e-6)  # = the base model alone
+    s1_ref, (frozen1, _), _ = _reference(s1, "stage1", tok=tok, **lo)
+    s1_adapters, s1_base = lora.split(s1_ref)
+    assert all(a is b for a, b in zip(jax.tree.leaves(s1_base), jax.tree.leaves(frozen1)))
+    assert max(float(np.abs(x).max()) for x in _np(s1_adapters)) > 0  # Stage 1's trained adapters
+    # without LoRA in Stage 2, "base" is the same weights as one full tree
+    full, _, _ = _reference(s1, "base", tok=tok)
+    for a, b in zip(_np(full), init_w):
+        np.testing.assert_array_equal(a, b)
+    # one Stage 2 step against it, with precomputed reference log-probs: the reference stays intact
+    c = tiny_config(init_from=s1, tokenizer__path=tok, stage2__reference="base", stage2__precompute_ref=True,
+                    **lo, **dict(S2, stage2__steps=1, stage2__pairs=pairs_file, stage2__align_weight=0.0))
+    summary, ref = stage2.train_stage2(c, str(tmp_path / "lora_s2"))
+    assert summary["reference"] == "base" and "no adapters" in summary["reference_weights"]
+    ref_adapters, ref_base = lora.split(ref)
+    assert all(not np.asarray(x).any() for x in jax.tree.leaves(ref_adapters))
+    for a, b in zip(jax.tree.leaves(ref_base), init_w):
+        assert not a.is_deleted()
+        np.testing.assert_array_equal(np.asarray(a), b)
+    first = _first_step(tmp_path / "lora_s2")
+    print(f"LoRA Stage 2 against the base: first-step DPO loss {first['train/dpo_loss']:.6f} "
+          f"margin {first['train/reward_margin']:.3g}")
+    assert abs(first["train/reward_margin"]) > 1e-4 and np.isfinite(first["train/dpo_loss"])

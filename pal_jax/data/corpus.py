@@ -28,13 +28,21 @@ def split_dialogues(dialogues, dev_fraction: float, test_fraction: float, seed: 
     return out
 
 
+def origin(data_config) -> str:
+    """Where the configured corpus comes from, as read_dialogues names it."""
+    if data_config.source == "synthetic":
+        return f"synthetic(n={data_config.synthetic_dialogues}, seed={data_config.synthetic_seed})"
+    if data_config.source == "tfds":
+        return (f"tfds {data_config.path} convai2_persona/{data_config.get('tfds_config', 'self_original')} split "
+                f"{data_config.tfds_split!r}")
+    return data_config.path
+
+
 def read_dialogues(data_config):
     if data_config.source == "synthetic":
         dialogues = synthetic.generate_corpus(data_config.synthetic_dialogues, data_config.synthetic_seed)
-        origin = f"synthetic(n={data_config.synthetic_dialogues}, seed={data_config.synthetic_seed})"
     elif data_config.source == "convai2":
         dialogues = convai2.read_convai2(data_config.path)
-        origin = data_config.path
     elif data_config.source == "tfds":
         # A dataset built by tfds_builder.build, read through tfds.data_source + Grain (no TensorFlow). The
         # dialogues come back in file order with their file ids and labels, so the split below, and the batch
@@ -42,17 +50,16 @@ def read_dialogues(data_config):
         from pal_jax.data import tfds_builder  # imports tensorflow_datasets: only when asked for
         split, name = data_config.tfds_split, data_config.get("tfds_config", "self_original")
         dialogues = tfds_builder.load_dialogues(data_config.path, split, config=name, labeler=data_config.labeler)
-        origin = f"tfds {data_config.path} convai2_persona/{name} split {split!r}"
     else:
         raise ValueError(f"config.data.source = {data_config.source!r}: expected 'synthetic', 'convai2' or 'tfds'")
     labeler = labels.get_labeler(data_config.labeler)
     labels.label_dialogues(dialogues, labeler)
-    return dialogues, origin
+    return dialogues, origin(data_config)
 
 
 def load_corpus(data_config) -> dict[str, list]:
-    dialogues, origin = read_dialogues(data_config)
+    dialogues, where = read_dialogues(data_config)
     splits = split_dialogues(dialogues, data_config.dev_fraction, data_config.test_fraction, data_config.split_seed)
-    logging.info("data: %s: %d dialogues -> %s", origin, len(dialogues),
+    logging.info("data: %s: %d dialogues -> %s", where, len(dialogues),
                  ", ".join(f"{k} {len(v)} dialogues / {sum(len(d.turns) for d in v)} turns" for k, v in splits.items()))
     return splits
