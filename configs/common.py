@@ -114,6 +114,7 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.stage2.lr = 3e-4
     c.stage2.batch_size = 16  # pairs (the forward sees 2x rows: chosen and rejected)
     c.stage2.warmup_steps = 10
+    c.stage2.loss_type = "sigmoid"  # sigmoid (DPO) | ipo (Azar et al. 2023; beta is their tau); pal_jax/losses.py
     c.stage2.beta = 0.1
     c.stage2.label_smoothing = 0.0
     c.stage2.use_dpo = True
@@ -131,7 +132,8 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
 
     # Select then Generate (predict, evaluate, chat, and the pipeline's evaluation phase)
     c.predict = ml_collections.ConfigDict()
-    c.predict.input = ""  # ConvAI2 .txt or JSONL of {persona, history}; empty: the configured corpus's test split
+    c.predict.input = ""  # ConvAI2 .txt or JSONL of {persona, history}; empty: the configured corpus's predict.split
+    c.predict.split = "test"  # the corpus split predict / evaluate read when predict.input is empty: test | dev
     c.predict.output = ""  # predictions JSONL; empty: WORKDIR/predictions.jsonl
     c.predict.max_records = 0  # 0 = all
     c.predict.batch_size = 16

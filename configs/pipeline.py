@@ -46,6 +46,7 @@ SMOLLM2_CONVAI2_CPU = {
     "predict.batch_size": 8,
     "predict.max_new_tokens": 24,
     "predict.max_records": 30,  # test turns evaluated: the first 30 in split order = the first 4 test dialogues
+    "predict.calibration_turns": 100,  # dev turns the calibrated selection rule's bias is fitted on, per model
 }
 
 # What the full-size run changes on a GPU or TPU (docs/real_run.md has the command). Everything else as above.
@@ -68,6 +69,7 @@ SMOLLM2_CONVAI2_FULL = {
     "predict.batch_size": 64,
     "predict.max_new_tokens": 32,
     "predict.max_records": 0,  # all 774 test turns
+    "predict.calibration_turns": 0,  # the whole dev part
 }
 
 

@@ -14,6 +14,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 CORPUS_MODES = ("stage1", "make_pairs", "stage2", "pipeline")  # modes that always read config.data
 PROMPT_FORMATS = ("auto", "plain", "chat")  # = predict.PROMPT_FORMATS
 SELECT_RULES = ("calibrated", "marginal", "lse", "decision", "mean", "sum")  # = selection.RULES
+DPO_LOSS_TYPES = ("sigmoid", "ipo")  # = losses.DPO_LOSS_TYPES
 
 
 class ConfigError(ValueError):
@@ -116,6 +117,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, s2.lr > 0, "stage2.lr", s2.lr, "> 0")
     _check(e, s2.warmup_steps >= 0, "stage2.warmup_steps", s2.warmup_steps, ">= 0")
     _check(e, s2.beta > 0, "stage2.beta", s2.beta, "> 0")
+    _check(e, s2.loss_type in DPO_LOSS_TYPES, "stage2.loss_type", s2.loss_type, f"one of {DPO_LOSS_TYPES}")
     _check(e, 0 <= s2.label_smoothing < 0.5, "stage2.label_smoothing", s2.label_smoothing, "in [0, 0.5)")
     _check(e, s2.align_weight >= 0, "stage2.align_weight", s2.align_weight, ">= 0 (0 = off)")
     _check(e, s2.align_temperature > 0, "stage2.align_temperature", s2.align_temperature, "> 0")
@@ -148,6 +150,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, 0 < p.top_p <= 1, "predict.top_p", p.top_p, "in (0, 1]")
     _check(e, p.beam_width >= 1, "predict.beam_width", p.beam_width, ">= 1")
     _check(e, p.max_records >= 0, "predict.max_records", p.max_records, ">= 0 (0 = all)")
+    _check(e, p.split in ("test", "dev"), "predict.split", p.split,
+           "'test' or 'dev' (tune on dev; read test for final figures)")
     _check(e, isinstance(c.eval.bootstrap_resamples, int) and c.eval.bootstrap_resamples >= 100,
            "eval.bootstrap_resamples", c.eval.bootstrap_resamples, "an integer >= 100")
     if c.mode == "chat":

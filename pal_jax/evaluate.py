@@ -61,6 +61,7 @@ C_SCORE_LABELS = ("C-score, Madotto et al. (sum over persona)", "C-score, PAL's 
 ORACLE_KEYS = ("f1", "bleu4", "dist2", "repetition_rate", "persona_coverage", "persona_f1", "persona_use_rate",
                "persona_use_exact", "c_score", "c_score_max", "consistency_max_cos", "consistency_best_persona")
 TURN_TYPES = (("persona", "Turns labelled with a persona sentence"), ("none", "Turns labelled 'none'"))
+FEW_DIALOGUES = 20  # below this the report says its intervals are unreliable
 
 
 def score_records(predictor: Predictor, records, predictions) -> dict[str, np.ndarray]:
@@ -417,7 +418,10 @@ def write_report(out_dir: str, results: dict[str, dict], info: dict, analysis: d
         lines += [f"Brackets: {100 * b['level']:.0f}% bootstrap intervals, resampling the {b['dialogues']} "
                   f"dialogues (not turns) {b['resamples']} times (seed {b['seed']}; percentile intervals re-centred "
                   f"on the estimate, pal_jax/bootstrap.py); each difference is paired (the same resamples score "
-                  f"both checkpoints). \"n.s.\": the difference's interval contains 0, not significant.", ""]
+                  f"both checkpoints). \"n.s.\": the difference's interval contains 0, not significant."
+                  + (f" **Only {b['dialogues']} dialogues: the intervals themselves are unreliable (a bootstrap "
+                     f"needs many more units); read these numbers as an anecdote.**" if b["dialogues"] < FEW_DIALOGUES
+                     else ""), ""]
     lines += ["## All turns", ""] if b else []
     lines += _table(names, results, a.get("intervals"), a.get("differences"))
     skipped = [label for key, label, _ in REPORT_ROWS if not any(key in r for r in results.values())]

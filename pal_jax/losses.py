@@ -39,13 +39,21 @@ def sft_loss_sums(logits, targets, weights, task, num_tasks: int):
 
 
 # ------------------------------------------------------------------------------------------------------------ DPO
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
 def dpo_loss_sums(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                  label_smoothing=0.0, valid=None):
+                  label_smoothing=0.0, valid=None, loss_type="sigmoid"):
     """DPO (Rafailov et al., 2023) as sums, so that micro-batches and devices add up exactly.
 
     Inputs are float32 [B] summed response log-probs. With the implicit rewards
     r_c = beta * (pc - rc) and r_r = beta * (pr - rr), logits = r_c - r_r and the per-pair loss is
     -(1 - ls) * log_sigmoid(logits) - ls * log_sigmoid(-logits) (conservative DPO; ls = 0 is plain DPO).
+    loss_type "ipo" (Azar et al. 2023, "A general theoretical paradigm to understand learning from human
+    preferences", eq. 17): (h - 1 / (2 beta))^2 with h = (pc - rc) - (pr - rr), the log-ratio margin of the summed
+    log-probs; beta plays the role of their tau and label_smoothing is not used. IPO regresses the margin to a
+    finite target instead of pushing it to infinity, so it does not drive the rejected reply's log-prob (and, with
+    it, the shared tokens of the chosen one) down without bound.
     The reference log-probs are used as given: a caller that must not train through them wraps them in
     jax.lax.stop_gradient.
 
@@ -64,7 +72,12 @@ def dpo_loss_sums(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, 
     reward_rejected = beta * (pr - rr)
     # Same as reward_chosen - reward_rejected, written as in the paper: beta * (policy ratio - reference ratio).
     logits = beta * ((pc - rc) - (pr - rr))
-    per_pair = -(1.0 - ls) * jax.nn.log_sigmoid(logits) - ls * jax.nn.log_sigmoid(-logits)
+    if loss_type == "sigmoid":
+        per_pair = -(1.0 - ls) * jax.nn.log_sigmoid(logits) - ls * jax.nn.log_sigmoid(-logits)
+    elif loss_type == "ipo":
+        per_pair = jnp.square((pc - rc) - (pr - rr) - 1.0 / (2.0 * beta))
+    else:
+        raise ValueError(f"stage2.loss_type = {loss_type!r}: expected one of {DPO_LOSS_TYPES}")
     margin = reward_chosen - reward_rejected
     w = jnp.ones_like(per_pair) if valid is None else jnp.asarray(valid, f32)
     metric_sums = {
@@ -79,10 +92,10 @@ def dpo_loss_sums(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, 
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-             label_smoothing=0.0):
+             label_smoothing=0.0, loss_type="sigmoid"):
     """Mean DPO loss over the batch and mean metrics; see dpo_loss_sums for the formula. Returns (loss, metrics)."""
     loss_sum, n, metric_sums = dpo_loss_sums(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                             ref_rejected_logps, beta, label_smoothing)
+                                             ref_rejected_logps, beta, label_smoothing, loss_type=loss_type)
     n = jnp.maximum(n, 1.0)
     return loss_sum / n, {k: v / n for k, v in metric_sums.items()}
 

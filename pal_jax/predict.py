@@ -417,7 +417,8 @@ def _pretrained_predictor(config, spec: str, workdir: str, devices=None) -> Pred
 
 
 def load_records(config):
-    """Records to predict on: config.predict.input (ConvAI2 .txt or .jsonl) or the corpus's test split."""
+    """Records to predict on: config.predict.input (ConvAI2 .txt or .jsonl) or the corpus's predict.split (test by
+    default; dev for tuning)."""
     from pal_jax.data import convai2, corpus
     from pal_jax.data import labels as labels_lib
     path = config.predict.input
@@ -428,8 +429,9 @@ def load_records(config):
             dialogues, origin = convai2.read_convai2(path), path
             labels_lib.label_dialogues(dialogues, labels_lib.get_labeler(config.data.labeler))
         else:
-            dialogues = corpus.load_corpus(config.data)["test"]
-            origin = f"{config.data.source} test split"
+            split = config.predict.get("split", "test")
+            dialogues = corpus.load_corpus(config.data)[split]
+            origin = f"{config.data.source} {split} split"
         records = convai2.records_from_dialogues(dialogues)
     if config.predict.max_records:
         records = records[:config.predict.max_records]

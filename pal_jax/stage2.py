@@ -174,7 +174,8 @@ def make_loss_fn(graphdef, s2):
         ref = jax.lax.stop_gradient(ref)
         valid = batch["valid"][:b]  # 0 for the padding rows of an eval batch
         dpo_sum, n_real, out = losses.dpo_loss_sums(logps[:b], logps[b:], ref[:b], ref[b:], s2.beta,
-                                                    s2.label_smoothing, valid=valid)
+                                                    s2.label_smoothing, valid=valid,
+                                                    loss_type=s2.get("loss_type", "sigmoid"))
         out = {"dpo_loss": dpo_sum, **out}
         total = dpo_sum if s2.use_dpo else jnp.zeros((), jnp.float32)
         if s2.sft_weight > 0:

@@ -122,6 +122,23 @@ def test_dpo_matches_numpy():
     assert inspect.signature(L.dpo_loss_sums).parameters["label_smoothing"].default == 0.0
 
 
+def test_ipo_matches_its_formula_in_numpy():
+    """IPO (Azar et al. 2023, eq. 17): (h - 1/(2 tau))^2, h the log-ratio margin; minimal where h = 1/(2 tau)."""
+    for seed, beta in enumerate((0.1, 0.5, 2.0)):
+        pc, pr, rc, rr = _random_logps(30 + seed)
+        h = (np.float64(pc) - rc) - (np.float64(pr) - rr)
+        want = np.mean((h - 1 / (2 * beta)) ** 2)
+        loss, m = L.dpo_loss(pc, pr, rc, rr, beta, 0.0, "ipo")
+        np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+        np.testing.assert_allclose(float(m["reward_margin"]), beta * h.mean(), rtol=1e-5, atol=1e-5)
+    pc, pr, _, _ = _random_logps(3)
+    zero = np.zeros_like(pc)  # reference 0, chosen 1, rejected 0: h = 1 = 1/(2 tau) at tau 0.5, the minimum
+    loss, _ = L.dpo_loss(zero + 1.0, zero, zero, zero, 0.5, 0.0, "ipo")
+    assert float(loss) == pytest.approx(0.0, abs=1e-10)
+    with pytest.raises(ValueError, match="stage2.loss_type = 'kto'"):
+        L.dpo_loss(pc, pr, pc, pr, 0.1, 0.0, "kto")
+
+
 def test_dpo_sums_add_up_over_micro_batches():
     pc, pr, rc, rr = _random_logps(1)
     loss, m = dpo_loss(pc, pr, rc, rr, 0.1, 0.1)

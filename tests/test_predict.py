@@ -126,3 +126,13 @@ def test_chat_mode_shows_selected_persona(trained, tmp_path, capsys):
     text = capsys.readouterr().out
     assert out["turns"] == 2
     assert text.count("bot: ") == 2 and text.count("[persona: ") == 2
+
+
+def test_records_from_the_dev_split_for_tuning(trained):
+    config, _ = trained
+    from pal_jax.data import corpus as corpus_lib
+    dev, origin = predict.load_records(tiny_config(predict__split="dev"))
+    want = convai2.records_from_dialogues(corpus_lib.load_corpus(config.data)["dev"])
+    assert origin == "synthetic dev split" and [r.id for r in dev] == [r.id for r in want]
+    test, _ = predict.load_records(config)
+    assert not {r.id for r in dev} & {r.id for r in test}

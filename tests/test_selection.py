@@ -70,3 +70,20 @@ def test_calibration_prefers_the_smallest_bias_among_the_best():
     assert selection.calibrate_none_bias(sums, [0, 0])[0] == 0.0
     with pytest.raises(ValueError, match="expected equal, non-zero counts"):
         selection.calibrate_none_bias([], [])
+
+
+def test_config_names_the_rules_and_needs_a_dev_split_for_calibration():
+    from helpers import tiny_config
+    from pal_jax.config import ConfigError, validate
+    c = tiny_config(predict__select_by="longest")
+    with pytest.raises(ConfigError, match=r"config.predict.select_by = 'longest': expected one of \('calibrated'"):
+        validate(c)
+    c = tiny_config(data__dev_fraction=0.0)
+    c.mode = "evaluate"
+    with pytest.raises(ConfigError, match=r"config.data.dev_fraction = 0.0: expected > 0 with "
+                                          r"predict.select_by='calibrated'"):
+        validate(c)
+    c.predict.select_by = "marginal"  # a rule without calibration needs no dev split
+    validate(c)
+    with pytest.raises(ConfigError, match="config.predict.split = 'train'"):
+        validate(tiny_config(predict__split="train"))

@@ -288,6 +288,18 @@ def test_first_dpo_loss_is_log2_only_against_the_stage1_reference(stage1_run, pa
     assert meta["data"]["reference"] == "base" and "random init" in meta["data"]["reference_weights"]
 
 
+def test_ipo_loss_type_reaches_the_train_step(stage1_run, pairs_file, tmp_path):
+    """stage2.loss_type=ipo: at the first step the policy equals the Stage 1 reference, so h = 0 and the loss is
+    (1 / (2 beta))^2 = 25 at beta 0.1 (sigmoid DPO gives log 2 there)."""
+    s1, _ = stage1_run
+    c = tiny_config(init_from=s1, stage2__loss_type="ipo", stage2__beta=0.1,
+                    **dict(S2, stage2__steps=1, stage2__pairs=pairs_file, stage2__align_weight=0.0))
+    stage2.train_stage2(c, str(tmp_path / "ipo"))
+    assert _first_step(tmp_path / "ipo")["train/dpo_loss"] == pytest.approx(25.0, rel=1e-5)
+    with pytest.raises(ConfigError, match=r"config\.stage2\.loss_type = 'kto': expected one of"):
+        validate(tiny_config(stage2__loss_type="kto"))
+
+
 def test_config_rejects_an_unknown_reference():
     validate(tiny_config(mode="stage2", init_from="W1", stage2__reference="base"))
     with pytest.raises(ConfigError, match=r"config\.stage2\.reference = 'foo': expected 'stage1'.* or 'base'"):
