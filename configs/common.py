@@ -127,6 +127,10 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.stage2.select_pairs = True  # also pair Stage 1's wrong persona selections with the labelled one (select task)
     # turns that give generate pairs: "all" (the paper) | "persona" (gold reply draws on a persona; pal_jax/pairs.py)
     c.stage2.generate_pairs_on = "persona"
+    # where a generate pair's rejected reply comes from (pal_jax/pairs.py): the Stage 1 model's reply to the
+    # persona-free prompt (persona_free, the paper), to the generate prompt without any persona (no_persona), or to
+    # the generate prompt with the labelled persona highlighted (highlighted: its own attempt)
+    c.stage2.rejected = "persona_free"
     c.stage2.max_pair_turns = 2048  # training turns decoded into pairs (in split order); 0 = all
     c.stage2.dev_fraction = 0.05  # share of dialogues whose pairs are held out for the held-out DPO loss
 

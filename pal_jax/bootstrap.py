@@ -8,8 +8,8 @@ point estimate is the function of the plain column sums, the same number the cor
 A resample draws dialogues (not turns) with replacement, so the turns of one dialogue, which are not independent,
 move together; a turn's weight is how often its dialogue was drawn. The same draws score every checkpoint, so a
 difference between two checkpoints is paired. Interval: the 2.5 and 97.5 percentiles of the resampled values
-(or differences), shifted so that their median is the point estimate (see `interval`). A difference whose
-interval contains 0 is "not significant".
+(or differences); for Dist-n and Entropy-n shifted so that their median is the point estimate (see `interval`).
+A difference whose interval contains 0 is "not significant".
 """
 from __future__ import annotations
 
@@ -26,9 +26,12 @@ LEVEL = 0.95
 
 @dataclasses.dataclass
 class Stat:
-    """rows: [T, k] per-turn sums (dense, or scipy sparse for n-gram counts); fn: column sums [k] -> value."""
+    """rows: [T, k] per-turn sums (dense, or scipy sparse for n-gram counts); fn: column sums [k] -> value;
+    recentre: a statistic of the pooled corpus that resampling with replacement biases (Dist-n, Entropy-n), whose
+    interval is re-centred on the estimate (see `interval`)."""
     rows: np.ndarray | sparse.spmatrix
     fn: Callable[[np.ndarray], float]
+    recentre: bool = False
 
     def totals(self, weights: np.ndarray) -> np.ndarray:
         """Column sums under turn weights [R, T] -> [R, k] (dense)."""
@@ -67,18 +70,20 @@ def dialogue_weights(groups: Sequence, n: int = N_RESAMPLES, seed: int = SEED) -
     return counts[:, turn_group]
 
 
-def interval(values: np.ndarray, point: float, level: float = LEVEL) -> tuple[float, float]:
-    """The percentile interval of the resampled values, shifted so that their median sits on the point estimate.
+def interval(values: np.ndarray, point: float, recentre: bool = False, level: float = LEVEL) -> tuple[float, float]:
+    """The percentile interval of the resampled values; with recentre, shifted so that their median sits on the
+    point estimate.
 
     Resampling with replacement repeats dialogues, which lowers set statistics of the pooled corpus (Dist-n,
     Entropy-n: a repeated dialogue adds n-grams but no new ones), so their resampled values sit below the
-    estimate; the shift removes that bias. For means, whose resampled median is the estimate up to noise, it
-    changes next to nothing."""
+    estimate, and their plain percentile interval can miss it; the shift removes that bias. Means and ratios of
+    sums are not biased that way and keep the plain percentile interval."""
     v = values[np.isfinite(values)]
     if not len(v) or not np.isfinite(point):
         return float("nan"), float("nan")
     lo, mid, hi = np.percentile(v, [50 * (1 - level), 50, 50 * (1 + level)])
-    return float(lo + point - mid), float(hi + point - mid)
+    shift = point - mid if recentre else 0.0
+    return float(lo + shift), float(hi + shift)
 
 
 def significant(lo: float, hi: float) -> bool:
@@ -103,7 +108,7 @@ def compare(stats: dict[str, dict[str, Stat]], groups: Sequence, pairs: Sequence
         for key, st in per.items():
             values[name][key] = st.value(mask)
             draws[name][key] = st.resampled(w)
-            intervals[name][key] = list(interval(draws[name][key], values[name][key]))
+            intervals[name][key] = list(interval(draws[name][key], values[name][key], st.recentre))
     diffs = {}
     for a, b in pairs:
         d = {}
@@ -111,7 +116,7 @@ def compare(stats: dict[str, dict[str, Stat]], groups: Sequence, pairs: Sequence
             if key not in values[b]:
                 continue
             delta = values[b][key] - values[a][key]
-            lo, hi = interval(draws[b][key] - draws[a][key], delta)
+            lo, hi = interval(draws[b][key] - draws[a][key], delta, stats[b][key].recentre)
             d[key] = {"delta": delta, "lo": lo, "hi": hi, "significant": significant(lo, hi)}
         diffs[f"{b} - {a}"] = d
     return {"values": values, "intervals": intervals, "differences": diffs}

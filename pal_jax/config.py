@@ -15,6 +15,7 @@ CORPUS_MODES = ("stage1", "make_pairs", "stage2", "pipeline")  # modes that alwa
 PROMPT_FORMATS = ("auto", "plain", "chat")  # = predict.PROMPT_FORMATS
 SELECT_RULES = ("calibrated", "marginal", "lse", "decision", "mean", "sum")  # = selection.RULES
 DPO_LOSS_TYPES = ("sigmoid", "ipo")  # = losses.DPO_LOSS_TYPES
+REJECTED_FROM = ("persona_free", "no_persona", "highlighted")  # = pairs.REJECTED_FROM
 
 
 class ConfigError(ValueError):
@@ -126,6 +127,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, s2.generate_pairs_on in ("all", "persona"), "stage2.generate_pairs_on", s2.generate_pairs_on,
            "'all' or 'persona'")
     _check(e, s2.max_pair_turns >= 0, "stage2.max_pair_turns", s2.max_pair_turns, ">= 0 (0 = all)")
+    _check(e, s2.rejected in REJECTED_FROM, "stage2.rejected", s2.rejected, f"one of {REJECTED_FROM}")
     _check(e, s2.get("reference", "stage1") in ("stage1", "base"), "stage2.reference", s2.get("reference"),
            "'stage1' (the Stage 1 model) or 'base' (the weights Stage 1 started from)")
     _check(e, 0 < s2.dev_fraction < 1, "stage2.dev_fraction", s2.dev_fraction, "in (0, 1)")

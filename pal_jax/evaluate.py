@@ -163,8 +163,8 @@ def turn_stats(records, predictions, scored: dict | None = None, extra_rows: dic
     for n in (1, 2, 3, 4):
         rows = _ngram_rows(hyps, n)
         if n <= 2:
-            st[f"dist{n}"] = bs.Stat(rows, _distinct)
-        st[f"entropy{n}"] = bs.Stat(rows, M.entropy_from_counts)
+            st[f"dist{n}"] = bs.Stat(rows, _distinct, recentre=True)
+        st[f"entropy{n}"] = bs.Stat(rows, M.entropy_from_counts, recentre=True)
     st["repetition_rate"] = bs.mean_stat([M.repeats_ngram(h, 3) for h in hyps])
     if scored is not None:
         st["perplexity"] = bs.Stat(np.stack([scored["nll"], scored["tokens"]], 1), _perplexity)
@@ -416,9 +416,10 @@ def write_report(out_dir: str, results: dict[str, dict], info: dict, analysis: d
                   + "; ".join(f"{n}: `{r}`" for n, r in rules.items()) + " (predict.select_by).", ""]
     if b:
         lines += [f"Brackets: {100 * b['level']:.0f}% bootstrap intervals, resampling the {b['dialogues']} "
-                  f"dialogues (not turns) {b['resamples']} times (seed {b['seed']}; percentile intervals re-centred "
-                  f"on the estimate, pal_jax/bootstrap.py); each difference is paired (the same resamples score "
-                  f"both checkpoints). \"n.s.\": the difference's interval contains 0, not significant."
+                  f"dialogues (not turns) {b['resamples']} times (seed {b['seed']}; percentile intervals, those of "
+                  f"Dist-n and Entropy-n re-centred on the estimate, pal_jax/bootstrap.py); each difference is paired "
+                  f"(the same resamples score both checkpoints). \"n.s.\": the difference's interval contains 0, not "
+                  f"significant."
                   + (f" **Only {b['dialogues']} dialogues: the intervals themselves are unreliable (a bootstrap "
                      f"needs many more units); read these numbers as an anecdote.**" if b["dialogues"] < FEW_DIALOGUES
                      else ""), ""]

@@ -17,7 +17,19 @@ Two kinds of pair, both built from the Stage 1 model's own outputs on the traini
   pairs. Without them, Stage 2 has no signal on the Select step, and Select-then-Generate conditions every reply
   on whatever Stage 1 selects.
 
-Shards keep each turn's candidate scores (`select_scores`), so the pairs can be rebuilt without the model.
+Where a generate pair's rejected reply comes from (`rejected_from`, config stage2.rejected), always the Stage 1
+model's own greedy reply to:
+- "persona_free" (the paper): the persona-free prompt (history only);
+- "no_persona": the generate prompt with no persona sentence at all and "none" highlighted, the format Stage 1
+  trains on for turns that call for no persona (a model that never saw the persona-free format, like the tiny
+  preset's, answers that one with text that is not a reply at all, an easy rejected side that teaches nothing
+  about the persona);
+- "highlighted": the generate prompt with the labelled persona highlighted, the very prompt Stage 2 optimises:
+  the model's own attempt at using the persona, so the pair shows its actual failure (the right form with a wrong
+  fact, say); where that attempt equals the gold reply the pair is dropped, as identical.
+
+Shards keep each turn's candidate scores (`select_scores`), so the pairs can be rebuilt without the model, and
+the `rejected_from` they were decoded with.
 
 Multi-host: every process decodes every shard (the model is sharded over all of them); process 0 decides which
 shards are missing and writes the files; the others wait for it and read pairs_info.json. Paths go through
@@ -67,6 +79,19 @@ def _same(a: str, b: str) -> bool:
 
 
 GENERATE_ON = ("all", "persona")
+REJECTED_FROM = ("persona_free", "no_persona", "highlighted")
+
+
+def rejected_replies(predictor, records, rejected_from: str) -> list[str]:
+    """The Stage 1 model's replies that become the rejected side of generate pairs (the module doc)."""
+    if rejected_from == "persona_free":
+        return predictor.persona_free(records)
+    if rejected_from == "highlighted":
+        return predictor.generate(records, [-1 if r.persona_label is None else r.persona_label for r in records])
+    if rejected_from == "no_persona":
+        from pal_jax.predict import Record
+        return predictor.generate([Record(persona=(), history=tuple(r.history)) for r in records], [-1] * len(records))
+    raise ValueError(f"stage2.rejected = {rejected_from!r}: expected one of {REJECTED_FROM}")
 
 
 def _gives_generate(persona_label, generate_on: str) -> bool:
@@ -93,11 +118,13 @@ def _pairs_of(row: dict, select_pairs: bool, generate_on: str = "all") -> list[d
 
 
 def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0, select_pairs: bool = True,
-               generate_on: str = "all") -> dict:
-    """Decode persona-free replies (and run the Select step, with select_pairs) for the turns of `dialogues` (the
-    first max_turns; 0 = all) and write the pairs. Returns counts and paths."""
+               generate_on: str = "all", rejected_from: str = "persona_free") -> dict:
+    """Decode the rejected replies (`rejected_from`, the module doc) and run the Select step (with select_pairs)
+    for the turns of `dialogues` (the first max_turns; 0 = all) and write the pairs. Returns counts and paths."""
     if generate_on not in GENERATE_ON:
         raise ValueError(f"stage2.generate_pairs_on = {generate_on!r}: expected one of {GENERATE_ON}")
+    if rejected_from not in REJECTED_FROM:
+        raise ValueError(f"stage2.rejected = {rejected_from!r}: expected one of {REJECTED_FROM}")
     root = epath.Path(os.fspath(workdir))
     out = pairs_path(workdir)
     info_path = root / "pairs_info.json"
@@ -124,15 +151,17 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
             continue
         chunk = records[k * SHARD:(k + 1) * SHARD]
         predictor.rng = jax.random.fold_in(jax.random.key(seed), k)
-        # persona-free replies only where a generate pair can come of them (rejected = None elsewhere)
+        # rejected replies only where a generate pair can come of them (rejected = None elsewhere)
         wanted = [_gives_generate(r.persona_label, generate_on) for r in chunk]
-        decoded = iter(predictor.persona_free([r for r, w in zip(chunk, wanted) if w]) if any(wanted) else [])
+        decoded = iter(rejected_replies(predictor, [r for r, w in zip(chunk, wanted) if w], rejected_from)
+                       if any(wanted) else [])
         replies = [next(decoded) if w else None for w in wanted]
         picks = predictor.select(chunk) if select_pairs else [(None, None, None)] * len(chunk)
         if primary:
             _atomic_write_lines(shard[k], ({"id": r.id, "persona": list(r.persona), "history": list(r.history),
                                             "persona_label": r.persona_label, "chosen": r.response, "rejected": reply,
-                                            "selected": pick[0], "select_scores": pick[2]}
+                                            "selected": pick[0], "select_scores": pick[2],
+                                            "rejected_from": rejected_from}
                                            for r, reply, pick in zip(chunk, replies, picks)))
         done = k + 1 - done_before
         eta = (time.time() - t0) / done * (n_shards - k - 1)
@@ -140,12 +169,13 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
     if not primary:
         mesh_lib.sync("pairs written")  # process 0 writes pairs.jsonl and pairs_info.json
         return json.loads(info_path.read_text())
-    info = _finish(shard, out, info_path, seed, select_pairs, generate_on)
+    info = _finish(shard, out, info_path, seed, select_pairs, generate_on, rejected_from)
     mesh_lib.sync("pairs written")
     return info
 
 
-def _finish(shard: list[str], out: str, info_path, seed: int, select_pairs: bool, generate_on: str) -> dict:
+def _finish(shard: list[str], out: str, info_path, seed: int, select_pairs: bool, generate_on: str,
+            rejected_from: str = "persona_free") -> dict:
     """The pairs of every decoded shard -> pairs.jsonl, then pairs_info.json (written last: it marks them done)."""
     shard_dir = os.path.dirname(shard[0]) if shard else ""
     rows = []
@@ -154,6 +184,10 @@ def _finish(shard: list[str], out: str, info_path, seed: int, select_pairs: bool
     if select_pairs and any(r.get("select_scores") is None for r in rows):
         raise ValueError(f"{shard_dir}: shards written without the Select step (by make_pairs with select_pairs "
                          f"off); expected every row to have 'select_scores'. Delete {shard_dir} to rebuild them")
+    made = {r.get("rejected_from", "persona_free") for r in rows}
+    if made - {rejected_from}:
+        raise ValueError(f"{shard_dir}: shards decoded with stage2.rejected={sorted(made)}, not {rejected_from!r}; "
+                         f"delete {shard_dir} to rebuild them")
     eligible = [r for r in rows if _gives_generate(r["persona_label"], generate_on)]
     if any(r["rejected"] is None for r in eligible):
         raise ValueError(f"{shard_dir}: shards decoded with fewer persona-free replies than "
@@ -164,7 +198,7 @@ def _finish(shard: list[str], out: str, info_path, seed: int, select_pairs: bool
     _atomic_write_lines(out, kept)
     labelled = [r for r in rows if r["persona_label"] is not None and r.get("selected") is not None]
     info = {"turns": len(rows), "pairs": len(kept), "generate_pairs": n_gen, "select_pairs": len(kept) - n_gen,
-            "generate_on": generate_on, "generate_turns": len(eligible),
+            "generate_on": generate_on, "generate_turns": len(eligible), "rejected_from": rejected_from,
             "dropped_identical": len(eligible) - n_gen, "path": out, "seed": seed,
             "stage1_selection_accuracy": (sum(r["selected"] == r["persona_label"] for r in labelled) / len(labelled)
                                           if labelled else None)}

@@ -275,7 +275,7 @@ def run_make_pairs(config, workdir: str) -> dict:
     exp = Experiment(c, workdir)
     s1_params, _ = stage1_params(exp, s1)
     return make_pairs(stage1_predictor(c, exp, s1_params, s1), exp.corpus["train"], workdir, c.seed,
-                      c.stage2.max_pair_turns, c.stage2.select_pairs, c.stage2.generate_pairs_on)
+                      c.stage2.max_pair_turns, c.stage2.select_pairs, c.stage2.generate_pairs_on, c.stage2.rejected)
 
 
 def stage1_params(exp: Experiment, s1: str):
@@ -413,7 +413,7 @@ def train_stage2(config, workdir: str, devices=None):
             raise FileNotFoundError(f"config.stage2.pairs = {path!r} does not exist; expected a pairs.jsonl written "
                                     f"by make_pairs, or leave it empty to make the pairs in the workdir")
         make_pairs(stage1_predictor(c, exp, s1_tree, s1), exp.corpus["train"], workdir, c.seed,  # always Stage 1's
-                   c.stage2.max_pair_turns, c.stage2.select_pairs, c.stage2.generate_pairs_on)
+                   c.stage2.max_pair_turns, c.stage2.select_pairs, c.stage2.generate_pairs_on, c.stage2.rejected)
     rows = read_pairs(path)
     dev_rows = [r for r in rows if _is_dev(r.get("id"), c.stage2.dev_fraction)]
     train_rows = [r for r in rows if not _is_dev(r.get("id"), c.stage2.dev_fraction)]

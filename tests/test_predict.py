@@ -136,3 +136,30 @@ def test_records_from_the_dev_split_for_tuning(trained):
     assert origin == "synthetic dev split" and [r.id for r in dev] == [r.id for r in want]
     test, _ = predict.load_records(config)
     assert not {r.id for r in dev} & {r.id for r in test}
+
+
+class _DirectionNLI:
+    """A stub NLI model: entailment (+1) when the premise is a persona sentence, contradiction (-1) otherwise, so
+    the two C-score forms (which put the persona on opposite sides) come out apart."""
+
+    def __init__(self, persona_sentences):
+        self.persona = set(persona_sentences)
+
+    def predict(self, premises, hypotheses, batch_size=32):
+        return [1 if p in self.persona else -1 for p in premises]
+
+
+def test_evaluate_reports_both_c_score_forms(trained, records):
+    config, workdir = trained
+    predictor = predict.load_predictor(config, workdir)
+    nli = _DirectionNLI({s for r in records for s in r.persona})
+    ev = evaluate.evaluate(predictor, records, nli=nli)
+    # Madotto et al.: premise = reply -> -1 for each persona sentence, summed; PAL's code: premise = persona
+    # sentence -> +1, max over the sentences
+    want = -np.mean([len(r.persona) for r in records])
+    assert ev.results["c_score"] == pytest.approx(want) and ev.results["c_score_max"] == 1.0
+    np.testing.assert_allclose(ev.stats["c_score"].rows[:, 0], [-len(r.persona) for r in records])
+    table = open(evaluate.write_report(str(trained[1] + "/nli_report"), {"m": ev.results}, {"n": 10})["markdown"]
+                 ).read()
+    assert "| C-score, Madotto et al. (sum over persona) ↑ |" in table
+    assert "| C-score, PAL's code (max over persona) ↑ | 1.0000 |" in table

@@ -349,3 +349,35 @@ def test_lora_base_reference_is_the_frozen_base_without_adapters(stage1_dir, pai
     print(f"LoRA Stage 2 against the base: first-step DPO loss {first['train/dpo_loss']:.6f} "
           f"margin {first['train/reward_margin']:.3g}")
     assert abs(first["train/reward_margin"]) > 1e-4 and np.isfinite(first["train/dpo_loss"])
+
+
+def test_rejected_replies_come_from_the_configured_prompt(stage1_dir, tmp_path):
+    """stage2.rejected: the generate pairs' rejected side is the Stage 1 model's greedy reply to that prompt (the
+    persona-free one, the generate prompt without a persona, or the one with the labelled persona highlighted);
+    shards decoded one way are refused by another."""
+    from pal_jax import pairs as pairs_lib
+    from pal_jax.predict import Record
+    c = tiny_config(init_from=stage1_dir, **S2)
+    exp = Experiment(stage2.stage2_config(c), str(tmp_path / "x"))
+    s1_params, _ = stage2.stage1_params(exp, stage1_dir)
+    predictor = stage2.stage1_predictor(c, exp, s1_params, stage1_dir)
+    recs = [r for r in pairs_lib.convai2.records_from_dialogues(exp.corpus["train"]) if r.persona_label >= 0][:8]
+    got = {k: pairs_lib.rejected_replies(predictor, recs, k) for k in pairs_lib.REJECTED_FROM}
+    assert got["highlighted"] == predictor.generate(recs, [r.persona_label for r in recs])
+    assert got["persona_free"] == predictor.persona_free(recs)
+    assert got["no_persona"] == predictor.generate([Record((), r.history) for r in recs], [-1] * len(recs))
+    info = stage2.run_make_pairs(tiny_config(init_from=stage1_dir, stage2__rejected="highlighted", **S2),
+                                 str(tmp_path / "h"))
+    assert info["rejected_from"] == "highlighted"
+    shard = [json.loads(x) for x in open(tmp_path / "h" / "pairs" / "part-00000.jsonl")]
+    turns = pairs_lib.convai2.records_from_dialogues(exp.corpus["train"])[:len(shard)]
+    asked = [r for r in turns if r.persona_label >= 0]  # the same records in the same batches as make_pairs
+    want = iter(predictor.generate(asked, [r.persona_label for r in asked]))
+    assert [t["rejected"] for t in shard] == [next(want) if r.persona_label >= 0 else None for r in turns]
+    os.remove(tmp_path / "h" / "pairs.jsonl")
+    os.remove(tmp_path / "h" / "pairs_info.json")
+    with pytest.raises(ValueError, match=r"shards decoded with stage2.rejected=\['highlighted'\], not "
+                                         r"'persona_free'; delete"):
+        stage2.run_make_pairs(c, str(tmp_path / "h"))
+    with pytest.raises(ConfigError, match=r"config\.stage2\.rejected = 'gold': expected one of"):
+        validate(tiny_config(stage2__rejected="gold"))
