@@ -118,7 +118,9 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.stage2.beta = 0.1
     c.stage2.label_smoothing = 0.0
     c.stage2.use_dpo = True
-    c.stage2.sft_weight = 0.0  # weight of the chosen target's mean token NLL beside DPO (RPO); 0 = plain DPO
+    # weight of the chosen target's mean token NLL beside DPO (RPO); 0 = plain DPO. 1 by default: plain DPO lowered
+    # the chosen log-prob and cost the tiny Stage 2 15 F1 points on dev (docs/method.md, "what was tried")
+    c.stage2.sft_weight = 1.0
     c.stage2.align_weight = 0.1  # lambda of the embedding-alignment term; 0 = off
     c.stage2.align_temperature = 0.1
     c.stage2.precompute_ref = False  # reference log-probs computed once instead of a reference forward per step

@@ -69,8 +69,11 @@ def test_stage2_trains_and_reference_is_untouched(stage1_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit-identical after training
     rows = [json.loads(x) for x in open(tmp_path / "w2" / "metrics.jsonl")]
     first = [r for r in rows if "train/loss" in r][0]
-    # step 1: the policy equals the reference, so every pair's DPO loss is log 2 and the margin 0
-    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
+    # step 1: the policy equals the reference, so every pair's DPO loss is log 2 and the margin 0; the loss adds
+    # the default stage2.sft_weight = 1 times the chosen replies' mean token NLL (RPO)
+    assert first["train/dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first["train/chosen_nll"] > 0.5
+    assert first["train/loss"] == pytest.approx(math.log(2) + 1.0 * first["train/chosen_nll"], abs=1e-4)
     assert first["train/reward_margin"] == pytest.approx(0.0, abs=1e-5)
     policy, _ = ckpt_lib.load_params(str(tmp_path / "w2"), exp.model.abstract)
     assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
