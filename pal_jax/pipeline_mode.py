@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 
@@ -51,7 +52,7 @@ def what_moved(eval_dir: str, s2_dir: str) -> list[str]:
                 return None
             d = {"delta": res[b][key] - res[a][key], "lo": float("nan"), "hi": float("nan"), "significant": True}
         delta = d["delta"]
-        iv = f" [{d['lo']:+.4f}, {d['hi']:+.4f}]" if d["lo"] == d["lo"] else ""
+        iv = f" [{d['lo']:+.4f}, {d['hi']:+.4f}]" if math.isfinite(d["lo"]) else ""
         if higher is None:
             verdict = "-"
         elif not d["significant"]:

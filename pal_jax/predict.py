@@ -17,6 +17,7 @@ model with a ChatML chat template and plain for everything else. The Select step
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -24,11 +25,12 @@ from typing import Iterable, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 from pal_jax import mesh as mesh_lib
 from pal_jax import sampling
 from pal_jax import selection
-from pal_jax.data import chat_format, pipeline, templates
+from pal_jax.data import chat_format, convai2, corpus, pipeline, templates
 
 PROMPT_FORMATS = ("auto", "plain", "chat")
 FORMAT_MODULES = {"plain": templates, "chat": chat_format}
@@ -269,7 +271,6 @@ def load_predictor(config, ckpt_path: str, devices=None) -> Predictor:
             return _pretrained_predictor(config, spec, ckpt_path, devices)
     meta = ckpt_lib.load_meta(ckpt_path)
     saved = meta["config"]
-    from etils import epath
     beside = epath.Path(ckpt_path) / "tokenizer"
     tok_path = config.tokenizer.path or (
         os.fspath(beside) if (beside / "tokenizer.json").exists() else saved.get("tokenizer", {}).get("path", ""))
@@ -297,9 +298,6 @@ def calibrate(config, predictor: Predictor, workdir: str | None, step) -> Predic
     model): fitted and kept in memory only. Other rules: the predictor as it is."""
     if predictor.select_by != "calibrated":
         return predictor
-    from pal_jax.data import convai2, corpus
-    from etils import epath
-    import json
     if not config.data.dev_fraction:
         raise ValueError("config.predict.select_by = 'calibrated' fits its bias on the dev split, but "
                          "config.data.dev_fraction = 0; expected a dev split, or another predict.select_by")
@@ -419,7 +417,6 @@ def _pretrained_predictor(config, spec: str, workdir: str, devices=None) -> Pred
 def load_records(config):
     """Records to predict on: config.predict.input (ConvAI2 .txt or .jsonl) or the corpus's predict.split (test by
     default; dev for tuning)."""
-    from pal_jax.data import convai2, corpus
     from pal_jax.data import labels as labels_lib
     path = config.predict.input
     if path.endswith(".jsonl"):
