@@ -139,9 +139,11 @@ def test_two_processes_match_one_process_with_four_devices(stage1_runs, tmp_path
     # process 0 trained and saved the tokenizer (whole files, renamed into place); process 1 loaded it
     assert sorted(os.listdir(mh1 / "tokenizer")) == ["pal_tokenizer.json", "tokenizer.json", "tokenizer_config.json"]
     # Stage 2's first step: policy = reference (the Stage 1 checkpoint the two processes restored), so the loss is
-    # DPO's log 2 plus stage2.align_weight (0.1) x the alignment term
-    first = _losses(_metrics(mh2), "train/loss")[0][1]
-    assert first == pytest.approx(np.log(2) + 0.1 * _losses(_metrics(mh2), "train/align_loss")[0][1], abs=1e-4)
+    # DPO's log 2 plus stage2.sft_weight (1) x the chosen replies' NLL plus stage2.align_weight (0.1) x the alignment
+    # term
+    first = {k: _losses(_metrics(mh2), f"train/{k}")[0][1] for k in ("loss", "dpo_loss", "chosen_nll", "align_loss")}
+    assert first["dpo_loss"] == pytest.approx(np.log(2), abs=1e-5)
+    assert first["loss"] == pytest.approx(np.log(2) + first["chosen_nll"] + 0.1 * first["align_loss"], abs=1e-4)
     # progress lines and the summary come from process 0 only
     for res in (s1, s2):
         for i in (0, 1):
