@@ -284,26 +284,39 @@ def load_predictor(config, ckpt_path: str, devices=None) -> Predictor:
     params = lora.checkpoint_params(ckpt_path, ms)  # a LoRA checkpoint's adapters merged into its base
     logging.info("predict: %s step %d (%s)", ckpt_path, meta["step"], meta.get("task", "?"))
     predictor = _predictor(config, ms, params, tok, resolve_formats(config, ckpt_path, base=False))
-    return calibrate(config, predictor, ckpt_path, meta["step"])
+    return calibrate(config, predictor, ckpt_path, meta["step"], calibration_data(config, saved))
 
 
 CALIBRATION_FILE = "select_calibration.json"  # in a checkpoint's workdir: the calibrated rule's fitted bias
 
 
-def calibrate(config, predictor: Predictor, workdir: str | None, step) -> Predictor:
+def calibration_data(config, saved: dict | None):
+    """The corpus whose dev split the calibrated rule fits on: the one the checkpoint was trained on (its saved
+    config's data section) when that is still readable here, else the configured one (config.data). So predict or
+    chat on a checkpoint, run with the default data settings, does not fit the bias on another corpus."""
+    import ml_collections
+    data = (saved or {}).get("data")
+    if data and (data.get("source") == "synthetic" or (data.get("path") and epath.Path(data["path"]).exists())):
+        return ml_collections.ConfigDict(data)
+    return config.data
+
+
+def calibrate(config, predictor: Predictor, workdir: str | None, step, data=None) -> Predictor:
     """With predict.select_by = "calibrated": set the predictor's "none" bias (selection.calibrate_none_bias) and
     return it. The bias is read from WORKDIR/select_calibration.json when that was fitted for the same checkpoint
     step, select format and dev turns; otherwise it is fitted now on the first predict.calibration_turns (0 = all)
-    turns of the configured corpus's dev split and written there (process 0, atomically). workdir None (a base
-    model): fitted and kept in memory only. Other rules: the predictor as it is."""
+    turns of the dev split of `data` (calibration_data; default config.data) and written there (process 0,
+    atomically). workdir None (a base model): fitted and kept in memory only. Other rules: the predictor as it
+    is."""
     if predictor.select_by != "calibrated":
         return predictor
-    if not config.data.dev_fraction:
+    data = config.data if data is None else data
+    if not data.dev_fraction:
         raise ValueError("config.predict.select_by = 'calibrated' fits its bias on the dev split, but "
-                         "config.data.dev_fraction = 0; expected a dev split, or another predict.select_by")
+                         "data.dev_fraction = 0; expected a dev split, or another predict.select_by")
     turns = config.predict.get("calibration_turns", 0)
-    key = {"step": step, "select_format": predictor.select_format, "data": corpus.origin(config.data),
-           "split_seed": config.data.split_seed, "dev_fraction": config.data.dev_fraction, "turns": turns}
+    key = {"step": step, "select_format": predictor.select_format, "data": corpus.origin(data),
+           "split_seed": data.split_seed, "dev_fraction": data.dev_fraction, "turns": turns}
     path = epath.Path(workdir) / CALIBRATION_FILE if workdir else None
     if path is not None and path.exists():
         saved = json.loads(path.read_text())
@@ -311,7 +324,7 @@ def calibrate(config, predictor: Predictor, workdir: str | None, step) -> Predic
             predictor.none_bias, predictor.calibration = float(saved["none_bias"]), saved
             logging.info("predict: calibrated 'none' bias %+.3f from %s", predictor.none_bias, path)
             return predictor
-    recs = [r for r in convai2.records_from_dialogues(corpus.load_corpus(config.data)["dev"])
+    recs = [r for r in convai2.records_from_dialogues(corpus.load_corpus(data)["dev"])
             if r.persona_label is not None]
     recs = recs[:turns] if turns else recs
     if not recs:

@@ -258,11 +258,12 @@ def stage1_predictor(c, exp, s1_params, s1: str):
     """The Stage 1 model's Select then Generate predictor (make_pairs decodes the rejected replies with it, and
     takes the select pairs' rejected side from its selection rule; the calibrated rule's bias is the one the
     evaluation of the Stage 1 workdir s1 uses, fitted once and saved there)."""
-    from pal_jax.predict import Predictor, calibrate, sampling_config
+    from pal_jax.predict import Predictor, calibrate, calibration_data, sampling_config
     p = Predictor(exp.model, s1_params, exp.tokenizer, max_len=c.data.max_len, buckets=tuple(c.data.buckets),
                   batch_size=c.predict.batch_size, sampling_cfg=sampling_config(c), select_by=c.predict.select_by,
                   seed=c.seed)
-    return calibrate(c, p, s1, ckpt_lib.load_meta(s1)["step"])
+    meta = ckpt_lib.load_meta(s1)
+    return calibrate(c, p, s1, meta["step"], calibration_data(c, meta.get("config")))
 
 
 def run_make_pairs(config, workdir: str) -> dict:

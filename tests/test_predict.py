@@ -163,3 +163,13 @@ def test_evaluate_reports_both_c_score_forms(trained, records):
                  ).read()
     assert "| C-score, Madotto et al. (sum over persona) ↑ |" in table
     assert "| C-score, PAL's code (max over persona) ↑ | 1.0000 |" in table
+
+
+def test_calibration_fits_on_the_corpus_the_checkpoint_was_trained_on(trained):
+    """predict / chat run with other data settings than training (here another synthetic seed) still fit the
+    'none' bias on the training corpus's dev split: the checkpoint's saved data config."""
+    config, workdir = trained
+    other = tiny_config(predict__batch_size=8, predict__max_new_tokens=8, data__synthetic_seed=999)
+    p = predict.load_predictor(other, workdir)
+    assert p.calibration["key"]["data"] == f"synthetic(n=60, seed={config.data.synthetic_seed})"
+    assert p.none_bias == predict.load_predictor(config, workdir).none_bias
