@@ -197,17 +197,15 @@ class Evaluation:
     oracle_turns: list[int] | None = None  # the records the oracle row covers (the labelled ones)
 
 
-def _extra_rows(records, responses, nli, sentence_encoder) -> dict:
+def _extra_rows(records, predictions, nli, sentence_encoder) -> dict:
+    """Per-turn rows of the metrics that need models outside the Predictor: both C-score forms, the proxy."""
     out = {}
     if nli is not None:
         from pal_jax.nli import c_scores_nli
-        c = c_scores_nli(nli, responses, [list(r.persona) for r in records])
+        c = c_scores_nli(nli, [p.response for p in predictions], [list(r.persona) for r in records])
         out["c_score"], out["c_score_max"] = c["c_score_rows"], c["c_score_max_rows"]
     if sentence_encoder is not None:
-        from pal_jax.sentence_encoder import consistency_proxy
-        out.update(consistency_proxy(sentence_encoder, responses, [list(r.persona) for r in records],
-                                     [getattr(r, "persona_label", None) for r in records], per_turn=True)
-                   .get("rows", {}))
+        out.update(consistency_metrics(sentence_encoder, records, predictions, per_turn=True).get("rows", {}))
     return out
 
 
@@ -231,8 +229,7 @@ def evaluate(predictor: Predictor, records, *, nli=None, sentence_encoder=None, 
     t1 = time.time()
     scored = score_records(predictor, records, preds)
     t2 = time.time()
-    stats = turn_stats(records, preds, scored, _extra_rows(records, [p.response for p in preds], nli,
-                                                           sentence_encoder))
+    stats = turn_stats(records, preds, scored, _extra_rows(records, preds, nli, sentence_encoder))
     res = _values(stats)
     res.update({"n": len(records), "select_by": predictor.select_by})
     if predictor.select_by == "calibrated":
@@ -252,7 +249,7 @@ def evaluate(predictor: Predictor, records, *, nli=None, sentence_encoder=None, 
             responses = predictor.generate([Record(tuple(r.persona), tuple(r.history)) for r in recs], gold)
             o_preds = [Prediction(selected=y, selected_text="", select_score=0.0, candidate_scores=[],
                                   response=x) for y, x in zip(gold, responses)]
-            o_stats = turn_stats(recs, o_preds, None, _extra_rows(recs, responses, nli, sentence_encoder))
+            o_stats = turn_stats(recs, o_preds, None, _extra_rows(recs, o_preds, nli, sentence_encoder))
             out.oracle_stats = {k: v for k, v in o_stats.items() if k in ORACLE_KEYS}
             out.oracle_results = {**_values(out.oracle_stats), "n": len(recs)}
             out.oracle_turns = labelled
@@ -264,11 +261,12 @@ def evaluate(predictor: Predictor, records, *, nli=None, sentence_encoder=None, 
     return out
 
 
-def consistency_metrics(encoder, records, predictions) -> dict[str, float]:
-    """The embedding consistency proxy (sentence_encoder.consistency_proxy) of the predicted responses."""
+def consistency_metrics(encoder, records, predictions, per_turn: bool = False) -> dict:
+    """The embedding consistency proxy (sentence_encoder.consistency_proxy) of the predicted responses; per_turn:
+    with its per-turn "rows" as well."""
     from pal_jax.sentence_encoder import consistency_proxy
     return consistency_proxy(encoder, [p.response for p in predictions], [list(r.persona) for r in records],
-                             [getattr(r, "persona_label", None) for r in records])
+                             [getattr(r, "persona_label", None) for r in records], per_turn=per_turn)
 
 
 def load_sentence_encoder(spec: str):

@@ -71,7 +71,7 @@ class Predictor:
     """Holds jitted scorer/decoder over a model's params; batches records into fixed shapes (few compilations)."""
 
     def __init__(self, model_state, params, tokenizer, *, max_len: int, buckets: Sequence[int], batch_size: int,
-                 sampling_cfg: sampling.SamplingConfig, select_by: str = "decision", seed: int = 0,
+                 sampling_cfg: sampling.SamplingConfig, select_by: str = "sum", seed: int = 0,
                  prompt_format: str = "plain", select_format: str | None = None, none_bias: float = 0.0):
         """prompt_format: "plain" | "chat" (resolved; see resolve_formats) for the generate and persona-free
         prompts; select_format: the Select step's ("plain" | "chat"; None = prompt_format); select_by: a

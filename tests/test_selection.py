@@ -87,3 +87,11 @@ def test_config_names_the_rules_and_needs_a_dev_split_for_calibration():
     validate(c)
     with pytest.raises(ConfigError, match="config.predict.split = 'train'"):
         validate(tiny_config(predict__split="train"))
+
+
+def test_config_copies_of_the_allowed_values_match_their_owners():
+    """config.py validates before jax is imported, so it keeps copies of these tuples: they must not drift."""
+    from pal_jax import config, losses, pairs
+    assert config.SELECT_RULES == selection.RULES
+    assert config.DPO_LOSS_TYPES == losses.DPO_LOSS_TYPES
+    assert config.REJECTED_FROM == pairs.REJECTED_FROM
