@@ -53,6 +53,7 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
     c.model.remat = False
+    c.model.init_std = 0.02  # random init only (model.ModelConfig.init_std)
 
     # LoRA: low-rank adapters on the attention and MLP projections, trained on a frozen base (pal_jax/lora.py).
     # Stage 1 and Stage 2 train only the adapters; checkpoints hold only them (the base comes from init_from).
@@ -80,6 +81,9 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.data.max_len = 256
     c.data.buckets = (64, 128, 192, 256)
     c.data.select_ratio = 0.5  # share of select examples in each epoch of the stage 1 mixture
+    # Stage 1 loss weight of the reply tokens that state the highlighted persona sentence's content words (training
+    # generate examples; every other target token 1, the held-out loss unweighted); 1 = plain NLL
+    c.data.persona_weight = 1.0
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 16  # global batch (rows), split over the data and fsdp mesh axes

@@ -1,6 +1,8 @@
 """Config validation: every problem found before any work starts, each naming its key and what is allowed."""
 from __future__ import annotations
 
+import math
+
 import os
 
 import ml_collections
@@ -82,6 +84,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, d.dev_fraction + d.test_fraction < 1, "data.test_fraction", d.test_fraction,
            f"dev_fraction + test_fraction < 1 (dev_fraction={d.dev_fraction})")
     _check(e, 0.0 <= d.select_ratio <= 1.0, "data.select_ratio", d.select_ratio, "in [0, 1]")
+    _check(e, math.isfinite(d.persona_weight) and d.persona_weight > 0, "data.persona_weight", d.persona_weight,
+           "a finite number > 0 (1 = plain NLL)")
     buckets = tuple(d.buckets)
     _check(e, len(buckets) > 0 and list(buckets) == sorted(set(buckets)) and buckets[-1] == d.max_len,
            "data.buckets", buckets, f"strictly increasing lengths ending at data.max_len={d.max_len}")

@@ -56,6 +56,10 @@ class ModelConfig:
     dtype: str = "float32"  # activation/compute dtype
     param_dtype: str = "float32"
     remat: bool = False  # jax.checkpoint each block
+    # std of the normal random init of every weight matrix (residual-output projections: / sqrt(2 n_layers));
+    # only a random init reads it. 0.02 is GPT-2's; a narrow model learns attention patterns sooner from
+    # 1/sqrt(d_model) (docs/method.md)
+    init_std: float = INIT_STD
 
     def __post_init__(self):
         def bad(name, expected):
@@ -70,7 +74,7 @@ class ModelConfig:
                 bad(name, "a positive integer")
         if not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim < 0:
             bad("head_dim", "an integer >= 0 (0 = d_model // n_heads)")
-        for name in ("rope_theta", "norm_eps"):
+        for name in ("rope_theta", "norm_eps", "init_std"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
                 bad(name, "a positive number")
@@ -158,8 +162,9 @@ def _eager() -> bool:
 
 
 def _param(rngs: nnx.Rngs | None, shape, names: tuple[str, ...], cfg: ModelConfig, init: str = "normal",
-           std: float = INIT_STD) -> nnx.Param:
+           std: float | None = None) -> nnx.Param:
     dtype = DTYPES[cfg.param_dtype]
+    std = cfg.init_std if std is None else std
     if init == "normal":
         value = std * jax.random.normal(rngs.params(), shape, dtype)
     elif init == "ones":
@@ -251,7 +256,7 @@ class Attention(nnx.Module):
         self.k = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg)
         self.v = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg)
         self.o = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg,
-                        std=INIT_STD / math.sqrt(2 * cfg.n_layers))
+                        std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
         self.has_bias = cfg.family == "gpt2"
         if self.has_bias:
             self.q_bias = _param(None, (h, hd), ("heads", "head_dim"), cfg, "zeros")
@@ -283,7 +288,7 @@ class MLP(nnx.Module):
         d, f = cfg.d_model, cfg.d_ff
         self.dtype = DTYPES[cfg.dtype]
         self.gated = cfg.family == "llama"
-        out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         if self.gated:
             self.gate = _param(rngs, (d, f), ("embed", "mlp"), cfg)
             self.up = _param(rngs, (d, f), ("embed", "mlp"), cfg)

@@ -483,3 +483,34 @@ def test_real_convai2_pipeline(convai2_dir):
     enc = pipeline.encode_examples(ex, tok, 256)
     assert enc.n_dropped == 0 and 0.3 < enc.n_truncated / len(ex) < 0.6
     assert max(len(x) for x in enc.ids) == 256
+
+
+def test_persona_weight_on_the_highlighted_persona_words(corpus, tok):
+    """data.persona_weight: the reply tokens that spell the highlighted sentence's content words get the weight,
+    every other target token (and every select target) 1; the held-out default (1) is the plain NLL."""
+    persona = ["i live in portland.", "i play the guitar."]
+    d = Dialogue(persona, [], [Turn("where do you live ?", "i live in portland , i love it there .", None, 0),
+                               Turn("hi , how are you today ?", "i am doing well , thanks for asking .", None, -1)],
+                 "t:1", 0)
+    ex = pipeline.stage1_examples([d])
+    assert ex[1].meta["highlight"] == "i live in portland." and ex[3].meta["highlight"] is None
+    plain = pipeline.encode_examples(ex, tok, 256)
+    assert plain.target_weights is None and plain.n_persona_tokens == 0
+    enc = pipeline.encode_examples(ex, tok, 256, persona_weight=4.0)
+    portland = set(tok.encode(" portland")) | set(tok.encode("portland"))
+    for i, e in enumerate(ex):
+        target = enc.ids[i][enc.prompt_len[i]:]
+        w = enc.target_weights[i]
+        assert len(w) == len(target)
+        heavy = {int(t) for t, x in zip(target, w) if x == 4.0}
+        if i == 1:  # 'live' and 'in' are stopwords (labels.STOPWORDS): only the place is weighted
+            assert heavy == portland & set(int(t) for t in target) and heavy
+            assert set(np.unique(w)) == {1.0, 4.0}
+        else:  # select targets and the persona-free turn: plain
+            assert not heavy and (w == 1.0).all()
+    assert enc.n_persona_tokens == sum(int((w == 4.0).sum()) for w in enc.target_weights)
+    b = pipeline.BatchSource(enc, 4, (64, 128, 192, 256), seed=0).make_batch(np.arange(4))
+    on = b["weights"][1][b["weights"][1] > 0]
+    np.testing.assert_array_equal(on, enc.target_weights[1])
+    with pytest.raises(ValueError, match="persona_weight = 0.0; expected a finite number > 0"):
+        pipeline.encode_examples(ex, tok, 256, persona_weight=0.0)

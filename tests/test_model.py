@@ -345,3 +345,17 @@ def test_init_from_hf_dir_into_a_sharded_run(hf_models):
         pretrained.load(str(path), wrong)
     with pytest.raises(FileNotFoundError, match="expected a pal_jax workdir"):
         pretrained.kind(str(path) + "-missing")
+
+
+@pytest.mark.parametrize("std", [0.02, 0.09])
+def test_init_std_sets_the_random_init_scale(std):
+    """model.init_std: every weight matrix is N(0, std), residual-output projections N(0, std / sqrt(2 L))."""
+    cfg = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256, init_std=std)
+    m = Transformer(cfg, rngs=nnx.Rngs(0))
+    blk = m.blocks[0]
+    for w in (m.embed, blk.attn.q, blk.mlp.up):
+        assert abs(float(jnp.std(w[...])) - std) < 0.08 * std
+    for w in (blk.attn.o, blk.mlp.down):
+        assert abs(float(jnp.std(w[...])) - std / np.sqrt(4)) < 0.08 * std
+    with pytest.raises(ValueError, match=r"ModelConfig\.init_std = 0.0: expected a positive number"):
+        ModelConfig(init_std=0.0)

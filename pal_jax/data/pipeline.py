@@ -17,11 +17,12 @@ the positions whose target is a target token (the target text or its eos), i.e. 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from pal_jax.data import templates
+from pal_jax.data import labels, templates
 from pal_jax.data.templates import PromptParts
 
 TASKS = ("select", "generate")
@@ -52,11 +53,11 @@ def stage1_examples(dialogues) -> list[Example]:
                                  f"expected -1 or an index in [0, {len(d.persona) - 1}]")
             history = d.history(i)
             meta = {"dialogue_id": d.dialogue_id, "turn": i, "label": label}
+            highlight = d.persona[label] if label >= 0 else None
             out.append(Example("select", templates.select_prompt(d.persona, history),
                                templates.select_target(d.persona, label), dict(meta)))
-            out.append(Example("generate",
-                               templates.generate_prompt(d.persona, history, d.persona[label] if label >= 0 else None),
-                               t.response, dict(meta)))
+            out.append(Example("generate", templates.generate_prompt(d.persona, history, highlight),
+                               t.response, dict(meta, highlight=highlight)))
     return out
 
 
@@ -69,6 +70,9 @@ class Encoded:
     n_dropped: int  # examples that could not fit even with a minimal prompt (target never cut)
     pad_id: int = 0
     index: np.ndarray | None = None  # int64: position in the input examples list of each kept example
+    # float32 loss weight of each target token (target + eos) per example; None = 1 on every target token
+    target_weights: list[np.ndarray] | None = None
+    n_persona_tokens: int = 0  # target tokens given persona_weight (persona_token_ids)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -100,8 +104,31 @@ def encode_prompt(parts: PromptParts, tokenizer, budget: int) -> list[int]:
     return ids
 
 
-def encode_examples(examples: Sequence[Example], tokenizer, max_len: int) -> Encoded:
-    """Tokenise examples into prompt + target + eos rows of at most max_len tokens (see the module doc)."""
+def persona_token_ids(tokenizer, sentence: str, cache: dict | None = None) -> frozenset[int]:
+    """The ids of the tokens that spell the content words of a persona sentence (labels.content_words: no
+    stopwords, no punctuation), as they appear inside a sentence (' word') and at its start ('word'). A target
+    token with one of these ids states the highlighted persona's words."""
+    cache = {} if cache is None else cache
+    out: set[int] = set()
+    for w in re.findall(r"[a-z0-9']+", sentence.lower()):
+        if not labels.content_words(w):
+            continue
+        if w not in cache:
+            cache[w] = set(tokenizer.encode(" " + w)) | set(tokenizer.encode(w))
+        out |= cache[w]
+    return frozenset(out)
+
+
+def encode_examples(examples: Sequence[Example], tokenizer, max_len: int,
+                    persona_weight: float = 1.0) -> Encoded:
+    """Tokenise examples into prompt + target + eos rows of at most max_len tokens (see the module doc).
+
+    persona_weight: the loss weight of the target tokens that state the highlighted persona sentence (generate
+    examples with a persona; persona_token_ids), every other target token 1. 1 = plain NLL. Upweighting them
+    puts more of the gradient on copying the persona's words into the reply, which the tiny model otherwise
+    learns last (docs/method.md)."""
+    if not persona_weight > 0 or not np.isfinite(persona_weight):
+        raise ValueError(f"encode_examples: persona_weight = {persona_weight}; expected a finite number > 0")
     if max_len < MIN_PROMPT + 2:
         raise ValueError(f"encode_examples: max_len = {max_len}; expected >= {MIN_PROMPT + 2}")
     # Tokenise each distinct string once (history lines and persona blocks repeat across turns and tasks).
@@ -115,8 +142,9 @@ def encode_examples(examples: Sequence[Example], tokenizer, max_len: int) -> Enc
     table = {s: ids for s, ids in zip(keys, encoded)}
     table[""] = []
     eos = [tokenizer.eos_id]
-    ids_out, plen, tasks, index = [], [], [], []
-    n_trunc = n_drop = 0
+    ids_out, plen, tasks, index, weights = [], [], [], [], []
+    n_trunc = n_drop = n_persona = 0
+    word_cache: dict = {}
     for n, ex in enumerate(examples):
         if ex.task not in TASKS:
             raise ValueError(f"example {n}: task {ex.task!r}; expected one of {TASKS}")
@@ -132,8 +160,18 @@ def encode_examples(examples: Sequence[Example], tokenizer, max_len: int) -> Enc
         plen.append(len(prompt))
         tasks.append(TASKS.index(ex.task))
         index.append(n)
+        if persona_weight != 1.0:
+            w = np.ones(len(target), np.float32)
+            highlight = ex.meta.get("highlight") if ex.task == "generate" else None
+            if highlight:
+                keep = persona_token_ids(tokenizer, highlight, word_cache)
+                hit = np.fromiter((t in keep for t in target), bool, len(target))
+                w[hit] = persona_weight
+                n_persona += int(hit.sum())
+            weights.append(w)
     return Encoded(ids=ids_out, prompt_len=plen, task=np.asarray(tasks, np.int32), n_truncated=n_trunc,
-                   n_dropped=n_drop, pad_id=int(tokenizer.pad_id), index=np.asarray(index, np.int64))
+                   n_dropped=n_drop, pad_id=int(tokenizer.pad_id), index=np.asarray(index, np.int64),
+                   target_weights=weights if persona_weight != 1.0 else None, n_persona_tokens=n_persona)
 
 
 WINDOW_MULTIPLE = 16
@@ -303,7 +341,8 @@ class BatchSource:
             n = len(ids) - 1
             inputs[r, :n] = ids[:-1]
             targets[r, :n] = ids[1:]
-            weights[r, self.enc.prompt_len[i] - 1:n] = 1.0
+            weights[r, self.enc.prompt_len[i] - 1:n] = (1.0 if self.enc.target_weights is None
+                                                         else self.enc.target_weights[i])
             task[r] = self.enc.task[i]
         positions = np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy()
         starts = np.asarray([self.enc.prompt_len[i] - 1 if i >= 0 else 0 for i in rows], np.int64)
