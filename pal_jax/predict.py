@@ -428,11 +428,11 @@ def _pretrained_predictor(config, spec: str, workdir: str, devices=None) -> Pred
 
 
 def load_records(config):
-    """Records to predict on: config.predict.input (ConvAI2 .txt or .jsonl) or the corpus's predict.split (test by
-    default; dev for tuning)."""
+    """Records to predict on: config.predict.input (ConvAI2 text or JSONL, told apart by content, not by name) or
+    the corpus's predict.split (test by default; dev for tuning)."""
     from pal_jax.data import labels as labels_lib
     path = config.predict.input
-    if path.endswith(".jsonl"):
+    if path and convai2.looks_like_jsonl(path):
         records, origin = convai2.read_jsonl(path), path
     else:
         if path:
@@ -450,8 +450,8 @@ def load_records(config):
 
 def run_predict(config, workdir: str) -> dict:
     from pal_jax.evaluate import write_predictions
+    records, origin = load_records(config)  # first: an input error stops the run before the model loads
     predictor = load_predictor(config, workdir)
-    records, origin = load_records(config)
     preds = predictor.predict(records)
     out = config.predict.output or os.path.join(workdir, "predictions.jsonl")
     if not mesh_lib.is_primary():  # multi-host: every process predicts, process 0 writes
@@ -465,10 +465,14 @@ def run_predict(config, workdir: str) -> dict:
 def run_chat(config, workdir: str, lines=None) -> dict:
     """Interactive: a persona file, then typed turns; the selected persona is shown beside each reply."""
     import sys
-    with open(config.predict.persona_file, encoding="utf-8") as f:
-        persona = tuple(x.strip() for x in f if x.strip())
+    try:
+        with open(config.predict.persona_file, encoding="utf-8") as f:
+            persona = tuple(x.strip() for x in f if x.strip())
+    except (OSError, UnicodeDecodeError) as e:
+        raise convai2.DataError(f"config.predict.persona_file {config.predict.persona_file}: cannot read it ({e}); "
+                                f"expected a UTF-8 text file with one persona sentence a line") from None
     if not persona:
-        raise ValueError(f"{config.predict.persona_file}: no persona sentences; expected one sentence a line")
+        raise convai2.DataError(f"{config.predict.persona_file}: no persona sentences; expected one sentence a line")
     predictor = load_predictor(config, workdir)
     print("persona:\n" + "\n".join(f"  {i + 1}. {s}" for i, s in enumerate(persona)))
     print("type a message (empty line or Ctrl-D to stop)")

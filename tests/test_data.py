@@ -108,6 +108,62 @@ def test_real_convai2(convai2_dir):
 
 
 # ------------------------------------------------------------------------------------------------ JSONL
+def test_cr_only_line_endings_named(tmp_path):
+    p = write(tmp_path, GOOD.replace("\n", "\r"))
+    with pytest.raises(DataError) as e:
+        convai2.read_convai2(p)
+    assert str(e.value).startswith(f"{p}:1: the line endings are CR only (old Mac style: 7 CR, no LF); expected ")
+    assert "with LF or CRLF line endings" in str(e.value)
+
+
+def test_prediction_input_format_told_by_content(tmp_path):
+    """A JSONL file named .json or .JSONL is read as JSONL; ConvAI2 text named .jsonl as ConvAI2."""
+    from helpers import tiny_config
+
+    from pal_jax import predict
+    line = json.dumps({"persona": ["i am a nurse."], "history": ["hi", "hello", "what do you do ?"]}) + "\n"
+    for name in ("in.json", "in.JSONL", "in.jsonl"):
+        p = write(tmp_path, "\ufeff" + line + line, name=name)
+        assert convai2.looks_like_jsonl(p)
+        records, origin = predict.load_records(tiny_config(predict__input=str(p)))
+        assert origin == str(p) and len(records) == 2 and records[0].history[-1] == "what do you do ?"
+    p = write(tmp_path, GOOD, name="convai2.jsonl")
+    assert not convai2.looks_like_jsonl(p) and not convai2.looks_like_jsonl(tmp_path / "missing")
+    records, _ = predict.load_records(tiny_config(predict__input=str(p)))
+    assert len(records) == 3 and records[0].persona == ("i like to ski.", "i have two dogs.")
+
+
+def test_corpus_too_small_to_split_is_a_data_error():
+    from pal_jax.data import corpus
+    with pytest.raises(DataError, match=r"data split 'dev' is empty: 10 dialogues with dev_fraction=0.04"):
+        corpus.split_dialogues(list(range(10)), 0.04, 0.0, 0)
+
+
+def test_cli_data_errors_are_one_line_with_exit_2(tmp_path):
+    """Data errors reach the user as 'error: <file:line: message>' and exit 2, without a traceback unless
+    --traceback is given."""
+    import subprocess
+
+    from helpers import REPO, main_cmd, run_main
+    bad = write(tmp_path, "1 your persona: a.\n2 hi\tho\nthree\tx\n", name="bad.txt")
+    r = run_main(tmp_path / "w1", {"data.source": "convai2", "data.path": str(bad)})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (f"error: {bad}:3: line does not start with a line number: "
+                                                 "'three\\tx'; expected 'N your persona: ...' or 'N <partner "
+                                                 "utterance><TAB><own response>[<TAB><TAB>cand1|cand2|...]'")
+    assert "Traceback" not in r.stderr
+    jl = write(tmp_path, json.dumps({"persona": ["a."], "history": "hi"}) + "\n", name="in.json")
+    r = run_main(tmp_path / "w2", {"predict.input": str(jl)}, config="configs/predict.py:tiny")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {jl}:1: key 'history' is str")
+    assert "Traceback" not in r.stderr
+    cmd, env = main_cmd(tmp_path / "w3", {"data.synthetic_dialogues": 10, "data.dev_fraction": 0.04})
+    r = subprocess.run(cmd + ["--traceback"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: data split 'dev' is empty: 10 dialogues")
+    assert "Traceback (most recent call last)" in r.stderr and "split_dialogues" in r.stderr
+
+
 def test_jsonl_round_trip_and_errors(tmp_path):
     d = synthetic.generate_corpus(3, 5)
     recs = convai2.records_from_dialogues(d)

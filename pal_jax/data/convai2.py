@@ -90,6 +90,10 @@ def _read_lines(path, kind: str) -> list[str]:
         raw = f.read()
     if not raw.strip():
         raise _err(path, 1, "file is empty", kind)
+    if b"\r" in raw and b"\n" not in raw:
+        n_cr = raw.count(b"\r")
+        raise _err(path, 1, f"the line endings are CR only (old Mac style: {n_cr} CR, no LF)",
+                   f"{kind}, with LF or CRLF line endings (convert with: tr '\\r' '\\n' < IN > OUT)")
     lines = []
     for n, b in enumerate(raw.split(b"\n"), start=1):
         try:
@@ -181,6 +185,20 @@ def _str_list(v, path, n, key, allow_empty: bool) -> tuple[str, ...]:
     if not allow_empty and not v:
         raise _err(path, n, f"key {key!r} is an empty list", "at least one string")
     return tuple(x.strip() for x in v)
+
+
+def looks_like_jsonl(path) -> bool:
+    """Whether a prediction input file holds JSONL (its first non-blank line starts with '{') rather than ConvAI2
+    text (lines start with a number), whatever its name. False for a path that cannot be read (the reader says why)."""
+    try:
+        with open(os.fspath(path), "rb") as f:
+            for line in f:
+                line = line.lstrip(b"\xef\xbb\xbf").strip()
+                if line:
+                    return line.startswith(b"{")
+    except OSError:
+        pass
+    return False
 
 
 def read_jsonl(path) -> list[PromptRecord]:
