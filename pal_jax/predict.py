@@ -16,6 +16,7 @@ model with a ChatML chat template and plain for everything else. The Select step
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -93,6 +94,7 @@ class Predictor:
         self.stop_ids = (tokenizer.eos_id,) if prompt_format == "plain" else tuple(sorted(
             {tokenizer.eos_id, self.end_id} | {i for i in (_token_id(tokenizer, "<|endoftext|>"),) if i is not None}))
         self.rng = jax.random.key(seed)
+        self.cuts: collections.Counter = collections.Counter()  # prompt fitting's cuts (_prompt_ids), per predict()
         div = mesh_lib.batch_divisor(model_state.mesh)
         if batch_size % div:
             raise ValueError(f"batch_size {batch_size}: expected a multiple of the mesh's data*fsdp = {div}")
@@ -109,7 +111,19 @@ class Predictor:
 
     # -- encoding ---------------------------------------------------------------------------------------------
     def _prompt_ids(self, parts: templates.PromptParts, budget: int) -> list[int]:
-        return pipeline.encode_prompt(parts, self.tok, budget)
+        ids, cut = pipeline.encode_prompt_cuts(parts, self.tok, budget)
+        self.cuts["prompts"] += 1
+        self.cuts["older_history"] += cut.history_lines > 0
+        self.cuts["last_message"] += cut.last_line_tokens > 0
+        self.cuts["head"] += cut.head_tokens > 0
+        return ids
+
+    def cuts_text(self) -> str:
+        """What prompt fitting cut since the counts were last reset (self.cuts = collections.Counter())."""
+        c = self.cuts
+        return (f"{c['prompts']} prompts (select and generate), cut to fit: {c['older_history']} lost older "
+                f"history lines, {c['last_message']} the start of the user's last message, {c['head']} the start "
+                f"of the persona block")
 
     def _put(self, *arrays):
         """Batch arrays -> global arrays split by rows; each process passes only its rows (multi-host)."""
@@ -228,13 +242,18 @@ class Predictor:
     def predict(self, records) -> list[Prediction]:
         """records: anything with .persona and .history (e.g. data.convai2.PromptRecord); nothing else is read."""
         records = [Record(tuple(r.persona), tuple(r.history)) for r in records]
+        self.cuts = collections.Counter()
         t0 = time.time()
         feats = self.select_features(records)
         sel = self.select(records, feats)
         t1 = time.time()
         responses = self.generate(records, [s[0] for s in sel])
         t2 = time.time()
-        logging.info("predict: %d records, select %.1fs, generate %.1fs", len(records), t1 - t0, t2 - t1)
+        logging.info("predict: %d records, select %.1fs, generate %.1fs; %s", len(records), t1 - t0, t2 - t1,
+                     self.cuts_text())
+        if self.cuts["last_message"]:
+            logging.warning("predict: %d prompts kept only the end of the user's last message (longer than the "
+                            "prompt budget of %d tokens)", self.cuts["last_message"], self.max_len)
         return [Prediction(selected=s, selected_text=(r.persona[s] if s >= 0 else templates.NONE_PERSONA),
                            select_score=score, candidate_scores=cs, response=resp,
                            features={k: [float(x) for x in v] for k, v in f.items()})
@@ -459,7 +478,7 @@ def run_predict(config, workdir: str) -> dict:
     write_predictions(out, records, preds)
     for r, p in list(zip(records, preds))[:5]:
         print(f"user: {r.history[-1]}\n  persona: {p.selected_text}  (score {p.select_score:.2f})\n  bot: {p.response}")
-    return {"records": len(preds), "input": origin, "predictions": out}
+    return {"records": len(preds), "input": origin, "predictions": out, "prompts": predictor.cuts_text()}
 
 
 def run_chat(config, workdir: str, lines=None) -> dict:

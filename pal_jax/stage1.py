@@ -29,7 +29,7 @@ def sft_loss_fn(model, batch, extra):
 def encode_split(exp: Experiment, dialogues, split: str) -> pipeline.Encoded:
     d = exp.config.data
     enc = pipeline.encode_examples(pipeline.stage1_examples(dialogues), exp.tokenizer, d.max_len)
-    logging.info("data %s: %d examples; %d cut from the oldest history to fit %d tokens; %d dropped "
+    logging.info("data %s: %d examples; %d with the prompt cut to fit %d tokens; %d dropped "
                  "(target alone too long)", split, len(enc.ids), enc.n_truncated, d.max_len, enc.n_dropped)
     return enc
 

@@ -429,15 +429,43 @@ def test_truncation_cuts_oldest_history_keeps_target(tok):
     assert list(ids) == head + lines[-3][:] + lines[-2] + lines[-1] + tail + target  # the 9 oldest lines went
     assert enc.prompt_len[0] == len(ids) - len(target)
     assert pipeline.encode_examples([ex], tok, full).n_truncated == 0
-    # no history fits: the head is cut from the left, the tail and target stay whole
+    # no history fits: the older lines go, the last line keeps its end, cut before the head; the tail and target
+    # stay whole
     small = len(tail) + len(target) + 10
     enc = pipeline.encode_examples([ex], tok, small)
-    assert enc.n_truncated == 1 and list(enc.ids[0]) == head[-10:] + tail + target
+    assert len(lines[-1]) > 10 and enc.n_truncated == 1 and list(enc.ids[0]) == lines[-1][-10:] + tail + target
     # the target alone (plus a minimal prompt) does not fit: dropped, never cut
     enc = pipeline.encode_examples([ex, ex], tok, len(target) + pipeline.MIN_PROMPT - 1)
     assert (len(enc.ids), enc.n_dropped) == (0, 2)
     # encode_prompt (used by prediction) builds the same prompt ids
     assert pipeline.encode_prompt(parts, tok, keep3 - len(target)) == list(ids[:-len(target)])
+
+
+def test_long_last_message_keeps_its_latest_words(tok):
+    """A ~300-word last message over the budget: the older history goes first, then the start of the message;
+    the persona block, the message's latest words and the cue stay, and every cut is counted."""
+    persona = ["i am a nurse.", "i have a pet dog."]
+    message = " ".join(f"word{k}" for k in range(300)) + " so what do you think about that ?"
+    history = ["hi , how are you ?", "good , and you ?", message]
+    parts = templates.generate_prompt(persona, history, persona[1])
+    head, tail = tok.encode(parts.head), tok.encode(parts.tail)
+    last = tok.encode(parts.history[-1])
+    budget = 200
+    assert len(head) + len(tail) + 40 < budget < len(last)
+    ids, cuts = pipeline.encode_prompt_cuts(parts, tok, budget)
+    room = budget - len(head) - len(tail)
+    assert ids == head + last[-room:] + tail and len(ids) == budget
+    assert (cuts.history_lines, cuts.last_line_tokens, cuts.head_tokens) == (2, len(last) - room, 0)
+    assert tok.decode(ids).rstrip().endswith("word299 so what do you think about that ?\n" + parts.tail.strip())
+    assert pipeline.encode_prompt(parts, tok, budget) == ids
+    # a budget that leaves less than MIN_LAST_LINE tokens beside head and tail: the head's start is cut instead
+    ids, cuts = pipeline.encode_prompt_cuts(parts, tok, len(head) + len(tail) + 4)
+    assert ids[-len(tail) - pipeline.MIN_LAST_LINE:] == last[-pipeline.MIN_LAST_LINE:] + tail
+    assert cuts.head_tokens == pipeline.MIN_LAST_LINE - 4 and ids[:len(head) - cuts.head_tokens] == \
+        head[cuts.head_tokens:]
+    # a prompt that fits is not cut
+    ids, cuts = pipeline.encode_prompt_cuts(parts, tok, 10_000)
+    assert not cuts and ids == head + sum((tok.encode(h) for h in parts.history), []) + tail
 
 
 def test_batches_are_pure_and_resumable(encoded):
