@@ -33,6 +33,7 @@ from pal_jax import lora as lora_lib
 from pal_jax import mesh as mesh_lib
 from pal_jax import optim
 from pal_jax import perf
+from pal_jax.config import ConfigError
 from pal_jax.metrics_writer import MetricsWriter
 from pal_jax.model import LoraConfig, ModelConfig, Transformer, shard_activations
 
@@ -353,8 +354,9 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
     config_json = json.loads(config.to_json_best_effort())
     latest = ckpt.latest_step()
     if latest is not None:
+        # the saved config first: a different model shape is named by its key, not by Orbax's shape error
+        _check_resume(ckpt.restore_meta(latest), config_json, task, ckpt.directory)
         params, opt_state, meta = ckpt.restore(latest, ms.abstract, abstract_opt)
-        _check_resume(meta, config_json, task, ckpt.directory)
         start = int(meta["step"])
         logging.info("resumed from %s step %d", ckpt.directory, start)
         if start >= t_cfg.steps:
@@ -508,5 +510,5 @@ def _check_resume(meta: dict, config_json: dict, task: Task, directory: str) -> 
         if old.get(k) != config_json.get(k):
             diffs.append(f"config.{k}: checkpoint has {old.get(k)!r}, now {config_json.get(k)!r}")
     if diffs:
-        raise ValueError(f"cannot resume from {directory}: the run differs from the checkpoint's:\n  "
+        raise ConfigError(f"cannot resume from {directory}: the run differs from the checkpoint's:\n  "
                          + "\n  ".join(diffs) + "\nexpected the same settings, or a new --workdir")

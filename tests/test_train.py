@@ -202,3 +202,20 @@ def test_sigterm_saves_checkpoint_and_exits_zero(tmp_path):
     assert meta["step"] == steps[0]
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert rows[0]["step"] == 2 and np.isfinite(rows[0]["train/loss"])
+
+
+def test_resume_or_init_from_another_model_shape_names_the_key(tmp_path):
+    """The saved config is compared before any array is restored: the error names config.model.d_model, not
+    Orbax's shape mismatch."""
+    c = tiny_config(train__steps=2, train__checkpoint_every=2, train__eval_every=100)
+    stage1.run(c, str(tmp_path / "s1"))
+    wide = tiny_config(train__steps=4, model__d_model=64)
+    with pytest.raises(ConfigError) as e:  # main prints it as one 'error:' line, exit 2
+        stage1.run(wide, str(tmp_path / "s1"))
+    assert f"cannot resume from {tmp_path / 's1' / 'checkpoints'}" in str(e.value)
+    assert "config.model.d_model: checkpoint has 32, now 64" in str(e.value)
+    c2 = tiny_config(train__steps=2, model__d_model=64, init_from=str(tmp_path / "s1"),
+                     tokenizer__path=str(tmp_path / "s1/tokenizer"))
+    with pytest.raises(ConfigError, match=r"config.init_from = .*s1': the weights do not fit config.model "
+                                         r"\(d_model: file 32 vs config 64; head_dim"):
+        stage1.initial_params(Experiment(c2, str(tmp_path / "s2")))
