@@ -375,7 +375,7 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
 
     train_step = make_train_step(ms, task, tx, t_cfg.grad_accum, opt_shardings)
     eval_step = make_eval_step(ms, task)
-    writer = MetricsWriter(workdir, enabled=primary)
+    writer = MetricsWriter(workdir, enabled=primary, start_step=start)  # rows after `start` are superseded
     logging.info("%s: %s params%s, mesh %s, %d steps from step %d, global batch %d", task.name,
                  f"{ms.n_params():,}", f" (LoRA adapters; {ms.n_frozen():,} frozen)" if ms.lora else "",
                  dict(mesh.shape), t_cfg.steps, start, t_cfg.batch_size)

@@ -219,3 +219,20 @@ def test_resume_or_init_from_another_model_shape_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"config.init_from = .*s1': the weights do not fit config.model "
                                          r"\(d_model: file 32 vs config 64; head_dim"):
         stage1.initial_params(Experiment(c2, str(tmp_path / "s2")))
+
+
+def test_resume_drops_metrics_written_after_the_restored_step(tmp_path):
+    """A run interrupted after logging steps past its last checkpoint (here: the step-6 checkpoint removed, as a
+    kill during its save leaves it) resumes from step 3 and writes steps 4-6 again: each appears once."""
+    import shutil
+    c = tiny_config(train__steps=6, train__checkpoint_every=3, train__log_every=1, train__eval_every=3)
+    w = tmp_path / "w"
+    stage1.run(c, str(w))
+    shutil.rmtree(w / "checkpoints" / "6")
+    with open(w / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "train/lo')  # a row cut short by the kill
+    stage1.run(c, str(w))
+    rows = [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if "train/loss" in r]
+    dev_steps = [r["step"] for r in rows if "dev/loss" in r]
+    assert train_steps == [1, 2, 3, 4, 5, 6] and dev_steps == [3, 6], (train_steps, dev_steps)
