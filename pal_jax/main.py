@@ -102,6 +102,42 @@ MODES = {
 }
 
 
+# mode -> the batch sizes it splits over the mesh's data*fsdp devices: (key, times grad_accum)
+BATCH_KEYS = {
+    "stage1": (("train.batch_size", True),),
+    "stage2": (("stage2.batch_size", True),),
+    "make_pairs": (("predict.batch_size", False),),
+    "pipeline": (("train.batch_size", True), ("stage2.batch_size", True), ("predict.batch_size", False)),
+    "predict": (("predict.batch_size", False),),
+    "evaluate": (("predict.batch_size", False),),
+    "chat": (("predict.batch_size", False),),
+}
+
+
+def check_devices(config, n_devices: int) -> None:
+    """The mesh fits the devices and each batch the mode uses divides over its data*fsdp axes: checked before the
+    tokenizer and the data are prepared. ConfigError naming the keys otherwise. (export and compile: no check;
+    compile targets a topology, not these devices.)"""
+    from pal_jax import mesh as mesh_lib
+    from pal_jax.config import ConfigError
+    if config.mode not in BATCH_KEYS:
+        return
+    try:
+        shape = dict(zip(mesh_lib.AXES, mesh_lib.mesh_shape({a: config.mesh[a] for a in mesh_lib.AXES}, n_devices)))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    errors = []
+    for key, accum in BATCH_KEYS[config.mode]:
+        section, name = key.split(".")
+        div = shape["data"] * shape["fsdp"] * (config.train.grad_accum if accum else 1)
+        value = config[section][name]
+        if value % div:
+            errors.append(f"config.{key} = {value}: expected a multiple of data*fsdp{'*grad_accum' if accum else ''}"
+                          f" = {div} on mesh {shape} ({n_devices} devices)")
+    if errors:
+        raise ConfigError("invalid config for these devices:\n  " + "\n  ".join(errors))
+
+
 def dispatch(config, workdir: str) -> dict:
     import importlib
 
@@ -137,6 +173,7 @@ def _run():
     mesh_lib.cpu_devices(FLAGS.config.mesh.get("cpu_devices", 0))
     _distributed_init()
     import jax
+    check_devices(FLAGS.config, jax.device_count())
     primary = jax.process_index() == 0
     # one run per workdir: process 0 holds WORKDIR/.lock for the whole run (pal_jax/workdir.py)
     with workdir_lib.lock(FLAGS.workdir) if primary else contextlib.nullcontext():

@@ -93,6 +93,24 @@ def test_run_with_all_updates_non_finite_stops_without_saving_them(tmp_path):
     assert max_diff(params, jax.device_get(exp.model.init(c.seed))) == 0.0
 
 
+def test_batch_that_does_not_divide_the_devices_stops_before_the_tokenizer(tmp_path):
+    from pal_jax.main import check_devices
+    check_devices(tiny_config(train__batch_size=16), 8)
+    with pytest.raises(ConfigError) as e:
+        check_devices(tiny_config(train__batch_size=12, train__grad_accum=2, mode="pipeline", stage2__batch_size=8),
+                      4)
+    assert "config.train.batch_size = 12: expected a multiple of data*fsdp*grad_accum = 8 on mesh {'data': 4, " \
+           "'fsdp': 1, 'tensor': 1} (4 devices)" in str(e.value)
+    assert "config.stage2.batch_size" not in str(e.value)  # 8 divides
+    with pytest.raises(ConfigError, match=r"config.mesh: \{'data': 3, 'fsdp': 1, 'tensor': 1\} uses 3 devices, "
+                                          r"but 8 are present"):
+        check_devices(tiny_config(mesh__data=3), 8)
+    r = run_main(tmp_path / "w", {"train.batch_size": 5}, devices=2)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "error: invalid config for these devices:" in r.stderr and "config.train.batch_size = 5" in r.stderr
+    assert not (tmp_path / "w" / "tokenizer").exists()
+
+
 def test_cli_unknown_key_and_bad_value_stop_before_work(tmp_path):
     r = run_main(tmp_path / "w1", {"train.lrr": 0.1})
     assert r.returncode != 0 and "lrr" in r.stderr
