@@ -116,6 +116,17 @@ def test_cr_only_line_endings_named(tmp_path):
     assert "with LF or CRLF line endings" in str(e.value)
 
 
+def test_overlong_line_refused_naming_its_line(tmp_path):
+    p = write(tmp_path, "1 your persona: a.\n2 hi\t" + "x" * (convai2.MAX_LINE_BYTES + 1) + "\n")
+    with pytest.raises(DataError, match=rf"{p}:2: line of 100,006 bytes; expected a ConvAI2 .*lines of at most "
+                                        r"100,000 bytes"):
+        convai2.read_convai2(p)
+    line = json.dumps({"persona": ["a."], "history": ["y" * convai2.MAX_LINE_BYTES]})
+    q = write(tmp_path, line + "\n", name="q.jsonl")
+    with pytest.raises(DataError, match=rf"{q}:1: line of {len(line):,} bytes; expected a JSONL file"):
+        convai2.read_jsonl(q)
+
+
 def test_prediction_input_format_told_by_content(tmp_path):
     """A JSONL file named .json or .JSONL is read as JSONL; ConvAI2 text named .jsonl as ConvAI2."""
     from helpers import tiny_config

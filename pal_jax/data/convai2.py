@@ -27,6 +27,7 @@ import re
 
 YOUR_PERSONA = "your persona:"
 PARTNER_PERSONA = "partner's persona:"
+MAX_LINE_BYTES = 100_000  # a longer line is refused (a 10 MB line without spaces stalls tokenizer training)
 TURN_FORMAT = "'N <partner utterance><TAB><own response>[<TAB><TAB>cand1|cand2|...]'"
 
 
@@ -96,6 +97,8 @@ def _read_lines(path, kind: str) -> list[str]:
                    f"{kind}, with LF or CRLF line endings (convert with: tr '\\r' '\\n' < IN > OUT)")
     lines = []
     for n, b in enumerate(raw.split(b"\n"), start=1):
+        if len(b) > MAX_LINE_BYTES:
+            raise _err(path, n, f"line of {len(b):,} bytes", f"{kind}, lines of at most {MAX_LINE_BYTES:,} bytes")
         try:
             s = b.decode("utf-8")
         except UnicodeDecodeError as e:
