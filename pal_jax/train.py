@@ -511,4 +511,4 @@ def _check_resume(meta: dict, config_json: dict, task: Task, directory: str) -> 
             diffs.append(f"config.{k}: checkpoint has {old.get(k)!r}, now {config_json.get(k)!r}")
     if diffs:
         raise ConfigError(f"cannot resume from {directory}: the run differs from the checkpoint's:\n  "
-                         + "\n  ".join(diffs) + "\nexpected the same settings, or a new --workdir")
+                          + "\n  ".join(diffs) + "\nexpected the same settings, or a new --workdir")
