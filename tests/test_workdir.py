@@ -76,6 +76,10 @@ def test_workdir_that_is_a_file_or_read_only(tmp_path):
     with pytest.raises(workdir_lib.WorkdirError, match=f"--workdir={f}: {f} is a file; expected a directory"):
         with workdir_lib.lock(str(f)):
             pass
+    r = run_main(f, {"train.steps": 2})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == f"error: --workdir={f}: {f} is a file; expected a directory (or a " \
+                                                "path to create)"
     if os.geteuid() == 0:  # root writes any mode-0555 directory: use one the kernel keeps read-only
         ro = "/sys"
         if not os.path.isdir(ro) or os.access(os.path.join(ro, ".lock"), os.F_OK):
