@@ -61,6 +61,10 @@ class Checkpointer:
             logging.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
 
+    def restore_meta(self, step: int) -> dict:
+        """The JSON record alone (read before the arrays, so a resumed run can check its config first)."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def restore(self, step: int, abstract_params, abstract_opt_state):
         out = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params),

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-
 import os
 
 import ml_collections
@@ -27,6 +26,11 @@ class ConfigError(ValueError):
 def _check(errors, ok, key, value, expected):
     if not ok:
         errors.append(f"config.{key} = {value!r}: expected {expected}")
+
+
+def _positive_finite(v) -> bool:
+    """A real number > 0 and not inf (nan fails both)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def _validate_lora(c, e: list[str]) -> None:
@@ -99,7 +103,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if t.grad_accum > 0:
         _check(e, t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
                f"a divisor of train.batch_size={t.batch_size}")
-    _check(e, t.lr > 0, "train.lr", t.lr, "> 0")
+    _check(e, _positive_finite(t.lr), "train.lr", t.lr, "a finite number > 0")
     _check(e, 0 <= t.end_lr_ratio <= 1, "train.end_lr_ratio", t.end_lr_ratio, "in [0, 1]")
     _check(e, 0 <= t.warmup_steps, "train.warmup_steps", t.warmup_steps, ">= 0")
     _check(e, t.schedule in SCHEDULES, "train.schedule", t.schedule, f"one of {SCHEDULES}")
@@ -119,7 +123,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     s2 = c.stage2
     for k in ("steps", "batch_size"):
         _check(e, isinstance(s2[k], int) and s2[k] > 0, f"stage2.{k}", s2[k], "a positive integer")
-    _check(e, s2.lr > 0, "stage2.lr", s2.lr, "> 0")
+    _check(e, _positive_finite(s2.lr), "stage2.lr", s2.lr, "a finite number > 0")
     _check(e, s2.warmup_steps >= 0, "stage2.warmup_steps", s2.warmup_steps, ">= 0")
     _check(e, s2.beta > 0, "stage2.beta", s2.beta, "> 0")
     _check(e, s2.loss_type in DPO_LOSS_TYPES, "stage2.loss_type", s2.loss_type, f"one of {DPO_LOSS_TYPES}")

@@ -2,15 +2,20 @@
 
     python -m pal_jax.main --config=configs/stage1.py:tiny --workdir=/tmp/pal_s1 [--config.train.steps=100]
 
+Errors in the user's input (config values, data files, the workdir) print one line, `error: <message>`, and exit 2;
+--traceback adds the Python traceback above it. A second run on a workdir in use stops at once (pal_jax/workdir.py).
+
 Multi-host: the same command on every host, plus --distributed=on (TPU pod slices) or --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I (GPU nodes, tests); SLURM / Open MPI jobs are detected (--distributed=auto). Only
 process 0 prints progress and the summary.
 """
 from __future__ import annotations
 
+import contextlib
 import logging as std_logging
 import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,6 +31,8 @@ flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
 flags.DEFINE_string("coordinator_address", None, "Multi-process runs outside TPU pods/SLURM: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
+flags.DEFINE_bool("traceback", False, "On a config, data or workdir error, print the Python traceback above the "
+                  "one-line 'error: ...' message (off: the message alone).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -95,6 +102,42 @@ MODES = {
 }
 
 
+# mode -> the batch sizes it splits over the mesh's data*fsdp devices: (key, times grad_accum)
+BATCH_KEYS = {
+    "stage1": (("train.batch_size", True),),
+    "stage2": (("stage2.batch_size", True),),
+    "make_pairs": (("predict.batch_size", False),),
+    "pipeline": (("train.batch_size", True), ("stage2.batch_size", True), ("predict.batch_size", False)),
+    "predict": (("predict.batch_size", False),),
+    "evaluate": (("predict.batch_size", False),),
+    "chat": (("predict.batch_size", False),),
+}
+
+
+def check_devices(config, n_devices: int) -> None:
+    """The mesh fits the devices and each batch the mode uses divides over its data*fsdp axes: checked before the
+    tokenizer and the data are prepared. ConfigError naming the keys otherwise. (export and compile: no check;
+    compile targets a topology, not these devices.)"""
+    from pal_jax import mesh as mesh_lib
+    from pal_jax.config import ConfigError
+    if config.mode not in BATCH_KEYS:
+        return
+    try:
+        shape = dict(zip(mesh_lib.AXES, mesh_lib.mesh_shape({a: config.mesh[a] for a in mesh_lib.AXES}, n_devices)))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    errors = []
+    for key, accum in BATCH_KEYS[config.mode]:
+        section, name = key.split(".")
+        div = shape["data"] * shape["fsdp"] * (config.train.grad_accum if accum else 1)
+        value = config[section][name]
+        if value % div:
+            errors.append(f"config.{key} = {value}: expected a multiple of data*fsdp{'*grad_accum' if accum else ''}"
+                          f" = {div} on mesh {shape} ({n_devices} devices)")
+    if errors:
+        raise ConfigError("invalid config for these devices:\n  " + "\n  ".join(errors))
+
+
 def dispatch(config, workdir: str) -> dict:
     import importlib
 
@@ -111,18 +154,31 @@ def main(argv):
     # orbax logs every save phase through absl at INFO: keep its warnings and errors only
     logging.get_absl_handler().addFilter(
         lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname.replace("\\", "/"))
-    from pal_jax.config import ConfigError, validate
+    from pal_jax.config import ConfigError  # also the workdir's errors (workdir.WorkdirError)
+    from pal_jax.data.convai2 import DataError
     try:
-        validate(FLAGS.config)
-    except ConfigError as e:
+        _run()
+    except (ConfigError, DataError) as e:  # the user's input: one line, exit 2
+        if FLAGS.traceback:
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _run():
+    from pal_jax import workdir as workdir_lib
+    from pal_jax.config import validate
+    validate(FLAGS.config)
     from pal_jax import mesh as mesh_lib
     mesh_lib.cpu_devices(FLAGS.config.mesh.get("cpu_devices", 0))
     _distributed_init()
-    summary = dispatch(FLAGS.config, FLAGS.workdir)
     import jax
-    if jax.process_index() == 0:
+    check_devices(FLAGS.config, jax.device_count())
+    primary = jax.process_index() == 0
+    # one run per workdir: process 0 holds WORKDIR/.lock for the whole run (pal_jax/workdir.py)
+    with workdir_lib.lock(FLAGS.workdir) if primary else contextlib.nullcontext():
+        summary = dispatch(FLAGS.config, FLAGS.workdir)
+    if primary:
         for k, v in summary.items():
             print(f"{k}: {v}")
 

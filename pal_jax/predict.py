@@ -16,6 +16,7 @@ model with a ChatML chat template and plain for everything else. The Select step
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -93,6 +94,7 @@ class Predictor:
         self.stop_ids = (tokenizer.eos_id,) if prompt_format == "plain" else tuple(sorted(
             {tokenizer.eos_id, self.end_id} | {i for i in (_token_id(tokenizer, "<|endoftext|>"),) if i is not None}))
         self.rng = jax.random.key(seed)
+        self.cuts: collections.Counter = collections.Counter()  # prompt fitting's cuts (_prompt_ids), per predict()
         div = mesh_lib.batch_divisor(model_state.mesh)
         if batch_size % div:
             raise ValueError(f"batch_size {batch_size}: expected a multiple of the mesh's data*fsdp = {div}")
@@ -109,7 +111,19 @@ class Predictor:
 
     # -- encoding ---------------------------------------------------------------------------------------------
     def _prompt_ids(self, parts: templates.PromptParts, budget: int) -> list[int]:
-        return pipeline.encode_prompt(parts, self.tok, budget)
+        ids, cut = pipeline.encode_prompt_cuts(parts, self.tok, budget)
+        self.cuts["prompts"] += 1
+        self.cuts["older_history"] += cut.history_lines > 0
+        self.cuts["last_message"] += cut.last_line_tokens > 0
+        self.cuts["head"] += cut.head_tokens > 0
+        return ids
+
+    def cuts_text(self) -> str:
+        """What prompt fitting cut since the counts were last reset (self.cuts = collections.Counter())."""
+        c = self.cuts
+        return (f"{c['prompts']} prompts (select and generate), cut to fit: {c['older_history']} lost older "
+                f"history lines, {c['last_message']} the start of the user's last message, {c['head']} the start "
+                f"of the persona block")
 
     def _put(self, *arrays):
         """Batch arrays -> global arrays split by rows; each process passes only its rows (multi-host)."""
@@ -228,13 +242,18 @@ class Predictor:
     def predict(self, records) -> list[Prediction]:
         """records: anything with .persona and .history (e.g. data.convai2.PromptRecord); nothing else is read."""
         records = [Record(tuple(r.persona), tuple(r.history)) for r in records]
+        self.cuts = collections.Counter()
         t0 = time.time()
         feats = self.select_features(records)
         sel = self.select(records, feats)
         t1 = time.time()
         responses = self.generate(records, [s[0] for s in sel])
         t2 = time.time()
-        logging.info("predict: %d records, select %.1fs, generate %.1fs", len(records), t1 - t0, t2 - t1)
+        logging.info("predict: %d records, select %.1fs, generate %.1fs; %s", len(records), t1 - t0, t2 - t1,
+                     self.cuts_text())
+        if self.cuts["last_message"]:
+            logging.warning("predict: %d prompts kept only the end of the user's last message (longer than the "
+                            "prompt budget of %d tokens)", self.cuts["last_message"], self.max_len)
         return [Prediction(selected=s, selected_text=(r.persona[s] if s >= 0 else templates.NONE_PERSONA),
                            select_score=score, candidate_scores=cs, response=resp,
                            features={k: [float(x) for x in v] for k, v in f.items()})
@@ -428,11 +447,11 @@ def _pretrained_predictor(config, spec: str, workdir: str, devices=None) -> Pred
 
 
 def load_records(config):
-    """Records to predict on: config.predict.input (ConvAI2 .txt or .jsonl) or the corpus's predict.split (test by
-    default; dev for tuning)."""
+    """Records to predict on: config.predict.input (ConvAI2 text or JSONL, told apart by content, not by name) or
+    the corpus's predict.split (test by default; dev for tuning)."""
     from pal_jax.data import labels as labels_lib
     path = config.predict.input
-    if path.endswith(".jsonl"):
+    if path and convai2.looks_like_jsonl(path):
         records, origin = convai2.read_jsonl(path), path
     else:
         if path:
@@ -450,8 +469,8 @@ def load_records(config):
 
 def run_predict(config, workdir: str) -> dict:
     from pal_jax.evaluate import write_predictions
+    records, origin = load_records(config)  # first: an input error stops the run before the model loads
     predictor = load_predictor(config, workdir)
-    records, origin = load_records(config)
     preds = predictor.predict(records)
     out = config.predict.output or os.path.join(workdir, "predictions.jsonl")
     if not mesh_lib.is_primary():  # multi-host: every process predicts, process 0 writes
@@ -459,16 +478,20 @@ def run_predict(config, workdir: str) -> dict:
     write_predictions(out, records, preds)
     for r, p in list(zip(records, preds))[:5]:
         print(f"user: {r.history[-1]}\n  persona: {p.selected_text}  (score {p.select_score:.2f})\n  bot: {p.response}")
-    return {"records": len(preds), "input": origin, "predictions": out}
+    return {"records": len(preds), "input": origin, "predictions": out, "prompts": predictor.cuts_text()}
 
 
 def run_chat(config, workdir: str, lines=None) -> dict:
     """Interactive: a persona file, then typed turns; the selected persona is shown beside each reply."""
     import sys
-    with open(config.predict.persona_file, encoding="utf-8") as f:
-        persona = tuple(x.strip() for x in f if x.strip())
+    try:
+        with open(config.predict.persona_file, encoding="utf-8") as f:
+            persona = tuple(x.strip() for x in f if x.strip())
+    except (OSError, UnicodeDecodeError) as e:
+        raise convai2.DataError(f"config.predict.persona_file {config.predict.persona_file}: cannot read it ({e}); "
+                                f"expected a UTF-8 text file with one persona sentence a line") from None
     if not persona:
-        raise ValueError(f"{config.predict.persona_file}: no persona sentences; expected one sentence a line")
+        raise convai2.DataError(f"{config.predict.persona_file}: no persona sentences; expected one sentence a line")
     predictor = load_predictor(config, workdir)
     print("persona:\n" + "\n".join(f"  {i + 1}. {s}" for i, s in enumerate(persona)))
     print("type a message (empty line or Ctrl-D to stop)")

@@ -20,6 +20,7 @@ from flax import nnx
 
 from pal_jax import checkpoint as ckpt_lib
 from pal_jax import mesh as mesh_lib
+from pal_jax.config import ConfigError
 from pal_jax.model import ModelConfig, Transformer
 
 SMOLLM2 = "smollm2_gguf"
@@ -50,8 +51,19 @@ def _check_arch(cfg: ModelConfig, file_cfg: ModelConfig, source: str) -> None:
     if cfg.hd != file_cfg.hd:
         bad.append(f"head_dim: file {file_cfg.hd} vs config {cfg.hd}")
     if bad:
-        raise ValueError(f"config.init_from = {source!r}: the weights do not fit config.model ({'; '.join(bad)}); "
+        raise ConfigError(f"config.init_from = {source!r}: the weights do not fit config.model ({'; '.join(bad)}); "
                          f"expected the preset that matches the file (set config.model.* to the file's values)")
+
+
+def _check_checkpoint_arch(cfg: ModelConfig, spec: str) -> None:
+    """A pal_jax checkpoint's saved config.model against the run's, before its arrays are read. A saved
+    vocab_size of 0 (taken from that run's tokenizer) is not compared."""
+    saved = dict(ckpt_lib.load_meta(spec).get("config", {}).get("model") or {})
+    if not saved:
+        return  # no saved model section: the restore's own shape check is all there is
+    if not saved.get("vocab_size"):
+        saved["vocab_size"] = cfg.vocab_size
+    _check_arch(cfg, ModelConfig.from_dict(saved), spec)
 
 
 def _open(spec: str):
@@ -108,6 +120,7 @@ def load(spec: str, ms) -> dict | None:
         from pal_jax import lora
         if lora.checkpoint_lora(spec) is not None:  # adapters only: merged into their base
             return lora.checkpoint_params(spec, ms)
+        _check_checkpoint_arch(ms.cfg, spec)
         params, step = ckpt_lib.load_params(spec, ms.abstract)
         logging.info("init_from: params of %s step %d", spec, step)
         return params

@@ -32,7 +32,7 @@ def encode_split(exp: Experiment, dialogues, split: str) -> pipeline.Encoded:
     d = exp.config.data
     weight = d.persona_weight if split == "train" else 1.0
     enc = pipeline.encode_examples(pipeline.stage1_examples(dialogues), exp.tokenizer, d.max_len, weight)
-    logging.info("data %s: %d examples; %d cut from the oldest history to fit %d tokens; %d dropped "
+    logging.info("data %s: %d examples; %d with the prompt cut to fit %d tokens; %d dropped "
                  "(target alone too long)%s", split, len(enc.ids), enc.n_truncated, d.max_len, enc.n_dropped,
                  f"; {enc.n_persona_tokens} persona tokens weighted x{weight:g}" if weight != 1.0 else "")
     return enc

@@ -82,7 +82,7 @@ def encode_pairs(rows: list[dict], tokenizer, max_len: int) -> PairEncoded:
         head = tokenizer.encode(parts.head)
         prompt, cut = pipeline.fit_prompt(head, [tokenizer.encode(h) for h in parts.history],
                                           tokenizer.encode(parts.tail), budget)
-        out.n_truncated += cut
+        out.n_truncated += bool(cut)
         out.prompt.append(prompt)
         out.chosen.append(c)
         out.rejected.append(j)

@@ -33,6 +33,7 @@ from pal_jax import lora as lora_lib
 from pal_jax import mesh as mesh_lib
 from pal_jax import optim
 from pal_jax import perf
+from pal_jax.config import ConfigError
 from pal_jax.metrics_writer import MetricsWriter
 from pal_jax.model import LoraConfig, ModelConfig, Transformer, shard_activations
 
@@ -157,10 +158,18 @@ def _microbatches(batch: dict, n: int, mesh) -> dict:
     return jax.tree.map(split, batch)
 
 
+def all_finite(tree) -> jax.Array:
+    """A scalar bool: every element of every leaf is finite (one fused reduction per leaf)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def make_train_step(ms: ModelState, task: Task, tx: optax.GradientTransformation, grad_accum: int,
                     opt_shardings):
     """step(params, opt_state, batch, extra, frozen=None) -> (params, opt_state, metrics), jitted; params and
-    opt_state are donated. frozen: with LoRA, the base params (never donated, never differentiated)."""
+    opt_state are donated. frozen: with LoRA, the base params (never donated, never differentiated).
+
+    A step whose loss, gradient norm or new params are not all finite is skipped: it returns the params and
+    optimizer state it was given, and metrics["finite"] = 0 (1 otherwise)."""
     def sums(params, mb, extra, frozen):
         num, den, mets = task.loss_fn(ms.merge(params, frozen), mb, extra)
         return num, (den, mets)
@@ -192,7 +201,8 @@ def make_train_step(ms: ModelState, task: Task, tx: optax.GradientTransformation
         gnorm = optax.global_norm(grads)
         updates, new_opt = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        # every step: a non-finite loss, gradient or updated param (e.g. an infinite learning rate) skips the step
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & all_finite(new_params)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         metrics = {"loss": loss, "grad_norm": gnorm, "finite": ok.astype(jnp.float32),
                    **{k: v / den for k, v in mets.items()}}
@@ -254,9 +264,9 @@ class _Preemption:
 
 
 # shown in the progress line's own fields, not in its list of task metrics
-_LOGGED_APART = ("loss", "grad_norm", "lr", "step_time_s", "tokens_per_s", "tokens_per_s_per_device",
-                 "real_tokens_per_s_per_device", "real_token_frac", "tflops_per_device", "mfu",
-                 "peak_tflops_per_device")
+_LOGGED_APART = ("loss", "grad_norm", "lr", "skipped_steps", "step_time_s", "tokens_per_s",
+                 "tokens_per_s_per_device", "real_tokens_per_s_per_device", "real_token_frac", "tflops_per_device",
+                 "mfu", "peak_tflops_per_device")
 
 
 def _fmt_perf(pm: dict[str, float]) -> str:
@@ -344,8 +354,9 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
     config_json = json.loads(config.to_json_best_effort())
     latest = ckpt.latest_step()
     if latest is not None:
+        # the saved config first: a different model shape is named by its key, not by Orbax's shape error
+        _check_resume(ckpt.restore_meta(latest), config_json, task, ckpt.directory)
         params, opt_state, meta = ckpt.restore(latest, ms.abstract, abstract_opt)
-        _check_resume(meta, config_json, task, ckpt.directory)
         start = int(meta["step"])
         logging.info("resumed from %s step %d", ckpt.directory, start)
         if start >= t_cfg.steps:
@@ -355,12 +366,16 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
         params = init_params if init_params is not None else ms.init(config.seed)
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
         start = 0
+    if not bool(jax.jit(all_finite)(params)):  # the step keeps params finite from here on: never save others
+        where = (f"{ckpt.directory} step {start}" if latest is not None else f"config.init_from "
+                 f"{config.init_from!r}" if init_params is not None else f"random init (seed {config.seed})")
+        raise BadStepsError(f"the initial params ({where}) are not all finite; expected finite params to train")
     if primary:
         (epath.Path(workdir) / "config.json").write_text(json.dumps(config_json, indent=2))
 
     train_step = make_train_step(ms, task, tx, t_cfg.grad_accum, opt_shardings)
     eval_step = make_eval_step(ms, task)
-    writer = MetricsWriter(workdir, enabled=primary)
+    writer = MetricsWriter(workdir, enabled=primary, start_step=start)  # rows after `start` are superseded
     logging.info("%s: %s params%s, mesh %s, %d steps from step %d, global batch %d", task.name,
                  f"{ms.n_params():,}", f" (LoRA adapters; {ms.n_frozen():,} frozen)" if ms.lora else "",
                  dict(mesh.shape), t_cfg.steps, start, t_cfg.batch_size)
@@ -385,6 +400,27 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
         return out
 
     step, bad, preempted = start, 0, False
+    last_finite = start  # the last step applied (or the start): the params every later checkpoint holds
+    pending = None  # (step, metrics["finite"]) of the step before the one just queued: read one step late, so
+    #                 the check never waits for the device
+
+    def check(pending):
+        """Count a finished step as good or bad; stop after max_bad_steps bad steps in a row."""
+        nonlocal bad, last_finite
+        n, finite = pending
+        if bool(finite):
+            bad, last_finite = 0, n
+            return
+        bad += 1
+        logging.warning("step %d: non-finite loss, gradient or updated params: skipped (params and optimizer state "
+                        "kept from step %d); %d bad step(s) in a row", n, last_finite, bad)
+        if bad >= t_cfg.max_bad_steps:
+            ckpt.close()
+            raise BadStepsError(
+                f"{bad} consecutive steps (to step {n}) had a non-finite loss, gradient or updated params "
+                f"(skipped); stopping. The params are those of step {last_finite} (bad steps are never applied or "
+                f"saved); latest checkpoint: {ckpt.directory} step {ckpt.latest_step()}. Expected finite steps: "
+                f"lower config.train.lr or set config.train.clip_norm")
     last_eval: dict[str, float] = {}
     last_perf: dict[str, float] = {}
     seen_shapes: set = set()  # batch shapes the step has been compiled for
@@ -404,6 +440,9 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
             with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
                 params, opt_state, metrics = train_step(params, opt_state, batch, task.extra, frozen)
             step += 1
+            if pending is not None:
+                check(pending)
+            pending = (step, metrics["finite"])
             if compiling:
                 jax.block_until_ready(metrics)
                 meter.exclude(time.time() - t0)
@@ -416,8 +455,7 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
             window.append(metrics)
             if step % t_cfg.log_every == 0 or step == t_cfg.steps:
                 m = {k: float(np.mean([float(x[k]) for x in window])) for k in window[0]}
-                n_bad = int(round(len(window) * (1 - m.pop("finite"))))
-                bad = bad + n_bad if n_bad else 0
+                m["skipped_steps"] = float(round(len(window) * (1 - m.pop("finite"))))
                 now = time.time()
                 m["lr"] = float(lr_at(step))
                 pm = meter.summary(now)
@@ -433,10 +471,6 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
                              extra + " " if extra else "", _fmt_perf(pm), m["lr"], _fmt_time(eta))
                 window = []
                 meter.reset(time.time())  # writing the metrics (TensorBoard's first write: ~1 s) is no step's time
-                if bad >= t_cfg.max_bad_steps:
-                    ckpt.close()
-                    raise BadStepsError(f"{bad} consecutive steps had a non-finite loss or gradient (skipped); "
-                                        f"stopping. Last good checkpoint: {ckpt.directory} step {ckpt.latest_step()}")
             if step % t_cfg.eval_every == 0 or step == t_cfg.steps:
                 last_eval = excluded(evaluate_loss, eval_step, params, task, mesh, t_cfg.eval_batches, frozen)
                 writer.write(step, {f"{task.eval_name}/{k}": v for k, v in last_eval.items()})
@@ -448,6 +482,8 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
                 ckpt.save(step, params, opt_state, meta_for(step), force=True)
                 preempted = True
                 break
+        if pending is not None:
+            check(pending)
     ckpt.close()
     writer.close()
     summary = {"task": task.name, "step": step, "preempted": preempted, task.eval_name: last_eval,
@@ -474,5 +510,5 @@ def _check_resume(meta: dict, config_json: dict, task: Task, directory: str) -> 
         if old.get(k) != config_json.get(k):
             diffs.append(f"config.{k}: checkpoint has {old.get(k)!r}, now {config_json.get(k)!r}")
     if diffs:
-        raise ValueError(f"cannot resume from {directory}: the run differs from the checkpoint's:\n  "
-                         + "\n  ".join(diffs) + "\nexpected the same settings, or a new --workdir")
+        raise ConfigError(f"cannot resume from {directory}: the run differs from the checkpoint's:\n  "
+                          + "\n  ".join(diffs) + "\nexpected the same settings, or a new --workdir")

@@ -108,6 +108,73 @@ def test_real_convai2(convai2_dir):
 
 
 # ------------------------------------------------------------------------------------------------ JSONL
+def test_cr_only_line_endings_named(tmp_path):
+    p = write(tmp_path, GOOD.replace("\n", "\r"))
+    with pytest.raises(DataError) as e:
+        convai2.read_convai2(p)
+    assert str(e.value).startswith(f"{p}:1: the line endings are CR only (old Mac style: 7 CR, no LF); expected ")
+    assert "with LF or CRLF line endings" in str(e.value)
+
+
+def test_overlong_line_refused_naming_its_line(tmp_path):
+    p = write(tmp_path, "1 your persona: a.\n2 hi\t" + "x" * (convai2.MAX_LINE_BYTES + 1) + "\n")
+    with pytest.raises(DataError, match=rf"{p}:2: line of 100,006 bytes; expected a ConvAI2 .*lines of at most "
+                                        r"100,000 bytes"):
+        convai2.read_convai2(p)
+    line = json.dumps({"persona": ["a."], "history": ["y" * convai2.MAX_LINE_BYTES]})
+    q = write(tmp_path, line + "\n", name="q.jsonl")
+    with pytest.raises(DataError, match=rf"{q}:1: line of {len(line):,} bytes; expected a JSONL file"):
+        convai2.read_jsonl(q)
+
+
+def test_prediction_input_format_told_by_content(tmp_path):
+    """A JSONL file named .json or .JSONL is read as JSONL; ConvAI2 text named .jsonl as ConvAI2."""
+    from helpers import tiny_config
+
+    from pal_jax import predict
+    line = json.dumps({"persona": ["i am a nurse."], "history": ["hi", "hello", "what do you do ?"]}) + "\n"
+    for name in ("in.json", "in.JSONL", "in.jsonl"):
+        p = write(tmp_path, "\ufeff" + line + line, name=name)
+        assert convai2.looks_like_jsonl(p)
+        records, origin = predict.load_records(tiny_config(predict__input=str(p)))
+        assert origin == str(p) and len(records) == 2 and records[0].history[-1] == "what do you do ?"
+    p = write(tmp_path, GOOD, name="convai2.jsonl")
+    assert not convai2.looks_like_jsonl(p) and not convai2.looks_like_jsonl(tmp_path / "missing")
+    records, _ = predict.load_records(tiny_config(predict__input=str(p)))
+    assert len(records) == 3 and records[0].persona == ("i like to ski.", "i have two dogs.")
+
+
+def test_corpus_too_small_to_split_is_a_data_error():
+    from pal_jax.data import corpus
+    with pytest.raises(DataError, match=r"data split 'dev' is empty: 10 dialogues with dev_fraction=0.04"):
+        corpus.split_dialogues(list(range(10)), 0.04, 0.0, 0)
+
+
+def test_cli_data_errors_are_one_line_with_exit_2(tmp_path):
+    """Data errors reach the user as 'error: <file:line: message>' and exit 2, without a traceback unless
+    --traceback is given."""
+    import subprocess
+
+    from helpers import REPO, main_cmd, run_main
+    bad = write(tmp_path, "1 your persona: a.\n2 hi\tho\nthree\tx\n", name="bad.txt")
+    r = run_main(tmp_path / "w1", {"data.source": "convai2", "data.path": str(bad)})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (f"error: {bad}:3: line does not start with a line number: "
+                                                 "'three\\tx'; expected 'N your persona: ...' or 'N <partner "
+                                                 "utterance><TAB><own response>[<TAB><TAB>cand1|cand2|...]'")
+    assert "Traceback" not in r.stderr
+    jl = write(tmp_path, json.dumps({"persona": ["a."], "history": "hi"}) + "\n", name="in.json")
+    r = run_main(tmp_path / "w2", {"predict.input": str(jl)}, config="configs/predict.py:tiny")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {jl}:1: key 'history' is str")
+    assert "Traceback" not in r.stderr
+    cmd, env = main_cmd(tmp_path / "w3", {"data.synthetic_dialogues": 10, "data.dev_fraction": 0.04})
+    r = subprocess.run(cmd + ["--traceback"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: data split 'dev' is empty: 10 dialogues")
+    assert "Traceback (most recent call last)" in r.stderr and "split_dialogues" in r.stderr
+
+
 def test_jsonl_round_trip_and_errors(tmp_path):
     d = synthetic.generate_corpus(3, 5)
     recs = convai2.records_from_dialogues(d)
@@ -373,15 +440,43 @@ def test_truncation_cuts_oldest_history_keeps_target(tok):
     assert list(ids) == head + lines[-3][:] + lines[-2] + lines[-1] + tail + target  # the 9 oldest lines went
     assert enc.prompt_len[0] == len(ids) - len(target)
     assert pipeline.encode_examples([ex], tok, full).n_truncated == 0
-    # no history fits: the head is cut from the left, the tail and target stay whole
+    # no history fits: the older lines go, the last line keeps its end, cut before the head; the tail and target
+    # stay whole
     small = len(tail) + len(target) + 10
     enc = pipeline.encode_examples([ex], tok, small)
-    assert enc.n_truncated == 1 and list(enc.ids[0]) == head[-10:] + tail + target
+    assert len(lines[-1]) > 10 and enc.n_truncated == 1 and list(enc.ids[0]) == lines[-1][-10:] + tail + target
     # the target alone (plus a minimal prompt) does not fit: dropped, never cut
     enc = pipeline.encode_examples([ex, ex], tok, len(target) + pipeline.MIN_PROMPT - 1)
     assert (len(enc.ids), enc.n_dropped) == (0, 2)
     # encode_prompt (used by prediction) builds the same prompt ids
     assert pipeline.encode_prompt(parts, tok, keep3 - len(target)) == list(ids[:-len(target)])
+
+
+def test_long_last_message_keeps_its_latest_words(tok):
+    """A ~300-word last message over the budget: the older history goes first, then the start of the message;
+    the persona block, the message's latest words and the cue stay, and every cut is counted."""
+    persona = ["i am a nurse.", "i have a pet dog."]
+    message = " ".join(f"word{k}" for k in range(300)) + " so what do you think about that ?"
+    history = ["hi , how are you ?", "good , and you ?", message]
+    parts = templates.generate_prompt(persona, history, persona[1])
+    head, tail = tok.encode(parts.head), tok.encode(parts.tail)
+    last = tok.encode(parts.history[-1])
+    budget = 200
+    assert len(head) + len(tail) + 40 < budget < len(last)
+    ids, cuts = pipeline.encode_prompt_cuts(parts, tok, budget)
+    room = budget - len(head) - len(tail)
+    assert ids == head + last[-room:] + tail and len(ids) == budget
+    assert (cuts.history_lines, cuts.last_line_tokens, cuts.head_tokens) == (2, len(last) - room, 0)
+    assert tok.decode(ids).rstrip().endswith("word299 so what do you think about that ?\n" + parts.tail.strip())
+    assert pipeline.encode_prompt(parts, tok, budget) == ids
+    # a budget that leaves less than MIN_LAST_LINE tokens beside head and tail: the head's start is cut instead
+    ids, cuts = pipeline.encode_prompt_cuts(parts, tok, len(head) + len(tail) + 4)
+    assert ids[-len(tail) - pipeline.MIN_LAST_LINE:] == last[-pipeline.MIN_LAST_LINE:] + tail
+    assert cuts.head_tokens == pipeline.MIN_LAST_LINE - 4 and ids[:len(head) - cuts.head_tokens] == \
+        head[cuts.head_tokens:]
+    # a prompt that fits is not cut
+    ids, cuts = pipeline.encode_prompt_cuts(parts, tok, 10_000)
+    assert not cuts and ids == head + sum((tok.encode(h) for h in parts.history), []) + tail
 
 
 def test_batches_are_pure_and_resumable(encoded):

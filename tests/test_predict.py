@@ -173,3 +173,23 @@ def test_calibration_fits_on_the_corpus_the_checkpoint_was_trained_on(trained):
     p = predict.load_predictor(other, workdir)
     assert p.calibration["key"]["data"] == f"synthetic(n=60, seed={config.data.synthetic_seed})"
     assert p.none_bias == predict.load_predictor(config, workdir).none_bias
+
+
+def test_long_last_message_reaches_the_model_and_cuts_are_logged(trained, caplog):
+    """A ~300-word user message over the prompt budget: the select and generate prompts keep its latest words
+    (not the older history), and predict logs how many prompts were cut and how."""
+    import logging
+    config, workdir = trained
+    config = tiny_config(train__steps=6, predict__batch_size=8, predict__max_new_tokens=8, predict__select_by="sum")
+    predictor = predict.load_predictor(config, workdir)
+    message = " ".join(f"word{k}" for k in range(300)) + " so what do you do ?"
+    rec = convai2.PromptRecord(persona=("i am a nurse.", "i like dogs."), history=("hi", "hello there", message))
+    with caplog.at_level(logging.INFO):
+        predictor.predict([rec])
+    assert dict(predictor.cuts) == {"prompts": 2, "older_history": 2, "last_message": 2, "head": 0}
+    assert "2 prompts (select and generate), cut to fit: 2 lost older history lines, 2 the start of the user's " \
+           "last message, 0 the start of the persona block" in caplog.text
+    assert "2 prompts kept only the end of the user's last message" in caplog.text
+    budget = predictor.max_len - predictor.sampling_cfg.max_new_tokens
+    text = predictor.tok.decode(predictor.generate_prompts([rec], [-1], budget)[0])
+    assert "so what do you do ?" in text and text.startswith("persona:\n1. i am a nurse.") and "hello there" not in text

@@ -27,6 +27,7 @@ import re
 
 YOUR_PERSONA = "your persona:"
 PARTNER_PERSONA = "partner's persona:"
+MAX_LINE_BYTES = 100_000  # a longer line is refused (a 10 MB line without spaces stalls tokenizer training)
 TURN_FORMAT = "'N <partner utterance><TAB><own response>[<TAB><TAB>cand1|cand2|...]'"
 
 
@@ -90,8 +91,14 @@ def _read_lines(path, kind: str) -> list[str]:
         raw = f.read()
     if not raw.strip():
         raise _err(path, 1, "file is empty", kind)
+    if b"\r" in raw and b"\n" not in raw:
+        n_cr = raw.count(b"\r")
+        raise _err(path, 1, f"the line endings are CR only (old Mac style: {n_cr} CR, no LF)",
+                   f"{kind}, with LF or CRLF line endings (convert with: tr '\\r' '\\n' < IN > OUT)")
     lines = []
     for n, b in enumerate(raw.split(b"\n"), start=1):
+        if len(b) > MAX_LINE_BYTES:
+            raise _err(path, n, f"line of {len(b):,} bytes", f"{kind}, lines of at most {MAX_LINE_BYTES:,} bytes")
         try:
             s = b.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -181,6 +188,20 @@ def _str_list(v, path, n, key, allow_empty: bool) -> tuple[str, ...]:
     if not allow_empty and not v:
         raise _err(path, n, f"key {key!r} is an empty list", "at least one string")
     return tuple(x.strip() for x in v)
+
+
+def looks_like_jsonl(path) -> bool:
+    """Whether a prediction input file holds JSONL (its first non-blank line starts with '{') rather than ConvAI2
+    text (lines start with a number), whatever its name. False for a path that cannot be read (the reader says why)."""
+    try:
+        with open(os.fspath(path), "rb") as f:
+            for line in f:
+                line = line.lstrip(b"\xef\xbb\xbf").strip()
+                if line:
+                    return line.startswith(b"{")
+    except OSError:
+        pass
+    return False
 
 
 def read_jsonl(path) -> list[PromptRecord]:

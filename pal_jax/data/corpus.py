@@ -23,7 +23,7 @@ def split_dialogues(dialogues, dev_fraction: float, test_fraction: float, seed: 
     out = {k: [dialogues[i] for i in sorted(v)] for k, v in parts.items()}
     for k in SPLITS:
         if not out[k] and (k == "train" or (k == "dev" and dev_fraction > 0) or (k == "test" and test_fraction > 0)):
-            raise ValueError(f"data split {k!r} is empty: {n} dialogues with dev_fraction={dev_fraction}, "
+            raise convai2.DataError(f"data split {k!r} is empty: {n} dialogues with dev_fraction={dev_fraction}, "
                              f"test_fraction={test_fraction}; expected enough dialogues for every split")
     return out
 

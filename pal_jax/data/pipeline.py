@@ -2,8 +2,9 @@
 
 1. `stage1_examples`: one select and one generate example per turn (prompt parts + target text).
 2. `encode_examples`: prompt parts and target are tokenised separately and concatenated (prompt, target, eos), so
-   the prompt/target boundary is exact. Too long for max_len: the oldest history lines go first, then the head
-   is cut from the left; the target is never cut (an example whose target + eos leaves fewer than
+   the prompt/target boundary is exact. Too long for max_len (`fit_prompt`): the oldest history lines go first
+   (never the last, the partner's message), then the start of the last line, then the head from the left; the
+   target is never cut (an example whose target + eos leaves fewer than
    MIN_PROMPT tokens for the prompt is dropped).
 3. `BatchSource`: rows grouped into length buckets; `batch(step)` is a pure function of (seed, step): epoch =
    step // steps_per_epoch, one seeded permutation per epoch (np.random.default_rng([seed, epoch])), so a resumed
@@ -66,7 +67,7 @@ class Encoded:
     ids: list[np.ndarray]  # int32 prompt + target + eos ids per example
     prompt_len: list[int]
     task: np.ndarray  # int32 task id per example (TASKS.index(task))
-    n_truncated: int  # examples whose oldest history (then head) was cut
+    n_truncated: int  # examples whose prompt was cut to fit (fit_prompt)
     n_dropped: int  # examples that could not fit even with a minimal prompt (target never cut)
     pad_id: int = 0
     index: np.ndarray | None = None  # int64: position in the input examples list of each kept example
@@ -78,30 +79,57 @@ class Encoded:
         return len(self.ids)
 
 
-def fit_prompt(head: list[int], history: Sequence[list[int]], tail: list[int], budget: int) -> tuple[list[int], bool]:
-    """Concatenate head + history + tail within `budget` tokens: drop the oldest history lines first, then cut
-    the head (then the tail) from the left. Returns (ids, truncated)."""
+MIN_LAST_LINE = 16  # tokens of the last history line (the partner's latest words) kept before the head is cut
+
+
+@dataclasses.dataclass
+class Cuts:
+    """What fit_prompt cut from one prompt; all 0 (false) when it fitted whole."""
+    history_lines: int = 0  # oldest history lines dropped (never the last one)
+    last_line_tokens: int = 0  # tokens cut from the start of the last history line (its latest words stay)
+    head_tokens: int = 0  # tokens cut from the start of what was left (the head first)
+
+    def __bool__(self) -> bool:
+        return bool(self.history_lines or self.last_line_tokens or self.head_tokens)
+
+
+def fit_prompt(head: list[int], history: Sequence[list[int]], tail: list[int], budget: int) -> tuple[list[int], Cuts]:
+    """Concatenate head + history + tail within `budget` tokens. Cut, in this order, until it fits: the oldest
+    history lines but the last; the start of the last line (the partner's message: its latest words stay, at least
+    MIN_LAST_LINE tokens of it); then the start of the whole (the head). Returns (ids, what was cut)."""
     if budget < 1:
         raise ValueError(f"prompt budget {budget}; expected >= 1 token")
+    cuts = Cuts()
     total = len(head) + sum(len(h) for h in history) + len(tail)
-    j = 0
-    while total > budget and j < len(history):
-        total -= len(history[j])
-        j += 1
+    while total > budget and cuts.history_lines < len(history) - 1:
+        total -= len(history[cuts.history_lines])
+        cuts.history_lines += 1
+    kept = list(history[cuts.history_lines:])
+    if total > budget and kept:  # the last line alone is too long: keep its end
+        last = kept[-1]
+        keep = max(budget - len(head) - len(tail), min(len(last), MIN_LAST_LINE))
+        if keep < len(last):
+            cuts.last_line_tokens = len(last) - keep
+            kept[-1] = last[len(last) - keep:]
     ids = list(head)
-    for h in history[j:]:
+    for h in kept:
         ids += h
     ids += tail
     if len(ids) > budget:
-        return ids[len(ids) - budget:], True
-    return ids, j > 0
+        cuts.head_tokens = len(ids) - budget
+        ids = ids[len(ids) - budget:]
+    return ids, cuts
 
 
 def encode_prompt(parts: PromptParts, tokenizer, budget: int) -> list[int]:
-    """The prompt's ids within `budget` tokens (oldest history cut first), as encode_examples builds them."""
-    ids, _ = fit_prompt(tokenizer.encode(parts.head) if parts.head else [],
-                        [tokenizer.encode(h) for h in parts.history], tokenizer.encode(parts.tail), budget)
-    return ids
+    """The prompt's ids within `budget` tokens (fit_prompt), as encode_examples builds them."""
+    return encode_prompt_cuts(parts, tokenizer, budget)[0]
+
+
+def encode_prompt_cuts(parts: PromptParts, tokenizer, budget: int) -> tuple[list[int], Cuts]:
+    """encode_prompt, with what fit_prompt cut."""
+    return fit_prompt(tokenizer.encode(parts.head) if parts.head else [],
+                      [tokenizer.encode(h) for h in parts.history], tokenizer.encode(parts.tail), budget)
 
 
 def persona_token_ids(tokenizer, sentence: str, cache: dict | None = None) -> frozenset[int]:
@@ -155,7 +183,7 @@ def encode_examples(examples: Sequence[Example], tokenizer, max_len: int,
             continue
         prompt, cut = fit_prompt(table[ex.prompt.head], [table[h] for h in ex.prompt.history],
                                  table[ex.prompt.tail], budget)
-        n_trunc += cut
+        n_trunc += bool(cut)
         ids_out.append(np.asarray(prompt + target, np.int32))
         plen.append(len(prompt))
         tasks.append(TASKS.index(ex.task))
