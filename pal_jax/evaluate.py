@@ -36,6 +36,7 @@ from scipy import sparse
 from pal_jax import bootstrap as bs
 from pal_jax import mesh as mesh_lib
 from pal_jax import metrics as M
+from pal_jax import preemption
 from pal_jax.predict import Prediction, Predictor, Record
 
 # (key, label, higher is better; None: neither) in report order
@@ -567,12 +568,17 @@ def run_evaluate(config, workdir: str, curves: dict[str, str] | None = None) -> 
         nli = NLIModel.from_dir(config.eval.nli_model)
     encoder, enc_note = load_sentence_encoder(config.eval.get("sentence_encoder", ""))
     evals = {}
+    if primary:  # an output folder outside the (locked) workdir: its interrupted run's temporary files
+        preemption.remove_orphans(out_dir, recursive=False)
     for name, path in ckpts.items():
-        predictor = load_predictor(config, path)
-        ev = evaluate(predictor, records, nli=nli, sentence_encoder=encoder, oracle=config.eval.oracle)
-        if primary:
-            epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
-            write_predictions(os.fspath(epath.Path(out_dir) / f"predictions_{name}.jsonl"), records, ev.predictions)
+        # SIGTERM abandons the evaluation (the report is written only at the end, whole; a rerun redoes it)
+        with preemption.phase(f"evaluate ({name}: predicting; no report written)"):
+            predictor = load_predictor(config, path)
+            ev = evaluate(predictor, records, nli=nli, sentence_encoder=encoder, oracle=config.eval.oracle)
+            if primary:
+                epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+                write_predictions(os.fspath(epath.Path(out_dir) / f"predictions_{name}.jsonl"), records,
+                                  ev.predictions)
         evals[name] = ev
         logging.info("evaluate %s: %s", name, " ".join(f"{k} {v:.4f}" for k, v in ev.results.items()
                                                         if isinstance(v, float)))

@@ -25,6 +25,7 @@ from etils import epath
 
 from pal_jax import checkpoint as ckpt_lib
 from pal_jax import mesh as mesh_lib
+from pal_jax import preemption
 
 MOVED_HEADER = "## What Stage 2 moved"
 BASE = "base"  # the report's column for the pretrained model without fine-tuning
@@ -119,6 +120,7 @@ def run(config, workdir: str) -> dict:
         if stage1.run(config, s1_dir).get("preempted"):
             return {"preempted": True, "phase": "stage1"}  # rerun the same command to continue
     times["stage1_s"] = time.time() - t0
+    preemption.check("SIGTERM during Stage 1's last step (Stage 1 is complete; the next phase has not started)")
 
     t0 = time.time()
     c2 = ml_collections.ConfigDict(config.to_dict())
@@ -130,6 +132,7 @@ def run(config, workdir: str) -> dict:
         if stage2.run(c2, s2_dir).get("preempted"):
             return {"preempted": True, "phase": "stage2"}
     times["pairs_and_stage2_s"] = time.time() - t0
+    preemption.check("SIGTERM during Stage 2's last step (Stage 2 is complete; evaluation has not started)")
 
     t0 = time.time()
     report = os.fspath(epath.Path(eval_dir) / "report.md")
