@@ -82,6 +82,9 @@ def _digest(path: epath.Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+_VERIFIED: dict[tuple[str, int], str | None] = {}  # (folder, step) -> problem; hashed once per process
+
+
 def write_checksums(directory: str, step: int) -> None:
     """Record the size and SHA-256 of every file of a completed step (process 0; written whole, then renamed)."""
     step_dir = _step_dir(directory, step)
@@ -91,9 +94,7 @@ def write_checksums(directory: str, step: int) -> None:
     tmp = step_dir / f"{CHECKSUMS}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
     tmp.replace(step_dir / CHECKSUMS)
-
-
-_VERIFIED: dict[tuple[str, int], str | None] = {}  # (folder, step) -> problem; hashed once per process
+    _VERIFIED.pop((os.fspath(directory), int(step)), None)
 
 
 def verify(directory: str, step: int) -> str | None:
@@ -140,10 +141,10 @@ def _none_readable(directory: str, bad: list[tuple[int, str]]) -> CheckpointErro
         f"same command to train from step 0")
 
 
-def _read_newest(directory: str, steps, read: Callable[[int], Any], move_aside: Callable | None = None,
-                 check_meta: Callable[[dict], None] | None = None):
-    """(step, read(step)) for the newest step that verifies and reads; bad steps warned about (and moved aside
-    when move_aside is given). CheckpointError when none reads."""
+def _read_newest(directory: str, steps, read: Callable[[int], Any], move_aside: Callable | None = None):
+    """(step, read(step)) for the newest step that verifies and reads, None when there are no steps. The damaged
+    steps above it are warned about (and moved aside when move_aside is given); when none reads, CheckpointError
+    and nothing is moved."""
     bad = []
     for step in sorted(steps, reverse=True):
         problem = verify(directory, step)
@@ -152,15 +153,18 @@ def _read_newest(directory: str, steps, read: Callable[[int], Any], move_aside: 
                             "writing it): restoring it unverified", directory, step, CHECKSUMS)
         if not problem:
             try:
-                return step, read(step)
+                out = read(step)
             except (preemption.Preempted, ConfigError):
                 raise  # SIGTERM; the saved config differs (the user's settings, not damage)
             except Exception as e:  # noqa: BLE001 (TensorStore, pytree structure, JSON errors: a damaged step)
                 problem = f"it cannot be read ({_brief(e)})"
+            else:
+                for s, why in bad:
+                    where = move_aside(s) if move_aside else None
+                    logging.warning("checkpoint %s step %d is damaged: %s; %s; using step %d", directory, s, why,
+                                    f"moved to {where}" if where else "left in place", step)
+                return step, out
         bad.append((step, problem))
-        where = move_aside(step) if move_aside else None
-        logging.warning("checkpoint %s step %d is damaged: %s; %s", directory, step, problem,
-                        f"moved to {where}; trying the previous step" if where else "trying the previous step")
     if bad:
         raise _none_readable(directory, bad)
     return None
@@ -247,6 +251,7 @@ class Checkpointer:
                 dest, n = dest_dir / f"{step}.{n}", n + 1
             _step_dir(self.directory, step).rename(dest)
             where = os.fspath(dest)
+        _VERIFIED.pop((os.fspath(self.directory), int(step)), None)
         mesh_lib.sync("damaged checkpoint moved aside")  # multi-host: the others see it gone before reloading
         self.manager.reload()
         return where or os.fspath(dest_dir / str(step))
