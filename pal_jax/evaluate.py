@@ -452,7 +452,9 @@ def write_report(out_dir: str, results: dict[str, dict], info: dict, analysis: d
                   "'none' turns), as if Select were always right. These numbers use gold labels at prediction "
                   "time and are never part of the comparison above.", ""]
         lines += _table(onames, o["values"], o["intervals"], None, keys=ORACLE_KEYS)
-    epath.Path(paths["markdown"]).write_text("\n".join(lines) + "\n")
+    tmp = epath.Path(paths["markdown"] + ".tmp")  # whole or not at all (SIGTERM, a kill)
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(paths["markdown"])
     _plot(paths["plot"], results, a.get("intervals"), curves or {})
     return paths
 
@@ -520,7 +522,9 @@ def _plot(path: str, results: dict[str, dict], intervals: dict | None, curves: d
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    epath.Path(path).write_bytes(buf.getvalue())
+    tmp = epath.Path(path + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
 
 
 def write_predictions(path: str, records, predictions: Sequence) -> None:

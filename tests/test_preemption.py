@@ -93,6 +93,26 @@ def test_sigterm_during_make_pairs_abandons_the_shard_and_a_rerun_gives_the_same
     assert (w / "pairs.jsonl").read_text() == (tmp_path / "full" / "pairs.jsonl").read_text()
 
 
+def test_sigterm_during_evaluation_writes_no_report(tmp_path, monkeypatch, stage1_dir):
+    """Evaluation is abandoned whole: no predictions, metrics or report under their final names, and the message
+    names the checkpoint being evaluated."""
+    from pal_jax import evaluate as evaluate_lib
+    real = evaluate_lib.evaluate
+
+    def evaluate(*a, **kw):
+        _sigterm_self()
+        return real(*a, **kw)
+
+    monkeypatch.setattr(evaluate_lib, "evaluate", evaluate)
+    out = tmp_path / "eval"
+    c = tiny_config(mode="evaluate", eval__checkpoints=f"s1={stage1_dir}", eval__output_dir=str(out),
+                    tokenizer__path=os.path.join(stage1_dir, "tokenizer"), predict__max_records=4,
+                    eval__sentence_encoder="")
+    with preemption.handling(), pytest.raises(preemption.Preempted, match=r"evaluate \(s1: predicting"):
+        evaluate_lib.run_evaluate(c, str(tmp_path / "w"))
+    assert not out.exists() or os.listdir(out) == []
+
+
 def test_cli_sigterm_before_training_exits_zero_and_the_rerun_cleans_temp_files(tmp_path):
     """SIGTERM while the run loads its data (outside the training loop) exited with -15 and no message."""
     w = tmp_path / "w"
