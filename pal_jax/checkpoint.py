@@ -7,7 +7,8 @@ latest readable one. Once a save has completed, process 0 records the size and S
 `pal_checksums.json` (written to a temporary file and renamed). Restoring checks them first, then reads the meta
 record and the arrays: a step that fails any of these (a damaged or truncated file, a missing one such as
 params/_METADATA, a cut meta JSON) is skipped with a warning naming the step and what was wrong, and the next
-older step is tried. A training run moves the bad step to WORKDIR/checkpoints_bad/<step> (never deleted); readers
+older step is tried (a step whose files match their checksums but do not fit the run's model is an error, not a
+reason to fall back). A training run moves the bad step to WORKDIR/checkpoints_bad/<step> (never deleted); readers
 (load_params, load_meta: predict, evaluate, Stage 2) leave it in place. When no step is readable, CheckpointError
 names the folder and what to do. A step without a checksum file (saved by an older version, or a run killed
 between the save and the checksum) is restored unverified, with a warning.
@@ -157,6 +158,11 @@ def _read_newest(directory: str, steps, read: Callable[[int], Any], move_aside: 
             except (preemption.Preempted, ConfigError):
                 raise  # SIGTERM; the saved config differs (the user's settings, not damage)
             except Exception as e:  # noqa: BLE001 (TensorStore, pytree structure, JSON errors: a damaged step)
+                if problem is None:  # intact files (checksums match): the request does not fit, no fallback
+                    raise CheckpointError(
+                        f"checkpoint {directory} step {step}: its files match their checksums, but it cannot be "
+                        f"restored for this run ({_brief(e)}); expected this run's model, LoRA and tokenizer "
+                        f"settings to be the checkpoint's (its meta record holds them)") from e
                 problem = f"it cannot be read ({_brief(e)})"
             else:
                 for s, why in bad:

@@ -137,3 +137,17 @@ def test_cli_no_readable_checkpoint_is_one_error_line(trained, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: no readable checkpoint in {w / 'checkpoints'}: step 6: meta/"), last
     assert "Traceback" not in proc.stderr
+
+
+def test_intact_step_that_does_not_fit_the_model_is_an_error_not_a_fallback(trained):
+    """Files that match their checksums but do not restore onto the requested shapes (another vocabulary, say)
+    are not damage: no fallback to an older step, one error naming the step and the settings to check."""
+    import jax
+    from pal_jax.experiment import Experiment
+    abstract = Experiment(tiny_config(**CONFIG), str(trained), need_corpus=False).model.abstract
+    leaves, treedef = jax.tree.flatten(abstract)
+    leaves[0] = jax.ShapeDtypeStruct((leaves[0].shape[0] + 8, *leaves[0].shape[1:]), leaves[0].dtype,
+                                     sharding=leaves[0].sharding)
+    with pytest.raises(CheckpointError, match=r"step 6: its files match their checksums, but it cannot be restored"):
+        ckpt_lib.load_params(str(trained), jax.tree.unflatten(treedef, leaves))
+    assert sorted(int(n) for n in os.listdir(trained / "checkpoints") if n.isdigit()) == [3, 6]
