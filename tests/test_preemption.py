@@ -164,3 +164,28 @@ def test_cli_failed_async_save_stops_at_once_with_one_line(tmp_path):
     # lines; and no pal_jax frame (the error is the one line above)
     assert str(REPO / "pal_jax") not in proc.stderr
     assert len(proc.stderr.splitlines()) < 200, len(proc.stderr.splitlines())
+
+
+def test_sigterm_on_stage1s_last_step_in_the_pipeline_stops_before_stage2(tmp_path, monkeypatch):
+    """Stage 1 completes (its last step is saved once); the pipeline then stops before the pairs, as main does with
+    its handler installed, instead of starting the next phase on a machine that is going away."""
+    from pal_jax import pipeline_mode
+    build = stage1.build_task
+
+    def build_task(exp):
+        task = build(exp)
+        inner = task.train_batch
+
+        def batch(step, rows_of):
+            if step + 1 == 2:
+                _sigterm_self()
+            return inner(step, rows_of)
+        task.train_batch = batch
+        return task
+
+    monkeypatch.setattr(stage1, "build_task", build_task)
+    c = tiny_config(train__steps=2, train__checkpoint_every=2, train__eval_every=100)
+    with preemption.handling(), pytest.raises(preemption.Preempted, match="Stage 1 is complete"):
+        pipeline_mode.run(c, str(tmp_path))
+    assert _steps(tmp_path / "stage1") == [2]
+    assert not (tmp_path / "stage2" / "pairs").exists() and not (tmp_path / "stage2" / "checkpoints").exists()
