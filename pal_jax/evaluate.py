@@ -36,6 +36,7 @@ from scipy import sparse
 from pal_jax import bootstrap as bs
 from pal_jax import mesh as mesh_lib
 from pal_jax import metrics as M
+from pal_jax import preemption
 from pal_jax.predict import Prediction, Predictor, Record
 
 # (key, label, higher is better; None: neither) in report order
@@ -451,7 +452,9 @@ def write_report(out_dir: str, results: dict[str, dict], info: dict, analysis: d
                   "'none' turns), as if Select were always right. These numbers use gold labels at prediction "
                   "time and are never part of the comparison above.", ""]
         lines += _table(onames, o["values"], o["intervals"], None, keys=ORACLE_KEYS)
-    epath.Path(paths["markdown"]).write_text("\n".join(lines) + "\n")
+    tmp = epath.Path(paths["markdown"] + ".tmp")  # whole or not at all (SIGTERM, a kill)
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(paths["markdown"])
     _plot(paths["plot"], results, a.get("intervals"), curves or {})
     return paths
 
@@ -519,7 +522,9 @@ def _plot(path: str, results: dict[str, dict], intervals: dict | None, curves: d
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    epath.Path(path).write_bytes(buf.getvalue())
+    tmp = epath.Path(path + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
 
 
 def write_predictions(path: str, records, predictions: Sequence) -> None:
@@ -567,12 +572,17 @@ def run_evaluate(config, workdir: str, curves: dict[str, str] | None = None) -> 
         nli = NLIModel.from_dir(config.eval.nli_model)
     encoder, enc_note = load_sentence_encoder(config.eval.get("sentence_encoder", ""))
     evals = {}
+    if primary:  # an output folder outside the (locked) workdir: its interrupted run's temporary files
+        preemption.remove_orphans(out_dir, recursive=False)
     for name, path in ckpts.items():
-        predictor = load_predictor(config, path)
-        ev = evaluate(predictor, records, nli=nli, sentence_encoder=encoder, oracle=config.eval.oracle)
-        if primary:
-            epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
-            write_predictions(os.fspath(epath.Path(out_dir) / f"predictions_{name}.jsonl"), records, ev.predictions)
+        # SIGTERM abandons the evaluation (the report is written only at the end, whole; a rerun redoes it)
+        with preemption.phase(f"evaluate ({name}: predicting; no report written)"):
+            predictor = load_predictor(config, path)
+            ev = evaluate(predictor, records, nli=nli, sentence_encoder=encoder, oracle=config.eval.oracle)
+            if primary:
+                epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+                write_predictions(os.fspath(epath.Path(out_dir) / f"predictions_{name}.jsonl"), records,
+                                  ev.predictions)
         evals[name] = ev
         logging.info("evaluate %s: %s", name, " ".join(f"{k} {v:.4f}" for k, v in ev.results.items()
                                                         if isinstance(v, float)))

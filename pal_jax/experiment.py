@@ -9,6 +9,7 @@ from etils import epath
 
 from pal_jax import lora as lora_lib
 from pal_jax import mesh as mesh_lib
+from pal_jax import preemption
 from pal_jax import tokenizer as tok_lib
 from pal_jax import train
 from pal_jax.data import corpus as corpus_lib
@@ -83,8 +84,9 @@ class Experiment:
         self.config, self.workdir = config, workdir
         self.mesh = mesh_lib.make_mesh(config.mesh, devices)
         self.rules = mesh_lib.axis_rules(config)
-        self.corpus = corpus_lib.load_corpus(config.data) if need_corpus else None
-        self.tokenizer = get_tokenizer(config, workdir, self.corpus["train"] if self.corpus else None)
+        with preemption.phase("loading the data and the tokenizer (nothing half-written: rerun to redo it)"):
+            self.corpus = corpus_lib.load_corpus(config.data) if need_corpus else None
+            self.tokenizer = get_tokenizer(config, workdir, self.corpus["train"] if self.corpus else None)
         self.model_cfg = train.model_config(config.model, self.tokenizer.vocab_size)
         # with config.lora.rank > 0 the model carries adapters and trains only them (pal_jax/lora.py)
         self.model = train.ModelState(self.model_cfg, self.mesh, self.rules, lora=lora_lib.lora_config(config))

@@ -3,7 +3,9 @@
     python -m pal_jax.main --config=configs/stage1.py:tiny --workdir=/tmp/pal_s1 [--config.train.steps=100]
 
 Errors in the user's input (config values, data files, the workdir) print one line, `error: <message>`, and exit 2;
---traceback adds the Python traceback above it. A second run on a workdir in use stops at once (pal_jax/workdir.py).
+a failed checkpoint save or no readable checkpoint prints one line and exits 1; --traceback adds the Python
+traceback above it. SIGTERM in any phase exits 0 with `preempted: ...; rerun the same command to resume`
+(pal_jax/preemption.py). A second run on a workdir in use stops at once (pal_jax/workdir.py).
 
 Multi-host: the same command on every host, plus --distributed=on (TPU pod slices) or --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I (GPU nodes, tests); SLURM / Open MPI jobs are detected (--distributed=auto). Only
@@ -147,15 +149,37 @@ def dispatch(config, workdir: str) -> dict:
     return getattr(importlib.import_module(module), fn)(config, workdir)
 
 
+def _orbax_filter(record) -> bool:
+    if "/orbax/" not in record.pathname.replace("\\", "/"):
+        return True
+    if record.levelno < std_logging.WARNING:
+        return False
+    record.exc_info, record.exc_text = None, None  # its tracebacks: one line each
+    return True
+
+
+def _quiet_closed_loop(hook):
+    """After a failed async save, each of Orbax's pending TensorStore writes reports 'Event loop is closed' through
+    sys.excepthook (hundreds of tracebacks): those are dropped; every other exception is printed as before."""
+    def quiet(kind, value, tb):
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        hook(kind, value, tb)
+    return quiet
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
-    # orbax logs every save phase through absl at INFO: keep its warnings and errors only
-    logging.get_absl_handler().addFilter(
-        lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname.replace("\\", "/"))
+    # orbax logs every save phase through absl at INFO: keep its warnings and errors only, each as one line (a
+    # failed save is reported once, by pal_jax.checkpoint, as one 'error:' line)
+    logging.get_absl_handler().addFilter(_orbax_filter)
+    sys.excepthook = _quiet_closed_loop(sys.excepthook)
     from pal_jax.config import ConfigError  # also the workdir's errors (workdir.WorkdirError)
+    from pal_jax.errors import CheckpointError
     from pal_jax.data.convai2 import DataError
+    from pal_jax.preemption import Preempted
     try:
         _run()
     except (ConfigError, DataError) as e:  # the user's input: one line, exit 2
@@ -163,11 +187,27 @@ def main(argv):
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except CheckpointError as e:  # a failed save (disk full), no readable checkpoint: one line, exit 1
+        if FLAGS.traceback:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # at once: Orbax's background threads of a failed save would print on after this line
+    except Preempted as e:  # SIGTERM outside a training loop: the unit of work in progress was abandoned
+        print(f"preempted: {e.what}; rerun the same command to resume", file=sys.stderr)
+        sys.exit(0)
 
 
 def _run():
+    from pal_jax import preemption
     from pal_jax import workdir as workdir_lib
     from pal_jax.config import validate
+    with preemption.handling(), preemption.phase(f"{FLAGS.config.mode} (setup)"):
+        _run_handled(preemption, workdir_lib, validate)
+
+
+def _run_handled(preemption, workdir_lib, validate):
     validate(FLAGS.config)
     from pal_jax import mesh as mesh_lib
     mesh_lib.cpu_devices(FLAGS.config.mesh.get("cpu_devices", 0))
@@ -177,7 +217,10 @@ def _run():
     primary = jax.process_index() == 0
     # one run per workdir: process 0 holds WORKDIR/.lock for the whole run (pal_jax/workdir.py)
     with workdir_lib.lock(FLAGS.workdir) if primary else contextlib.nullcontext():
-        summary = dispatch(FLAGS.config, FLAGS.workdir)
+        if primary:  # temporary files of an interrupted run (SIGTERM, kill -9): no other run writes here
+            preemption.remove_orphans(FLAGS.workdir)
+        with preemption.phase(FLAGS.config.mode):
+            summary = dispatch(FLAGS.config, FLAGS.workdir)
     if primary:
         for k, v in summary.items():
             print(f"{k}: {v}")

@@ -47,6 +47,7 @@ import numpy as np
 from etils import epath
 
 from pal_jax import mesh as mesh_lib
+from pal_jax import preemption
 from pal_jax.data import convai2, templates
 
 SHARD = 256  # turns per shard
@@ -149,29 +150,38 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
         if have[k]:
             done_before += 1
             continue
-        chunk = records[k * SHARD:(k + 1) * SHARD]
-        predictor.rng = jax.random.fold_in(jax.random.key(seed), k)
-        # rejected replies only where a generate pair can come of them (rejected = None elsewhere)
-        wanted = [_gives_generate(r.persona_label, generate_on) for r in chunk]
-        decoded = iter(rejected_replies(predictor, [r for r, w in zip(chunk, wanted) if w], rejected_from)
-                       if any(wanted) else [])
-        replies = [next(decoded) if w else None for w in wanted]
-        picks = predictor.select(chunk) if select_pairs else [(None, None, None)] * len(chunk)
-        if primary:
-            _atomic_write_lines(shard[k], ({"id": r.id, "persona": list(r.persona), "history": list(r.history),
-                                            "persona_label": r.persona_label, "chosen": r.response, "rejected": reply,
-                                            "selected": pick[0], "select_scores": pick[2],
-                                            "rejected_from": rejected_from}
-                                           for r, reply, pick in zip(chunk, replies, picks)))
+        with preemption.phase(f"make_pairs (shard {k + 1}/{n_shards} abandoned, not written; the shards before "
+                              f"it are kept in {os.fspath(shard_dir)})"):
+            _make_shard(predictor, records, k, seed, generate_on, rejected_from, select_pairs, primary, shard[k])
         done = k + 1 - done_before
         eta = (time.time() - t0) / done * (n_shards - k - 1)
-        logging.info("pairs: shard %d/%d (%d turns) ETA %.0fs", k + 1, n_shards, len(chunk), eta)
+        logging.info("pairs: shard %d/%d (%d turns) ETA %.0fs", k + 1, n_shards,
+                     len(records[k * SHARD:(k + 1) * SHARD]), eta)
     if not primary:
         mesh_lib.sync("pairs written")  # process 0 writes pairs.jsonl and pairs_info.json
         return json.loads(info_path.read_text())
-    info = _finish(shard, out, info_path, seed, select_pairs, generate_on, rejected_from)
+    with preemption.phase("make_pairs (writing pairs.jsonl; the decoded shards are kept)"):
+        info = _finish(shard, out, info_path, seed, select_pairs, generate_on, rejected_from)
     mesh_lib.sync("pairs written")
     return info
+
+
+def _make_shard(predictor, records, k: int, seed: int, generate_on: str, rejected_from: str, select_pairs: bool,
+                primary: bool, path: str) -> None:
+    """Decode shard k and write it (process 0) whole under its final name, or not at all."""
+    chunk = records[k * SHARD:(k + 1) * SHARD]
+    predictor.rng = jax.random.fold_in(jax.random.key(seed), k)
+    # rejected replies only where a generate pair can come of them (rejected = None elsewhere)
+    wanted = [_gives_generate(r.persona_label, generate_on) for r in chunk]
+    decoded = iter(rejected_replies(predictor, [r for r, w in zip(chunk, wanted) if w], rejected_from)
+                   if any(wanted) else [])
+    replies = [next(decoded) if w else None for w in wanted]
+    picks = predictor.select(chunk) if select_pairs else [(None, None, None)] * len(chunk)
+    if primary:
+        _atomic_write_lines(path, ({"id": r.id, "persona": list(r.persona), "history": list(r.history),
+                                    "persona_label": r.persona_label, "chosen": r.response, "rejected": reply,
+                                    "selected": pick[0], "select_scores": pick[2], "rejected_from": rejected_from}
+                                   for r, reply, pick in zip(chunk, replies, picks)))
 
 
 def _finish(shard: list[str], out: str, info_path, seed: int, select_pairs: bool, generate_on: str,

@@ -12,9 +12,18 @@ templates they were trained on). From random init (the tiny preset) there is no 
 
 Each phase is skipped when its output exists (a finished run's last checkpoint, pairs_info.json, metrics.json), so
 rerunning the same command after a crash continues where it stopped.
+
+Never stale: each phase folder holds `pipeline_inputs.json`, written as the phase starts: the config keys that
+phase reads (PHASE_KEYS) and what it was made from upstream (the Stage 1 / Stage 2 checkpoint step and the
+fingerprint of that phase's inputs). On a rerun a phase whose inputs differ is redone: the log names the changed
+keys (`stage2.beta: 0.1 -> 0.2`, `stage1.step: 6 -> 9`), and its old folder is moved to `<folder>.stale-N` (never
+deleted). More steps (train.steps for Stage 1, stage2.steps for Stage 2) continue the phase instead; a changed
+phase changes the fingerprint every later phase records, so they are redone too. A phase folder without the record
+(written before records were kept) is redone.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -25,6 +34,7 @@ from etils import epath
 
 from pal_jax import checkpoint as ckpt_lib
 from pal_jax import mesh as mesh_lib
+from pal_jax import preemption
 
 MOVED_HEADER = "## What Stage 2 moved"
 BASE = "base"  # the report's column for the pretrained model without fine-tuning
@@ -100,6 +110,105 @@ def base_model(config) -> str | None:
     return config.init_from if pretrained.kind(config.init_from) in ("hf", "gguf") else None
 
 
+INPUTS = "pipeline_inputs.json"
+# config keys (dotted prefixes) each phase reads; the rest (mesh, logging cadence, checkpoint cadence) cannot change
+# its output. Stage 2 reads train.* through stage2_config (steps, lr, batch_size, warmup_steps from stage2.*).
+PHASE_KEYS = {
+    "stage1": ("seed", "init_from", "data.", "tokenizer.", "model.", "lora.", "train."),
+    "stage2": ("seed", "init_from", "data.", "tokenizer.", "model.", "lora.", "train.", "stage2.", "predict."),
+    "eval": ("seed", "init_from", "data.", "tokenizer.", "predict.", "eval."),
+}
+_COSMETIC = ("train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+             "train.keep_checkpoints", "train.async_checkpoint", "train.profile_start", "train.profile_steps",
+             "train.peak_tflops", "eval.checkpoints", "eval.output_dir")
+_VIA_STAGE2 = ("train.steps", "train.lr", "train.batch_size", "train.warmup_steps")  # replaced by stage2.* there
+CONTINUES = {"stage1": "train.steps", "stage2": "stage2.steps"}  # more steps: the phase continues
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def phase_inputs(config, phase: str, upstream: dict | None = None) -> dict:
+    """{dotted key: value} of what `phase` reads from the config, plus `upstream` (e.g. stage1.step)."""
+    flat = _flat(json.loads(config.to_json_best_effort()))
+    keep = {k: v for k, v in flat.items() if k.startswith(PHASE_KEYS[phase]) or k in PHASE_KEYS[phase]}
+    drop = _COSMETIC + (_VIA_STAGE2 if phase == "stage2" else ())
+    keep = {k: v for k, v in keep.items() if k not in drop}
+    keep.update(upstream or {})
+    return dict(sorted(keep.items()))
+
+
+def fingerprint(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def changed_inputs(old: dict, new: dict, continues: str | None = None) -> list[str]:
+    """'key: old -> new' for every input that differs (a larger `continues` value, more steps, is no change)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+        if a == b:
+            continue
+        if k == continues and isinstance(a, int) and isinstance(b, int) and b > a:
+            continue
+        out.append(f"{k}: {a!r} -> {b!r}")
+    return out
+
+
+def _has_output(phase_dir: str) -> bool:
+    p = epath.Path(phase_dir)
+    return p.is_dir() and any(x.name != INPUTS for x in p.iterdir())
+
+
+def _recorded(phase_dir: str) -> dict | None:
+    p = epath.Path(phase_dir) / INPUTS
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())["inputs"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def prepare_phase(phase: str, label: str, phase_dir: str, inputs: dict) -> bool:
+    """Before a phase runs: if its folder holds output made from other inputs, move it aside (logging the changed
+    keys) so the phase is redone; then record `inputs`. Returns whether the output was moved (redone)."""
+    redo = None
+    if _has_output(phase_dir):
+        old = _recorded(phase_dir)
+        if old is None:
+            redo = [f"no readable {INPUTS} (made before input records were kept)"]
+        else:
+            redo = changed_inputs(old, inputs, CONTINUES.get(phase)) or None
+    if mesh_lib.is_primary():
+        if redo:
+            n = 1
+            while epath.Path(f"{phase_dir}.stale-{n}").exists():
+                n += 1
+            epath.Path(phase_dir).rename(f"{phase_dir}.stale-{n}")
+            logging.warning("pipeline: redoing %s: its inputs changed since it was made: %s; the old output is moved "
+                            "to %s.stale-%d", label, "; ".join(redo), phase_dir, n)
+        epath.Path(phase_dir).mkdir(parents=True, exist_ok=True)
+        tmp = epath.Path(phase_dir) / f"{INPUTS}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps({"inputs": inputs, "fingerprint": fingerprint(inputs)}, indent=1))
+        tmp.replace(epath.Path(phase_dir) / INPUTS)
+    mesh_lib.sync(f"pipeline {phase} prepared")
+    return bool(redo)
+
+
+def _upstream(name: str, phase_dir: str) -> dict:
+    """What a later phase was made from: the phase's checkpoint step and the fingerprint of its inputs."""
+    rec = _recorded(phase_dir) or {}
+    return {f"{name}.step": int(ckpt_lib.load_meta(phase_dir)["step"]), f"{name}.inputs": fingerprint(rec)}
+
+
 def _finished(workdir: str, steps: int) -> bool:
     return ckpt_lib.Checkpointer.exists(workdir) and ckpt_lib.load_meta(workdir)["step"] >= steps
 
@@ -112,29 +221,36 @@ def run(config, workdir: str) -> dict:
     s1_dir, s2_dir, eval_dir = (os.fspath(epath.Path(workdir) / d) for d in ("stage1", "stage2", "eval"))
 
     t0 = time.time()
+    prepare_phase("stage1", "Stage 1", s1_dir, phase_inputs(config, "stage1"))
     if _finished(s1_dir, config.train.steps):
-        logging.info("pipeline: stage1 done (%s), skipping", s1_dir)
+        logging.info("pipeline: stage1 done (%s), inputs unchanged: skipping", s1_dir)
     else:
         logging.info("pipeline: phase 1/3: Stage 1 -> %s", s1_dir)
         if stage1.run(config, s1_dir).get("preempted"):
             return {"preempted": True, "phase": "stage1"}  # rerun the same command to continue
     times["stage1_s"] = time.time() - t0
+    preemption.check("SIGTERM during Stage 1's last step (Stage 1 is complete; the next phase has not started)")
 
     t0 = time.time()
     c2 = ml_collections.ConfigDict(config.to_dict())
     c2.init_from = s1_dir
+    up1 = _upstream("stage1", s1_dir)
+    prepare_phase("stage2", "pairs + Stage 2", s2_dir, phase_inputs(config, "stage2", up1))
     if _finished(s2_dir, config.stage2.steps):
-        logging.info("pipeline: stage2 done (%s), skipping", s2_dir)
+        logging.info("pipeline: stage2 done (%s), inputs unchanged: skipping", s2_dir)
     else:
         logging.info("pipeline: phase 2/3: pairs + Stage 2 -> %s", s2_dir)
         if stage2.run(c2, s2_dir).get("preempted"):
             return {"preempted": True, "phase": "stage2"}
     times["pairs_and_stage2_s"] = time.time() - t0
+    preemption.check("SIGTERM during Stage 2's last step (Stage 2 is complete; evaluation has not started)")
 
     t0 = time.time()
     report = os.fspath(epath.Path(eval_dir) / "report.md")
+    prepare_phase("eval", "the evaluation", eval_dir,
+                  phase_inputs(config, "eval", {**up1, **_upstream("stage2", s2_dir)}))
     if epath.Path(eval_dir, "metrics.json").exists() and MOVED_HEADER in _read(report):
-        logging.info("pipeline: evaluation done (%s), skipping", eval_dir)
+        logging.info("pipeline: evaluation done (%s), inputs unchanged: skipping", eval_dir)
         if mesh_lib.is_primary():
             print(_read(report))
         out = {"report": report}

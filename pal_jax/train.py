@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
 import time
 from typing import Any, Callable, Iterable
 
@@ -33,6 +32,7 @@ from pal_jax import lora as lora_lib
 from pal_jax import mesh as mesh_lib
 from pal_jax import optim
 from pal_jax import perf
+from pal_jax import preemption
 from pal_jax.config import ConfigError
 from pal_jax.metrics_writer import MetricsWriter
 from pal_jax.model import LoraConfig, ModelConfig, Transformer, shard_activations
@@ -240,29 +240,6 @@ def _rows_of(mesh) -> Callable[[int], np.ndarray]:
     return lambda n_rows: mesh_lib.process_rows(mesh, n_rows)
 
 
-class _Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary and returns."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. some test runners): no handler
-            self._old = None
-        return self
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint at the end of this step, then exiting")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
 # shown in the progress line's own fields, not in its list of task metrics
 _LOGGED_APART = ("loss", "grad_norm", "lr", "skipped_steps", "step_time_s", "tokens_per_s",
                  "tokens_per_s_per_device", "real_tokens_per_s_per_device", "real_token_frac", "tflops_per_device",
@@ -352,11 +329,13 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
 
     ckpt = ckpt_lib.Checkpointer(workdir, keep=t_cfg.keep_checkpoints, async_save=t_cfg.async_checkpoint)
     config_json = json.loads(config.to_json_best_effort())
-    latest = ckpt.latest_step()
-    if latest is not None:
-        # the saved config first: a different model shape is named by its key, not by Orbax's shape error
-        _check_resume(ckpt.restore_meta(latest), config_json, task, ckpt.directory)
-        params, opt_state, meta = ckpt.restore(latest, ms.abstract, abstract_opt)
+    # the newest intact step (checksums verified; a damaged one moved aside with a warning: pal_jax/checkpoint.py);
+    # its saved config is checked first: a different model shape is named by its key, not by Orbax's shape error
+    found = ckpt.restore_latest(ms.abstract, abstract_opt,
+                                lambda meta: _check_resume(meta, config_json, task, ckpt.directory))
+    latest = None if found is None else found[0]
+    if found is not None:
+        _, params, opt_state, meta = found
         start = int(meta["step"])
         logging.info("resumed from %s step %d", ckpt.directory, start)
         if start >= t_cfg.steps:
@@ -425,7 +404,10 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
     last_perf: dict[str, float] = {}
     seen_shapes: set = set()  # batch shapes the step has been compiled for
     t_start, window = None, []
-    with _Preemption() as pre, _Profiler(workdir, t_cfg.profile_start, t_cfg.profile_steps) as prof:
+    saved_step = latest  # the newest step saved (or being saved): never saved twice (StepAlreadyExistsError)
+    # SIGTERM in the loop only sets a flag: the step in progress finishes, a checkpoint is saved, the run returns
+    with preemption.deferred(f"{task.name} training"), \
+            _Profiler(workdir, t_cfg.profile_start, t_cfg.profile_steps) as prof:
         rows_of = _rows_of(mesh)
         lr_at = jax.jit(optim.schedule(t_cfg))  # one compile (op by op, each schedule op compiles on its own)
         while step < t_cfg.steps:
@@ -476,15 +458,21 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
                 writer.write(step, {f"{task.eval_name}/{k}": v for k, v in last_eval.items()})
                 logging.info("eval %s step %d: %s", task.eval_name, step,
                              " ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+            ckpt.check()  # a failed async save (disk full) stops the run here, not steps later
             if step % t_cfg.checkpoint_every == 0 or step == t_cfg.steps:
                 excluded(ckpt.save, step, params, opt_state, meta_for(step))
-            if pre.requested:
-                ckpt.save(step, params, opt_state, meta_for(step), force=True)
+                saved_step = step
+            if preemption.requested() and step < t_cfg.steps:  # on the last step the run is complete
+                if saved_step != step:  # SIGTERM on a checkpoint step or the last one: that save is the one
+                    ckpt.save(step, params, opt_state, meta_for(step), force=True)
+                    saved_step = step
                 preempted = True
                 break
         if pending is not None:
             check(pending)
-    ckpt.close()
+        ckpt.close()  # waits for the last save; a SIGTERM meanwhile does not cut it
+        if preempted:
+            preemption.clear()  # handled here: the caller sees summary["preempted"]
     writer.close()
     summary = {"task": task.name, "step": step, "preempted": preempted, task.eval_name: last_eval,
                "perf": {**last_perf, "peak_source": peak_src},
