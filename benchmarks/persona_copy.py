@@ -1,0 +1,73 @@
+"""Does a checkpoint copy the highlighted persona into its reply? Two probes on the synthetic corpus's dev split
+(tune on dev; `--split test` only for final figures), both with the gold persona sentence highlighted, so the
+Select step plays no part:
+
+1. oracle persona use: greedy replies on the persona-labelled turns; the share that states the labelled fact
+   (all of its keywords, evaluate.synthetic_persona_use);
+2. value rank: the gold reply scored against the same reply with the fact's keyword swapped for each other value
+   of the same attribute (summed log-prob); top-1 = the model prefers the highlighted value, per attribute. Chance
+   is a mean rank of about (values - 1) / 2.
+
+    PYTHONPATH=. python benchmarks/persona_copy.py WORKDIR            # a stage1 / stage2 / pipeline-phase workdir
+    PYTHONPATH=. python benchmarks/persona_copy.py WORKDIR --rank 300 # also the value-rank probe on 300 turns
+"""
+import argparse
+import collections
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+import pipeline as pcfg  # noqa: E402
+
+from pal_jax import evaluate, predict  # noqa: E402
+from pal_jax.data import synthetic, templates  # noqa: E402
+from pal_jax.predict import Prediction, Record  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("workdir", help="a workdir holding a checkpoint (tiny preset, synthetic corpus)")
+ap.add_argument("--split", default="dev", choices=("dev", "test"))
+ap.add_argument("--rank", type=int, default=0, help="persona turns for the value-rank probe; 0 = skip it")
+ap.add_argument("--show", type=int, default=4, help="replies printed")
+a = ap.parse_args()
+
+c = pcfg.get_config("tiny")
+c.predict.split, c.predict.select_by, c.mesh.cpu_devices, c.predict.batch_size = a.split, "sum", 0, 64
+t0 = time.time()
+p = predict.load_predictor(c, a.workdir)
+records, _ = predict.load_records(c)
+recs = [r for r in records if r.persona_label is not None and r.persona_label >= 0]
+replies = p.generate([Record(tuple(r.persona), tuple(r.history)) for r in recs], [r.persona_label for r in recs])
+preds = [Prediction(selected=r.persona_label, selected_text="", select_score=0.0, candidate_scores=[], response=x)
+         for r, x in zip(recs, replies)]
+use = evaluate.synthetic_persona_use(recs, preds)["persona_use_rate"]
+print(f"{a.workdir}: oracle persona use {np.nanmean(use):.4f} on {len(recs)} persona-labelled {a.split} turns "
+      f"({time.time() - t0:.0f} s)")
+for r, x in list(zip(recs, replies))[:a.show]:
+    print(f"  highlighted: {r.persona[r.persona_label]} | user: {r.history[-1]} | reply: {x} | gold: {r.response}")
+
+if a.rank:
+    prompts, cands, attrs = [], [], []
+    for r in recs[:a.rank]:
+        fact = synthetic.FACT_BY_SENTENCE[r.persona[r.persona_label]]
+        kw = fact.keywords[0]
+        if not synthetic.mentions(r.response, kw):
+            continue
+        others = [f.keywords[0] for f in synthetic.FACTS_BY_ATTRIBUTE[fact.attribute] if f.keywords[0] != kw]
+        texts = [r.response] + [r.response.replace(kw, o) for o in others]
+        parts = templates.generate_prompt(r.persona, r.history, r.persona[r.persona_label])
+        prompts.append(p._prompt_ids(parts, c.data.max_len - 56))
+        cands.append([p.tok.encode(t) + [p.tok.eos_id] for t in texts])
+        attrs.append(fact.attribute)
+    sums, _ = p.score(prompts, cands)
+    ranks = collections.defaultdict(list)
+    for row, (attr, cs) in enumerate(zip(attrs, cands)):
+        s = sums[row, :len(cs)]
+        ranks[attr].append(int((s > s[0]).sum()))
+    every = [x for v in ranks.values() for x in v]
+    print(f"value rank: top-1 {np.mean([x == 0 for x in every]):.3f}, mean rank {np.mean(every):.2f} "
+          f"(chance {np.mean([(len(cs) - 1) / 2 for cs in cands]):.2f}), {len(every)} turns")
+    for attr, v in sorted(ranks.items()):
+        print(f"  {attr:10s} top-1 {np.mean([x == 0 for x in v]):.2f}  mean rank {np.mean(v):.2f}  n={len(v)}")
