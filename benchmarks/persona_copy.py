@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import pipeline as pcfg  # noqa: E402
 
 from pal_jax import evaluate, predict  # noqa: E402
-from pal_jax.data import synthetic, templates  # noqa: E402
+from pal_jax.data import synthetic  # noqa: E402
 from pal_jax.predict import Prediction, Record  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -49,7 +49,7 @@ for r, x in list(zip(recs, replies))[:a.show]:
     print(f"  highlighted: {r.persona[r.persona_label]} | user: {r.history[-1]} | reply: {x} | gold: {r.response}")
 
 if a.rank:
-    prompts, cands, attrs = [], [], []
+    kept, cands, attrs = [], [], []
     for r in recs[:a.rank]:
         fact = synthetic.FACT_BY_SENTENCE[r.persona[r.persona_label]]
         kw = fact.keywords[0]
@@ -57,10 +57,12 @@ if a.rank:
             continue
         others = [f.keywords[0] for f in synthetic.FACTS_BY_ATTRIBUTE[fact.attribute] if f.keywords[0] != kw]
         texts = [r.response] + [r.response.replace(kw, o) for o in others]
-        parts = templates.generate_prompt(r.persona, r.history, r.persona[r.persona_label])
-        prompts.append(p._prompt_ids(parts, c.data.max_len - 56))
+        kept.append(r)
         cands.append([p.tok.encode(t) + [p.tok.eos_id] for t in texts])
         attrs.append(fact.attribute)
+    budget = p.max_len - max(len(x) for cs in cands for x in cs)  # every candidate fits after its prompt
+    prompts = p.generate_prompts([Record(tuple(r.persona), tuple(r.history)) for r in kept],
+                                 [r.persona_label for r in kept], budget)
     sums, _ = p.score(prompts, cands)
     ranks = collections.defaultdict(list)
     for row, (attr, cs) in enumerate(zip(attrs, cands)):

@@ -31,7 +31,11 @@ def test_phase_inputs_leave_out_what_cannot_change_the_output_and_diff_by_key():
     assert pipeline_mode.changed_inputs(s2, dict(s2, **{"stage2.beta": 0.2})) == ["stage2.beta: 0.1 -> 0.2"]
 
 
-def _log(caplog) -> str:
+def _run_logged(caplog, w: str, **overrides) -> str:
+    """Run the pipeline on workdir w with SMALL + overrides; its INFO log as one string."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        pipeline_mode.run(tiny_config(**{**SMALL, **overrides}), w)
     return "\n".join(r.getMessage() for r in caplog.records)
 
 
@@ -43,10 +47,7 @@ def test_rerun_redoes_the_phases_whose_inputs_changed(tmp_path, caplog):
     pipeline_mode.run(tiny_config(**SMALL), w)
     first = metrics.stat().st_mtime_ns
 
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        pipeline_mode.run(tiny_config(**{**SMALL, "stage2__beta": 0.2}), w)
-    log = _log(caplog)
+    log = _run_logged(caplog, w, stage2__beta=0.2)
     assert "pipeline: stage1 done" in log  # its inputs did not change
     assert "pipeline: redoing pairs + Stage 2: its inputs changed since it was made: stage2.beta: 0.1 -> 0.2;" in log
     assert f"moved to {tmp_path / 'stage2'}.stale-1" in log
@@ -56,10 +57,7 @@ def test_rerun_redoes_the_phases_whose_inputs_changed(tmp_path, caplog):
     second = metrics.stat().st_mtime_ns
     assert second != first
 
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        pipeline_mode.run(tiny_config(**{**SMALL, "stage2__beta": 0.2, "train__steps": 3}), w)
-    log = _log(caplog)
+    log = _run_logged(caplog, w, stage2__beta=0.2, train__steps=3)
     assert "redoing Stage 1" not in log and "resumed from" in log  # more Stage 1 steps: Stage 1 continues
     assert "pipeline: redoing pairs + Stage 2: its inputs changed since it was made: stage1.inputs:" in log
     assert "stage1.step: 2 -> 3" in log
@@ -68,10 +66,7 @@ def test_rerun_redoes_the_phases_whose_inputs_changed(tmp_path, caplog):
     third = metrics.stat().st_mtime_ns
     assert third != second
 
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        pipeline_mode.run(tiny_config(**{**SMALL, "stage2__beta": 0.2, "train__steps": 3}), w)
-    log = _log(caplog)
+    log = _run_logged(caplog, w, stage2__beta=0.2, train__steps=3)
     assert "redoing" not in log and "evaluation done" in log  # the same inputs: nothing redone
     assert metrics.stat().st_mtime_ns == third
     assert sorted(n for n in os.listdir(tmp_path) if "stale" in n) == ["eval.stale-1", "eval.stale-2",
