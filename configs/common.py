@@ -118,9 +118,15 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.stage2.lr = 3e-4
     c.stage2.batch_size = 16  # pairs (the forward sees 2x rows: chosen and rejected)
     c.stage2.warmup_steps = 10
-    c.stage2.loss_type = "sigmoid"  # sigmoid (DPO) | ipo (Azar et al. 2023; beta is their tau); pal_jax/losses.py
+    # sigmoid (DPO) | ipo | hinge | robust | sigmoid_norm | apo_zero, or a weighted sum "sigmoid:1,ipo:0.5";
+    # formulas and sources: pal_jax/losses.py dpo_per_pair; the syntax: pal_jax/loss_spec.py
+    c.stage2.loss_type = "sigmoid"
     c.stage2.beta = 0.1
-    c.stage2.label_smoothing = 0.0
+    c.stage2.label_smoothing = 0.0  # conservative DPO for sigmoid / sigmoid_norm; the flip rate eps for robust
+    # sigmoid_norm: True = length-normalised DPO; False = SimPO (no reference in the margin), with target margin
+    # simpo_gamma (logits = beta * normalised margin - simpo_gamma; SimPO's paper: gamma/beta about 0.5)
+    c.stage2.norm_use_reference = True
+    c.stage2.simpo_gamma = 0.0
     c.stage2.use_dpo = True
     # weight of the chosen target's mean token NLL beside DPO (RPO); 0 = plain DPO. 1 by default: plain DPO lowered
     # the chosen log-prob and cost the tiny Stage 2 15 F1 points on dev (docs/method.md, "what was tried")

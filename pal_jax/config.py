@@ -6,6 +6,8 @@ import os
 
 import ml_collections
 
+from pal_jax.loss_spec import DPO_LOSS_TYPES, parse_loss_type  # noqa: F401  jax-free; losses.py uses the same
+
 MODES = ("stage1", "make_pairs", "stage2", "predict", "evaluate", "chat", "pipeline", "export",
          "compile")  # main.MODES runs them
 SOURCES = ("synthetic", "convai2", "tfds")
@@ -15,7 +17,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 CORPUS_MODES = ("stage1", "make_pairs", "stage2", "pipeline")  # modes that always read config.data
 PROMPT_FORMATS = ("auto", "plain", "chat")  # = predict.PROMPT_FORMATS
 SELECT_RULES = ("calibrated", "marginal", "lse", "decision", "mean", "sum")  # = selection.RULES
-DPO_LOSS_TYPES = ("sigmoid", "ipo")  # = losses.DPO_LOSS_TYPES
 REJECTED_FROM = ("persona_free", "no_persona", "highlighted")  # = pairs.REJECTED_FROM
 
 
@@ -126,7 +127,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, _positive_finite(s2.lr), "stage2.lr", s2.lr, "a finite number > 0")
     _check(e, s2.warmup_steps >= 0, "stage2.warmup_steps", s2.warmup_steps, ">= 0")
     _check(e, s2.beta > 0, "stage2.beta", s2.beta, "> 0")
-    _check(e, s2.loss_type in DPO_LOSS_TYPES, "stage2.loss_type", s2.loss_type, f"one of {DPO_LOSS_TYPES}")
+    try:
+        parse_loss_type(s2.loss_type)
+    except ValueError as err:  # names the key, the bad entry and the syntax
+        e.append(str(err))
+    _check(e, isinstance(s2.get("norm_use_reference", True), bool), "stage2.norm_use_reference",
+           s2.get("norm_use_reference"), "True or False (sigmoid_norm; False = SimPO: no reference in the margin)")
+    g = s2.get("simpo_gamma", 0.0)
+    _check(e, isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g) and g >= 0,
+           "stage2.simpo_gamma", g, "a finite number >= 0 (the target margin of stage2.loss_type=sigmoid_norm)")
     _check(e, 0 <= s2.label_smoothing < 0.5, "stage2.label_smoothing", s2.label_smoothing, "in [0, 0.5)")
     _check(e, s2.align_weight >= 0, "stage2.align_weight", s2.align_weight, ">= 0 (0 = off)")
     _check(e, s2.align_temperature > 0, "stage2.align_temperature", s2.align_temperature, "> 0")

@@ -4,6 +4,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# the names and the stage2.loss_type syntax live in the jax-free loss_spec (config.py validates with them)
+from pal_jax.loss_spec import DPO_LOSS_TYPES, parse_loss_type  # noqa: F401  (DPO_LOSS_TYPES re-exported)
+
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """log p(targets[b, t] | prefix) for every position, float32 [B, T]."""
@@ -39,45 +42,103 @@ def sft_loss_sums(logits, targets, weights, task, num_tasks: int):
 
 
 # ------------------------------------------------------------------------------------------------------------ DPO
-DPO_LOSS_TYPES = ("sigmoid", "ipo")
+def dpo_per_pair(loss_type, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                 beta, label_smoothing=0.0, chosen_tokens=None, rejected_tokens=None, norm_use_reference=True,
+                 gamma=0.0):
+    """The per-pair loss [B] of one preference loss named loss_type (a name of DPO_LOSS_TYPES), float32.
 
+    Inputs are [B] summed response log-probs: policy pc, pr and reference rc, rr of the chosen and rejected reply.
+    h = (pc - rc) - (pr - rr) is the log-ratio margin and ls = label_smoothing.
 
-def dpo_loss_sums(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                  label_smoothing=0.0, valid=None, loss_type="sigmoid"):
-    """DPO (Rafailov et al., 2023) as sums, so that micro-batches and devices add up exactly.
-
-    Inputs are float32 [B] summed response log-probs. With the implicit rewards
-    r_c = beta * (pc - rc) and r_r = beta * (pr - rr), logits = r_c - r_r and the per-pair loss is
-    -(1 - ls) * log_sigmoid(logits) - ls * log_sigmoid(-logits) (conservative DPO; ls = 0 is plain DPO).
-    loss_type "ipo" (Azar et al. 2023, "A general theoretical paradigm to understand learning from human
-    preferences", eq. 17): (h - 1 / (2 beta))^2 with h = (pc - rc) - (pr - rr), the log-ratio margin of the summed
-    log-probs; beta plays the role of their tau and label_smoothing is not used. IPO regresses the margin to a
-    finite target instead of pushing it to infinity, so it does not drive the rejected reply's log-prob (and, with
-    it, the shared tokens of the chosen one) down without bound.
-    The reference log-probs are used as given: a caller that must not train through them wraps them in
-    jax.lax.stop_gradient.
-
-    Returns (loss_sum, num_pairs as float32, metric_sums) where metric_sums holds the sums over pairs of
-    "rewards_chosen", "rewards_rejected", "reward_margin" (r_c - r_r), "reward_accuracy" (r_c > r_r as 0/1) and
-    the policy's "logps_chosen" and "logps_rejected";
-    divide every sum by num_pairs for the means. `valid` [B] (default all) leaves padding pairs out of every sum
-    and of num_pairs.
+    - "sigmoid": DPO, Rafailov et al. 2023 ("Direct Preference Optimization: Your language model is secretly a
+      reward model", eq. 7), with conservative label smoothing (Mitchell 2023, "A note on DPO with noisy
+      preferences"): -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h); ls = 0 is plain DPO.
+    - "ipo": Azar et al. 2023 ("A general theoretical paradigm to understand learning from human preferences",
+      eq. 17): (h - 1 / (2 beta))^2; beta plays the role of their tau. It regresses the margin to a finite target
+      instead of pushing it to infinity. ls is not used.
+    - "hinge": SLiC, Zhao et al. 2023 ("SLiC-HF: Sequence likelihood calibration with human feedback"): its rank
+      calibration loss max(0, delta - log p(y+) + log p(y-)) on DPO's scaled log-ratio margin with delta = 1:
+      max(0, 1 - beta h). ls is not used.
+    - "robust": rDPO, Ray Chowdhury et al. 2024 ("Provably robust DPO: aligning language models with noisy
+      feedback"), with eps = ls the probability that a preference label is flipped:
+      ((1 - eps) * -log sigmoid(beta h) - eps * -log sigmoid(-beta h)) / (1 - 2 eps), an unbiased estimate of the
+      clean-label DPO loss. eps = 0 is plain DPO (config keeps eps < 0.5).
+    - "sigmoid_norm": DPO on length-normalised log-probs, each side's policy and reference log-prob divided by its
+      number of target tokens (chosen_tokens, rejected_tokens [B], required; a count below 1 counts as 1):
+      h_n = (pc - rc) / nc - (pr - rr) / nr; with norm_use_reference=False the reference terms are dropped,
+      h_n = pc / nc - pr / nr, which is SimPO (Meng et al. 2024, "SimPO: Simple preference optimization with a
+      reference-free reward") with its target reward margin gamma: logits = beta h_n - gamma and the loss
+      -(1 - ls) log sigmoid(logits) - ls log sigmoid(-logits) (ls = 0, as in the paper, by default).
+    - "apo_zero": APO-zero, D'Oosterlinck et al. 2024 ("Anchored preference optimization and contrastive
+      revisions"): with r_c = beta (pc - rc) and r_r = beta (pr - rr), (1 - sigmoid(r_c)) + sigmoid(r_r) (the
+      paper's -sigmoid(r_c) + sigmoid(r_r), plus 1 so that it is >= 0): it raises the chosen reply's likelihood
+      and lowers the rejected one's, each against the reference, instead of only their difference. ls is not
+      used.
     """
     f32 = jnp.float32
     pc, pr = jnp.asarray(policy_chosen_logps, f32), jnp.asarray(policy_rejected_logps, f32)
     rc, rr = jnp.asarray(ref_chosen_logps, f32), jnp.asarray(ref_rejected_logps, f32)
     beta = jnp.asarray(beta, f32)
     ls = jnp.asarray(label_smoothing, f32)
-    reward_chosen = beta * (pc - rc)
-    reward_rejected = beta * (pr - rr)
-    # Same as reward_chosen - reward_rejected, written as in the paper: beta * (policy ratio - reference ratio).
-    logits = beta * ((pc - rc) - (pr - rr))
+    h = (pc - rc) - (pr - rr)
+
+    def smoothed_sigmoid(logits):
+        return -(1.0 - ls) * jax.nn.log_sigmoid(logits) - ls * jax.nn.log_sigmoid(-logits)
+
     if loss_type == "sigmoid":
-        per_pair = -(1.0 - ls) * jax.nn.log_sigmoid(logits) - ls * jax.nn.log_sigmoid(-logits)
-    elif loss_type == "ipo":
-        per_pair = jnp.square((pc - rc) - (pr - rr) - 1.0 / (2.0 * beta))
-    else:
-        raise ValueError(f"stage2.loss_type = {loss_type!r}: expected one of {DPO_LOSS_TYPES}")
+        return smoothed_sigmoid(beta * h)
+    if loss_type == "ipo":
+        return jnp.square(h - 1.0 / (2.0 * beta))
+    if loss_type == "hinge":
+        return jax.nn.relu(1.0 - beta * h)
+    if loss_type == "robust":
+        return ((1.0 - ls) * -jax.nn.log_sigmoid(beta * h) - ls * -jax.nn.log_sigmoid(-beta * h)) / (1.0 - 2.0 * ls)
+    if loss_type == "sigmoid_norm":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("stage2.loss_type = 'sigmoid_norm' needs the chosen and rejected target token counts")
+        nc = jnp.maximum(jnp.asarray(chosen_tokens, f32), 1.0)
+        nr = jnp.maximum(jnp.asarray(rejected_tokens, f32), 1.0)
+        if norm_use_reference:
+            h_n = (pc - rc) / nc - (pr - rr) / nr
+        else:
+            h_n = pc / nc - pr / nr
+        return smoothed_sigmoid(beta * h_n - jnp.asarray(gamma, f32))
+    if loss_type == "apo_zero":
+        return (1.0 - jax.nn.sigmoid(beta * (pc - rc))) + jax.nn.sigmoid(beta * (pr - rr))
+    raise ValueError(f"stage2.loss_type = {loss_type!r}: expected one of {DPO_LOSS_TYPES}")
+
+
+def dpo_loss_sums(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                  label_smoothing=0.0, valid=None, loss_type="sigmoid", chosen_tokens=None, rejected_tokens=None,
+                  norm_use_reference=True, gamma=0.0):
+    """A preference loss (DPO and its variants) as sums, so that micro-batches and devices add up exactly.
+
+    Inputs are float32 [B] summed response log-probs. loss_type is a stage2.loss_type value: one name of
+    DPO_LOSS_TYPES (formulas and sources: dpo_per_pair), or a comma-separated list "name:weight,..." (or the
+    parsed ((name, weight), ...)) whose per-pair losses are added with those weights. chosen_tokens and
+    rejected_tokens [B] (the target token counts) are needed by "sigmoid_norm" only; norm_use_reference and gamma
+    are its options. The reference log-probs are used as given: a caller that must not train through them wraps
+    them in jax.lax.stop_gradient.
+
+    Returns (loss_sum, num_pairs as float32, metric_sums) where metric_sums holds the sums over pairs of
+    "rewards_chosen", "rewards_rejected" (the implicit DPO rewards r_c = beta * (pc - rc), r_r = beta * (pr - rr)
+    of the summed log-probs, whatever the loss type), "reward_margin" (r_c - r_r), "reward_accuracy" (r_c > r_r as
+    0/1) and the policy's "logps_chosen" and "logps_rejected";
+    divide every sum by num_pairs for the means. `valid` [B] (default all) leaves padding pairs out of every sum
+    and of num_pairs.
+    """
+    f32 = jnp.float32
+    pc, pr = jnp.asarray(policy_chosen_logps, f32), jnp.asarray(policy_rejected_logps, f32)
+    rc, rr = jnp.asarray(ref_chosen_logps, f32), jnp.asarray(ref_rejected_logps, f32)
+    beta_ = jnp.asarray(beta, f32)
+    per_pair = None
+    for name, weight in parse_loss_type(loss_type):
+        term = dpo_per_pair(name, pc, pr, rc, rr, beta, label_smoothing, chosen_tokens, rejected_tokens,
+                            norm_use_reference, gamma)
+        term = term if weight == 1.0 else weight * term
+        per_pair = term if per_pair is None else per_pair + term
+    reward_chosen = beta_ * (pc - rc)
+    reward_rejected = beta_ * (pr - rr)
     margin = reward_chosen - reward_rejected
     w = jnp.ones_like(per_pair) if valid is None else jnp.asarray(valid, f32)
     metric_sums = {
@@ -92,10 +153,11 @@ def dpo_loss_sums(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, 
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-             label_smoothing=0.0, loss_type="sigmoid"):
-    """Mean DPO loss over the batch and mean metrics; see dpo_loss_sums for the formula. Returns (loss, metrics)."""
+             label_smoothing=0.0, loss_type="sigmoid", **kw):
+    """Mean DPO loss over the batch and mean metrics; see dpo_loss_sums (kw: its token counts and sigmoid_norm
+    options). Returns (loss, metrics)."""
     loss_sum, n, metric_sums = dpo_loss_sums(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                             ref_rejected_logps, beta, label_smoothing, loss_type=loss_type)
+                                             ref_rejected_logps, beta, label_smoothing, loss_type=loss_type, **kw)
     n = jnp.maximum(n, 1.0)
     return loss_sum / n, {k: v / n for k, v in metric_sums.items()}
 

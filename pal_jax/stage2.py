@@ -18,10 +18,13 @@ The reference, stage2.reference:
   alone).
 In both cases the policy starts from Stage 1 and the pairs come from the Stage 1 model; only the reference differs.
 
-Loss = DPO over all pairs (if stage2.use_dpo) + stage2.sft_weight * the chosen target's mean token NLL (an NLL
-term on the chosen side, as in RPO, Pang et al. 2024: plain DPO can lower the chosen log-prob while it widens the
-margin, which shows up as a higher perplexity and a lower F1) + stage2.align_weight * InfoNCE(pooled persona-block
-hidden states, pooled chosen response hidden states) over the chosen rows of the `generate` pairs.
+Loss = DPO (or the variant or weighted sum of variants named by stage2.loss_type: losses.dpo_per_pair; with
+"sigmoid_norm" each side's log-probs are divided by its number of target tokens, counted from the batch's weights,
+so the precomputed reference log-probs are normalised the same way) over all pairs (if stage2.use_dpo) +
+stage2.sft_weight * the chosen target's mean token NLL (an NLL term on the chosen side, as in RPO, Pang et al. 2024:
+plain DPO can lower the chosen log-prob while it widens the margin, which shows up as a higher perplexity and a
+lower F1) + stage2.align_weight * InfoNCE(pooled persona-block hidden states, pooled chosen response hidden states)
+over the chosen rows of the `generate` pairs.
 
 With LoRA (config.lora.rank > 0; pal_jax/lora.py) the policy is the frozen base + trainable adapters that start
 from Stage 1's. The "stage1" reference is the same base arrays + Stage 1's adapters, frozen; the "base" reference
@@ -173,14 +176,15 @@ def make_loss_fn(graphdef, s2):
             ref = _logps(nnx.merge(graphdef, ref_params), batch)
         ref = jax.lax.stop_gradient(ref)
         valid = batch["valid"][:b]  # 0 for the padding rows of an eval batch
-        dpo_sum, n_real, out = losses.dpo_loss_sums(logps[:b], logps[b:], ref[:b], ref[b:], s2.beta,
-                                                    s2.label_smoothing, valid=valid,
-                                                    loss_type=s2.get("loss_type", "sigmoid"))
+        ntok = jnp.sum(batch["weights"], axis=-1)  # target tokens of each row (sigmoid_norm's lengths)
+        dpo_sum, n_real, out = losses.dpo_loss_sums(
+            logps[:b], logps[b:], ref[:b], ref[b:], s2.beta, s2.label_smoothing, valid=valid,
+            loss_type=s2.get("loss_type", "sigmoid"), chosen_tokens=ntok[:b], rejected_tokens=ntok[b:],
+            norm_use_reference=s2.get("norm_use_reference", True), gamma=s2.get("simpo_gamma", 0.0))
         out = {"dpo_loss": dpo_sum, **out}
         total = dpo_sum if s2.use_dpo else jnp.zeros((), jnp.float32)
         if s2.sft_weight > 0:
-            ntok = jnp.maximum(jnp.sum(batch["weights"][:b], axis=-1), 1.0)
-            sft_sum = jnp.sum(-logps[:b] / ntok * valid)
+            sft_sum = jnp.sum(-logps[:b] / jnp.maximum(ntok[:b], 1.0) * valid)
             total = total + s2.sft_weight * sft_sum
             out["chosen_nll"] = sft_sum
         if s2.align_weight > 0:

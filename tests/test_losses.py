@@ -305,3 +305,104 @@ def test_dpo_valid_mask_drops_padding_pairs():
     np.testing.assert_allclose(float(s), float(s4), rtol=1e-6)
     for k in m4:
         np.testing.assert_allclose(float(m[k]), float(m4[k]), rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------ the stage2.loss_type variants
+# One compilation per (loss_type, norm_use_reference): the formulas are checked on random inputs against NumPy
+# in float64, written from the papers (not from the implementation), with padding pairs (valid 0, zero tokens).
+dpo_sums_typed = jax.jit(L.dpo_loss_sums, static_argnames=("loss_type", "norm_use_reference"))
+
+
+def _logsig(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def _sig(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _variant_inputs(seed):
+    """Policy log-probs, references that differ from them by a few nats (so beta * h takes both signs), token
+    counts and a valid mask whose last two pairs are padding (zero tokens, as stage2's padding rows have)."""
+    rng = np.random.default_rng(seed)
+    pc, pr = (rng.uniform(-60.0, -5.0, size=B).astype(np.float32) for _ in range(2))
+    rc = (pc + rng.normal(0.0, 3.0, size=B)).astype(np.float32)
+    rr = (pr + rng.normal(0.0, 3.0, size=B)).astype(np.float32)
+    nc, nr = (rng.integers(1, 40, size=B).astype(np.float32) for _ in range(2))
+    valid = np.ones(B, np.float32)
+    valid[-2:] = 0.0
+    nc[-2:] = nr[-2:] = 0.0
+    return pc, pr, rc, rr, nc, nr, valid
+
+
+def _numpy_per_pair(name, pc, pr, rc, rr, nc, nr, beta, ls, use_ref, gamma):
+    pc, pr, rc, rr = (np.float64(x) for x in (pc, pr, rc, rr))
+    h = (pc - rc) - (pr - rr)
+    if name == "sigmoid":  # DPO with conservative label smoothing
+        return -(1 - ls) * _logsig(beta * h) - ls * _logsig(-beta * h)
+    if name == "ipo":  # Azar et al. 2023, eq. 17
+        return (h - 1 / (2 * beta)) ** 2
+    if name == "hinge":  # SLiC
+        return np.maximum(0.0, 1 - beta * h)
+    if name == "robust":  # Ray Chowdhury et al. 2024
+        return ((1 - ls) * -_logsig(beta * h) - ls * -_logsig(-beta * h)) / (1 - 2 * ls)
+    if name == "sigmoid_norm":  # length-normalised DPO; SimPO without the reference
+        nc, nr = np.maximum(nc, 1.0), np.maximum(nr, 1.0)
+        hn = (pc - rc) / nc - (pr - rr) / nr if use_ref else pc / nc - pr / nr
+        z = beta * hn - gamma
+        return -(1 - ls) * _logsig(z) - ls * _logsig(-z)
+    if name == "apo_zero":  # D'Oosterlinck et al. 2024
+        return (1 - _sig(beta * (pc - rc))) + _sig(beta * (pr - rr))
+    raise AssertionError(name)
+
+
+VARIANT_CASES = [(name, True) for name in L.DPO_LOSS_TYPES] + [("sigmoid_norm", False)]
+
+
+@pytest.mark.parametrize("name,use_ref", VARIANT_CASES)
+def test_each_loss_type_matches_its_published_formula_in_numpy(name, use_ref):
+    for seed, (beta, ls, gamma) in enumerate(((0.1, 0.0, 0.0), (0.5, 0.1, 0.3), (2.0, 0.3, 1.0))):
+        pc, pr, rc, rr, nc, nr, valid = _variant_inputs(100 + seed)
+        s, n, m = dpo_sums_typed(pc, pr, rc, rr, beta, ls, valid=valid, loss_type=name, chosen_tokens=nc,
+                                 rejected_tokens=nr, norm_use_reference=use_ref, gamma=gamma)
+        want = _numpy_per_pair(name, pc, pr, rc, rr, nc, nr, beta, ls, use_ref, gamma)
+        assert float(n) == valid.sum()
+        np.testing.assert_allclose(float(s), np.sum(want * valid), rtol=2e-5, atol=1e-5)
+        # the logged metrics are the DPO ones whatever the loss type
+        r_c, r_r = beta * (np.float64(pc) - rc), beta * (np.float64(pr) - rr)
+        np.testing.assert_allclose(float(m["reward_margin"]), np.sum((r_c - r_r) * valid), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(float(m["rewards_chosen"]), np.sum(r_c * valid), rtol=1e-5, atol=1e-4)
+        assert float(m["reward_accuracy"]) == np.sum((r_c > r_r) * valid)
+    if name == "sigmoid_norm" and not use_ref:  # SimPO: the reference does not enter the loss
+        s2, _, _ = dpo_sums_typed(pc, pr, rc + 7.0, rr - 3.0, beta, ls, valid=valid, loss_type=name,
+                                  chosen_tokens=nc, rejected_tokens=nr, norm_use_reference=False, gamma=gamma)
+        np.testing.assert_allclose(float(s2), float(s), rtol=1e-6)
+
+
+def test_loss_type_list_is_the_weighted_sum_of_its_terms():
+    pc, pr, rc, rr, nc, nr, valid = _variant_inputs(7)
+    kw = dict(valid=valid, chosen_tokens=nc, rejected_tokens=nr, norm_use_reference=True, gamma=0.2)
+    spec = "sigmoid:1.0, ipo:0.5,sigmoid_norm:0.25,apo_zero"
+    s, n, m = dpo_sums_typed(pc, pr, rc, rr, 0.5, 0.1, loss_type=spec, **kw)
+    parts = {name: dpo_sums_typed(pc, pr, rc, rr, 0.5, 0.1, loss_type=name, **kw) for name in
+             ("sigmoid", "ipo", "sigmoid_norm", "apo_zero")}
+    want = sum(w * float(parts[name][0]) for name, w in (("sigmoid", 1.0), ("ipo", 0.5), ("sigmoid_norm", 0.25),
+                                                         ("apo_zero", 1.0)))
+    np.testing.assert_allclose(float(s), want, rtol=1e-5)
+    assert float(n) == float(parts["ipo"][1])
+    for k, v in m.items():  # the metrics do not depend on the loss type
+        np.testing.assert_allclose(float(v), float(parts["ipo"][2][k]), rtol=1e-6)
+
+
+def test_loss_type_syntax_is_parsed_and_bad_entries_are_named():
+    assert L.parse_loss_type("ipo") == (("ipo", 1.0),)
+    assert L.parse_loss_type(" sigmoid : 2 ,ipo:0.5") == (("sigmoid", 2.0), ("ipo", 0.5))
+    assert L.parse_loss_type((("hinge", 0.5),)) == (("hinge", 0.5),)
+    for bad, entry in (("kto", "kto"), ("sigmoid,,ipo", ""), ("sigmoid:0", "sigmoid:0"), ("ipo:-1", "ipo:-1"),
+                       ("ipo:nan", "ipo:nan"), ("ipo:inf", "ipo:inf"), ("ipo:x", "ipo:x"), ("ipo,ipo:2", "ipo:2"),
+                       ("", ""), ("sigmoid;ipo", "sigmoid;ipo")):
+        with pytest.raises(ValueError, match=r"config\.stage2\.loss_type = .*: expected one of .*bad entry "
+                                             + repr(entry).replace("(", r"\(")):
+            L.parse_loss_type(bad)
+    with pytest.raises(ValueError, match="sigmoid_norm.*token counts"):
+        L.dpo_loss_sums(*_random_logps(0), 0.1, loss_type="sigmoid_norm")

@@ -291,16 +291,39 @@ def test_first_dpo_loss_is_log2_only_against_the_stage1_reference(stage1_run, pa
     assert meta["data"]["reference"] == "base" and "random init" in meta["data"]["reference_weights"]
 
 
-def test_ipo_loss_type_reaches_the_train_step(stage1_run, pairs_file, tmp_path):
-    """stage2.loss_type=ipo: at the first step the policy equals the Stage 1 reference, so h = 0 and the loss is
-    (1 / (2 beta))^2 = 25 at beta 0.1 (sigmoid DPO gives log 2 there)."""
+@pytest.mark.parametrize("loss_type,pre,want", [
+    ("ipo", False, 25.0),
+    # a weighted list with the length-normalised loss, on precomputed reference log-probs: 2 apo_zero terms of 1,
+    # a hinge of 1 at weight 0.5, and log 2 for sigmoid_norm (its normalised margin is 0 too)
+    ("sigmoid_norm,apo_zero:2,hinge:0.5", True, math.log(2) + 2.0 + 0.5),
+])
+def test_loss_type_reaches_the_train_step(stage1_run, pairs_file, tmp_path, loss_type, pre, want):
+    """stage2.loss_type: at the first step the policy equals the Stage 1 reference, so h = 0 and the loss is known:
+    ipo (1 / (2 beta))^2 = 25 at beta 0.1 (sigmoid DPO gives log 2 there)."""
     s1, _ = stage1_run
-    c = tiny_config(init_from=s1, stage2__loss_type="ipo", stage2__beta=0.1,
+    c = tiny_config(init_from=s1, stage2__loss_type=loss_type, stage2__beta=0.1, stage2__precompute_ref=pre,
                     **dict(S2, stage2__steps=1, stage2__pairs=pairs_file, stage2__align_weight=0.0))
-    stage2.train_stage2(c, str(tmp_path / "ipo"))
-    assert _first_step(tmp_path / "ipo")["train/dpo_loss"] == pytest.approx(25.0, rel=1e-5)
+    stage2.train_stage2(c, str(tmp_path / "run"))
+    first = _first_step(tmp_path / "run")
+    assert first["train/dpo_loss"] == pytest.approx(want, rel=1e-5)
+    assert first["train/reward_margin"] == pytest.approx(0.0, abs=1e-5)  # the same metrics for every loss type
+
+
+def test_config_refuses_bad_loss_types_naming_the_key_and_entry():
+    validate(tiny_config(stage2__loss_type="sigmoid:1,ipo:0.5"))
+    validate(tiny_config(stage2__loss_type="sigmoid_norm", stage2__norm_use_reference=False,
+                         stage2__simpo_gamma=0.5))
     with pytest.raises(ConfigError, match=r"config\.stage2\.loss_type = 'kto': expected one of"):
         validate(tiny_config(stage2__loss_type="kto"))
+    for bad, entry in (("sigmoid:1,kto:2", "kto:2"), ("sigmoid:0", "sigmoid:0"), ("ipo:x", "ipo:x"),
+                       ("ipo,ipo", "ipo"), ("sigmoid,", "")):
+        with pytest.raises(ConfigError) as err:
+            validate(tiny_config(stage2__loss_type=bad))
+        msg = str(err.value)
+        assert f"config.stage2.loss_type = {bad!r}: expected one of" in msg and "'sigmoid:1,ipo:0.5'" in msg
+        assert f"bad entry {entry!r}" in msg
+    with pytest.raises(ConfigError, match=r"config\.stage2\.simpo_gamma = -1"):
+        validate(tiny_config(stage2__simpo_gamma=-1.0))
 
 
 def test_config_rejects_an_unknown_reference():
