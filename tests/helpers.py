@@ -26,6 +26,8 @@ TINY_OVERRIDES = {
     "train.eval_every": 3,
     "train.eval_batches": 2,
     "train.checkpoint_every": 3,
+    # no persistent compilation cache (its default, "auto", writes to ~/.cache): tests/test_compile_cache.py covers it
+    "compile_cache": "off",
 }
 
 
