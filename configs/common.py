@@ -72,8 +72,10 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.tokenizer.train_vocab_size = 2048
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # synthetic | convai2 | tfds
-    c.data.path = ""  # ConvAI2 text file when source=convai2; the TFDS data_dir (tfds_builder.build) when source=tfds
+    c.data.source = "synthetic"  # synthetic | convai2 | jsonl | tfds
+    # ConvAI2 text file when source=convai2; JSONL of {persona, history, response, persona_label (optional),
+    # dialogue_id (optional)} when source=jsonl; the TFDS data_dir (tfds_builder.build) when source=tfds
+    c.data.path = ""
     c.data.tfds_split = "train"  # source=tfds: the TFDS split read ("train", "validation", "validation[:500]", ...)
     c.data.tfds_config = "self_original"  # source=tfds: self_original | self_revised | both_original | both_revised
     c.data.synthetic_dialogues = 1200
@@ -139,7 +141,10 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.stage2.align_temperature = 0.1
     c.stage2.precompute_ref = False  # reference log-probs computed once instead of a reference forward per step
     c.stage2.reference = "stage1"  # DPO reference: "stage1" (the Stage 1 model) | "base" (what Stage 1 started from)
-    c.stage2.pairs = ""  # pairs.jsonl; empty: WORKDIR/pairs.jsonl, made from the Stage 1 model if missing
+    # preference JSONL: make_pairs' pairs.jsonl or your own pairs, {persona, history, chosen, rejected} or TRL's
+    # conversational {prompt, chosen, rejected} (pal_jax/data/preferences.py); empty: WORKDIR/pairs.jsonl, made
+    # from the Stage 1 model if missing
+    c.stage2.pairs = ""
     c.stage2.select_pairs = True  # also pair Stage 1's wrong persona selections with the labelled one (select task)
     # turns that give generate pairs: "all" (the paper) | "persona" (gold reply draws on a persona; pal_jax/pairs.py)
     c.stage2.generate_pairs_on = "persona"

@@ -10,7 +10,7 @@ from pal_jax.loss_spec import DPO_LOSS_TYPES, parse_loss_type  # noqa: F401  jax
 
 MODES = ("stage1", "make_pairs", "stage2", "predict", "evaluate", "chat", "pipeline", "export",
          "compile")  # main.MODES runs them
-SOURCES = ("synthetic", "convai2", "tfds")
+SOURCES = ("synthetic", "convai2", "jsonl", "tfds")
 TFDS_CONFIGS = ("self_original", "self_revised", "both_original", "both_revised")  # = data.tfds_builder.VARIANTS
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -70,13 +70,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"one of {DTYPES}")
     d = c.data
     _check(e, d.source in SOURCES, "data.source", d.source, f"one of {SOURCES}")
-    if d.source == "convai2":
-        _check(e, bool(d.path), "data.path", d.path, "the path of a ConvAI2 text file when data.source='convai2'")
+    if d.source in ("convai2", "jsonl"):
+        what = ("a ConvAI2 text file" if d.source == "convai2" else
+                "a JSONL file of {persona, history, response, persona_label (optional)}, one turn a line")
+        _check(e, bool(d.path), "data.path", d.path, f"the path of {what} when data.source={d.source!r}")
         reads_corpus = c.mode in CORPUS_MODES or (c.mode in ("predict", "evaluate") and not c.predict.input)
-        if d.path and reads_corpus:
+        if d.path and reads_corpus and "://" not in d.path:
+            example = ("ParlAI format, e.g. valid_self_original.txt; the data is not part of the repository; "
+                       if d.source == "convai2" else "")
             _check(e, os.path.isfile(d.path), "data.path", d.path,
-                   f"an existing ConvAI2 text file (ParlAI format, e.g. valid_self_original.txt; the data is not part "
-                   f"of the repository; relative paths are from the current directory {os.getcwd()})")
+                   f"an existing {what} ({example}relative paths are from the current directory {os.getcwd()})")
     if d.source == "tfds":
         _check(e, bool(d.path), "data.path", d.path,
                "the TFDS data_dir the dataset was built into (pal_jax.data.tfds_builder.build) when data.source='tfds'")

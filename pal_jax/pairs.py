@@ -48,7 +48,7 @@ from etils import epath
 
 from pal_jax import mesh as mesh_lib
 from pal_jax import preemption
-from pal_jax.data import convai2, templates
+from pal_jax.data import convai2, preferences, templates
 
 SHARD = 256  # turns per shard
 
@@ -222,16 +222,11 @@ def _finish(shard: list[str], out: str, info_path, seed: int, select_pairs: bool
     return info
 
 
-def read_pairs(path: str) -> list[dict]:
+def read_pairs(path: str, labeler=None, chat_template=None) -> list[dict]:
+    """The pairs of a preference JSONL file: make_pairs' pairs.jsonl or the user's (stage2.pairs), in the persona
+    form or TRL's conversational form, validated line by line (data/preferences.py; labeler and chat_template as
+    there)."""
     if not epath.Path(path).exists():
         raise FileNotFoundError(f"no preference pairs at {path}: expected the output of "
                                 f"`python -m pal_jax.main --config=configs/make_pairs.py:PRESET --workdir=...`")
-    rows = _read_lines(path)
-    for i, r in enumerate(rows, start=1):
-        for key in ("persona", "history", "chosen", "rejected", "persona_label"):
-            if key not in r:
-                raise ValueError(f"{path}:{i}: missing key {key!r}; expected a pair written by make_pairs")
-        r.setdefault("kind", "generate")
-        if r["kind"] not in ("generate", "select"):
-            raise ValueError(f"{path}:{i}: kind {r['kind']!r}; expected 'generate' or 'select'")
-    return rows
+    return preferences.read_preferences(path, labeler=labeler, chat_template=chat_template)

@@ -48,7 +48,7 @@ from etils import epath
 
 from pal_jax import checkpoint as ckpt_lib
 from pal_jax import lora, losses, train
-from pal_jax.data import pipeline, templates
+from pal_jax.data import convai2, pipeline, preferences
 from pal_jax.experiment import Experiment
 from pal_jax.pairs import make_pairs, pairs_path, read_pairs
 
@@ -56,28 +56,30 @@ from pal_jax.pairs import make_pairs, pairs_path, read_pairs
 @dataclasses.dataclass
 class PairEncoded:
     prompt: list[list[int]]
-    chosen: list[list[int]]  # response ids + eos
+    chosen: list[list[int]]  # response ids + the end token (eos; <|im_end|> for ChatML-rendered pairs)
     rejected: list[list[int]]
     head_len: list[int]  # tokens of the persona block at the start of the prompt (0 if it was cut)
     is_select: list[bool]
     n_truncated: int
-    n_dropped: int
+    n_dropped: int  # pairs dropped: a reply empty, or too long for max_len with a minimal prompt (never trained on)
+    n_empty: int = 0  # of n_dropped: an empty (or blank) chosen or rejected reply
 
 
 def encode_pairs(rows: list[dict], tokenizer, max_len: int) -> PairEncoded:
-    eos = [tokenizer.eos_id]
+    """Tokenised pairs (rows from pairs.read_pairs; prompts from preferences.prompt_parts). A reply is never cut: a
+    pair whose chosen or rejected reply is empty, or leaves fewer than pipeline.MIN_PROMPT prompt tokens within
+    max_len, is dropped and counted in n_dropped (as Stage 1 drops its examples whose target does not fit)."""
     out = PairEncoded([], [], [], [], [], 0, 0)
     for r in rows:
-        persona, history = r["persona"], r["history"]
-        label = r["persona_label"]
         is_select = r.get("kind", "generate") == "select"
-        if is_select:
-            parts = templates.select_prompt(persona, history)
-        else:
-            chosen_sentence = persona[label] if label is not None and label >= 0 else None
-            parts = templates.generate_prompt(persona, history, chosen_sentence)
-        c = tokenizer.encode(r["chosen"]) + eos
-        j = tokenizer.encode(r["rejected"]) + eos
+        if not r["chosen"].strip() or not r["rejected"].strip():
+            out.n_dropped += 1
+            out.n_empty += 1
+            continue
+        parts = preferences.prompt_parts(r)
+        end = preferences.reply_end(r, tokenizer)
+        c = tokenizer.encode(r["chosen"]) + end
+        j = tokenizer.encode(r["rejected"]) + end
         budget = max_len - max(len(c), len(j))
         if budget < pipeline.MIN_PROMPT:
             out.n_dropped += 1
@@ -415,22 +417,36 @@ def train_stage2(config, workdir: str, devices=None):
     path = c.stage2.pairs or pairs_path(workdir)
     if not epath.Path(path).exists():
         if c.stage2.pairs:
-            raise FileNotFoundError(f"config.stage2.pairs = {path!r} does not exist; expected a pairs.jsonl written "
-                                    f"by make_pairs, or leave it empty to make the pairs in the workdir")
+            raise convai2.DataFileNotFoundError(
+                f"config.stage2.pairs = {path!r} does not exist; expected a preference JSONL file (a pairs.jsonl "
+                f"written by make_pairs, or your pairs: README, 'Bring your own data'), or leave it empty to make the "
+                f"pairs in the workdir")
         make_pairs(stage1_predictor(c, exp, s1_tree, s1), exp.corpus["train"], workdir, c.seed,  # always Stage 1's
                    c.stage2.max_pair_turns, c.stage2.select_pairs, c.stage2.generate_pairs_on, c.stage2.rejected)
-    rows = read_pairs(path)
+    from pal_jax import pretrained
+    from pal_jax.data import labels
+    rows = read_pairs(path, labeler=labels.get_labeler(c.data.labeler),  # labels the pairs given without one
+                      chat_template=lambda: pretrained.chat_template(s1))  # renders conversational pairs
     dev_rows = [r for r in rows if _is_dev(r.get("id"), c.stage2.dev_fraction)]
     train_rows = [r for r in rows if not _is_dev(r.get("id"), c.stage2.dev_fraction)]
     if not train_rows or not dev_rows:
-        raise ValueError(f"{path}: {len(train_rows)} training and {len(dev_rows)} held-out pairs; expected both "
-                         f"non-empty (stage2.dev_fraction = {c.stage2.dev_fraction})")
+        raise convai2.DataError(f"{path}: {len(train_rows)} training and {len(dev_rows)} held-out pairs; expected "
+                                f"both non-empty (stage2.dev_fraction = {c.stage2.dev_fraction}; pairs are held out by "
+                                f"dialogue: 'dialogue_id', else the persona)")
     buckets = tuple(c.data.buckets)
     sources = []
     for name, part in (("train", train_rows), ("dev", dev_rows)):
         enc = encode_pairs(part, exp.tokenizer, c.data.max_len)
-        logging.info("stage2 %s: %d pairs (%d select); %d cut from the oldest history; %d dropped (too long)", name,
-                     len(enc.prompt), sum(enc.is_select), enc.n_truncated, enc.n_dropped)
+        logging.info("stage2 %s: %d pairs (%d select); %d cut from the oldest history", name, len(enc.prompt),
+                     sum(enc.is_select), enc.n_truncated)
+        if enc.n_dropped:
+            logging.warning("stage2 %s: %d pairs dropped: empty chosen/rejected after truncation (%d empty, %d too "
+                            "long for data.max_len=%d with a minimal prompt)", name, enc.n_dropped, enc.n_empty,
+                            enc.n_dropped - enc.n_empty, c.data.max_len)
+        if not enc.prompt:
+            raise convai2.DataError(f"{path}: every one of the {len(part)} {name} pairs was dropped (empty chosen/"
+                                    f"rejected after truncation); expected pairs with non-empty replies that fit "
+                                    f"data.max_len={c.data.max_len}")
         src = PairSource(enc, c.train.batch_size, buckets, c.seed)
         src.set_pad(exp.tokenizer.pad_id)
         sources.append(src)

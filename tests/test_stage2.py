@@ -407,3 +407,28 @@ def test_rejected_replies_come_from_the_configured_prompt(stage1_dir, tmp_path):
         stage2.run_make_pairs(c, str(tmp_path / "h"))
     with pytest.raises(ConfigError, match=r"config\.stage2\.rejected = 'gold': expected one of"):
         validate(tiny_config(stage2__rejected="gold"))
+
+
+def test_stage2_trains_on_a_users_preference_file_in_both_forms(stage1_dir, tmp_path, caplog):
+    """stage2.pairs = the user's JSONL, persona-form and conversational lines mixed (the tiny Stage 1 has no chat
+    template: the system message is the persona); an empty reply is dropped, counted and logged, never trained on."""
+    personas = [[f"i like sport {k}.", f"i have {k} cats."] for k in range(8)]
+    lines = []
+    for k, persona in enumerate(personas):
+        lines.append({"persona": persona, "history": ["hi , any pets ?"], "chosen": f"yes , {k} cats .",
+                      "rejected": "no ."})
+        lines.append({"prompt": [{"role": "system", "content": "\n".join(persona)},
+                                 {"role": "user", "content": "what do you like ?"}],
+                      "chosen": [{"role": "assistant", "content": f"sport {k} !"}],
+                      "rejected": [{"role": "assistant", "content": "" if k == 0 else "nothing ."}]})
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    c = tiny_config(init_from=stage1_dir, stage2__pairs=str(path), stage2__dev_fraction=0.3,
+                    stage2__align_weight=0.0, **dict(S2, stage2__steps=1))
+    with caplog.at_level("INFO"):
+        summary, _ = stage2.train_stage2(c, str(tmp_path / "w"))
+    data = ckpt_lib.load_meta(str(tmp_path / "w"))["data"]
+    assert data["train_pairs"] + data["dev_pairs"] == len(lines) - 1 and data["dev_pairs"] > 0
+    dropped = [r.getMessage() for r in caplog.records if "pairs dropped: empty chosen/rejected" in r.getMessage()]
+    assert len(dropped) == 1 and ": 1 pairs dropped: empty chosen/rejected after truncation (1 empty" in dropped[0]
+    assert _first_step(tmp_path / "w")["train/dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)

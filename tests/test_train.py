@@ -116,7 +116,7 @@ def test_cli_unknown_key_and_bad_value_stop_before_work(tmp_path):
     assert r.returncode != 0 and "lrr" in r.stderr
     r = run_main(tmp_path / "w2", {"data.source": "reddit"})
     assert r.returncode == 2
-    assert "config.data.source = 'reddit': expected one of ('synthetic', 'convai2', 'tfds')" in r.stderr
+    assert "config.data.source = 'reddit': expected one of ('synthetic', 'convai2', 'jsonl', 'tfds')" in r.stderr
     assert not (tmp_path / "w2").exists()  # stopped before any work
 
 

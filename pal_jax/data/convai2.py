@@ -10,11 +10,15 @@ inside the dialogue; a line numbered 1 starts a new dialogue:
 The candidates part is optional (the "no_cands" files). All four ParlAI variants are read the same way:
 self/both (with or without "partner's persona:" lines) and original/revised (the sentences differ, not the format).
 
-JSONL format (one JSON object a line), used for prediction input:
+JSONL format (one JSON object a line), used for prediction input and, with data.source="jsonl", as Stage 1 training
+data (read_jsonl_dialogues):
 
     {"persona": ["i am a nurse.", ...], "history": ["hi , what do you do ?"], "response": "...", "persona_label": 0}
 
-`response`, `persona_label`, `candidates` and `id` are optional. History is oldest first and ends with the partner.
+`response`, `persona_label`, `candidates`, `id` and `dialogue_id` are optional (training needs `response`; a
+missing or null `persona_label` is filled by the configured labeler, -1 = no persona sentence). History is oldest
+first and ends with the partner. The JSONL reading (`json_objects`, `str_list`) is shared with the Stage 2
+preference files (pal_jax/data/preferences.py).
 
 Every error is a DataError (a ValueError) whose message is "<path>:<line>: <what is wrong>; expected <what>".
 """
@@ -45,6 +49,9 @@ class Turn:
     response: str  # gold own response
     candidates: list[str] | None  # ConvAI2 candidates (the last is the gold response) or None
     persona_label: int | None  # index into Dialogue.persona of the sentence the response uses, -1 none, None unknown
+    # the whole history this response answers (oldest first, ending with `partner`) when a file gives it per turn
+    # (JSONL rows); None: built from the dialogue's earlier turns (Dialogue.history)
+    history: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass
@@ -56,7 +63,10 @@ class Dialogue:
     dialogue_id: int
 
     def history(self, i: int) -> list[str]:
-        """[partner, response, ..., turns[i].partner]: the history that turn i's response answers, oldest first."""
+        """[partner, response, ..., turns[i].partner]: the history that turn i's response answers, oldest first (the
+        turn's own history when the file gave one, JSONL)."""
+        if self.turns[i].history is not None:
+            return list(self.turns[i].history)
         out: list[str] = []
         for t in self.turns[:i]:
             out += [t.partner, t.response]
@@ -74,6 +84,7 @@ class PromptRecord:
     candidates: tuple[str, ...] | None = None
     id: str | int | None = None
     source: str = ""  # "path:line"
+    dialogue_id: str | int | None = None  # rows with the same one are one dialogue (data.source="jsonl")
 
 
 def _err(path, line: int, what: str, expected: str) -> DataError:
@@ -81,14 +92,24 @@ def _err(path, line: int, what: str, expected: str) -> DataError:
 
 
 def _read_lines(path, kind: str) -> list[str]:
-    """The file's lines, decoded as UTF-8 line by line (so a bad byte is reported with its line)."""
+    """The file's lines, decoded as UTF-8 line by line (so a bad byte is reported with its line). `path` may be an
+    etils.epath URL (gs://...)."""
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if "://" in path:
+        from etils import epath
+        p = epath.Path(path)
+        exists, is_dir, read = p.exists, p.is_dir, p.read_bytes
+    else:
+        exists, is_dir = (lambda: os.path.exists(path)), (lambda: os.path.isdir(path))
+
+        def read():
+            with open(path, "rb") as f:
+                return f.read()
+    if not exists():
         raise DataFileNotFoundError(f"{path}:0: no such file; expected {kind}")
-    if os.path.isdir(path):
+    if is_dir():
         raise _err(path, 0, "is a directory", kind)
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = read()
     if not raw.strip():
         raise _err(path, 1, "file is empty", kind)
     if b"\r" in raw and b"\n" not in raw:
@@ -179,15 +200,56 @@ def read_convai2(path) -> list[Dialogue]:
     return dialogues
 
 
-JSONL_KEYS = ("persona", "history", "response", "persona_label", "candidates", "id")
+JSONL_KEYS = ("persona", "history", "response", "persona_label", "candidates", "id", "dialogue_id")
 
 
-def _str_list(v, path, n, key, allow_empty: bool) -> tuple[str, ...]:
+def str_list(v, path, n, key, allow_empty: bool) -> tuple[str, ...]:
+    """v as a tuple of stripped strings, or the DataError naming path:n and the key."""
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise _err(path, n, f"key {key!r} is {type(v).__name__} {str(v)[:60]}", "a list of strings")
     if not allow_empty and not v:
         raise _err(path, n, f"key {key!r} is an empty list", "at least one string")
     return tuple(x.strip() for x in v)
+
+
+def err(path, line: int, what: str, expected: str) -> DataError:
+    """The DataError "<path>:<line>: <what>; expected <expected>" every reader of this package raises."""
+    return _err(path, line, what, expected)
+
+
+def json_objects(path, kind: str):
+    """(1-based line number, JSON object) for every non-blank line of a JSONL file; a line that is not a JSON
+    object, a bad byte, an over-long line or an empty file stops with a DataError naming the file and line. kind:
+    what the file should hold (for the messages). `path` may be a gs:// URL."""
+    lines = _read_lines(path, kind)
+    path = os.fspath(path)
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _err(path, n, f"invalid JSON at column {e.colno}: {e.msg}", "one JSON object a line") from None
+        if not isinstance(obj, dict):
+            raise _err(path, n, f"a JSON {type(obj).__name__}", "a JSON object")
+        yield n, obj
+
+
+def read_persona_label(obj, path, n, n_persona: int) -> int | None:
+    """obj's optional 'persona_label' (None when absent or null: the labeler fills it), checked against the persona."""
+    label = obj.get("persona_label")
+    if label is not None and (isinstance(label, bool) or not isinstance(label, int) or not -1 <= label < n_persona):
+        raise _err(path, n, f"key 'persona_label' is {label!r}",
+                   f"null or an integer in [-1, {n_persona - 1}] (-1 = no persona sentence)")
+    return label
+
+
+def read_dialogue_id(obj, path, n):
+    """obj's optional 'dialogue_id' (a string or an integer), or None."""
+    did = obj.get("dialogue_id")
+    if did is not None and (isinstance(did, bool) or not isinstance(did, (str, int))):
+        raise _err(path, n, f"key 'dialogue_id' is {type(did).__name__}", "a string, an integer or null")
+    return did
 
 
 def looks_like_jsonl(path) -> bool:
@@ -204,50 +266,85 @@ def looks_like_jsonl(path) -> bool:
     return False
 
 
-def read_jsonl(path) -> list[PromptRecord]:
-    """Read prediction input: one JSON object a line with persona, history and optional response/label."""
-    kind = ('a JSONL file, one object a line: {"persona": [...], "history": [...], "response": optional, '
-            '"persona_label": optional}')
-    lines = _read_lines(path, kind)
+JSONL_KIND = ('a JSONL file, one object a line: {"persona": [...], "history": [...], "response": optional, '
+              '"persona_label": optional}')
+
+
+def read_jsonl(path, need_response: bool = False) -> list[PromptRecord]:
+    """Read persona-dialogue JSONL: one JSON object a line with persona, history and optional response/label
+    (prediction input; need_response: training data, where every line needs a non-empty response)."""
+    kind = JSONL_KIND
     path = os.fspath(path)
     out: list[PromptRecord] = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise _err(path, n, f"invalid JSON at column {e.colno}: {e.msg}", "one JSON object a line") from None
-        if not isinstance(obj, dict):
-            raise _err(path, n, f"a JSON {type(obj).__name__}", "a JSON object")
+    for n, obj in json_objects(path, kind):
         unknown = [k for k in obj if k not in JSONL_KEYS]
         if unknown:
             raise _err(path, n, f"unknown key {unknown[0]!r}", f"only the keys {', '.join(JSONL_KEYS)}")
-        for key in ("persona", "history"):
+        for key in ("persona", "history") + (("response",) if need_response else ()):
             if key not in obj:
-                raise _err(path, n, f"missing key {key!r}", f"{key!r}: a list of strings")
-        persona = _str_list(obj["persona"], path, n, "persona", allow_empty=False)
-        history = _str_list(obj["history"], path, n, "history", allow_empty=False)
+                raise _err(path, n, f"missing key {key!r}",
+                           "'response': the gold reply (a non-empty string)" if key == "response"
+                           else f"{key!r}: a list of strings")
+        persona = str_list(obj["persona"], path, n, "persona", allow_empty=False)
+        history = str_list(obj["history"], path, n, "history", allow_empty=False)
         response = obj.get("response")
         if response is not None and not isinstance(response, str):
             raise _err(path, n, f"key 'response' is {type(response).__name__}", "a string or null")
-        label = obj.get("persona_label")
-        if label is not None and (isinstance(label, bool) or not isinstance(label, int)
-                                  or not -1 <= label < len(persona)):
-            raise _err(path, n, f"key 'persona_label' is {label!r}",
-                       f"null or an integer in [-1, {len(persona) - 1}] (-1 = no persona sentence)")
+        if need_response and not (response or "").strip():
+            raise _err(path, n, f"key 'response' is {response!r}", "the gold reply, a non-empty string")
+        label = read_persona_label(obj, path, n, len(persona))
         cands = obj.get("candidates")
         if cands is not None:
-            cands = _str_list(cands, path, n, "candidates", allow_empty=False)
+            cands = str_list(cands, path, n, "candidates", allow_empty=False)
         rid = obj.get("id")
         if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
             raise _err(path, n, f"key 'id' is {type(rid).__name__}", "a string, an integer or null")
         out.append(PromptRecord(persona=persona, history=history,
                                 response=response.strip() if response is not None else None,
-                                persona_label=label, candidates=cands, id=rid, source=f"{path}:{n}"))
+                                persona_label=label, candidates=cands, id=rid, source=f"{path}:{n}",
+                                dialogue_id=read_dialogue_id(obj, path, n)))
     if not out:
         raise _err(path, 1, "no records found", kind)
     return out
+
+
+def persona_key(persona) -> tuple[str, ...]:
+    """The persona as compared to group rows into dialogues: each sentence with its whitespace collapsed."""
+    return tuple(" ".join(s.split()) for s in persona)
+
+
+def read_jsonl_dialogues(path) -> list[Dialogue]:
+    """Stage 1 training data (data.source="jsonl"): read_jsonl with a response on every line, grouped into
+    dialogues for the train/dev/test split (corpus.split_dialogues): rows with the same `dialogue_id` are one
+    dialogue when the rows carry one (then every row must, and the rows of one dialogue must share their persona);
+    without it, rows with the same persona are one dialogue. Each row is one turn, in file order, with its own
+    history; a missing or null persona_label is left None for the configured labeler."""
+    records = read_jsonl(path, need_response=True)
+    path = os.fspath(path)
+    first = next((r for r in records if r.dialogue_id is not None), None)
+    groups: dict = {}
+    for r in records:
+        line = int(r.source.rsplit(":", 1)[1])
+        if first is not None:
+            if r.dialogue_id is None:
+                raise _err(path, line, "missing key 'dialogue_id'",
+                           f"a 'dialogue_id' on every line, as {first.source} has one (rows are grouped into "
+                           f"dialogues by it for the train/dev/test split)")
+            key = ("id", str(r.dialogue_id))
+        else:
+            key = ("persona", persona_key(r.persona))
+        d = groups.get(key)
+        if d is None:
+            d = groups[key] = Dialogue(persona=list(r.persona), partner_persona=[], turns=[], source=r.source,
+                                       dialogue_id=len(groups))
+        elif persona_key(d.persona) != persona_key(r.persona):
+            raise _err(path, line, f"key 'persona' differs from that of {d.source}, which has the same "
+                                   f"'dialogue_id' {r.dialogue_id!r}",
+                       "the same persona on every line of a dialogue")
+        d.turns.append(Turn(partner=r.history[-1], response=r.response, candidates=
+                            list(r.candidates) if r.candidates is not None else None,
+                            persona_label=r.persona_label, history=tuple(r.history)))
+    return list(groups.values())
 
 
 def write_jsonl(records, path) -> None:
@@ -263,6 +360,8 @@ def write_jsonl(records, path) -> None:
                 obj["candidates"] = list(r.candidates)
             if r.id is not None:
                 obj["id"] = r.id
+            if getattr(r, "dialogue_id", None) is not None:
+                obj["dialogue_id"] = r.dialogue_id
             f.write(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
@@ -274,5 +373,5 @@ def records_from_dialogues(dialogues) -> list[PromptRecord]:
             out.append(PromptRecord(persona=tuple(d.persona), history=tuple(d.history(i)), response=t.response,
                                     persona_label=t.persona_label,
                                     candidates=tuple(t.candidates) if t.candidates is not None else None,
-                                    id=f"{d.dialogue_id}:{i}", source=d.source))
+                                    id=f"{d.dialogue_id}:{i}", source=d.source, dialogue_id=d.dialogue_id))
     return out

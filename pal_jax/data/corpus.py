@@ -43,6 +43,10 @@ def read_dialogues(data_config):
         dialogues = synthetic.generate_corpus(data_config.synthetic_dialogues, data_config.synthetic_seed)
     elif data_config.source == "convai2":
         dialogues = convai2.read_convai2(data_config.path)
+    elif data_config.source == "jsonl":
+        # one turn a line (persona, history, response, optional persona_label); grouped into dialogues by
+        # 'dialogue_id', or by persona when the rows carry none (convai2.read_jsonl_dialogues)
+        dialogues = convai2.read_jsonl_dialogues(data_config.path)
     elif data_config.source == "tfds":
         # A dataset built by tfds_builder.build, read through tfds.data_source + Grain (no TensorFlow). The
         # dialogues come back in file order with their file ids and labels, so the split below, and the batch
@@ -51,7 +55,8 @@ def read_dialogues(data_config):
         split, name = data_config.tfds_split, data_config.get("tfds_config", "self_original")
         dialogues = tfds_builder.load_dialogues(data_config.path, split, config=name, labeler=data_config.labeler)
     else:
-        raise ValueError(f"config.data.source = {data_config.source!r}: expected 'synthetic', 'convai2' or 'tfds'")
+        raise ValueError(f"config.data.source = {data_config.source!r}: expected 'synthetic', 'convai2', 'jsonl' or "
+                         f"'tfds'")
     labeler = labels.get_labeler(data_config.labeler)
     labels.label_dialogues(dialogues, labeler)
     return dialogues, origin(data_config)
