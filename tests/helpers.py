@@ -26,6 +26,9 @@ TINY_OVERRIDES = {
     "train.eval_every": 3,
     "train.eval_batches": 2,
     "train.checkpoint_every": 3,
+    # no samples while training (pal_jax/samples.py): their first evaluation compiles a scorer and a decoder, seconds
+    # per run; tests/test_samples.py, test_stage2.py and test_multihost.py turn them on where they check them
+    "train.sample_turns": 0,
 }
 
 
