@@ -106,6 +106,9 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.train.log_every = 20
     c.train.eval_every = 200
     c.train.eval_batches = 20  # held-out batches per evaluation; 0 = the whole held-out split
+    # Stage 1 / Stage 2: at every evaluation, Select then Generate on this many fixed dev turns (a choice seeded with
+    # data.split_seed), printed, in TensorBoard (text) and in WORKDIR/samples.jsonl (pal_jax/samples.py); 0 = off
+    c.train.sample_turns = 4
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 2
     c.train.async_checkpoint = True

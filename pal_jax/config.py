@@ -104,6 +104,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "keep_checkpoints", "max_bad_steps"):
         _check(e, isinstance(t[k], int) and t[k] > 0, f"train.{k}", t[k], "a positive integer")
     _check(e, t.eval_batches >= 0, "train.eval_batches", t.eval_batches, ">= 0 (0 = the whole held-out split)")
+    st = t.get("sample_turns", 0)
+    _check(e, isinstance(st, int) and not isinstance(st, bool) and st >= 0, "train.sample_turns", st,
+           "an integer >= 0 (dev turns sampled at every evaluation; 0 = off)")
     if t.grad_accum > 0:
         _check(e, t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
                f"a divisor of train.batch_size={t.batch_size}")

@@ -95,6 +95,10 @@ class Predictor:
             {tokenizer.eos_id, self.end_id} | {i for i in (_token_id(tokenizer, "<|endoftext|>"),) if i is not None}))
         self.rng = jax.random.key(seed)
         self.cuts: collections.Counter = collections.Counter()  # prompt fitting's cuts (_prompt_ids), per predict()
+        # generate prompts are padded to at least this many tokens (then bucketed): set to the longest generate prompt
+        # a fixed set of records can have (pal_jax/samples.py), so every call decodes in one shape whatever the Select
+        # step picked; 0 = each batch's own longest prompt
+        self.min_prompt_len = 0
         div = mesh_lib.batch_divisor(model_state.mesh)
         if batch_size % div:
             raise ValueError(f"batch_size {batch_size}: expected a multiple of the mesh's data*fsdp = {div}")
@@ -206,7 +210,7 @@ class Predictor:
     def generate_from_prompts(self, prompts: list[list[int]]) -> list[str]:
         texts: list[str | None] = [None] * len(prompts)
         for rows, real in self._batches([len(p) for p in prompts]):
-            p_len = _bucket(max(len(prompts[i]) for i in rows), self.buckets)
+            p_len = _bucket(max(self.min_prompt_len, *(len(prompts[i]) for i in rows)), self.buckets)
             toks, mask = sampling.left_pad([prompts[i] for i in rows], p_len, self.tok.pad_id)
             self.rng, key = jax.random.split(self.rng)
             stop = self.stop_ids if len(self.stop_ids) > 1 else self.stop_ids[0]

@@ -9,7 +9,7 @@ import logging
 import jax.numpy as jnp
 
 from pal_jax import checkpoint as ckpt_lib
-from pal_jax import lora, losses, train
+from pal_jax import lora, losses, samples, train
 from pal_jax.data import pipeline
 from pal_jax.experiment import Experiment
 
@@ -49,7 +49,7 @@ def build_task(exp: Experiment) -> train.Task:
             "steps_per_epoch": src.steps_per_epoch, "truncated": enc_train.n_truncated,
             "dropped": enc_train.n_dropped}
     return train.Task(name="stage1", loss_fn=sft_loss_fn, train_batch=src.batch, eval_batches=dev.eval_batches,
-                      data_info=info)
+                      data_info=info, sample=samples.make_sampler(c, exp.model, exp.tokenizer, exp.corpus["dev"]))
 
 
 def initial_params(exp: Experiment):

@@ -47,7 +47,7 @@ import numpy as np
 from etils import epath
 
 from pal_jax import checkpoint as ckpt_lib
-from pal_jax import lora, losses, train
+from pal_jax import lora, losses, samples, train
 from pal_jax.data import convai2, pipeline, preferences
 from pal_jax.experiment import Experiment
 from pal_jax.pairs import make_pairs, pairs_path, read_pairs
@@ -462,7 +462,8 @@ def train_stage2(config, workdir: str, devices=None):
                       eval_batches=dev.eval_batches, extra=extra, ref_forwards=0 if extra is None else 1,
                       data_info={"seed": c.seed, "pairs": path, "train_pairs": len(src.pairs.prompt),
                                  "dev_pairs": len(dev.pairs.prompt), "steps_per_epoch": src.steps_per_epoch,
-                                 "reference": which, "reference_weights": ref_desc})
+                                 "reference": which, "reference_weights": ref_desc},
+                      sample=samples.make_sampler(c, ms, exp.tokenizer, exp.corpus["dev"]))
     resuming = ckpt_lib.Checkpointer.exists(workdir)
     # the policy starts from Stage 1. The train step donates its params: a copy where they are the reference's too
     # ("stage1"); the "base" reference holds none of them, so they are handed over (no second copy held)

@@ -4,7 +4,8 @@ optional profiler window, and a clean exit after a checkpoint on SIGTERM (preemp
 
 A stage supplies a `Task`: a loss written as sums (numerator, denominator, metric sums) so that micro-batches and
 devices add up exactly, a training batch source whose `batch(step)` is a pure function of the step, and held-out
-batches. The loop owns everything else.
+batches, and optionally a `sample` hook run at every evaluation (Stage 1 and Stage 2: Select then Generate on a few
+fixed dev turns, pal_jax/samples.py). The loop owns everything else.
 
 Multi-host: every process runs this loop. Each builds only its rows of every global batch (mesh.process_rows, passed
 to the task's batch functions as `rows_of`) and the global array is assembled from them; the checkpoints are written
@@ -33,6 +34,7 @@ from pal_jax import mesh as mesh_lib
 from pal_jax import optim
 from pal_jax import perf
 from pal_jax import preemption
+from pal_jax import samples as samples_lib
 from pal_jax.config import ConfigError
 from pal_jax.metrics_writer import MetricsWriter
 from pal_jax.model import LoraConfig, ModelConfig, Transformer, shard_activations
@@ -57,6 +59,10 @@ class Task:
     # forward-only passes of the model over each batch besides the trained one (Stage 2's reference forward: 1),
     # for the FLOP count (pal_jax/perf.py)
     ref_forwards: int = 0
+    # at every evaluation: sample(step, params, frozen) -> rows (dicts with "id", "persona", "reply", "gold_reply"),
+    # printed, written to TensorBoard as text and appended to WORKDIR/samples.jsonl; every process calls it
+    # (multi-host: the decoding is collective), process 0 writes. pal_jax/samples.py's Sampler; None = no samples
+    sample: Callable[[int, Any, Any], list[dict]] | None = None
 
 
 class BadStepsError(RuntimeError):
@@ -458,6 +464,11 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
                 writer.write(step, {f"{task.eval_name}/{k}": v for k, v in last_eval.items()})
                 logging.info("eval %s step %d: %s", task.eval_name, step,
                              " ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+                if task.sample is not None:
+                    rows = excluded(task.sample, step, params, frozen)
+                    for line in samples_lib.log_lines(rows):
+                        logging.info("%s step %d %s", task.eval_name, step, line)
+                    writer.write_samples(step, rows, f"{task.eval_name}/samples", samples_lib.markdown(rows))
             ckpt.check()  # a failed async save (disk full) stops the run here, not steps later
             if step % t_cfg.checkpoint_every == 0 or step == t_cfg.steps:
                 excluded(ckpt.save, step, params, opt_state, meta_for(step))
@@ -477,6 +488,8 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
     summary = {"task": task.name, "step": step, "preempted": preempted, task.eval_name: last_eval,
                "perf": {**last_perf, "peak_source": peak_src},
                "checkpoints": ckpt.directory, "metrics": writer.jsonl_path, "tensorboard": writer.tb_dir}
+    if task.sample is not None:
+        summary["samples"] = writer.samples_path
     if preempted:
         logging.warning("preempted: checkpoint saved at step %d in %s; rerun the same command to resume", step,
                         ckpt.directory)

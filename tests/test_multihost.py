@@ -28,7 +28,7 @@ from pal_jax.pairs import pairs_path
 OVER = {"data.synthetic_dialogues": 30, "data.buckets": (128,), "train.steps": 3, "train.log_every": 1,
         "train.eval_every": 3, "train.eval_batches": 1, "train.checkpoint_every": 3, "mesh.data": 2,
         "mesh.fsdp": 2, "stage2.steps": 3, "stage2.batch_size": 8, "stage2.warmup_steps": 1,
-        "stage2.dev_fraction": 0.2}
+        "stage2.dev_fraction": 0.2, "train.sample_turns": 4}
 TOL = 2e-5  # |loss difference|: the same math, summed in another order across processes
 
 
@@ -92,8 +92,8 @@ def _wait(procs: list[subprocess.Popen], timeout: int = 400) -> list[subprocess.
     return out
 
 
-def _metrics(workdir) -> list[dict]:
-    return [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+def _metrics(workdir, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(x) for x in open(os.path.join(workdir, name))]
 
 
 def _losses(rows, key):
@@ -135,6 +135,11 @@ def test_two_processes_match_one_process_with_four_devices(stage1_runs, tmp_path
             assert np.allclose([v for _, v in lb], [v for _, v in la], rtol=0, atol=TOL), (name, key, la, lb)
         # every step logged once: only process 0 writes metrics (the workdir is shared)
         assert len(b) == len(a)
+        # samples while training (pal_jax/samples.py): decoded by both processes together, written once by process
+        # 0, the same selections and replies as one process
+        sa, sb = (_metrics(w, "samples.jsonl") for w in (ref, mh))
+        assert [r["step"] for r in sb] == [3] * 4, (name, sb)
+        assert [(r["id"], r["persona"], r["reply"]) for r in sb] == [(r["id"], r["persona"], r["reply"]) for r in sa]
         assert len(os.listdir(mh / "tensorboard")) == 1
     # process 0 trained and saved the tokenizer (whole files, renamed into place); process 1 loaded it
     assert sorted(os.listdir(mh1 / "tokenizer")) == ["pal_tokenizer.json", "tokenizer.json", "tokenizer_config.json"]

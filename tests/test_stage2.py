@@ -12,9 +12,9 @@ import pytest
 
 from helpers import tiny_config
 from pal_jax import checkpoint as ckpt_lib
-from pal_jax import lora, pipeline_mode, stage1, stage2, train
+from pal_jax import lora, pipeline_mode, samples, stage1, stage2, train
 from pal_jax.config import ConfigError, validate
-from pal_jax.data import templates
+from pal_jax.data import convai2, corpus, templates
 from pal_jax.experiment import Experiment
 
 S2 = dict(stage2__steps=2, stage2__batch_size=8, stage2__warmup_steps=0, train__log_every=1, train__eval_every=2,
@@ -58,9 +58,14 @@ def test_missing_stage1_names_the_command(tmp_path):
 
 
 def test_stage2_trains_and_reference_is_untouched(stage1_dir, tmp_path):
-    c = tiny_config(init_from=stage1_dir, stage2__align_weight=0.0, **S2)
+    c = tiny_config(init_from=stage1_dir, stage2__align_weight=0.0, train__sample_turns=4, **S2)
     summary, ref = stage2.train_stage2(c, str(tmp_path / "w2"))
     assert summary["step"] == 2 and np.isfinite(summary["dev"]["loss"])
+    # samples while training: the evaluation at step 2 decoded the 4 dev turns Stage 1's samples use
+    rows = [json.loads(x) for x in open(tmp_path / "w2" / "samples.jsonl")]
+    dev = convai2.records_from_dialogues(corpus.load_corpus(c.data)["dev"])
+    assert [r["step"] for r in rows] == [2] * 4
+    assert [r["id"] for r in rows] == [r.id for r in samples.pick_turns(dev, 4, c.data.split_seed)]
     c.tokenizer.path = os.path.join(stage1_dir, "tokenizer")
     exp = Experiment(stage2.stage2_config(c), str(tmp_path / "w2"), need_corpus=False)
     fresh, _ = ckpt_lib.load_params(stage1_dir, exp.model.abstract)
