@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from pal_jax import mesh as mesh_lib
+
 FORMAT = 1
 FOLDER = "ref_logps"
 
@@ -79,7 +81,7 @@ def params_hash(tree) -> str:
     hashes = jax.jit(lambda t: jax.tree.map(_leaf_hash, t))(tree)
     h = hashlib.sha256()
     for (path, leaf), lh in zip(jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(hashes)):
-        value = np.asarray(jax.device_get(lh), np.uint32)  # replicated: every process holds it
+        value = np.asarray(mesh_lib.to_host(lh), np.uint32)
         h.update(json.dumps([jax.tree_util.keystr(path), list(leaf.shape), str(leaf.dtype)]).encode())
         h.update(value.tobytes())
     return h.hexdigest()

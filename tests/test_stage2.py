@@ -452,6 +452,23 @@ def _count_reference_passes(monkeypatch) -> list:
     return calls
 
 
+def test_params_hash_is_the_same_on_any_mesh_and_sees_one_changed_bit():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from pal_jax import ref_cache
+    rng = np.random.RandomState(0)
+    tree = {"w": rng.randn(8, 6).astype(np.float32), "b": rng.randn(6).astype(np.float32).astype(jax.numpy.bfloat16)}
+    one = ref_cache.params_hash(jax.device_put(tree, jax.devices()[0]))
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
+    sharded = {"w": jax.device_put(tree["w"], NamedSharding(mesh, P("a", "b"))),
+               "b": jax.device_put(tree["b"], NamedSharding(mesh, P("b")))}
+    assert ref_cache.params_hash(sharded) == one
+    flipped = tree["w"].copy()
+    flipped.view(np.uint32)[3, 4] ^= 1  # the lowest mantissa bit of one element
+    assert ref_cache.params_hash({**tree, "w": flipped}) != one
+    assert ref_cache.params_hash({"w": tree["w"].T.copy().T, "b": tree["b"]}) == one  # the values, not the layout
+    assert ref_cache.params_hash({"w2": tree["w"], "b": tree["b"]}) != one  # the paths count
+
+
 def test_reference_logps_are_cached_beside_the_pairs_and_never_trusted_blindly(stage1_dir, pairs_file, tmp_path,
                                                                                  monkeypatch, caplog):
     import logging
