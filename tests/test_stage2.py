@@ -517,8 +517,11 @@ def test_reference_logps_are_cached_beside_the_pairs_and_never_trusted_blindly(s
     np.testing.assert_allclose(src.ref_logps, good, rtol=0, atol=1e-5)
     assert lookup(pairs)[0] == (path, True) and len(calls) == 4  # the rewritten file is trusted again
     # a file whose record is another run's (renamed by hand): refused, naming what differs
-    key = ref_cache.cache_key(c2, pairs, ref, exp.tokenizer, {"train": src.pairs, "dev": src.pairs})
-    assert ref_cache.load(epath.Path(path), {**key, "max_len": 64}, {"train": len(good), "dev": 1}) is None
+    tr, dv = stage2.pair_sources(c2, exp.tokenizer, pairs, stage1_dir)
+    key = ref_cache.cache_key(c2, pairs, ref, exp.tokenizer, {"train": tr.pairs, "dev": dv.pairs})
+    sizes = {"train": len(good), "dev": len(dv.pairs.prompt)}
+    assert ref_cache.load(epath.Path(path), key, sizes) is not None
+    assert ref_cache.load(epath.Path(path), {**key, "max_len": 64}, sizes) is None
     assert "differs from this run's in ['max_len']" in caplog.text
     # another pairs file (one pair fewer): another fingerprint, a miss
     lines = open(pairs).read().splitlines(keepends=True)
