@@ -142,8 +142,15 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.stage2.sft_weight = 1.0
     c.stage2.align_weight = 0.1  # lambda of the embedding-alignment term; 0 = off
     c.stage2.align_temperature = 0.1
-    c.stage2.precompute_ref = False  # reference log-probs computed once instead of a reference forward per step
+    # reference log-probs computed once instead of a reference forward per step, and cached beside the pairs file
+    # (ref_logps/<fingerprint>.npz: pal_jax/ref_cache.py), reused by any Stage 2 on the same pairs and reference
+    c.stage2.precompute_ref = False
     c.stage2.reference = "stage1"  # DPO reference: "stage1" (the Stage 1 model) | "base" (what Stage 1 started from)
+    # TR-DPO (Gorbatovski et al. 2024): after every ref_sync_every-th step, ref <- alpha * policy + (1 - alpha) * ref
+    # with alpha = ref_sync_alpha (1 = hard update: ref = policy). 0 = off (a fixed reference). Not with precompute_ref;
+    # with LoRA only alpha = 1. 0.6 is TRL's default alpha (its default tau is 512)
+    c.stage2.ref_sync_every = 0
+    c.stage2.ref_sync_alpha = 0.6
     # preference JSONL: make_pairs' pairs.jsonl or your own pairs, {persona, history, chosen, rejected} or TRL's
     # conversational {prompt, chosen, rejected} (pal_jax/data/preferences.py); empty: WORKDIR/pairs.jsonl, made
     # from the Stage 1 model if missing

@@ -1,7 +1,8 @@
 """Orbax checkpoints: params, optimizer state, and a JSON record (step, data position, resolved config), each
 step verified on restore.
 
-Layout: WORKDIR/checkpoints/<step>/{params,opt_state,meta,pal_checksums.json}. Orbax writes each step into a
+Layout: WORKDIR/checkpoints/<step>/{params,opt_state,meta,pal_checksums.json}, and `extra` for a task whose
+`extra` changes during training (train.ExtraSync: Stage 2's TR-DPO reference). Orbax writes each step into a
 temporary directory and renames it when complete, so a crash or SIGKILL mid-save leaves the previous step as the
 latest readable one. Once a save has completed, process 0 records the size and SHA-256 of every file of the step in
 `pal_checksums.json` (written to a temporary file and renamed). Restoring checks them first, then reads the meta
@@ -217,15 +218,17 @@ class Checkpointer:
             raise self._failed(e) from e
         self._sum_finished()
 
-    def save(self, step: int, params, opt_state, meta: dict[str, Any], force: bool = False) -> bool:
+    def save(self, step: int, params, opt_state, meta: dict[str, Any], force: bool = False, extra=None) -> bool:
+        """Save a step (extra: a tree saved as the item `extra` when given, e.g. the TR-DPO reference)."""
         try:
             self.manager.wait_until_finished()  # Orbax waits for the previous save anyway; its checksums next
             self._sum_finished()
             self._saving = step
-            saved = self.manager.save(step, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt_state=ocp.args.StandardSave(opt_state),
-                meta=ocp.args.JsonSave(meta)), force=force)
+            items = dict(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                         meta=ocp.args.JsonSave(meta))
+            if extra is not None:
+                items["extra"] = ocp.args.StandardSave(extra)
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -239,12 +242,15 @@ class Checkpointer:
         """The JSON record alone (read before the arrays, so a resumed run can check its config first)."""
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore(self, step: int, abstract_params, abstract_opt_state):
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params),
-            opt_state=ocp.args.StandardRestore(abstract_opt_state),
-            meta=ocp.args.JsonRestore()))
-        return out["params"], out["opt_state"], out["meta"]
+    def restore(self, step: int, abstract_params, abstract_opt_state, abstract_extra=None):
+        """(params, opt_state, meta), and the `extra` item last when abstract_extra is given."""
+        items = dict(params=ocp.args.StandardRestore(abstract_params),
+                     opt_state=ocp.args.StandardRestore(abstract_opt_state), meta=ocp.args.JsonRestore())
+        if abstract_extra is not None:
+            items["extra"] = ocp.args.StandardRestore(abstract_extra)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        got = (out["params"], out["opt_state"], out["meta"])
+        return got if abstract_extra is None else (*got, out["extra"])
 
     def move_aside(self, step: int) -> str:
         """Move a damaged step to WORKDIR/checkpoints_bad/<step> (a numbered suffix if taken); never deleted."""
@@ -262,8 +268,10 @@ class Checkpointer:
         self.manager.reload()
         return where or os.fspath(dest_dir / str(step))
 
-    def restore_latest(self, abstract_params, abstract_opt_state, check_meta: Callable[[dict], None] | None = None):
-        """(step, params, opt_state, meta) of the newest intact step, or None when there is none at all.
+    def restore_latest(self, abstract_params, abstract_opt_state, check_meta: Callable[[dict], None] | None = None,
+                       abstract_extra=None):
+        """(step, params, opt_state, meta) of the newest intact step (and its `extra` item last when abstract_extra
+        is given), or None when there is none at all.
 
         Each step is verified (checksums), then its meta record read and passed to check_meta (which raises
         ConfigError on a config mismatch: not damage, never a fallback), then its arrays restored. A step that
@@ -272,13 +280,13 @@ class Checkpointer:
             meta = self.restore_meta(step)
             if check_meta is not None:
                 check_meta(meta)
-            return self.restore(step, abstract_params, abstract_opt_state)
+            return self.restore(step, abstract_params, abstract_opt_state, abstract_extra)
 
         found = _read_newest(self.directory, self.manager.all_steps(), read, move_aside=self.move_aside)
         if found is None:
             return None
-        step, (params, opt_state, meta) = found
-        return step, params, opt_state, meta
+        step, out = found
+        return (step, *out)
 
     def wait(self):
         try:

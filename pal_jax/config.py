@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     pass
 
 
+PRECOMPUTE_VS_SYNC = ("config.stage2.ref_sync_every > 0 (the TR-DPO reference update) with config.stage2.precompute_ref"
+                      " = True: log-probs computed once cannot follow a reference that moves; expected "
+                      "--config.stage2.precompute_ref=False or --config.stage2.ref_sync_every=0")
+
+
 def _check(errors, ok, key, value, expected):
     if not ok:
         errors.append(f"config.{key} = {value!r}: expected {expected}")
@@ -51,6 +56,29 @@ def _validate_lora(c, e: list[str]) -> None:
     _check(e, bool(names) and len(set(names)) == len(names) and all(t in allowed for t in names), "lora.targets",
            lo.targets, f"distinct comma-separated projections of a {c.model.family} model, from "
            f"'{','.join(allowed)}'")
+
+
+def _validate_ref_sync(c, e: list[str]) -> None:
+    """stage2.ref_sync_every / ref_sync_alpha (TR-DPO, pal_jax/stage2.py)."""
+    s2 = c.stage2
+    every, alpha = s2.get("ref_sync_every", 0), s2.get("ref_sync_alpha", 0.6)
+    every_ok = isinstance(every, int) and not isinstance(every, bool) and every >= 0
+    _check(e, every_ok, "stage2.ref_sync_every", every,
+           "an integer >= 0 (0 = a fixed reference; tau > 0 = move the reference every tau steps)")
+    alpha_ok = isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and \
+        0 < alpha <= 1
+    _check(e, alpha_ok, "stage2.ref_sync_alpha", alpha,
+           "a finite number in (0, 1] (ref <- alpha * policy + (1 - alpha) * ref; 1 = the hard update)")
+    if not (every_ok and every > 0):
+        return
+    if s2.precompute_ref:
+        e.append(PRECOMPUTE_VS_SYNC)
+    rank = (c.get("lora") or {}).get("rank", 0)
+    if alpha_ok and alpha != 1 and isinstance(rank, int) and rank > 0:
+        e.append(f"config.stage2.ref_sync_alpha = {alpha!r} with config.lora.rank = {rank} and "
+                 f"config.stage2.ref_sync_every = {every}: with LoRA the reference moves by its adapters, and a soft "
+                 f"mix of the A and B factors is not the mix of the models; expected ref_sync_alpha=1 (the hard "
+                 f"update, exact), or ref_sync_every=0, or Stage 2 without LoRA")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -156,6 +184,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, s2.get("reference", "stage1") in ("stage1", "base"), "stage2.reference", s2.get("reference"),
            "'stage1' (the Stage 1 model) or 'base' (the weights Stage 1 started from)")
     _check(e, 0 < s2.dev_fraction < 1, "stage2.dev_fraction", s2.dev_fraction, "in (0, 1)")
+    _validate_ref_sync(c, e)
     if c.mode == "stage2":
         _check(e, bool(c.init_from), "init_from", c.init_from, "the workdir of a Stage 1 run (the reference model)")
     _validate_lora(c, e)

@@ -4,8 +4,22 @@ Each `generate` pair: prompt = the generate prompt with the labelled persona hig
 rejected = the Stage 1 model's reply to the persona-free prompt. Each `select` pair: prompt = the select prompt;
 chosen = the labelled persona target; rejected = the target the Stage 1 model selected (pairs.py). Chosen and
 rejected run through one forward as a [2B, L] batch (chosen rows first). The reference params are passed to the
-jitted step as a separate argument that is never donated, never differentiated (stop_gradient) and never
-checkpointed; or, with stage2.precompute_ref, their log-probs are computed once and carried in the batches.
+jitted step as a separate argument that is never donated, never differentiated (stop_gradient) and, while it stays
+fixed (no TR-DPO update, below), never checkpointed; or, with stage2.precompute_ref, their log-probs are computed
+once and carried in the batches. Those log-probs are cached on disk, beside the pairs file, under a fingerprint of
+the pairs (the file and the token ids of the rows), the reference params and the tokenization settings
+(pal_jax/ref_cache.py), so a rerun or another Stage 2 on the same pairs and reference reads them instead of running
+the reference again.
+
+TR-DPO (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good Alignment"), stage2.ref_sync_every = tau
+> 0: after every tau-th step the reference moves toward the policy, ref <- alpha * policy + (1 - alpha) * ref with
+alpha = stage2.ref_sync_alpha (1 = the hard update: the reference becomes the policy). The update is a jitted
+function on device beside the train step (train.ExtraSync; the old reference's buffers are donated), and the moving
+reference is saved with every checkpoint (the item `extra`), so a resumed run continues with the same reference.
+Not with stage2.precompute_ref (fixed log-probs cannot follow a moving reference; config validation refuses it).
+With LoRA the reference is the policy's frozen base + reference adapters, and the update moves the adapters: the
+hard update (alpha = 1) is exact (the reference becomes the policy); a soft one is refused, since mixing the A and B
+factors of the adapters is not mixing the models (B A is not linear in them).
 
 The reference, stage2.reference:
 - "stage1" (default; the paper): the Stage 1 model, i.e. the policy's own starting point, so the first step's DPO
@@ -47,7 +61,7 @@ import numpy as np
 from etils import epath
 
 from pal_jax import checkpoint as ckpt_lib
-from pal_jax import lora, losses, samples, train
+from pal_jax import lora, losses, ref_cache, samples, train
 from pal_jax.data import convai2, pipeline, preferences
 from pal_jax.experiment import Experiment
 from pal_jax.pairs import make_pairs, pairs_path, read_pairs
@@ -256,6 +270,78 @@ def precompute_reference(ms, ref_params, src: PairSource) -> np.ndarray:
     return out
 
 
+def cached_reference(c, ms, ref_params, sources: dict[str, PairSource], pairs_file: str, tokenizer,
+                     workdir: str) -> tuple[str | None, bool]:
+    """Set each source's ref_logps from the on-disk cache (pal_jax/ref_cache.py), or compute them with the reference
+    and cache them. Returns (the cache file or None, whether it was a hit). Multi-host: process 0 reads and writes
+    the file; every process gets its arrays, and all of them compute on a miss."""
+    from pal_jax import mesh as mesh_lib
+    key = ref_cache.cache_key(c, pairs_file, ref_params, tokenizer, {k: s.pairs for k, s in sources.items()})
+    name = f"{ref_cache.fingerprint(key)}.npz"
+    sizes = {k: len(s.pairs.prompt) for k, s in sources.items()}
+    places = ref_cache.folders(pairs_file, workdir)
+    found, path = None, None
+    if mesh_lib.is_primary():
+        for folder in places:
+            found = ref_cache.load(folder / name, key, sizes)
+            if found is not None:
+                path = os.fspath(folder / name)
+                break
+    if jax.process_count() > 1:
+        hit = bool(mesh_lib.broadcast(np.asarray(found is not None)))
+        if hit:
+            found = {k: np.asarray(mesh_lib.broadcast(found[k] if found else np.zeros((n, 2), np.float32)))
+                     for k, n in sizes.items()}
+    if found is not None:
+        for k, s in sources.items():
+            s.ref_logps = found[k]
+        logging.info("reference log-probs: cache hit %s", path or name)
+        return path, True
+    for s in sources.values():
+        s.ref_logps = precompute_reference(ms, ref_params, s)
+    if mesh_lib.is_primary():
+        path = ref_cache.save(places, name, key, {k: s.ref_logps for k, s in sources.items()})
+    mesh_lib.sync("reference log-probs cached")
+    logging.info("reference log-probs: computed and cached %s", path if path else "(not cached: see the warning)")
+    return path, False
+
+
+def soft_update(alpha: float):
+    """update(ref, policy) -> alpha * policy + (1 - alpha) * ref, leaf by leaf in float32, in the reference's dtype
+    (TR-DPO; alpha = 1: the policy itself, exactly)."""
+    alpha = float(alpha)
+
+    def update(ref, policy):
+        if alpha == 1.0:
+            return jax.tree.map(lambda r, p: p.astype(r.dtype), ref, policy)
+        return jax.tree.map(lambda r, p: (alpha * p.astype(jnp.float32) + (1.0 - alpha) * r.astype(jnp.float32))
+                            .astype(r.dtype), ref, policy)
+    return update
+
+
+def reference_sync(c, ms, ref_params, lora_state) -> "train.ExtraSync | None":
+    """The TR-DPO reference update (module doc) for stage2.ref_sync_every > 0, else None. Its state is the
+    reference's trainable-shaped part: the whole tree, or with LoRA the reference adapters (the base must then be
+    the policy's frozen base itself)."""
+    every = int(c.stage2.get("ref_sync_every", 0))
+    if every <= 0:
+        return None
+    if c.stage2.precompute_ref:  # config validation says so first; this guards direct calls
+        from pal_jax.config import PRECOMPUTE_VS_SYNC, ConfigError
+        raise ConfigError(PRECOMPUTE_VS_SYNC)
+    alpha = float(c.stage2.get("ref_sync_alpha", 1.0))
+    state = ref_params
+    if lora_state is not None:
+        state, ref_base = lora.split(ref_params)
+        if not all(a is b for a, b in zip(jax.tree.leaves(ref_base), jax.tree.leaves(lora_state[0]))):
+            raise ValueError(
+                "config.stage2.ref_sync_every > 0 with LoRA (config.lora.rank > 0): the reference's base is not the "
+                "policy's frozen base (stage2.reference='base' after a Stage 1 with other adapters or none), so "
+                "the reference cannot move toward the policy by its adapters; expected stage2.reference='stage1', "
+                "or stage2.ref_sync_every=0, or Stage 2 without LoRA")
+    return train.ExtraSync(state=state, every=every, update=soft_update(alpha), signature={"alpha": alpha})
+
+
 def run(config, workdir: str, devices=None) -> dict:
     return train_stage2(config, workdir, devices)[0]
 
@@ -401,9 +487,42 @@ def reference_params(exp: Experiment, s1: str, which: str, s1_tree, lora_state):
     raise ValueError(f"config.stage2.reference = {which!r}: expected one of {REFERENCES}")
 
 
+def pair_sources(c, tokenizer, path: str, s1: str) -> tuple[PairSource, PairSource]:
+    """(training, held-out) pair batches of the pairs file at path (whole dialogues held out: _is_dev); s1: the
+    Stage 1 workdir (its chat template renders conversational pairs)."""
+    from pal_jax import pretrained
+    from pal_jax.data import labels
+    rows = read_pairs(path, labeler=labels.get_labeler(c.data.labeler),  # labels the pairs given without one
+                      chat_template=lambda: pretrained.chat_template(s1))  # renders conversational pairs
+    dev_rows = [r for r in rows if _is_dev(r.get("id"), c.stage2.dev_fraction)]
+    train_rows = [r for r in rows if not _is_dev(r.get("id"), c.stage2.dev_fraction)]
+    if not train_rows or not dev_rows:
+        raise convai2.DataError(f"{path}: {len(train_rows)} training and {len(dev_rows)} held-out pairs; expected "
+                                f"both non-empty (stage2.dev_fraction = {c.stage2.dev_fraction}; pairs are held out by "
+                                f"dialogue: 'dialogue_id', else the persona)")
+    buckets = tuple(c.data.buckets)
+    sources = []
+    for name, part in (("train", train_rows), ("dev", dev_rows)):
+        enc = encode_pairs(part, tokenizer, c.data.max_len)
+        logging.info("stage2 %s: %d pairs (%d select); %d cut from the oldest history", name, len(enc.prompt),
+                     sum(enc.is_select), enc.n_truncated)
+        if enc.n_dropped:
+            logging.warning("stage2 %s: %d pairs dropped: empty chosen/rejected after truncation (%d empty, %d too "
+                            "long for data.max_len=%d with a minimal prompt)", name, enc.n_dropped, enc.n_empty,
+                            enc.n_dropped - enc.n_empty, c.data.max_len)
+        if not enc.prompt:
+            raise convai2.DataError(f"{path}: every one of the {len(part)} {name} pairs was dropped (empty chosen/"
+                                    f"rejected after truncation); expected pairs with non-empty replies that fit "
+                                    f"data.max_len={c.data.max_len}")
+        src = PairSource(enc, c.train.batch_size, buckets, c.seed)
+        src.set_pad(tokenizer.pad_id)
+        sources.append(src)
+    return sources[0], sources[1]
+
+
 def train_stage2(config, workdir: str, devices=None):
     """Stage 2 training; returns (summary, the reference params object, for checks that it stayed intact; with
-    LoRA one tree of the base and the reference's adapters)."""
+    LoRA one tree of the base and the reference's adapters; with stage2.ref_sync_every, the reference at the end)."""
     s1 = stage1_workdir(config, workdir)
     c = stage2_config(config)
     _use_stage1_tokenizer(c, s1)
@@ -423,47 +542,25 @@ def train_stage2(config, workdir: str, devices=None):
                 f"pairs in the workdir")
         make_pairs(stage1_predictor(c, exp, s1_tree, s1), exp.corpus["train"], workdir, c.seed,  # always Stage 1's
                    c.stage2.max_pair_turns, c.stage2.select_pairs, c.stage2.generate_pairs_on, c.stage2.rejected)
-    from pal_jax import pretrained
-    from pal_jax.data import labels
-    rows = read_pairs(path, labeler=labels.get_labeler(c.data.labeler),  # labels the pairs given without one
-                      chat_template=lambda: pretrained.chat_template(s1))  # renders conversational pairs
-    dev_rows = [r for r in rows if _is_dev(r.get("id"), c.stage2.dev_fraction)]
-    train_rows = [r for r in rows if not _is_dev(r.get("id"), c.stage2.dev_fraction)]
-    if not train_rows or not dev_rows:
-        raise convai2.DataError(f"{path}: {len(train_rows)} training and {len(dev_rows)} held-out pairs; expected "
-                                f"both non-empty (stage2.dev_fraction = {c.stage2.dev_fraction}; pairs are held out by "
-                                f"dialogue: 'dialogue_id', else the persona)")
-    buckets = tuple(c.data.buckets)
-    sources = []
-    for name, part in (("train", train_rows), ("dev", dev_rows)):
-        enc = encode_pairs(part, exp.tokenizer, c.data.max_len)
-        logging.info("stage2 %s: %d pairs (%d select); %d cut from the oldest history", name, len(enc.prompt),
-                     sum(enc.is_select), enc.n_truncated)
-        if enc.n_dropped:
-            logging.warning("stage2 %s: %d pairs dropped: empty chosen/rejected after truncation (%d empty, %d too "
-                            "long for data.max_len=%d with a minimal prompt)", name, enc.n_dropped, enc.n_empty,
-                            enc.n_dropped - enc.n_empty, c.data.max_len)
-        if not enc.prompt:
-            raise convai2.DataError(f"{path}: every one of the {len(part)} {name} pairs was dropped (empty chosen/"
-                                    f"rejected after truncation); expected pairs with non-empty replies that fit "
-                                    f"data.max_len={c.data.max_len}")
-        src = PairSource(enc, c.train.batch_size, buckets, c.seed)
-        src.set_pad(exp.tokenizer.pad_id)
-        sources.append(src)
-    src, dev = sources
-    extra = ref_params
+    src, dev = pair_sources(c, exp.tokenizer, path, s1)
+    extra, cache = ref_params, None
     if c.stage2.precompute_ref:
-        for s in sources:
-            s.ref_logps = precompute_reference(ms, ref_params, s)
+        cache, hit = cached_reference(c, ms, ref_params, {"train": src, "dev": dev}, path, exp.tokenizer, workdir)
         extra = None
-        logging.info("stage2: reference log-probs precomputed for %d + %d pairs", len(src.pairs.prompt),
-                     len(dev.pairs.prompt))
+        logging.info("stage2: reference log-probs %s for %d + %d pairs", "read" if hit else "precomputed",
+                     len(src.pairs.prompt), len(dev.pairs.prompt))
+    sync = reference_sync(c, ms, ref_params, lora_state)
     task = train.Task(name="stage2", loss_fn=make_loss_fn(ms.graphdef, c.stage2), train_batch=src.batch,
                       eval_batches=dev.eval_batches, extra=extra, ref_forwards=0 if extra is None else 1,
+                      extra_sync=sync,
                       data_info={"seed": c.seed, "pairs": path, "train_pairs": len(src.pairs.prompt),
                                  "dev_pairs": len(dev.pairs.prompt), "steps_per_epoch": src.steps_per_epoch,
                                  "reference": which, "reference_weights": ref_desc},
                       sample=samples.make_sampler(c, ms, exp.tokenizer, exp.corpus["dev"]))
+    if sync is not None:
+        logging.info("stage2: TR-DPO reference update every %d steps, ref <- %g * policy + %g * ref%s", sync.every,
+                     sync.signature["alpha"], 1 - sync.signature["alpha"], " (the LoRA adapters)" if lora_state else "")
+        del ref_params  # its buffers are donated to the first update: the moving reference is task.extra
     resuming = ckpt_lib.Checkpointer.exists(workdir)
     # the policy starts from Stage 1. The train step donates its params: a copy where they are the reference's too
     # ("stage1"); the "base" reference holds none of them, so they are handed over (no second copy held)
@@ -478,4 +575,6 @@ def train_stage2(config, workdir: str, devices=None):
     del start
     summary = train.run(c, workdir, task, ms, init_params=init, frozen=base)
     summary.update(stage1=s1, reference=which, reference_weights=ref_desc)
-    return summary, ref_params
+    if c.stage2.precompute_ref:
+        summary["ref_logps_cache"] = cache
+    return summary, ref_params if sync is None else task.extra

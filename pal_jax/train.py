@@ -45,6 +45,22 @@ LossFn = Callable[[Transformer, dict, Any], tuple[jax.Array, jax.Array, dict[str
 
 
 @dataclasses.dataclass
+class ExtraSync:
+    """A task `extra` that moves during training and is checkpointed with the params (Stage 2's TR-DPO reference).
+
+    state: a tree shaped and sharded like the trainable params (ms.abstract; with LoRA the adapters, and the loss sees
+    lora.combine(frozen, state)). After every `every`-th step (steps count from 1, as logged) the loop replaces it by
+    update(state, params), jitted with the state donated: on device, no host round-trip, and nothing run on the
+    other steps. Each checkpoint saves it (the item `extra`) and a resumed run restores it, so resuming is exact.
+    signature: the settings that define the update (recorded in the checkpoint's meta; a run resumed with other ones
+    is refused, as is a run that turns the sync on or off)."""
+    state: Any
+    every: int
+    update: Callable[[Any, Any], Any]
+    signature: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
 class Task:
     name: str
     loss_fn: LossFn
@@ -63,6 +79,8 @@ class Task:
     # printed, written to TensorBoard as text and appended to WORKDIR/samples.jsonl; every process calls it
     # (multi-host: the decoding is collective), process 0 writes. pal_jax/samples.py's Sampler; None = no samples
     sample: Callable[[int, Any, Any], list[dict]] | None = None
+    # extra updated from the params every few steps and checkpointed (ExtraSync); run() sets `extra` from it
+    extra_sync: ExtraSync | None = None
 
 
 class BadStepsError(RuntimeError):
@@ -335,13 +353,17 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
 
     ckpt = ckpt_lib.Checkpointer(workdir, keep=t_cfg.keep_checkpoints, async_save=t_cfg.async_checkpoint)
     config_json = json.loads(config.to_json_best_effort())
+    sync = task.extra_sync
     # the newest intact step (checksums verified; a damaged one moved aside with a warning: pal_jax/checkpoint.py);
     # its saved config is checked first: a different model shape is named by its key, not by Orbax's shape error
     found = ckpt.restore_latest(ms.abstract, abstract_opt,
-                                lambda meta: _check_resume(meta, config_json, task, ckpt.directory))
+                                lambda meta: _check_resume(meta, config_json, task, ckpt.directory),
+                                abstract_extra=None if sync is None else ms.abstract)
     latest = None if found is None else found[0]
     if found is not None:
-        _, params, opt_state, meta = found
+        _, params, opt_state, meta = found[:4]
+        if sync is not None:
+            sync.state = found[4]  # the moved reference of that step (the initial one is dropped)
         start = int(meta["step"])
         logging.info("resumed from %s step %d", ckpt.directory, start)
         if start >= t_cfg.steps:
@@ -358,6 +380,9 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
     if primary:
         (epath.Path(workdir) / "config.json").write_text(json.dumps(config_json, indent=2))
 
+    if sync is not None:
+        task.extra = _extra_of(sync.state, frozen)
+        sync_fn = jax.jit(sync.update, donate_argnums=0, out_shardings=ms.shardings)
     train_step = make_train_step(ms, task, tx, t_cfg.grad_accum, opt_shardings)
     eval_step = make_eval_step(ms, task)
     writer = MetricsWriter(workdir, enabled=primary, start_step=start)  # rows after `start` are superseded
@@ -373,8 +398,14 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
     meter = perf.Meter(ms.cfg, local_devices, peak, forward_passes)
 
     def meta_for(step):
-        return {"step": step, "task": task.name, "data": {**task.data_info, "next_step": step},
-                "config": config_json}
+        meta = {"step": step, "task": task.name, "data": {**task.data_info, "next_step": step}, "config": config_json}
+        if sync is not None:
+            meta["extra_sync"] = {"every": sync.every, **sync.signature}
+        return meta
+
+    def save(step, force=False):
+        return ckpt.save(step, params, opt_state, meta_for(step), force=force,
+                         extra=None if sync is None else sync.state)
 
     def excluded(fn, *args):
         """Run fn (evaluation, a checkpoint save) once the queued steps are done; its time is not a step's."""
@@ -428,6 +459,9 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
             with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
                 params, opt_state, metrics = train_step(params, opt_state, batch, task.extra, frozen)
             step += 1
+            if sync is not None and step % sync.every == 0:  # e.g. TR-DPO: ref <- mix(params, ref), on device
+                sync.state = sync_fn(sync.state, params)
+                task.extra = _extra_of(sync.state, frozen)
             if pending is not None:
                 check(pending)
             pending = (step, metrics["finite"])
@@ -471,11 +505,11 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
                     writer.write_samples(step, rows, f"{task.eval_name}/samples", samples_lib.markdown(rows))
             ckpt.check()  # a failed async save (disk full) stops the run here, not steps later
             if step % t_cfg.checkpoint_every == 0 or step == t_cfg.steps:
-                excluded(ckpt.save, step, params, opt_state, meta_for(step))
+                excluded(save, step)
                 saved_step = step
             if preemption.requested() and step < t_cfg.steps:  # on the last step the run is complete
                 if saved_step != step:  # SIGTERM on a checkpoint step or the last one: that save is the one
-                    ckpt.save(step, params, opt_state, meta_for(step), force=True)
+                    save(step, force=True)
                     saved_step = step
                 preempted = True
                 break
@@ -496,10 +530,19 @@ def run(config, workdir: str, task: Task, ms: ModelState, init_params=None,
     return summary
 
 
+def _extra_of(state, frozen):
+    """The task's extra from an ExtraSync state: with LoRA, the frozen base + the state's adapters (no copy)."""
+    return state if frozen is None else lora_lib.combine(frozen, state)
+
+
 def _check_resume(meta: dict, config_json: dict, task: Task, directory: str) -> None:
     """A resumed run must train the same model on the same data order; say which keys differ if not."""
     old = meta.get("config", {})
     diffs = []
+    want = None if task.extra_sync is None else {"every": task.extra_sync.every, **task.extra_sync.signature}
+    if meta.get("extra_sync") != want:
+        diffs.append(f"the moving extra (e.g. the TR-DPO reference: stage2.ref_sync_*): checkpoint has "
+                     f"{meta.get('extra_sync')!r}, now {want!r} (None = off)")
     sections = ["model", "data", "tokenizer"]
     if (config_json.get("lora") or {}).get("rank", 0) or (old.get("lora") or {}).get("rank", 0):
         sections.append("lora")  # the adapters' shape and scale (a checkpoint from before LoRA has no section)

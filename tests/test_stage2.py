@@ -437,3 +437,204 @@ def test_stage2_trains_on_a_users_preference_file_in_both_forms(stage1_dir, tmp_
     dropped = [r.getMessage() for r in caplog.records if "pairs dropped: empty chosen/rejected" in r.getMessage()]
     assert len(dropped) == 1 and ": 1 pairs dropped: empty chosen/rejected after truncation (1 empty" in dropped[0]
     assert _first_step(tmp_path / "w")["train/dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+# -- stage2.precompute_ref: reference log-probs cached on disk (pal_jax/ref_cache.py) ----------------------------------
+
+def _count_reference_passes(monkeypatch) -> list:
+    calls = []
+    real = stage2.precompute_reference
+
+    def counted(ms, ref_params, src):
+        calls.append(len(src.pairs.prompt))
+        return real(ms, ref_params, src)
+    monkeypatch.setattr(stage2, "precompute_reference", counted)
+    return calls
+
+
+def test_params_hash_is_the_same_on_any_mesh_and_sees_one_changed_bit():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from pal_jax import ref_cache
+    rng = np.random.RandomState(0)
+    tree = {"w": rng.randn(8, 6).astype(np.float32), "b": rng.randn(6).astype(np.float32).astype(jax.numpy.bfloat16)}
+    one = ref_cache.params_hash(jax.device_put(tree, jax.devices()[0]))
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
+    sharded = {"w": jax.device_put(tree["w"], NamedSharding(mesh, P("a", "b"))),
+               "b": jax.device_put(tree["b"], NamedSharding(mesh, P("b")))}
+    assert ref_cache.params_hash(sharded) == one
+    flipped = tree["w"].copy()
+    flipped.view(np.uint32)[3, 4] ^= 1  # the lowest mantissa bit of one element
+    assert ref_cache.params_hash({**tree, "w": flipped}) != one
+    assert ref_cache.params_hash({"w": tree["w"].T.copy().T, "b": tree["b"]}) == one  # the values, not the layout
+    assert ref_cache.params_hash({"w2": tree["w"], "b": tree["b"]}) != one  # the paths count
+
+
+def test_reference_logps_are_cached_beside_the_pairs_and_never_trusted_blindly(stage1_dir, pairs_file, tmp_path,
+                                                                                 monkeypatch, caplog):
+    import logging
+    from etils import epath
+    from pal_jax import ref_cache
+    pairs_dir = tmp_path / "pairs"
+    pairs_dir.mkdir()
+    pairs = str(pairs_dir / "pairs.jsonl")
+    shutil.copy(pairs_file, pairs)
+    calls = _count_reference_passes(monkeypatch)
+    one = dict(S2, stage2__steps=1, stage2__pairs=pairs, stage2__align_weight=0.0, stage2__precompute_ref=True)
+    c = tiny_config(init_from=stage1_dir, **one)
+    caplog.set_level(logging.INFO)
+    # a miss: computed (train and dev splits) and written beside the pairs file
+    first = stage2.run(c, str(tmp_path / "w1"))
+    path = first["ref_logps_cache"]
+    assert len(calls) == 2 and os.path.dirname(path) == str(pairs_dir / "ref_logps") and os.path.exists(path)
+    assert f"reference log-probs: computed and cached {path}" in caplog.text
+    assert not [f for f in os.listdir(pairs_dir / "ref_logps") if ".tmp" in f]  # written whole, then renamed
+    # a hit: another Stage 2 (another workdir) on the same pairs and reference runs no reference forward (checked
+    # without a training run: the same inputs as train_stage2's)
+    c2 = stage2.stage2_config(c)
+    c2.tokenizer.path = os.path.join(stage1_dir, "tokenizer")
+    exp = Experiment(c2, str(tmp_path / "w3"), need_corpus=False)
+    ref, _ = stage2.stage1_params(exp, stage1_dir)
+
+    def lookup(pairs_path):
+        src, dev = stage2.pair_sources(c2, exp.tokenizer, pairs_path, stage1_dir)
+        caplog.clear()
+        got = stage2.cached_reference(c2, exp.model, ref, {"train": src, "dev": dev}, pairs_path, exp.tokenizer,
+                                      str(tmp_path / "w3"))
+        return got, src
+    (p, hit), src = lookup(pairs)
+    assert (p, hit, len(calls)) == (path, True, 2)
+    assert f"reference log-probs: cache hit {path}" in caplog.text
+    good = np.load(path)["train"]
+    np.testing.assert_array_equal(src.ref_logps, good)
+    # a damaged file (bytes flipped in its arrays): a warning, computed again and rewritten, the same numbers
+    raw = bytearray(open(path, "rb").read())
+    for i in range(len(raw) // 2, len(raw) // 2 + 16):
+        raw[i] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+    (p, hit), src = lookup(pairs)
+    assert (p, hit, len(calls)) == (path, False, 4)
+    assert "is not used" in caplog.text and "computing them again" in caplog.text
+    np.testing.assert_allclose(src.ref_logps, good, rtol=0, atol=1e-5)
+    assert lookup(pairs)[0] == (path, True) and len(calls) == 4  # the rewritten file is trusted again
+    # a file whose record is another run's (renamed by hand): refused, naming what differs
+    tr, dv = stage2.pair_sources(c2, exp.tokenizer, pairs, stage1_dir)
+    key = ref_cache.cache_key(c2, pairs, ref, exp.tokenizer, {"train": tr.pairs, "dev": dv.pairs})
+    sizes = {"train": len(good), "dev": len(dv.pairs.prompt)}
+    assert ref_cache.load(epath.Path(path), key, sizes) is not None
+    assert ref_cache.load(epath.Path(path), {**key, "max_len": 64}, sizes) is None
+    assert "differs from this run's in ['max_len']" in caplog.text
+    # another pairs file (one pair fewer): another fingerprint, a miss
+    lines = open(pairs).read().splitlines(keepends=True)
+    open(pairs, "w").write("".join(lines[:-1]))
+    (p, hit), _ = lookup(pairs)
+    assert not hit and p != path and len(calls) == 6
+    assert sorted(os.listdir(pairs_dir / "ref_logps")) == sorted([os.path.basename(path), os.path.basename(p)])
+
+
+# -- stage2.ref_sync_every / ref_sync_alpha: the TR-DPO reference update --------------------------------------------
+
+def _record_steps(seen: list):
+    """A stand-in for train.make_train_step recording (params, extra) as numpy at every call (before the step)."""
+    real = train.make_train_step
+
+    def make(*args, **kw):
+        step = real(*args, **kw)
+
+        def record(params, opt_state, batch, extra, *rest):
+            seen.append((_np(params), _np(extra)))
+            return step(params, opt_state, batch, extra, *rest)
+        return record
+    return make
+
+
+def test_trdpo_reference_moves_by_the_mix_at_its_steps_and_resumes_exactly(stage1_dir, pairs_file, tmp_path,
+                                                                           monkeypatch):
+    alpha = 0.6
+    c = tiny_config(init_from=stage1_dir, **dict(S2, stage2__steps=5, stage2__pairs=pairs_file,
+                                                  stage2__align_weight=0.0, stage2__ref_sync_every=2,
+                                                  stage2__ref_sync_alpha=alpha, train__eval_every=5,
+                                                  train__checkpoint_every=3, train__log_every=5))
+    validate(c)
+    seen = []
+    monkeypatch.setattr(train, "make_train_step", _record_steps(seen))
+    w = tmp_path / "w"
+    _, final_ref = stage2.train_stage2(c, str(w))
+    assert len(seen) == 5
+    params = [p for p, _ in seen]  # params[k]: the policy after k steps
+    refs = [r for _, r in seen]  # refs[k]: the reference step k + 1 used
+
+    def mix(p, r):
+        return [np.float32(alpha) * a + np.float32(1 - alpha) * b for a, b in zip(p, r)]
+
+    def same(a, b, tol=0.0):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
+    same(refs[0], params[0])  # the Stage 1 model, the policy's start
+    same(refs[1], refs[0])  # no update after step 1
+    same(refs[2], mix(params[2], refs[1]), 1e-6)  # after step 2: ref <- alpha * policy + (1 - alpha) * ref
+    assert max(float(np.abs(a - b).max()) for a, b in zip(refs[2], refs[1])) > 0
+    same(refs[3], refs[2])  # not after step 3
+    same(refs[4], mix(params[4], refs[3]), 1e-6)  # after step 4
+    same(_np(final_ref), refs[4])  # step 5 is no update step: the run ends with that reference
+    final_policy = _np(ckpt_lib.load_params(str(w), _abstract(c, stage1_dir, w))[0])
+    # resume from the step-3 checkpoint (its reference: the one moved after step 2): the same steps 4 and 5
+    shutil.rmtree(w / "checkpoints" / "5")
+    seen.clear()
+    _, ref2 = stage2.train_stage2(c, str(w))
+    assert len(seen) == 2
+    same(seen[0][1], refs[3])  # the restored reference, exactly
+    same(seen[0][0], params[3])
+    same(seen[1][1], refs[4], 1e-6)
+    same(_np(ref2), _np(final_ref), 1e-6)
+    same(_np(ckpt_lib.load_params(str(w), _abstract(c, stage1_dir, w))[0]), final_policy, 1e-6)
+    # a run that changes the update (or turns it off) cannot resume that checkpoint
+    with pytest.raises(ConfigError,
+                       match=r"(?s)cannot resume .*stage2\.ref_sync.*\{'every': 2, 'alpha': 0\.6\}, now None"):
+        stage2.train_stage2(tiny_config(init_from=stage1_dir, **dict(
+            S2, stage2__steps=6, stage2__pairs=pairs_file, stage2__align_weight=0.0, train__eval_every=5,
+            train__checkpoint_every=3)), str(w))
+
+
+def _abstract(c, s1, w):
+    c2 = stage2.stage2_config(c)
+    c2.tokenizer.path = os.path.join(s1, "tokenizer")
+    return Experiment(c2, str(w), need_corpus=False).model.abstract
+
+
+def test_trdpo_with_lora_hard_update_moves_the_adapters_only(stage1_dir, pairs_file, tmp_path):
+    """LoRA Stage 2 on a full Stage 1: the policy and the reference share the frozen base; with alpha = 1 the
+    reference's adapters become the policy's after every update step, and its base stays the base."""
+    lo = dict(lora__rank=4, lora__alpha=8.0)
+    c = tiny_config(init_from=stage1_dir, tokenizer__path=os.path.join(stage1_dir, "tokenizer"), **lo,
+                    **dict(S2, stage2__steps=1, stage2__pairs=pairs_file, stage2__align_weight=0.0,
+                           stage2__ref_sync_every=1, stage2__ref_sync_alpha=1.0))
+    validate(c)
+    _, ref = stage2.train_stage2(c, str(tmp_path / "w"))
+    ref_adapters, ref_base = lora.split(ref)
+    exp = Experiment(stage2.stage2_config(c), str(tmp_path / "w"), need_corpus=False)
+    policy, _ = ckpt_lib.load_params(str(tmp_path / "w"), exp.model.abstract)  # the adapters after step 1
+    for a, b in zip(_np(ref_adapters), _np(policy)):
+        np.testing.assert_array_equal(a, b)
+    moved_b = [np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(ref_adapters)[0]
+               if str(p[-1]).strip("[]'\"").endswith("_lora_b")]
+    assert moved_b and max(float(np.abs(x).max()) for x in moved_b) > 0  # B starts at zero: these are trained
+    plain = exp.model.plain()
+    for a, b in zip(_np(ref_base), _np(ckpt_lib.load_params(stage1_dir, plain.abstract)[0])):
+        np.testing.assert_array_equal(a, b)  # the frozen base: Stage 1's params
+
+
+def test_config_checks_the_reference_update_keys():
+    validate(tiny_config(stage2__ref_sync_every=512, stage2__ref_sync_alpha=0.6))
+    validate(tiny_config(stage2__ref_sync_every=4, stage2__ref_sync_alpha=1.0, lora__rank=4))
+    validate(tiny_config(stage2__precompute_ref=True, lora__rank=4))  # off: no constraint
+    cases = [(dict(stage2__ref_sync_every=-1), r"config\.stage2\.ref_sync_every = -1: expected an integer >= 0"),
+             (dict(stage2__ref_sync_alpha=0.0), r"config\.stage2\.ref_sync_alpha = 0\.0: expected a finite number"),
+             (dict(stage2__ref_sync_alpha=1.5), r"config\.stage2\.ref_sync_alpha = 1\.5: expected .*\(0, 1\]"),
+             (dict(stage2__ref_sync_alpha=float("nan")), r"config\.stage2\.ref_sync_alpha = nan"),
+             (dict(stage2__ref_sync_every=8, stage2__precompute_ref=True),
+              r"config\.stage2\.ref_sync_every > 0 .* config\.stage2\.precompute_ref = True"),
+             (dict(stage2__ref_sync_every=8, stage2__ref_sync_alpha=0.6, lora__rank=4),
+              r"config\.stage2\.ref_sync_alpha = 0\.6 with config\.lora\.rank = 4 .*ref_sync_alpha=1")]
+    for overrides, pattern in cases:
+        with pytest.raises(ConfigError, match=pattern):
+            validate(tiny_config(**overrides))
