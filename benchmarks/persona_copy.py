@@ -13,6 +13,7 @@ Select step plays no part:
 """
 import argparse
 import collections
+import json
 import os
 import sys
 import time
@@ -31,9 +32,17 @@ ap.add_argument("workdir", help="a workdir holding a checkpoint (tiny preset, sy
 ap.add_argument("--split", default="dev", choices=("dev", "test"))
 ap.add_argument("--rank", type=int, default=0, help="persona turns for the value-rank probe; 0 = skip it")
 ap.add_argument("--show", type=int, default=4, help="replies printed")
+ap.add_argument("--max-new-tokens", type=int, default=0,
+                help="decoding budget (the prompt gets data.max_len minus it); 0 = the pipeline preset's")
 a = ap.parse_args()
 
 c = pcfg.get_config("tiny")
+# the run's own row length and buckets (config.json of the workdir): the prompts are cut as in its training
+with open(os.path.join(a.workdir, "config.json")) as f:
+    saved = json.load(f)
+c.data.max_len, c.data.buckets = saved["data"]["max_len"], tuple(saved["data"]["buckets"])
+if a.max_new_tokens:
+    c.predict.max_new_tokens = a.max_new_tokens
 c.predict.split, c.predict.select_by, c.mesh.cpu_devices, c.predict.batch_size = a.split, "sum", 0, 64
 t0 = time.time()
 p = predict.load_predictor(c, a.workdir)
