@@ -90,7 +90,8 @@ def test_config_names_the_rules_and_needs_a_dev_split_for_calibration():
 
 
 def test_config_copies_of_the_allowed_values_match_their_owners():
-    """config.py validates before jax is imported, so it keeps copies of these tuples: they must not drift."""
+    """config.py validates before jax is imported, so it keeps copies of these tuples (the loss types it imports from
+    the jax-free loss_spec, their one home): they must not drift."""
     from pal_jax import config, losses, pairs
     assert config.SELECT_RULES == selection.RULES
     assert config.DPO_LOSS_TYPES == losses.DPO_LOSS_TYPES
