@@ -99,9 +99,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     d = c.data
     _check(e, d.source in SOURCES, "data.source", d.source, f"one of {SOURCES}")
     if d.source in ("convai2", "jsonl"):
-        what = ("a ConvAI2 text file" if d.source == "convai2" else
-                "a JSONL file of {persona, history, response, persona_label (optional)}, one turn a line")
-        _check(e, bool(d.path), "data.path", d.path, f"the path of {what} when data.source={d.source!r}")
+        what = ("ConvAI2 text file" if d.source == "convai2" else
+                "JSONL file of {persona, history, response, persona_label (optional)}, one turn a line")
+        _check(e, bool(d.path), "data.path", d.path, f"the path of a {what} when data.source={d.source!r}")
         reads_corpus = c.mode in CORPUS_MODES or (c.mode in ("predict", "evaluate") and not c.predict.input)
         if d.path and reads_corpus and "://" not in d.path:
             example = ("ParlAI format, e.g. valid_self_original.txt; the data is not part of the repository; "
