@@ -102,6 +102,7 @@ def test_sample_turns_zero_writes_nothing(tmp_path):
     assert tb_texts(w / "tensorboard") == []
 
 
+@pytest.mark.slow  # a LoRA variant of a path the default suite covers without LoRA; `pytest -m slow`
 def test_lora_stage1_on_a_data_fsdp_tensor_mesh_samples_from_base_and_adapters(tmp_path):
     """With LoRA the train step holds only the adapters: the sampler decodes from the frozen base + adapters, here
     with the params sharded over fsdp and tensor (2 x 2 x 2 mesh: the predictor's batch is rounded up to 4)."""

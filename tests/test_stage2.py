@@ -337,6 +337,7 @@ def test_config_rejects_an_unknown_reference():
         validate(tiny_config(stage2__reference="foo"))
 
 
+@pytest.mark.slow  # a LoRA variant of a path the default suite covers without LoRA; `pytest -m slow`
 def test_lora_base_reference_is_the_frozen_base_without_adapters(stage1_dir, pairs_file, tmp_path):
     """A LoRA Stage 1 on another pal_jax workdir (stage1_dir): "base" = that workdir's params + zero adapters,
     sharing the policy's frozen base arrays; "stage1" = the same base + Stage 1's trained adapters."""
@@ -601,6 +602,7 @@ def _abstract(c, s1, w):
     return Experiment(c2, str(w), need_corpus=False).model.abstract
 
 
+@pytest.mark.slow  # a LoRA variant of a path the default suite covers without LoRA; `pytest -m slow`
 def test_trdpo_with_lora_hard_update_moves_the_adapters_only(stage1_dir, pairs_file, tmp_path):
     """LoRA Stage 2 on a full Stage 1: the policy and the reference share the frozen base; with alpha = 1 the
     reference's adapters become the policy's after every update step, and its base stays the base."""
