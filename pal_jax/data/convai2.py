@@ -87,7 +87,8 @@ class PromptRecord:
     dialogue_id: str | int | None = None  # rows with the same one are one dialogue (data.source="jsonl")
 
 
-def _err(path, line: int, what: str, expected: str) -> DataError:
+def err(path, line: int, what: str, expected: str) -> DataError:
+    """The DataError "<path>:<line>: <what>; expected <expected>" every reader of this package raises."""
     return DataError(f"{path}:{line}: {what}; expected {expected}")
 
 
@@ -108,22 +109,22 @@ def _read_lines(path, kind: str) -> list[str]:
     if not exists():
         raise DataFileNotFoundError(f"{path}:0: no such file; expected {kind}")
     if is_dir():
-        raise _err(path, 0, "is a directory", kind)
+        raise err(path, 0, "is a directory", kind)
     raw = read()
     if not raw.strip():
-        raise _err(path, 1, "file is empty", kind)
+        raise err(path, 1, "file is empty", kind)
     if b"\r" in raw and b"\n" not in raw:
         n_cr = raw.count(b"\r")
-        raise _err(path, 1, f"the line endings are CR only (old Mac style: {n_cr} CR, no LF)",
+        raise err(path, 1, f"the line endings are CR only (old Mac style: {n_cr} CR, no LF)",
                    f"{kind}, with LF or CRLF line endings (convert with: tr '\\r' '\\n' < IN > OUT)")
     lines = []
     for n, b in enumerate(raw.split(b"\n"), start=1):
         if len(b) > MAX_LINE_BYTES:
-            raise _err(path, n, f"line of {len(b):,} bytes", f"{kind}, lines of at most {MAX_LINE_BYTES:,} bytes")
+            raise err(path, n, f"line of {len(b):,} bytes", f"{kind}, lines of at most {MAX_LINE_BYTES:,} bytes")
         try:
             s = b.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise _err(path, n, f"bytes {b[e.start:e.start + 4]!r} at column {e.start + 1} are not UTF-8",
+            raise err(path, n, f"bytes {b[e.start:e.start + 4]!r} at column {e.start + 1} are not UTF-8",
                        "UTF-8 text") from None
         lines.append(s[:-1] if s.endswith("\r") else s)
     if lines and lines[0].startswith("\ufeff"):
@@ -159,7 +160,7 @@ def read_convai2(path) -> list[Dialogue]:
             continue  # blank lines (e.g. a trailing newline) carry nothing
         m = _NUM.match(line)
         if m is None:
-            raise _err(path, n, f"line does not start with a line number: {line[:60]!r}",
+            raise err(path, n, f"line does not start with a line number: {line[:60]!r}",
                        "'N your persona: ...' or " + TURN_FORMAT)
         num, rest = int(m.group(1)), m.group(2)
         if num == 1:
@@ -167,36 +168,36 @@ def read_convai2(path) -> list[Dialogue]:
             cur = Dialogue(persona=[], partner_persona=[], turns=[], source=f"{path}:{n}",
                            dialogue_id=len(dialogues))
         elif cur is None or num != prev_num + 1:
-            raise _err(path, n, f"line number {num} out of sequence (previous line number {prev_num})",
+            raise err(path, n, f"line number {num} out of sequence (previous line number {prev_num})",
                        f"{prev_num + 1} (continuing the dialogue) or 1 (starting a new one)")
         prev_num = num
         if rest.startswith(YOUR_PERSONA) or rest.startswith(PARTNER_PERSONA):
             own = rest.startswith(YOUR_PERSONA)
             if cur.turns:
-                raise _err(path, n, "persona line after the dialogue's first turn",
+                raise err(path, n, "persona line after the dialogue's first turn",
                            "all persona lines of a dialogue before its turns")
             sentence = rest[len(YOUR_PERSONA if own else PARTNER_PERSONA):].strip()
             if not sentence:
-                raise _err(path, n, "empty persona sentence", "'your persona: <sentence>'")
+                raise err(path, n, "empty persona sentence", "'your persona: <sentence>'")
             (cur.persona if own else cur.partner_persona).append(sentence)
             continue
         fields = rest.split("\t")
         if len(fields) < 2:
-            raise _err(path, n, f"turn line has no tab between utterance and response: {rest[:60]!r}", TURN_FORMAT)
+            raise err(path, n, f"turn line has no tab between utterance and response: {rest[:60]!r}", TURN_FORMAT)
         partner, response = fields[0].strip(), fields[1].strip()
         extra = fields[2:]
         candidates = None
         if len(extra) == 2 and extra[1].strip():  # ParlAI: text, labels, reward (empty), label_candidates
             candidates = [c.strip() for c in extra[1].split("|")]
         elif any(x.strip() for x in extra):
-            raise _err(path, n, f"turn line has {len(fields)} tab-separated fields with content after the "
+            raise err(path, n, f"turn line has {len(fields)} tab-separated fields with content after the "
                                 f"response in the wrong place", TURN_FORMAT)
         if not response:
-            raise _err(path, n, "empty response", TURN_FORMAT)
+            raise err(path, n, "empty response", TURN_FORMAT)
         cur.turns.append(Turn(partner=partner, response=response, candidates=candidates, persona_label=None))
     finish(cur)
     if not dialogues:
-        raise _err(path, 1, "no dialogues found", kind)
+        raise err(path, 1, "no dialogues found", kind)
     return dialogues
 
 
@@ -206,15 +207,10 @@ JSONL_KEYS = ("persona", "history", "response", "persona_label", "candidates", "
 def str_list(v, path, n, key, allow_empty: bool) -> tuple[str, ...]:
     """v as a tuple of stripped strings, or the DataError naming path:n and the key."""
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise _err(path, n, f"key {key!r} is {type(v).__name__} {str(v)[:60]}", "a list of strings")
+        raise err(path, n, f"key {key!r} is {type(v).__name__} {str(v)[:60]}", "a list of strings")
     if not allow_empty and not v:
-        raise _err(path, n, f"key {key!r} is an empty list", "at least one string")
+        raise err(path, n, f"key {key!r} is an empty list", "at least one string")
     return tuple(x.strip() for x in v)
-
-
-def err(path, line: int, what: str, expected: str) -> DataError:
-    """The DataError "<path>:<line>: <what>; expected <expected>" every reader of this package raises."""
-    return _err(path, line, what, expected)
 
 
 def json_objects(path, kind: str):
@@ -229,9 +225,9 @@ def json_objects(path, kind: str):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise _err(path, n, f"invalid JSON at column {e.colno}: {e.msg}", "one JSON object a line") from None
+            raise err(path, n, f"invalid JSON at column {e.colno}: {e.msg}", "one JSON object a line") from None
         if not isinstance(obj, dict):
-            raise _err(path, n, f"a JSON {type(obj).__name__}", "a JSON object")
+            raise err(path, n, f"a JSON {type(obj).__name__}", "a JSON object")
         yield n, obj
 
 
@@ -239,17 +235,17 @@ def read_persona_label(obj, path, n, n_persona: int) -> int | None:
     """obj's optional 'persona_label' (None when absent or null: the labeler fills it), checked against the persona."""
     label = obj.get("persona_label")
     if label is not None and (isinstance(label, bool) or not isinstance(label, int) or not -1 <= label < n_persona):
-        raise _err(path, n, f"key 'persona_label' is {label!r}",
+        raise err(path, n, f"key 'persona_label' is {label!r}",
                    f"null or an integer in [-1, {n_persona - 1}] (-1 = no persona sentence)")
     return label
 
 
-def read_dialogue_id(obj, path, n):
-    """obj's optional 'dialogue_id' (a string or an integer), or None."""
-    did = obj.get("dialogue_id")
-    if did is not None and (isinstance(did, bool) or not isinstance(did, (str, int))):
-        raise _err(path, n, f"key 'dialogue_id' is {type(did).__name__}", "a string, an integer or null")
-    return did
+def read_id(obj, path, n, key: str):
+    """obj's optional id under `key` ('id', 'dialogue_id': a string or an integer), or None."""
+    v = obj.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (str, int))):
+        raise err(path, n, f"key {key!r} is {type(v).__name__}", "a string, an integer or null")
+    return v
 
 
 def looks_like_jsonl(path) -> bool:
@@ -279,32 +275,30 @@ def read_jsonl(path, need_response: bool = False) -> list[PromptRecord]:
     for n, obj in json_objects(path, kind):
         unknown = [k for k in obj if k not in JSONL_KEYS]
         if unknown:
-            raise _err(path, n, f"unknown key {unknown[0]!r}", f"only the keys {', '.join(JSONL_KEYS)}")
+            raise err(path, n, f"unknown key {unknown[0]!r}", f"only the keys {', '.join(JSONL_KEYS)}")
         for key in ("persona", "history") + (("response",) if need_response else ()):
             if key not in obj:
-                raise _err(path, n, f"missing key {key!r}",
+                raise err(path, n, f"missing key {key!r}",
                            "'response': the gold reply (a non-empty string)" if key == "response"
                            else f"{key!r}: a list of strings")
         persona = str_list(obj["persona"], path, n, "persona", allow_empty=False)
         history = str_list(obj["history"], path, n, "history", allow_empty=False)
         response = obj.get("response")
         if response is not None and not isinstance(response, str):
-            raise _err(path, n, f"key 'response' is {type(response).__name__}", "a string or null")
+            raise err(path, n, f"key 'response' is {type(response).__name__}", "a string or null")
         if need_response and not (response or "").strip():
-            raise _err(path, n, f"key 'response' is {response!r}", "the gold reply, a non-empty string")
+            raise err(path, n, f"key 'response' is {response!r}", "the gold reply, a non-empty string")
         label = read_persona_label(obj, path, n, len(persona))
         cands = obj.get("candidates")
         if cands is not None:
             cands = str_list(cands, path, n, "candidates", allow_empty=False)
-        rid = obj.get("id")
-        if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
-            raise _err(path, n, f"key 'id' is {type(rid).__name__}", "a string, an integer or null")
+        rid = read_id(obj, path, n, "id")
         out.append(PromptRecord(persona=persona, history=history,
                                 response=response.strip() if response is not None else None,
                                 persona_label=label, candidates=cands, id=rid, source=f"{path}:{n}",
-                                dialogue_id=read_dialogue_id(obj, path, n)))
+                                dialogue_id=read_id(obj, path, n, "dialogue_id")))
     if not out:
-        raise _err(path, 1, "no records found", kind)
+        raise err(path, 1, "no records found", kind)
     return out
 
 
@@ -327,7 +321,7 @@ def read_jsonl_dialogues(path) -> list[Dialogue]:
         line = int(r.source.rsplit(":", 1)[1])
         if first is not None:
             if r.dialogue_id is None:
-                raise _err(path, line, "missing key 'dialogue_id'",
+                raise err(path, line, "missing key 'dialogue_id'",
                            f"a 'dialogue_id' on every line, as {first.source} has one (rows are grouped into "
                            f"dialogues by it for the train/dev/test split)")
             key = ("id", str(r.dialogue_id))
@@ -338,7 +332,7 @@ def read_jsonl_dialogues(path) -> list[Dialogue]:
             d = groups[key] = Dialogue(persona=list(r.persona), partner_persona=[], turns=[], source=r.source,
                                        dialogue_id=len(groups))
         elif persona_key(d.persona) != persona_key(r.persona):
-            raise _err(path, line, f"key 'persona' differs from that of {d.source}, which has the same "
+            raise err(path, line, f"key 'persona' differs from that of {d.source}, which has the same "
                                    f"'dialogue_id' {r.dialogue_id!r}",
                        "the same persona on every line of a dialogue")
         d.turns.append(Turn(partner=r.history[-1], response=r.response, candidates=
@@ -360,7 +354,7 @@ def write_jsonl(records, path) -> None:
                 obj["candidates"] = list(r.candidates)
             if r.id is not None:
                 obj["id"] = r.id
-            if getattr(r, "dialogue_id", None) is not None:
+            if r.dialogue_id is not None:
                 obj["dialogue_id"] = r.dialogue_id
             f.write(json.dumps(obj, ensure_ascii=False) + "\n")
 

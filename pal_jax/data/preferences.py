@@ -48,8 +48,7 @@ import re
 import zlib
 
 from pal_jax.data import chat_format, templates
-from pal_jax.data.convai2 import (DataError, err, json_objects, read_dialogue_id, read_persona_label,
-                                  str_list)
+from pal_jax.data.convai2 import DataError, err, json_objects, read_id, read_persona_label, str_list
 from pal_jax.data.templates import PromptParts
 
 PERSONA_KEYS = ("persona", "history", "chosen", "rejected", "persona_label", "kind", "id", "dialogue_id")
@@ -123,10 +122,8 @@ def _persona_row(obj, path, n, labeler) -> dict:
     chosen, rejected = obj["chosen"], obj["rejected"]  # as they are (an empty one is dropped when encoded)
     if label is None and labeler is not None:
         label = _label(labeler, persona, chosen, path, n)
-    rid = obj.get("id")
-    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
-        raise err(path, n, f"key 'id' is {type(rid).__name__}", "a string, an integer or null")
-    dialogue = read_dialogue_id(obj, path, n)
+    read_id(obj, path, n, "id")  # checked; _split_id reads it
+    dialogue = read_id(obj, path, n, "dialogue_id")
     return {"id": _split_id(obj, n, dialogue, list(persona)), "persona": list(persona), "history": list(history),
             "persona_label": label, "kind": kind, "chosen": chosen, "rejected": rejected, "source": f"{path}:{n}"}
 
@@ -198,7 +195,7 @@ def _conversation_row(obj, path, n, labeler, render: str) -> dict:
             raise err(path, n, f"missing key {key!r}", f"a conversational pair {CONVERSATION_FORM}")
     system, turns = _conversation(obj, path, n)
     chosen, rejected = _reply(obj["chosen"], path, n, "chosen"), _reply(obj["rejected"], path, n, "rejected")
-    dialogue = read_dialogue_id(obj, path, n)
+    dialogue = read_id(obj, path, n, "dialogue_id")
     if render == CHAT:
         group = system or turns  # the persona (system) when there is one, else the whole prompt
         return {"id": _split_id(obj, n, dialogue, group), "format": CHAT, "messages": system + turns,
