@@ -75,7 +75,8 @@ def _files(step_dir: epath.Path) -> dict[str, epath.Path]:
     return dict(sorted(out.items()))
 
 
-def _digest(path: epath.Path) -> tuple[int, str]:
+def file_digest(path: epath.Path) -> tuple[int, str]:
+    """(size in bytes, SHA-256 hex digest) of a file, read in 4 MiB chunks (a local path or an epath URL)."""
     h, size = hashlib.sha256(), 0
     with path.open("rb") as f:
         while chunk := f.read(1 << 22):
@@ -92,7 +93,7 @@ def write_checksums(directory: str, step: int) -> None:
     step_dir = _step_dir(directory, step)
     if not step_dir.is_dir():  # already removed by max_to_keep
         return
-    files = {rel: dict(zip(("size", "sha256"), _digest(p))) for rel, p in _files(step_dir).items()}
+    files = {rel: dict(zip(("size", "sha256"), file_digest(p))) for rel, p in _files(step_dir).items()}
     tmp = step_dir / f"{CHECKSUMS}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
     tmp.replace(step_dir / CHECKSUMS)
@@ -119,7 +120,7 @@ def verify(directory: str, step: int) -> str | None:
             if not p.exists():
                 problem = f"{rel} is missing"
                 break
-            size, digest = _digest(p)
+            size, digest = file_digest(p)
             if size != want["size"]:
                 problem = f"{rel} is {size} bytes, expected {want['size']} (truncated or overwritten)"
                 break

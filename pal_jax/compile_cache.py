@@ -3,9 +3,10 @@
 JAX writes each compiled program (the executable, serialised) to a directory and reads it back in any later process
 that compiles the same program: a rerun of the same command compiles none of the model's programs again (train steps,
 decoding, scoring), and a run of another mode reuses the programs it shares. (Within one process JAX's in-memory
-cache already serves a repeated program: in the tiny pipeline, Stage 2's evaluation compiles nothing after Stage 1's.) The cache key is a hash of the program itself, the
-jax/jaxlib version, the backend, XLA_FLAGS, the compile options and the devices' topology (their count included), so
-a hit runs the executable the compiler would have produced; a changed program, device count or flag is a miss.
+cache already serves a repeated program: in the tiny pipeline, Stage 2's evaluation compiles nothing after Stage
+1's.) The cache key is a hash of the program itself, the jax/jaxlib version, the backend, XLA_FLAGS, the compile
+options and the devices' topology (their count included), so a hit runs the executable the compiler would have
+produced; a changed program, device count or flag is a miss.
 
     "auto"       $JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/pal_jax/jax_cache (~/.cache/pal_jax/jax_cache)
     "" or "off"  no persistent cache (also when $JAX_COMPILATION_CACHE_DIR is set)

@@ -234,14 +234,18 @@ class Predictor:
             out.append(self._prompt_ids(self._gen_tpl.generate_prompt(persona, list(r.history), chosen), budget))
         return out
 
+    @property
+    def prompt_budget(self) -> int:
+        """Tokens a prompt to decode from may take: the rest of max_len is left to max_new_tokens."""
+        return self.max_len - self.sampling_cfg.max_new_tokens
+
     def generate(self, records: Sequence[Record], selected: Sequence[int]) -> list[str]:
-        budget = self.max_len - self.sampling_cfg.max_new_tokens
-        return self.generate_from_prompts(self.generate_prompts(records, selected, budget))
+        return self.generate_from_prompts(self.generate_prompts(records, selected, self.prompt_budget))
 
     def persona_free(self, records: Sequence[Record]) -> list[str]:
-        budget = self.max_len - self.sampling_cfg.max_new_tokens
         return self.generate_from_prompts(
-            [self._prompt_ids(self._gen_tpl.persona_free_prompt(list(r.history)), budget) for r in records])
+            [self._prompt_ids(self._gen_tpl.persona_free_prompt(list(r.history)), self.prompt_budget)
+             for r in records])
 
     def predict(self, records) -> list[Prediction]:
         """records: anything with .persona and .history (e.g. data.convai2.PromptRecord); nothing else is read."""

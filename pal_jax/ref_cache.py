@@ -33,18 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from pal_jax import checkpoint as ckpt_lib
 from pal_jax import mesh as mesh_lib
 
 FORMAT = 1
 FOLDER = "ref_logps"
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with epath.Path(os.fspath(path)).open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fmix32(h):
@@ -110,7 +103,7 @@ def rows_sha256(pairs) -> str:
 
 def cache_key(config, pairs_file: str, ref_params, tokenizer, encoded: dict) -> dict:
     """The record the cache file is named by (module doc); encoded: {split: stage2.PairEncoded}."""
-    return {"format": FORMAT, "pairs_sha256": file_sha256(pairs_file), "reference": params_hash(ref_params),
+    return {"format": FORMAT, "pairs_sha256": ckpt_lib.file_digest(epath.Path(os.fspath(pairs_file)))[1], "reference": params_hash(ref_params),
             "rows": {name: rows_sha256(enc) for name, enc in sorted(encoded.items())},
             "max_len": int(config.data.max_len), "buckets": [int(b) for b in config.data.buckets],
             "tokenizer": tokenizer_hash(tokenizer), "dev_fraction": float(config.stage2.dev_fraction),

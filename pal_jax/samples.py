@@ -72,9 +72,8 @@ class Sampler:
                                    sampling_cfg=sampling_config(config), select_by=rule, seed=self.seed,
                                    prompt_format=formats[0], select_format=formats[1])
         p = self.predictor
-        budget = p.max_len - p.sampling_cfg.max_new_tokens
         p.min_prompt_len = max(len(ids) for r in self.inputs for ids in p.generate_prompts(
-            [r] * (len(r.persona) + 1), list(range(len(r.persona))) + [-1], budget))
+            [r] * (len(r.persona) + 1), list(range(len(r.persona))) + [-1], p.prompt_budget))
         logging.info("samples: %d dev turns (%s) at every evaluation, select rule %s%s, prompt formats %s/%s",
                      len(self.inputs), ", ".join(str(r.id) for r in self.records), rule,
                      " (predict.select_by calibrated needs a dev fit)" if rule != config.predict.select_by else "",
