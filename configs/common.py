@@ -195,6 +195,7 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.checkpoints = ""  # "name=path,name=path" (workdirs); empty: "model=WORKDIR"
     c.eval.output_dir = ""  # empty: WORKDIR/eval
+    c.eval.hits_at_1 = True  # rank ConvAI2's 20 candidates per turn (Hits@1); False skips that scoring
     c.eval.oracle = True  # also generate with the gold persona highlighted: an upper bound, reported apart
     c.eval.bootstrap_resamples = 1000  # dialogue resamples for the report's 95% intervals
     c.eval.nli_model = ""  # local HF NLI model dir for the C-score; empty: skipped (noted in the report)

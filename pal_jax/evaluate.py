@@ -65,10 +65,11 @@ TURN_TYPES = (("persona", "Turns labelled with a persona sentence"), ("none", "T
 FEW_DIALOGUES = 20  # below this the report says its intervals are unreliable
 
 
-def score_records(predictor: Predictor, records, predictions) -> dict[str, np.ndarray]:
+def score_records(predictor: Predictor, records, predictions, *, candidates: bool = True) -> dict[str, np.ndarray]:
     """Gold-side per-turn quantities that need the model: the gold reply's NLL and token count (perplexity), and
     on turns with ConvAI2 candidates whether the gold one (the last) ranks first by summed and by mean token
-    log-prob (NaN on turns without candidates). Both condition on the model's own selection, not the label."""
+    log-prob (NaN on turns without candidates, and everywhere when candidates=False: config.eval.hits_at_1).
+    Both condition on the model's own selection, not the label."""
     tok = predictor.tok
     recs = [Record(tuple(r.persona), tuple(r.history)) for r in records]
     selected = [p.selected for p in predictions]
@@ -78,7 +79,7 @@ def score_records(predictor: Predictor, records, predictions) -> dict[str, np.nd
     sums, _ = predictor.score(predictor.generate_prompts(recs, selected, budget), [[g] for g in gold])
     out = {"nll": -sums[:, 0].astype(np.float64), "tokens": np.array([len(g) for g in gold], np.float64),
            "hit_sum": np.full(len(records), np.nan), "hit_mean": np.full(len(records), np.nan)}
-    with_cands = [i for i, r in enumerate(records) if r.candidates]
+    with_cands = [i for i, r in enumerate(records) if r.candidates] if candidates else []
     if with_cands:
         cands = [[tok.encode(c) + eos for c in records[i].candidates] for i in with_cands]
         budget = predictor.max_len - max(len(x) for c in cands for x in c)
@@ -214,12 +215,15 @@ def _values(stats: dict[str, bs.Stat]) -> dict[str, float]:
     return {k: v.value() for k, v in stats.items()}
 
 
-def evaluate(predictor: Predictor, records, *, nli=None, sentence_encoder=None, oracle: bool = False) -> Evaluation:
+def evaluate(predictor: Predictor, records, *, nli=None, sentence_encoder=None, oracle: bool = False,
+             hits_at_1: bool = True) -> Evaluation:
     """Metrics and predictions for one checkpoint on records with gold responses.
 
     nli: an nli.NLIModel for both C-score forms, or None. sentence_encoder: a sentence_encoder.SentenceEncoder
     for the consistency proxy, or None. oracle: also generate with the gold persona sentence highlighted on the
     labelled turns (an upper bound on what Select could give Generate; never mixed with the real results).
+    hits_at_1: rank the ConvAI2 candidates of turns that have them (False: no Hits@1 rows, and the scoring is
+    only the gold reply's perplexity).
     """
     missing = [r.source or str(i) for i, r in enumerate(records) if r.response is None]
     if missing:
@@ -228,7 +232,7 @@ def evaluate(predictor: Predictor, records, *, nli=None, sentence_encoder=None, 
     t0 = time.time()
     preds = predictor.predict(records)
     t1 = time.time()
-    scored = score_records(predictor, records, preds)
+    scored = score_records(predictor, records, preds, candidates=hits_at_1)
     t2 = time.time()
     stats = turn_stats(records, preds, scored, _extra_rows(records, preds, nli, sentence_encoder))
     res = _values(stats)
@@ -578,7 +582,8 @@ def run_evaluate(config, workdir: str, curves: dict[str, str] | None = None) -> 
         # SIGTERM abandons the evaluation (the report is written only at the end, whole; a rerun redoes it)
         with preemption.phase(f"evaluate ({name}: predicting; no report written)"):
             predictor = load_predictor(config, path)
-            ev = evaluate(predictor, records, nli=nli, sentence_encoder=encoder, oracle=config.eval.oracle)
+            ev = evaluate(predictor, records, nli=nli, sentence_encoder=encoder, oracle=config.eval.oracle,
+                          hits_at_1=config.eval.get("hits_at_1", True))
             if primary:
                 epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
                 write_predictions(os.fspath(epath.Path(out_dir) / f"predictions_{name}.jsonl"), records,

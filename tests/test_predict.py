@@ -98,6 +98,10 @@ def test_evaluate_report_has_every_metric(trained, records, tmp_path):
     assert "Selection rule, the same for every checkpoint: a: `calibrated" in table
     assert "## Selection errors (labelled turns)" in table and "## Oracle persona: an upper bound" in table
     assert " n.s. |" in table  # identical checkpoints: every difference is not significant
+    # eval.hits_at_1=False: the same replies and perplexity, no candidate ranking (and no Hits@1 rows)
+    off = evaluate.evaluate(predictor, with_cands, hits_at_1=False).results
+    assert "hits_at_1_mean" not in off and "hits_at_1_n" not in off
+    assert off["perplexity"] == pytest.approx(res["perplexity"], rel=1e-6) and off["f1"] == res["f1"]
     saved = json.load(open(paths["json"]))
     assert saved["results"]["a"]["f1"] == res["f1"] and saved["bootstrap"]["unit"] == "dialogue"
     assert open(paths["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
