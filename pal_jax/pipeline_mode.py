@@ -122,6 +122,9 @@ _COSMETIC = ("train.log_every", "train.eval_every", "train.eval_batches", "train
              "train.keep_checkpoints", "train.async_checkpoint", "train.profile_start", "train.profile_steps",
              "train.peak_tflops", "eval.checkpoints", "eval.output_dir")
 _VIA_STAGE2 = ("train.steps", "train.lr", "train.batch_size", "train.warmup_steps")  # replaced by stage2.* there
+# which records the evaluation predicts on (predict.load_records): the pairs come from training turns, so these
+# leave Stage 2 alone (tuning on predict.split=dev, then the same workdir on test, redoes only the evaluation)
+_EVAL_RECORDS = ("predict.split", "predict.max_records", "predict.input")
 CONTINUES = {"stage1": "train.steps", "stage2": "stage2.steps"}  # more steps: the phase continues
 
 
@@ -139,7 +142,7 @@ def phase_inputs(config, phase: str, upstream: dict | None = None) -> dict:
     """{dotted key: value} of what `phase` reads from the config, plus `upstream` (e.g. stage1.step)."""
     flat = _flat(json.loads(config.to_json_best_effort()))
     keep = {k: v for k, v in flat.items() if k.startswith(PHASE_KEYS[phase]) or k in PHASE_KEYS[phase]}
-    drop = _COSMETIC + (_VIA_STAGE2 if phase == "stage2" else ())
+    drop = _COSMETIC + (_VIA_STAGE2 + _EVAL_RECORDS if phase == "stage2" else ())
     keep = {k: v for k, v in keep.items() if k not in drop}
     keep.update(upstream or {})
     return dict(sorted(keep.items()))
@@ -150,9 +153,10 @@ def fingerprint(inputs: dict) -> str:
 
 
 def changed_inputs(old: dict, new: dict, continues: str | None = None) -> list[str]:
-    """'key: old -> new' for every input that differs (a larger `continues` value, more steps, is no change)."""
+    """'key: old -> new' for every input that differs (a larger `continues` value, more steps, is no change). A key
+    only in `old` is one this code no longer reads for the phase, so it cannot make the old output stale."""
     out = []
-    for k in sorted(set(old) | set(new)):
+    for k in sorted(new):
         a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
         if a == b:
             continue

@@ -29,6 +29,12 @@ def test_phase_inputs_leave_out_what_cannot_change_the_output_and_diff_by_key():
     assert pipeline_mode.changed_inputs(s1, more, "train.steps") == []  # more steps: the phase continues
     assert pipeline_mode.changed_inputs(more, s1, "train.steps") == ["train.steps: 5 -> 2"]  # fewer: redone
     assert pipeline_mode.changed_inputs(s2, dict(s2, **{"stage2.beta": 0.2})) == ["stage2.beta: 0.1 -> 0.2"]
+    # which records the evaluation reads (tune on dev, then test) is not a Stage 2 input, only an eval one
+    assert "predict.split" not in s2 and "predict.max_records" not in s2 and "predict.batch_size" in s2
+    assert pipeline_mode.phase_inputs(c, "eval")["predict.split"] == "test"
+    # a key a phase no longer reads (a recorded input this code dropped) does not make the old output stale
+    assert pipeline_mode.changed_inputs(dict(s2, **{"predict.split": "dev"}), s2) == []
+    assert pipeline_mode.changed_inputs(s2, dict(s2, **{"stage2.new_key": 1})) == ["stage2.new_key: '<unset>' -> 1"]
 
 
 def _run_logged(caplog, w: str, **overrides) -> str:
