@@ -133,6 +133,7 @@ def test_packed_source_deterministic_resumable_and_covers_each_epoch():
     steps = [a.batch(s) for s in range(3 * a.steps_per_epoch)]
     counts = [a._counts[e] for e in range(3)]
     assert sum(counts) >= 3 * a.steps_per_epoch - 3 and a.steps_per_epoch < a.epoch_size // B  # packed: fewer steps
+    assert a.target_cap >= a.unpacked_window  # every example fits a row alone
     # a fresh source (a resumed run) asked for a step of epoch 2 gives the same batch
     b = pipeline.PackedBatchSource(enc, B, BUCKETS, seed=7, select_ratio=0.5)
     s = counts[0] + counts[1] + 1
@@ -169,6 +170,13 @@ def test_packed_eval_covers_every_example_once():
     batches = list(src.eval_batches())
     assert len(batches) == len(plan) < 50 // 4
     assert sum(b["win_weights"].sum() for b in batches) == pytest.approx(sum(w.sum() for w in enc.target_weights))
+
+
+def test_compile_mode_builds_the_packed_batch():
+    from pal_jax import aot
+    b = aot.stage1_batch(4, 128, 48, packing=True)
+    assert b["segment_ids"].shape == (4, 128) and b["win_task"].shape == (4, 48) and "task" not in b
+    assert "segment_ids" not in aot.stage1_batch(4, 128, 48)
 
 
 def test_packing_key_validated():

@@ -11,6 +11,8 @@
    run sees exactly the batches it would have seen. `eval_batches()` yields every example once, in a fixed order.
    Multi-host: `batch(step, rows_of)` builds only the rows of the global batch that `rows_of(n_rows)` names (this
    process's slice, mesh.process_rows); the row order and the bucket length are those of the global batch.
+4. `PackedBatchSource` (data.packing, Stage 1): the same epochs packed several examples to a row (segment ids,
+   positions restarting at 0), the loss and its gradients unchanged; see its doc.
 
 A row of an example with ids x[0..n-1] (n = prompt + target + 1): inputs = x[:-1], targets = x[1:], weight 1 on
 the positions whose target is a target token (the target text or its eos), i.e. t in [prompt_len - 1, n - 2].
@@ -456,6 +458,7 @@ class PackedBatchSource(BatchSource):
         self.window = self.target_cap = max(self.window, min(self.capacity, cap))
         self._counts: dict[int, int] = {}  # epoch -> its number of batches
         self._packs: tuple[int, list[np.ndarray], list[np.ndarray]] | None = None  # (epoch, rows, batches)
+        self._eval: list[list[np.ndarray]] | None = None
         if self.epoch_size:
             self.steps_per_epoch = len(self.epoch_batches(0))  # epoch 0's (others differ a little)
 
@@ -511,6 +514,8 @@ class PackedBatchSource(BatchSource):
     # -- evaluation --------------------------------------------------------------------------------------------
     def eval_plan(self) -> list[list[np.ndarray]]:
         """Every example once, packed in file order; each batch B packed rows (an empty row = padding)."""
+        if self._eval is not None:  # packed once: every evaluation reads the same plan
+            return self._eval
         packed = self.packed_rows(np.arange(len(self.lengths)))
         if not packed:
             return []
@@ -519,7 +524,8 @@ class PackedBatchSource(BatchSource):
         if len(carry):
             plan.append(np.concatenate([carry, np.full(B - len(carry), -1, np.int64)]))
         empty = np.zeros(0, np.int64)
-        return [[packed[k] if k >= 0 else empty for k in b] for b in plan]
+        self._eval = [[packed[k] if k >= 0 else empty for k in b] for b in plan]
+        return self._eval
 
     # -- rows -> arrays ----------------------------------------------------------------------------------------
     def bucket_length(self, rows) -> int:
