@@ -53,7 +53,7 @@ def loss_and_grads(model, batch):
         num, den, mets = stage1.sft_loss_fn(nnx.merge(graphdef, s), batch, None)
         return num / den, (den, mets)
 
-    (loss, (den, mets)), grads = jax.value_and_grad(f, has_aux=True)(state)
+    (loss, (den, mets)), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(state)
     return float(loss), {k: float(v / den) for k, v in mets.items()}, grads
 
 
@@ -90,6 +90,15 @@ def test_packed_row_logits_equal_each_example_alone(family):
     model = tiny_model(family)
     logits, _ = model(jnp.asarray(batch["inputs"]), positions=jnp.asarray(batch["positions"]),
                       segment_ids=jnp.asarray(batch["segment_ids"]))
+    # each example alone in its own row (positions 0.., padding after it, which the causal mask keeps out)
+    alone_in = np.zeros((12, 64), np.int32)
+    for i, ids in enumerate(enc.ids):
+        alone_in[i, :len(ids) - 1] = ids[:-1]
+    alone, _ = model(jnp.asarray(alone_in))
+    later = next(int(r[-1]) for r in rows if len(r) > 1)  # and one, the last segment of its row, with no padding
+    exact, _ = model(jnp.asarray(enc.ids[later][None, :-1]))
+    np.testing.assert_allclose(np.asarray(alone[later, :len(enc.ids[later]) - 1]), np.asarray(exact[0]), atol=1e-5,
+                               rtol=0)
     checked = 0
     for r, row in enumerate(rows):
         off = 0
@@ -97,8 +106,8 @@ def test_packed_row_logits_equal_each_example_alone(family):
             n = len(enc.ids[i]) - 1
             assert (batch["segment_ids"][r, off:off + n] == seg).all()
             assert (batch["positions"][r, off:off + n] == np.arange(n)).all()  # positions restart at 0
-            alone, _ = model(jnp.asarray(enc.ids[i][None, :-1]))
-            np.testing.assert_allclose(np.asarray(logits[r, off:off + n]), np.asarray(alone[0]), atol=1e-5, rtol=0)
+            np.testing.assert_allclose(np.asarray(logits[r, off:off + n]), np.asarray(alone[i, :n]), atol=1e-5,
+                                       rtol=0)
             off += n
             checked += seg > 1  # a segment after another one: it saw none of the row's earlier tokens
         assert (batch["segment_ids"][r, off:] == 0).all()  # padding
