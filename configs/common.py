@@ -87,6 +87,11 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.data.max_len = 256
     c.data.buckets = (64, 128, 192, 256)
     c.data.select_ratio = 0.5  # share of select examples in each epoch of the stage 1 mixture
+    # Stage 1 sequence packing: several examples per row of data.max_len positions (greedy first-fit in the epoch's
+    # shuffled order, within windows of 1024 examples), attention kept inside each example and positions
+    # restarting at 0; the loss equals the unpacked one, each step holds more examples (fewer steps per epoch).
+    # Stage 2 pairs are never packed (pal_jax/data/pipeline.py PackedBatchSource)
+    c.data.packing = False
     # Stage 1 loss weight of the reply tokens that state the highlighted persona sentence's content words (training
     # generate examples; every other target token 1, the held-out loss unweighted); 1 = plain NLL
     c.data.persona_weight = 1.0

@@ -397,15 +397,19 @@ class Transformer(nnx.Module):
         return positions
 
     # -- public API -----------------------------------------------------------------------------------------
-    def hidden_states(self, tokens, *, positions=None, key_mask=None):
+    def hidden_states(self, tokens, *, positions=None, key_mask=None, segment_ids=None):
         """tokens int32 [B,T] -> final-normed hidden states [B,T,d_model] (cfg.dtype).
 
-        positions int32 [B,T] (default arange); key_mask bool [B,T] (False = padding key, never attended)."""
+        positions int32 [B,T] (default arange); key_mask bool [B,T] (False = padding key, never attended);
+        segment_ids int32 [B,T] (packed rows, data.packing): a token attends only to earlier tokens of its own
+        segment (give each example's positions restarting at 0)."""
         positions = self._positions(tokens, positions)
         t = tokens.shape[1]
         mask = jnp.tril(jnp.ones((t, t), bool))[None]
         if key_mask is not None:
             mask = mask & key_mask[:, None, :].astype(bool)
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
         mask = jnp.broadcast_to(mask, (tokens.shape[0], t, t))
         x = self._embed(tokens, positions)
         rope = self._rope(positions)
@@ -427,9 +431,9 @@ class Transformer(nnx.Module):
             out = out[..., : self.cfg.vocab_size]
         return _constrain_rows(out.astype(jnp.float32))
 
-    def __call__(self, tokens, *, positions=None, key_mask=None):
+    def __call__(self, tokens, *, positions=None, key_mask=None, segment_ids=None):
         """tokens int32 [B,T] -> (logits float32 [B,T,vocab_size], final-normed hidden [B,T,d_model])."""
-        hidden = self.hidden_states(tokens, positions=positions, key_mask=key_mask)
+        hidden = self.hidden_states(tokens, positions=positions, key_mask=key_mask, segment_ids=segment_ids)
         return self.logits(hidden), hidden
 
     def init_cache(self, batch: int, max_len: int) -> list[dict[str, jax.Array]]:
