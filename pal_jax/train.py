@@ -535,6 +535,11 @@ def _extra_of(state, frozen):
     return state if frozen is None else lora_lib.combine(frozen, state)
 
 
+# Keys added to the resume-checked sections after checkpoints were first written, with the value that reproduces
+# the behaviour of the code before them: a checkpoint without the key resumes when the run keeps that value.
+ADDED_KEYS = {"data.packing": False}
+
+
 def _check_resume(meta: dict, config_json: dict, task: Task, directory: str) -> None:
     """A resumed run must train the same model on the same data order; say which keys differ if not."""
     old = meta.get("config", {})
@@ -548,7 +553,10 @@ def _check_resume(meta: dict, config_json: dict, task: Task, directory: str) -> 
         sections.append("lora")  # the adapters' shape and scale (a checkpoint from before LoRA has no section)
     for section in sections:
         for k, v in config_json.get(section, {}).items():
-            if old.get(section, {}).get(k) != v:
+            was = old.get(section, {})
+            if k not in was and f"{section}.{k}" in ADDED_KEYS and v == ADDED_KEYS[f"{section}.{k}"]:
+                continue
+            if was.get(k) != v:
                 diffs.append(f"config.{section}.{k}: checkpoint has {old.get(section, {}).get(k)!r}, now {v!r}")
     for k in ("seed", "mode"):
         if old.get(k) != config_json.get(k):

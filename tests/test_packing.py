@@ -197,6 +197,20 @@ def test_packing_key_validated():
     validate(tiny_config(data__packing=True))
 
 
+def test_checkpoint_from_before_packing_resumes_unpacked_only():
+    """A checkpoint whose config has no data.packing (written before the key existed) resumes with packing off,
+    the behaviour it was trained with, and is refused, naming the key, with packing on."""
+    import json
+    task = train.Task(name="stage1", loss_fn=None, train_batch=None, eval_batches=None)
+    now = json.loads(tiny_config().to_json_best_effort())
+    old = json.loads(json.dumps(now))
+    del old["data"]["packing"]
+    train._check_resume({"config": old}, now, task, "W")
+    on = json.loads(tiny_config(data__packing=True).to_json_best_effort())
+    with pytest.raises(ConfigError, match=r"config\.data\.packing: checkpoint has None, now True"):
+        train._check_resume({"config": old}, on, task, "W")
+
+
 def test_stage1_packed_eval_loss_equals_unpacked_and_trains(tmp_path):
     """The real Stage 1 task on the synthetic corpus: the held-out loss of the same params is the same packed or
     not (the whole dev split, per task too), there are fewer steps per epoch, and a packed run trains end to end."""
