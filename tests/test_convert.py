@@ -165,7 +165,7 @@ def test_import_refusals_name_the_problem(tmp_path):
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
     with pytest.raises(ValueError, match=r"model_type='bert' \(architectures=\['BertForMaskedLM'\]\) is not "
-                                         r"supported; expected one of \('gpt2', 'llama'\)"):
+                                         r"supported; expected one of \('gpt2', 'llama', 'qwen2', 'qwen3', 'mistral'\)"):
         convert.load_hf_dir(bert)
     custom = {"model_type": "my_llm", "architectures": ["MyLLM"], "auto_map": {"AutoModelForCausalLM": "m.MyLLM"}}
     (bert / "config.json").write_text(json.dumps(custom))
