@@ -17,7 +17,21 @@ MODEL_PRESETS = {
     "llama3_8b": dict(family="llama", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                       head_dim=0, d_ff=14336, max_len=8192, rope_theta=500000.0, norm_eps=1e-5,
                       tie_embeddings=False),
+    # the shapes of Qwen/Qwen2.5-0.5B(-Instruct) and meta-llama/Llama-3.2-1B(-Instruct) config.json files
+    # (max_len is the run's sequence budget, not the checkpoint's 32768 / 131072)
+    "qwen2_5_0_5b": dict(family="llama", vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                         head_dim=0, d_ff=4864, max_len=2048, rope_theta=1000000.0, norm_eps=1e-6,
+                         tie_embeddings=True, qkv_bias=True),
+    "llama3_2_1b": dict(family="llama", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                        head_dim=64, d_ff=8192, max_len=2048, rope_theta=500000.0, norm_eps=1e-5,
+                        tie_embeddings=True, rope_type="llama3", rope_factor=32.0, rope_low_freq_factor=1.0,
+                        rope_high_freq_factor=4.0, rope_original_max_len=8192),
 }
+# Llama-family variants (model.ModelConfig; pal_jax/hf_families.py maps them to Qwen2/Qwen3/Llama options): every
+# preset has these keys, with these values unless it sets them.
+MODEL_VARIANT_DEFAULTS = dict(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, rope_type="default",
+                              rope_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                              rope_original_max_len=0, sliding_window=0)
 
 # Logical parameter/activation axis -> mesh axes. Data, not code: override per run if a shape needs another split.
 DEFAULT_AXIS_RULES = (
@@ -52,7 +66,7 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.init_from = ("smollm2_gguf" if preset == "smollm2_135m" and mode in ("stage1", "pipeline", "predict", "chat")
                    else "")
 
-    c.model = ml_collections.ConfigDict(dict(MODEL_PRESETS[preset]))
+    c.model = ml_collections.ConfigDict({**MODEL_VARIANT_DEFAULTS, **MODEL_PRESETS[preset]})
     c.model.vocab_multiple = 1
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"

@@ -1,8 +1,11 @@
 """Hugging Face checkpoints (config.json + safetensors) in and out of pal_jax models.
 
-Supported model_type: "gpt2" (GPT2LMHeadModel) and "llama" (LlamaForCausalLM and compatible, e.g. SmolLM2).
+Supported model_type: "gpt2" (GPT2LMHeadModel), "llama" (LlamaForCausalLM and compatible, e.g. SmolLM2; with
+attention_bias, mlp_bias, linear or llama3 RoPE scaling), "qwen2" (Qwen2/Qwen2.5), "qwen3" and "mistral": one key
+table and config translation per family in pal_jax/hf_families.py, walked here in both directions.
 Layouts: GPT-2 stores Conv1D weights as [in, out] with q/k/v fused in c_attn; Llama stores nn.Linear weights as
-[out, in]. Both are reshaped into the model's [embed, heads, head_dim] / [heads, head_dim, embed] kernels.
+[out, in]. Both are reshaped into the model's [embed, heads, head_dim] / [heads, head_dim, embed] kernels, after
+each tensor's stored shape is checked against the config (a transposed or misshapen tensor is named).
 No torch, no pickle and no remote code: tensors are read and written with safetensors' numpy functions, and a
 directory holding only pytorch_model.bin (a pickle) is refused.
 
@@ -308,11 +311,11 @@ def export_hf_dir(model_or_params, model_cfg: ModelConfig | None, out_dir, token
                          f"model's vocab_size={model_cfg.vocab_size}")
     out = pathlib.Path(out_dir).absolute()
     _check_replaceable(out)
+    hf_cfg = hf_config_dict(model_cfg, tokenizer)  # first: a config no HF family holds is refused here
     tensors = hf_state_dict(model_or_params, model_cfg)
     if jax.process_index() != 0:
         return str(out)
     from safetensors.numpy import save_file
-    hf_cfg = hf_config_dict(model_cfg, tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -8,9 +8,9 @@ it exists (a ModelConfig predicate: a bias only with its flag). pal_jax/convert.
 Families (HF model_type -> the pal_jax model):
   gpt2                  family "gpt2"
   llama, qwen2, qwen3,  family "llama" with variant flags: Qwen2 = q/k/v biases; Qwen3 = per-head q/k RMSNorm
-  mistral               (and attention_bias on q/k/v/o); Llama attention_bias (q/k/v/o) and mlp_bias; RoPE
-                        "default", "linear" or "llama3" (pal_jax.model.rope_inv_freq). Mistral loads with
-                        sliding_window unset (null) only.
+  mistral               (and attention_bias on q/k/v/o); Llama attention_bias (q/k/v/o) and mlp_bias; Mistral
+                        sliding_window (a banded causal mask); RoPE "default", "linear" or "llama3"
+                        (pal_jax.model.rope_inv_freq). Qwen's use_sliding_window (some layers only) is refused.
 An export writes the first family, in the order of LLAMA_LIKE, that expresses the config's flags (a Mistral without
 sliding window is written as llama: the same model).
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Callable
 
 import numpy as np
@@ -232,10 +231,11 @@ class LlamaLike:
             fields.update(qkv_bias=bool(hf.get("attention_bias", False)), o_bias=bool(hf.get("attention_bias", False)))
         if self.mlp_bias:
             fields["mlp_bias"] = bool(hf.get("mlp_bias", False))
-        window = get("sliding_window") if self.model_type == "mistral" or get("use_sliding_window") else None
-        if window:
-            raise ValueError(f"{where}: sliding_window={window} is not supported yet; expected it unset (null)"
-                             + ("" if self.model_type == "mistral" else " or use_sliding_window=False"))
+        if self.model_type == "mistral":
+            fields["sliding_window"] = int(get("sliding_window") or 0)
+        elif get("use_sliding_window") and get("sliding_window"):  # Qwen: a window from layer max_window_layers on
+            raise ValueError(f"{where}: use_sliding_window=True with sliding_window={get('sliding_window')} is not "
+                             f"supported (a window on some layers only); expected use_sliding_window=False")
         d = _need(hf, "hidden_size", where)
         n_heads = _need(hf, "num_attention_heads", where)
         head_dim = get("head_dim") or d // n_heads
@@ -250,8 +250,12 @@ class LlamaLike:
 
     def expresses(self, cfg: ModelConfig) -> bool:
         """Whether this family's config.json can describe cfg (its flags)."""
-        flags = {"qkv_bias": cfg.qkv_bias, "o_bias": cfg.o_bias, "mlp_bias": cfg.mlp_bias, "qk_norm": cfg.qk_norm}
-        want = {"qkv_bias": False, "o_bias": False, "mlp_bias": False, "qk_norm": False, **self.fixed}
+        flags = {"qkv_bias": cfg.qkv_bias, "o_bias": cfg.o_bias, "mlp_bias": cfg.mlp_bias, "qk_norm": cfg.qk_norm,
+                 "sliding_window": cfg.sliding_window}
+        want = {"qkv_bias": False, "o_bias": False, "mlp_bias": False, "qk_norm": False, "sliding_window": 0,
+                **self.fixed}
+        if self.model_type == "mistral":
+            want["sliding_window"] = cfg.sliding_window
         if self.attention_bias:
             if cfg.qkv_bias != cfg.o_bias:
                 return False
@@ -274,7 +278,7 @@ class LlamaLike:
         if self.model_type in ("qwen2", "qwen3"):
             out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
         if self.model_type == "mistral":
-            out["sliding_window"] = None
+            out["sliding_window"] = cfg.sliding_window or None
         return out
 
 
@@ -316,7 +320,7 @@ def hf_family(cfg: ModelConfig) -> tuple[str, str, dict]:
     for fam in LLAMA_LIKE.values():
         if fam.expresses(cfg):
             return fam.model_type, fam.architecture, fam.to_hf(cfg)
-    flags = {k: getattr(cfg, k) for k in ("qkv_bias", "o_bias", "mlp_bias", "qk_norm")}
+    flags = {k: getattr(cfg, k) for k in ("qkv_bias", "o_bias", "mlp_bias", "qk_norm", "sliding_window")}
     raise ValueError(f"export: no Hugging Face family holds a llama model with {flags}; expected the flags of one "
                      f"of {tuple(LLAMA_LIKE)} (Qwen2: qkv_bias only; Llama/Qwen3: qkv_bias == o_bias)")
 
@@ -335,7 +339,3 @@ def split_fused(w: np.ndarray, key: Key, param_shapes, cfg: ModelConfig) -> list
     shape_fn = LAYOUTS[key.layout][0]
     sizes = [shape_fn(s, cfg)[-1] for s in param_shapes]
     return np.split(w, np.cumsum(sizes)[:-1], axis=-1) if len(sizes) > 1 else [w]
-
-
-def n_elements(shape) -> int:
-    return math.prod(shape)

@@ -2,8 +2,8 @@
 
 llama: RoPE (HF rotate-half convention, configurable theta; linear or Llama-3.1 scaling), grouped-query attention,
 RMSNorm, SwiGLU MLP, tied or untied LM head; optional q/k/v, output and MLP biases and per-head q/k RMSNorm (the
-Qwen2, Qwen3 and Llama attention_bias / mlp_bias variants). gpt2: learned position table, LayerNorm with bias, tanh-GELU MLP, biases on
-every projection, final LayerNorm.
+Qwen2, Qwen3 and Llama attention_bias / mlp_bias variants); optional sliding-window attention (Mistral).
+gpt2: learned position table, LayerNorm with bias, tanh-GELU MLP, biases on every projection, final LayerNorm.
 
 Every parameter is an `nnx.Param` whose `out_sharding` metadata holds logical axis names (e.g. ("vocab", "embed"));
 `nnx.get_partition_spec(nnx.state(model, nnx.Param))` returns them, and inside `nnx.logical_axis_rules(rules)` it
@@ -73,6 +73,8 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3
     rope_high_freq_factor: float = 4.0  # llama3
     rope_original_max_len: int = 0  # llama3: original_max_position_embeddings (the pretraining context)
+    # 0 = full causal attention; W > 0: a query sees itself and the W - 1 keys before it (Mistral sliding_window)
+    sliding_window: int = 0
 
     def __post_init__(self):
         def bad(name, expected):
@@ -120,6 +122,10 @@ class ModelConfig:
                 bad(name, "a positive number")
         if not isinstance(self.rope_original_max_len, int) or self.rope_original_max_len < 0:
             bad("rope_original_max_len", "an integer >= 0")
+        if not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool) or self.sliding_window < 0:
+            bad("sliding_window", "an integer >= 0 (0 = none)")
+        if self.sliding_window and self.family != "llama":
+            bad("sliding_window", "0 for family 'gpt2'")
         if self.rope_type == "llama3":
             if self.rope_original_max_len < 1:
                 bad("rope_original_max_len", "a positive integer for rope_type 'llama3'")
@@ -290,6 +296,18 @@ def apply_rope(x, cos, sin):
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def causal_mask(q_idx, n_keys: int, window: int = 0):
+    """bool [T, n_keys]: query at index q_idx[t] may see key index j when j <= q_idx[t] and, with a sliding
+    window W > 0, q_idx[t] - j < W (as transformers' sliding_window_overlay). Indices are sequence (or cache slot)
+    indices: in a row, real tokens are contiguous, so their distance is their position distance."""
+    j = jnp.arange(n_keys, dtype=jnp.int32)[None, :]
+    q = jnp.asarray(q_idx, jnp.int32)[:, None]
+    mask = j <= q
+    if window:
+        mask = mask & (q - j < window)
+    return mask
 
 
 def attend(q, k, v, mask):
@@ -490,7 +508,7 @@ class Transformer(nnx.Module):
         self._check_positions(tokens.shape[1], "a sequence")
         positions = self._positions(tokens, positions)
         t = tokens.shape[1]
-        mask = jnp.tril(jnp.ones((t, t), bool))[None]
+        mask = causal_mask(jnp.arange(t, dtype=jnp.int32), t, self.cfg.sliding_window)[None]
         if key_mask is not None:
             mask = mask & key_mask[:, None, :].astype(bool)
         mask = jnp.broadcast_to(mask, (tokens.shape[0], t, t))
@@ -535,7 +553,7 @@ class Transformer(nnx.Module):
         s = cache[0]["k"].shape[1]
         self._check_positions(s, "a KV cache (prompt + new tokens)")
         q_slot = jnp.asarray(cache_index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
-        mask = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot[:, None]  # [T,S]
+        mask = causal_mask(q_slot, s, self.cfg.sliding_window)  # [T,S]
         mask = mask[None] & key_mask[:, None, :].astype(bool)  # [B,T,S]
         x = self._embed(tokens, positions)
         rope = self._rope(positions)

@@ -3,9 +3,9 @@ be silently wrong: tiny random transformers models saved in the test, logits com
 transformers reloading our export)."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -178,3 +178,169 @@ def test_gpt2_longer_than_n_positions_is_refused():
     cand, cmask = jnp.zeros((1, 2, 5), jnp.int32), jnp.ones((1, 2, 5), bool)
     with pytest.raises(ValueError, match=r"17 tokens; expected at most max_len=16"):
         jax.eval_shape(lambda: sampling.score_candidates(model, tokens, mask, cand, cmask))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Families: import and export parity
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+FAMILY_CASES = {
+    # name: (config class, kwargs, sequence length, exported architecture when it differs)
+    "qwen2": ("Qwen2Config", dict(SMALL), 24, None),
+    "qwen2_tied": ("Qwen2Config", dict(SMALL, tie_word_embeddings=True, num_key_value_heads=1), 24, None),
+    "llama_attention_bias": ("LlamaConfig", dict(SMALL, attention_bias=True), 24, None),
+    "llama_mlp_bias": ("LlamaConfig", dict(SMALL, mlp_bias=True), 24, None),
+    "llama_both_biases": ("LlamaConfig", dict(SMALL, attention_bias=True, mlp_bias=True), 24, None),
+    # RoPE scaling, on 48 tokens: longer than original_max_position_embeddings=32; wavelengths fall in all three
+    # llama3 bands (head_dim 16: 6.3 < 8 = 32/4, 19.9 between, 62.8.. > 32 = 32/1)
+    "llama3_rope_parameters": ("LlamaConfig", dict(SMALL, head_dim=16, rope_parameters=dict(
+        LLAMA3_ROPE, rope_theta=10000.0)), 48, None),
+    "linear_rope_parameters": ("LlamaConfig", dict(SMALL, rope_parameters={
+        "rope_type": "linear", "factor": 4.0, "rope_theta": 5000.0}), 48, None),
+    "qwen3": ("Qwen3Config", dict(SMALL), 24, None),
+    "qwen3_attention_bias": ("Qwen3Config", dict(SMALL, attention_bias=True, head_dim=8), 24, None),
+    "mistral_no_window": ("MistralConfig", dict(SMALL, sliding_window=None), 24, "LlamaForCausalLM"),
+    "mistral_window": ("MistralConfig", dict(SMALL, sliding_window=6), 24, None),
+}
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_family_parity_import_and_export(hf, tmp_path, case):
+    torch, transformers = hf
+    cls, kw, t, arch = FAMILY_CASES[case]
+    d_import, d_export, cfg = _round_trip(hf, tmp_path, getattr(transformers, cls)(**kw), t=t, arch=arch)
+    print(f"{case}: max|diff| import {d_import:.3g}, export {d_export:.3g}")
+    assert d_import <= TOL and d_export <= TOL
+    if "rope" in case:
+        assert cfg.rope_type == kw["rope_parameters"]["rope_type"]
+
+
+@pytest.mark.parametrize("rope", [LLAMA3_ROPE, {"type": "linear", "factor": 4.0}])
+def test_transformers4_rope_scaling_form(hf, tmp_path, rope):
+    """A transformers-4 config.json (rope_theta at the top, rope_scaling, no rope_parameters; linear with the legacy
+    "type" key) reads as transformers 5 reads it."""
+    torch, transformers = hf
+    _, path = _llama_dir(hf, tmp_path, head_dim=16)
+    hf_cfg = json.loads((path / "config.json").read_text())
+    hf_cfg.pop("rope_parameters", None)
+    hf_cfg.update(rope_theta=20000.0, rope_scaling=rope)
+    (path / "config.json").write_text(json.dumps(hf_cfg))
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    ref_model.eval()
+    tokens = _tokens(48)
+    ref = _hf_logits(torch, ref_model, tokens)
+    cfg, model = convert.load_hf_dir(path)
+    assert (cfg.rope_type, cfg.rope_theta) == (rope.get("rope_type", rope.get("type")), 20000.0)
+    diff = float(np.abs(np.asarray(_forward(model, jnp.asarray(tokens))) - ref).max())
+    print(f"transformers-4 form {cfg.rope_type}: max|diff| = {diff:.3g}")
+    assert diff <= TOL
+    # without the scaling the logits past the original context differ: the scaling is applied, not ignored
+    plain = ModelConfig.from_dict({**cfg.to_dict(), "rope_type": "default"})
+    _, state = nnx.split(model)
+    other = nnx.merge(nnx.graphdef(Transformer(plain, rngs=nnx.Rngs(0))), state)
+    assert float(np.abs(np.asarray(_forward(other, jnp.asarray(tokens))) - ref).max()) > 0.1
+
+
+def test_family_refusals(hf, tmp_path):
+    torch, transformers = hf
+    base = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "intermediate_size": 64}
+    cfg = convert.model_config_from_hf({"model_type": "mistral", **base, "num_key_value_heads": 2})
+    assert cfg.sliding_window == 4096  # absent = MistralConfig's default, as transformers reads it
+    with pytest.raises(ValueError, match=r"model_type='qwen2'.*use_sliding_window=True with sliding_window=16 is "
+                                         r"not supported.*expected use_sliding_window=False"):
+        convert.model_config_from_hf({"model_type": "qwen2", **base, "use_sliding_window": True,
+                                      "sliding_window": 16})
+    with pytest.raises(ValueError, match=r"model_type='qwen2'.*attention_bias=True; expected False"):
+        convert.model_config_from_hf({"model_type": "qwen2", **base, "attention_bias": True})
+    cfg = convert.model_config_from_hf({"model_type": "qwen3", **base, "num_key_value_heads": 2})
+    assert (cfg.hd, cfg.qk_norm, cfg.qkv_bias) == (128, True, False)  # Qwen3Config's head_dim default
+    # a flag combination no HF family holds is refused at export, naming the flags
+    odd = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, qkv_bias=True,
+                      mlp_bias=True)
+    with pytest.raises(ValueError, match=r"no Hugging Face family holds a llama model with \{'qkv_bias': True, "
+                                         r"'o_bias': False, 'mlp_bias': True"):
+        convert.export_hf_dir({}, odd, tmp_path / "odd")  # refused before any param is read
+    assert not (tmp_path / "odd").exists()
+
+
+def _random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    rng = np.random.RandomState(seed)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(rng.normal(0.0, 0.3, x.shape), x.dtype), state))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, params, tokens):
+    return nnx.merge(graphdef, params)(tokens)[0]
+
+
+def test_sliding_window_in_cached_decoding_and_candidate_scoring():
+    """The banded mask holds in the KV-cache paths too: greedy decoding and candidate scoring (left-padded prompts,
+    the cache longer than the window) give what full forward passes over the real tokens give."""
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_len=64,
+                      sliding_window=4, tie_embeddings=False)
+    model = _random_model(cfg, seed=3)
+    graphdef, params = nnx.split(model)
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(2, VOCAB, 10).tolist(), rng.randint(2, VOCAB, 7).tolist()]  # the second left-padded
+    tokens, mask = sampling.left_pad(prompts, 10, 0)
+
+    def full(seq):  # right-padded to one length (one compile): causal, so the padding changes no earlier logit
+        return np.asarray(_logits(graphdef, params, jnp.asarray([seq + [0] * (16 - len(seq))], jnp.int32))
+                          )[0, :len(seq)]
+
+    greedy = sampling.SamplingConfig(method="greedy", max_new_tokens=6)
+    out = np.asarray(sampling.generate_jit(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask),
+                                           jax.random.key(0), cfg=greedy, eos_id=-1, pad_id=0))
+    for row, prompt in zip(out, prompts):
+        seq = list(prompt)
+        for _ in range(6):
+            seq.append(int(np.argmax(full(seq)[-1])))
+        assert row.tolist() == seq[len(prompt):]
+
+    cands = rng.randint(2, VOCAB, (2, 3, 5)).astype(np.int32)
+    cmask = np.ones((2, 3, 5), bool)
+    cmask[1, 2, 3:] = False  # a shorter candidate
+    lp = np.asarray(sampling.candidate_token_logprobs_jit(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask),
+                                                          jnp.asarray(cands), jnp.asarray(cmask)))
+    worst = 0.0
+    for b, prompt in enumerate(prompts):
+        for k in range(3):
+            n = int(cmask[b, k].sum())
+            seq = prompt + cands[b, k, :n].tolist()
+            z = full(seq)[len(prompt) - 1:-1].astype(np.float64)
+            logp = z - z.max(-1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+            ref = logp[np.arange(n), cands[b, k, :n]]
+            worst = max(worst, float(np.abs(lp[b, k, :n] - ref).max()))
+    print(f"sliding window candidate scoring vs full forward: max|diff| = {worst:.3g}")
+    assert worst <= TOL
+    # the window matters at these lengths: without it the full-forward logits differ
+    plain = ModelConfig.from_dict({**cfg.to_dict(), "sliding_window": 0})
+    unbanded = nnx.graphdef(nnx.eval_shape(lambda: Transformer(plain, rngs=nnx.Rngs(0))))
+    seq = jnp.asarray([prompts[0] + [0] * 6], jnp.int32)
+    assert float(np.abs(np.asarray(_logits(unbanded, params, seq)) - full(prompts[0] + [0] * 6)).max()) > 0.1
+
+
+@pytest.mark.parametrize("preset,n_params", [("qwen2_5_0_5b", 494_032_768), ("llama3_2_1b", 1_235_814_400)])
+def test_real_checkpoint_presets_have_their_shapes(hf, preset, n_params):
+    """The presets build (abstract shapes, no weights) with the checkpoints' published parameter counts, and the
+    Llama-3.2 preset's RoPE frequencies are transformers' for that checkpoint's rope_scaling."""
+    import sys
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "configs"))
+    import common
+    from pal_jax.model import rope_inv_freq
+    cfg = ModelConfig.from_dict({**common.MODEL_VARIANT_DEFAULTS, **common.MODEL_PRESETS[preset]})
+    state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state)) == n_params
+    if cfg.rope_type == "llama3":
+        torch, transformers = hf
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        hf_cfg = transformers.LlamaConfig(hidden_size=2048, num_attention_heads=32, head_dim=64, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+        ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+        np.testing.assert_allclose(rope_inv_freq(cfg), ref.numpy(), rtol=1e-6)
