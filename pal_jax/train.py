@@ -546,10 +546,14 @@ def _check_resume(meta: dict, config_json: dict, task: Task, directory: str) -> 
     sections = ["model", "data", "tokenizer"]
     if (config_json.get("lora") or {}).get("rank", 0) or (old.get("lora") or {}).get("rank", 0):
         sections.append("lora")  # the adapters' shape and scale (a checkpoint from before LoRA has no section)
+    # a model key added after the checkpoint was written (e.g. qkv_bias) reads as ModelConfig's default there
+    model_defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     for section in sections:
+        saved = old.get(section, {})
         for k, v in config_json.get(section, {}).items():
-            if old.get(section, {}).get(k) != v:
-                diffs.append(f"config.{section}.{k}: checkpoint has {old.get(section, {}).get(k)!r}, now {v!r}")
+            was = saved[k] if k in saved else (model_defaults.get(k) if section == "model" else None)
+            if was != v:
+                diffs.append(f"config.{section}.{k}: checkpoint has {was!r}, now {v!r}")
     for k in ("seed", "mode"):
         if old.get(k) != config_json.get(k):
             diffs.append(f"config.{k}: checkpoint has {old.get(k)!r}, now {config_json.get(k)!r}")

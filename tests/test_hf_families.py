@@ -344,3 +344,19 @@ def test_real_checkpoint_presets_have_their_shapes(hf, preset, n_params):
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
         ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
         np.testing.assert_allclose(rope_inv_freq(cfg), ref.numpy(), rtol=1e-6)
+
+
+def test_resume_reads_a_checkpoint_saved_before_the_variant_keys():
+    """A workdir written before qkv_bias, rope_type, sliding_window ... existed resumes: a missing model key reads
+    as ModelConfig's default; a set one that differs is still named."""
+    from helpers import tiny_config
+    from pal_jax import train
+    task = train.Task(name="stage1", loss_fn=None, train_batch=None, eval_batches=None)
+    now = json.loads(tiny_config().to_json_best_effort())
+    assert now["model"]["qkv_bias"] is False and now["model"]["sliding_window"] == 0
+    old = {**now, "model": {k: v for k, v in now["model"].items() if k not in ("qkv_bias", "rope_type",
+                                                                              "sliding_window")}}
+    train._check_resume({"config": old}, now, task, "W")
+    biased = {**now, "model": {**now["model"], "qkv_bias": True}}
+    with pytest.raises(ValueError, match=r"config\.model\.qkv_bias: checkpoint has False, now True"):
+        train._check_resume({"config": old}, biased, task, "W")
