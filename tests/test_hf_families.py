@@ -324,7 +324,10 @@ def test_sliding_window_in_cached_decoding_and_candidate_scoring():
     assert float(np.abs(np.asarray(_logits(unbanded, params, seq)) - full(prompts[0] + [0] * 6)).max()) > 0.1
 
 
-@pytest.mark.parametrize("preset,n_params", [("qwen2_5_0_5b", 494_032_768), ("llama3_2_1b", 1_235_814_400)])
+@pytest.mark.parametrize("preset,n_params", [
+    ("qwen2_5_0_5b", 494_032_768), ("qwen2_5_1_5b", 1_543_714_304), ("llama3_2_1b", 1_235_814_400),
+    ("qwen3_0_6b", 596_049_920), ("mistral_7b", 7_248_023_552), ("llama3_1_8b", 8_030_261_248),
+    ("llama3_8b", 8_030_261_248)])
 def test_real_checkpoint_presets_have_their_shapes(hf, preset, n_params):
     """The presets build (abstract shapes, no weights) with the checkpoints' published parameter counts, and the
     Llama-3.2 preset's RoPE frequencies are transformers' for that checkpoint's rope_scaling."""
@@ -336,7 +339,7 @@ def test_real_checkpoint_presets_have_their_shapes(hf, preset, n_params):
     cfg = ModelConfig.from_dict({**common.MODEL_VARIANT_DEFAULTS, **common.MODEL_PRESETS[preset]})
     state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state)) == n_params
-    if cfg.rope_type == "llama3":
+    if preset == "llama3_2_1b":
         torch, transformers = hf
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
         hf_cfg = transformers.LlamaConfig(hidden_size=2048, num_attention_heads=32, head_dim=64, rope_parameters={
