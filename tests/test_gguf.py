@@ -82,12 +82,13 @@ def write_gguf(path, tensors: dict[str, np.ndarray], *, arch="llama", tokenizer_
     for hf, x in tensors.items():
         m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf)
         if m:
-            name = f"blk.{m[1]}." + {v: k for k, v in G._LAYER_NAMES.items()}[m[2]]
+            layer_names = {**G._LAYER_NAMES, **G._ARCH_LAYER_NAMES.get(arch, {})}
+            name = f"blk.{m[1]}." + {v: k for k, v in layer_names.items()}[m[2]]
         else:
             name = to_gguf[hf]
-        if name.endswith("attn_q.weight"):
+        if arch == "llama" and name.endswith("attn_q.weight"):  # llama.cpp permutes a llama's Q/K only
             x = llama_cpp_permute(x, H)
-        elif name.endswith("attn_k.weight"):
+        elif arch == "llama" and name.endswith("attn_k.weight"):
             x = llama_cpp_permute(x, KV)
         if name not in drop:
             w.add_tensor(name, np.ascontiguousarray(x))
@@ -136,6 +137,34 @@ def test_small_gguf_equals_hf_tensors(tmp_path, tied):
     padded_logits = np.asarray(model2(jnp.asarray([ids]))[0])
     np.testing.assert_allclose(padded_logits[..., :cfg.vocab_size], np.asarray(model(jnp.asarray([ids]))[0]),
                                atol=1e-5)
+
+
+def test_small_qwen2_gguf_biases_match_hf_import_and_transformers(tmp_path):
+    """A qwen2 GGUF (q/k/v biases, Q/K rows not permuted) imports to the params of the same HF tensors, and to
+    transformers' own GGUF loader's logits."""
+    torch = pytest.importorskip("torch", reason="torch (test-only) not installed")
+    pytest.importorskip("accelerate", reason="transformers' GGUF model loader needs accelerate (requirements-test)")
+    from transformers import AutoModelForCausalLM
+    tensors = hf_tensors(tied=False, seed=1)
+    rng = np.random.default_rng(2)
+    for i in range(LAYERS):
+        for n, rows in (("q", H * HD), ("k", KV * HD), ("v", KV * HD)):
+            tensors[f"model.layers.{i}.self_attn.{n}_proj.bias"] = rng.normal(0, 0.3, rows).astype(np.float32)
+    path = write_gguf(tmp_path / "qwen2.gguf", tensors, arch="qwen2")
+    cfg, model, _, _ = G.load_gguf(path)
+    assert (cfg.qkv_bias, cfg.o_bias, cfg.rope_theta) == (True, False, 50000.0)
+    ref = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    load_hf_state_dict(ref, tensors)
+    jax.tree.map(np.testing.assert_array_equal, params_of(model), params_of(ref))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="qwen2.gguf").eval()
+    assert type(hf_model).__name__ == "Qwen2ForCausalLM"
+    tokens = np.random.default_rng(0).integers(0, len(TOKENS), (2, 12)).astype(np.int32)
+    with torch.no_grad():
+        expected = hf_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    got = np.asarray(jax.jit(lambda x: model(x)[0])(tokens))
+    diff = float(np.abs(got - expected).max())
+    print(f"qwen2 GGUF vs transformers' GGUF loader: max|diff| = {diff:.3g}")
+    assert np.abs(expected).max() > 1.0 and diff <= 1e-4
 
 
 def test_small_gguf_errors_name_the_problem(tmp_path):
