@@ -46,7 +46,8 @@ MODEL_PRESETS = {
 # preset has these keys, with these values unless it sets them.
 MODEL_VARIANT_DEFAULTS = dict(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, rope_type="default",
                               rope_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-                              rope_original_max_len=0, sliding_window=0)
+                              rope_original_max_len=0, rope_attention_factor=1.0, rope_beta_fast=32.0,
+                              rope_beta_slow=1.0, rope_truncate=True, sliding_window=0)
 
 # Logical parameter/activation axis -> mesh axes. Data, not code: override per run if a shape needs another split.
 DEFAULT_AXIS_RULES = (

@@ -9,7 +9,7 @@ Families (HF model_type -> the pal_jax model):
   gpt2                  family "gpt2"
   llama, qwen2, qwen3,  family "llama" with variant flags: Qwen2 = q/k/v biases; Qwen3 = per-head q/k RMSNorm
   mistral               (and attention_bias on q/k/v/o); Llama attention_bias (q/k/v/o) and mlp_bias; Mistral
-                        sliding_window (a banded causal mask); RoPE "default", "linear" or "llama3"
+                        sliding_window (a banded causal mask); RoPE "default", "linear", "llama3" or "yarn"
                         (pal_jax.model.rope_inv_freq). Qwen's use_sliding_window (some layers only) is refused.
 An export writes the first family, in the order of LLAMA_LIKE, that expresses the config's flags (a Mistral without
 sliding window is written as llama: the same model).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Callable
 
 import numpy as np
@@ -190,8 +191,24 @@ def rope_from_hf(hf: dict, where: str) -> dict:
                     rope_low_freq_factor=float(_need(rope, "low_freq_factor", w)),
                     rope_high_freq_factor=float(_need(rope, "high_freq_factor", w)),
                     rope_original_max_len=int(_need(rope, "original_max_position_embeddings", w)))
-    raise ValueError(f"{where}: {key} rope_type={rope_type!r} is not supported; expected 'default', 'linear' or "
-                     f"'llama3'")
+    if rope_type == "yarn":
+        w = f"{where} {key}"
+        original = int(_need(rope, "original_max_position_embeddings", w))
+        factor = rope.get("factor")
+        if factor is None:  # transformers: the ratio of the context lengths
+            factor = float(hf.get("max_position_embeddings") or 2048) / original
+        factor = float(factor)
+        attention = rope.get("attention_factor")
+        if attention is None:  # transformers' default (mscale), resolved here
+            def mscale(scale, m=1.0):
+                return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+            m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+            attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        return dict(out, rope_factor=factor, rope_original_max_len=original, rope_attention_factor=float(attention),
+                    rope_beta_fast=float(rope.get("beta_fast") or 32), rope_beta_slow=float(rope.get("beta_slow") or 1),
+                    rope_truncate=bool(rope.get("truncate", True)))
+    raise ValueError(f"{where}: {key} rope_type={rope_type!r} is not supported; expected 'default', 'linear', "
+                     f"'llama3' or 'yarn'")
 
 
 def rope_to_hf(cfg: ModelConfig) -> dict:
@@ -202,6 +219,10 @@ def rope_to_hf(cfg: ModelConfig) -> dict:
     if cfg.rope_type == "llama3":
         params.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
                       original_max_position_embeddings=cfg.rope_original_max_len)
+    if cfg.rope_type == "yarn":
+        params.update(factor=cfg.rope_factor, original_max_position_embeddings=cfg.rope_original_max_len,
+                      attention_factor=cfg.rope_attention_factor, beta_fast=cfg.rope_beta_fast,
+                      beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_truncate)
     out = {"rope_theta": cfg.rope_theta, "rope_parameters": params}
     if cfg.rope_type != "default":
         out["rope_scaling"] = dict(params)

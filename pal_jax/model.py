@@ -35,7 +35,7 @@ from flax import nnx
 from flax.core import spmd as core_spmd
 
 FAMILIES = ("llama", "gpt2")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NEG = -1e30  # masked attention score: finite, so a query row with no visible key stays finite (uniform)
 INIT_STD = 0.02
@@ -72,7 +72,11 @@ class ModelConfig:
     rope_factor: float = 1.0  # linear, llama3: the scaling factor
     rope_low_freq_factor: float = 1.0  # llama3
     rope_high_freq_factor: float = 4.0  # llama3
-    rope_original_max_len: int = 0  # llama3: original_max_position_embeddings (the pretraining context)
+    rope_original_max_len: int = 0  # llama3, yarn: original_max_position_embeddings (the pretraining context)
+    rope_attention_factor: float = 1.0  # yarn: cos and sin are scaled by it (transformers' attention_scaling)
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_truncate: bool = True  # yarn: round the correction range to whole dims
     # 0 = full causal attention; W > 0: a query sees itself and the W - 1 keys before it (Mistral sliding_window)
     sliding_window: int = 0
 
@@ -116,7 +120,12 @@ class ModelConfig:
             bad("rope_type", f"one of {ROPE_TYPES}")
         if self.rope_type != "default" and self.family != "llama":
             bad("rope_type", "'default' for family 'gpt2' (no RoPE)")
-        for name in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+        if not isinstance(self.rope_truncate, bool):
+            bad("rope_truncate", "True or False")
+        if self.rope_type == "yarn" and self.rope_original_max_len < 1:
+            bad("rope_original_max_len", "a positive integer for rope_type 'yarn'")
+        for name in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_attention_factor",
+                     "rope_beta_fast", "rope_beta_slow"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
                 bad(name, "a positive number")
@@ -279,6 +288,24 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
         return np.where(medium, smoothed, scaled).astype(np.float32)
+    if cfg.rope_type == "yarn":  # transformers' _compute_yarn_parameters (the attention factor is the config's)
+        base, factor, dim = cfg.rope_theta, cfg.rope_factor, hd
+        pos_freqs = (np.float32(base) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+                     ).astype(np.float32)
+
+        def correction_dim(rotations):
+            return dim * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+        if cfg.rope_truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+        extrapolation = (1 - ramp).astype(np.float32)
+        inv_extra, inv_inter = 1.0 / pos_freqs, 1.0 / (np.float32(factor) * pos_freqs)
+        return (inv_inter * (1 - extrapolation) + inv_extra * extrapolation).astype(np.float32)
     return inv
 
 
@@ -486,7 +513,10 @@ class Transformer(nnx.Module):
         if self.cfg.family != "llama":
             return None
         scaled = rope_inv_freq(self.cfg) if self.cfg.rope_type != "default" else None
-        return rope_tables(positions, self.cfg.hd, self.cfg.rope_theta, scaled)
+        cos, sin = rope_tables(positions, self.cfg.hd, self.cfg.rope_theta, scaled)
+        if self.cfg.rope_attention_factor != 1.0:  # yarn
+            cos, sin = cos * self.cfg.rope_attention_factor, sin * self.cfg.rope_attention_factor
+        return cos, sin
 
     def _check_positions(self, n: int, what: str) -> None:
         """gpt2 has a learned table of max_len positions: a longer sequence would read past it (NaN logits)."""

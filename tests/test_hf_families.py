@@ -198,6 +198,11 @@ FAMILY_CASES = {
         LLAMA3_ROPE, rope_theta=10000.0)), 48, None),
     "linear_rope_parameters": ("LlamaConfig", dict(SMALL, rope_parameters={
         "rope_type": "linear", "factor": 4.0, "rope_theta": 5000.0}), 48, None),
+    "yarn_rope_parameters": ("LlamaConfig", dict(SMALL, head_dim=16, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}), 48, None),
+    "qwen2_yarn_options": ("Qwen2Config", dict(SMALL, head_dim=16, rope_parameters={
+        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 24, "rope_theta": 20000.0,
+        "beta_fast": 16.0, "beta_slow": 2.0, "truncate": False, "mscale": 2.0, "mscale_all_dim": 1.0}), 48, None),
     "qwen3": ("Qwen3Config", dict(SMALL), 24, None),
     "qwen3_attention_bias": ("Qwen3Config", dict(SMALL, attention_bias=True, head_dim=8), 24, None),
     "mistral_no_window": ("MistralConfig", dict(SMALL, sliding_window=None), 24, "LlamaForCausalLM"),
@@ -216,7 +221,8 @@ def test_family_parity_import_and_export(hf, tmp_path, case):
         assert cfg.rope_type == kw["rope_parameters"]["rope_type"]
 
 
-@pytest.mark.parametrize("rope", [LLAMA3_ROPE, {"type": "linear", "factor": 4.0}])
+@pytest.mark.parametrize("rope", [LLAMA3_ROPE, {"type": "linear", "factor": 4.0},
+                                  {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}])
 def test_transformers4_rope_scaling_form(hf, tmp_path, rope):
     """A transformers-4 config.json (rope_theta at the top, rope_scaling, no rope_parameters; linear with the legacy
     "type" key) reads as transformers 5 reads it."""
