@@ -13,8 +13,8 @@ installed with --no-deps). `load_gguf(path)` returns (ModelConfig, Transformer, 
 - the tokenizer is rebuilt from the `tokenizer.ggml.*` metadata (gpt2-style byte-level BPE: tokens + merges,
   control tokens as special added tokens) as a `pal_jax.tokenizer.Tokenizer`; eos / pad from the metadata.
 
-Only the llama and qwen2 architectures and the gpt2 (byte-level BPE) tokenizer model are supported; anything else
-stops with an error naming what was found.
+Only the llama and qwen2 architectures and the gpt2 (byte-level BPE) tokenizer model (split rules: GPT-2's,
+SmolLM2's, Qwen2's, Llama-3's) are supported; anything else stops with an error naming what was found.
 """
 from __future__ import annotations
 
@@ -40,7 +40,16 @@ SUPPORTED_ARCHS = ("llama", "qwen2")  # GGUF general.architecture = the HF model
 SUPPORTED_TOKENIZERS = ("gpt2",)
 # tokenizer.ggml.pre values whose split rule is GPT-2's byte-level regex. "smollm" also splits digits one by one
 # (as llama.cpp and SmolLM2's own tokenizer.json do); its merges hold no digit pairs, so the ids are the same.
-SUPPORTED_PRE = ("default", "gpt2", "smollm")
+SUPPORTED_PRE = ("default", "gpt2", "smollm", "qwen2", "llama-bpe", "llama3")
+# Split rules of the tokenizer.json files these vocabularies come with (then byte-level BPE without its own regex):
+# Qwen2/2.5/3 split digits one by one, Llama-3 into runs of up to three.
+_SPLIT_PATTERNS = {
+    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+"),
+}
+_SPLIT_PATTERNS["llama3"] = _SPLIT_PATTERNS["llama-bpe"]
 TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 3, 4
 
 
@@ -305,8 +314,13 @@ def tokenizer_from_gguf(g: GGUFFile) -> Tokenizer:
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=bool(g.get("tokenizer.ggml.add_space_prefix", False)),
                                           use_regex=True)
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if pre == "smollm" else byte_level)
+    if pre in _SPLIT_PATTERNS:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(tokenizers.Regex(_SPLIT_PATTERNS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if pre == "smollm" else byte_level)
     tok.decoder = decoders.ByteLevel()
     # Control tokens (<|im_start|>, ...) are matched whole and are special; user-defined ones are matched whole
     # and are not. A "control" token spelt outside the byte alphabet is a llama.cpp mislabel: left a plain token.

@@ -415,3 +415,31 @@ def test_llama3_rope_freqs_read_back_as_llama3_scaling(tmp_path, theta, low, hig
     bad[-1] = factor / 2
     with pytest.raises(ValueError, match=r"rope_freqs.weight: its 8 factors .* match no llama3 RoPE scaling"):
         G.llama3_from_rope_freqs(bad, theta, hd, "rope_freqs.weight")
+
+
+@pytest.mark.parametrize("arch,pre", [("qwen2", "qwen2"), ("llama", "llama-bpe")])
+def test_qwen2_and_llama3_pre_tokenizers_match_transformers(tmp_path, arch, pre):
+    """The split rules of Qwen2 (digits one by one) and Llama-3 (runs of up to three digits) GGUF vocabularies
+    give transformers' GGUF tokenizer's ids (merges of digit pairs make the two rules differ)."""
+    from transformers import AutoTokenizer
+    words = ["12", "23", "123", "Ġ1", "'s", "it", "Ġit"]
+    merges = ["1 2", "2 3", "12 3", "Ġ 1", "' s", "i t", "Ġ it"]
+    tokens = TOKENS + words
+    w = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), arch)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_merges(MERGES + merges)
+    w.add_token_types([3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS)))
+    w.add_eos_token_id(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = G.gguf_tokenizer(tmp_path / "tok.gguf")
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tok.gguf")
+    texts = ["12345 hello world", "it's 1234\n\nhello 123 it", "<|im_start|>x 42<|im_end|>", "  1 23  4567"]
+    for text in texts:
+        assert ours.encode(text) == ref(text, add_special_tokens=False)["input_ids"], text
+    ids = ours.encode("12345")
+    assert [tokens[i] for i in ids] == (["1", "2", "3", "4", "5"] if pre == "qwen2" else ["123", "4", "5"])
