@@ -5,9 +5,9 @@ without importing the package (its __init__ imports llm and llama_cpp, which are
 installed with --no-deps). `load_gguf(path)` returns (ModelConfig, Transformer, Tokenizer, chat_template):
 
 - tensors are dequantised to float32 with the `gguf` package (`gguf.quants.dequantize`, pure numpy);
-- GGUF tensor names are mapped to Hugging Face Llama / Qwen2 names (Qwen2's q/k/v biases, Qwen3's q/k norms), and llama.cpp's
-  row permutation of a llama's Q and K projections (made for its interleaved RoPE) is undone, so
-  `convert.load_hf_state_dict` does the assignment;
+- GGUF tensor names are mapped to Hugging Face Llama / Qwen2 / Qwen3 names (Qwen2's q/k/v biases, Qwen3's q/k
+  norms), and llama.cpp's row permutation of a llama's Q and K projections (made for its interleaved RoPE) is undone,
+  so `convert.load_hf_state_dict` does the assignment; a Llama-3.x `rope_freqs.weight` becomes llama3 RoPE scaling;
 - the ModelConfig comes from the `{arch}.*` metadata, turned into an HF config dict for
   `convert.model_config_from_hf` (tied embeddings = the file has no `output.weight`);
 - the tokenizer is rebuilt from the `tokenizer.ggml.*` metadata (gpt2-style byte-level BPE: tokens + merges,
