@@ -169,7 +169,14 @@ def rope_from_hf(hf: dict, where: str) -> dict:
     transformers-4 key) replaces `rope_parameters`; theta is that dict's rope_theta, else the top-level
     rope_theta, else 10000; the type is its rope_type, else its legacy "type", else "default"."""
     scaling, params = hf.get("rope_scaling"), hf.get("rope_parameters")
-    if scaling and params and dict(params, rope_theta=None) != dict(scaling, rope_theta=None):
+
+    def effective(rope: dict) -> dict:  # what one key alone would give
+        out = {k: v for k, v in rope.items() if k != "type"}
+        out.setdefault("rope_type", rope.get("type", "default"))
+        out.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+        return out
+
+    if scaling and params and effective(scaling) != effective(params):
         logging.warning("%s: rope_scaling=%s and rope_parameters=%s disagree; following rope_scaling, as "
                         "transformers does", where, scaling, params)
     rope = dict(scaling or params or {})
@@ -252,6 +259,9 @@ class LlamaLike:
             fields.update(qkv_bias=bool(hf.get("attention_bias", False)), o_bias=bool(hf.get("attention_bias", False)))
         if self.mlp_bias:
             fields["mlp_bias"] = bool(hf.get("mlp_bias", False))
+        kinds = sorted(set(hf.get("layer_types") or ()) - {"full_attention"})
+        if kinds and self.model_type != "mistral":
+            raise ValueError(f"{where}: layer_types holds {kinds}; expected only 'full_attention' layers")
         if self.model_type == "mistral":
             fields["sliding_window"] = int(get("sliding_window") or 0)
         elif get("use_sliding_window") and get("sliding_window"):  # Qwen: a window from layer max_window_layers on

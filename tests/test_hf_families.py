@@ -107,6 +107,10 @@ def test_rope_scaling_and_rope_parameters_disagree_follow_transformers(hf, tmp_p
         cfg, model = convert.load_hf_dir(path)
     assert "rope_scaling" in caplog.text and "rope_parameters" in caplog.text and "disagree" in caplog.text
     assert (cfg.rope_type, cfg.rope_factor, cfg.rope_theta) == ("linear", 4.0, 500.0)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a disagreement on theta alone is named too
+        convert.model_config_from_hf({**hf_cfg, "rope_scaling": {"rope_type": "default"}})
+    assert "disagree" in caplog.text
     diff = float(np.abs(np.asarray(_forward(model, jnp.asarray(tokens))) - ref).max())
     print(f"rope_scaling + rope_parameters: max|diff| = {diff:.3g}")
     assert diff <= TOL
@@ -258,6 +262,10 @@ def test_family_refusals(hf, tmp_path):
                                          r"not supported.*expected use_sliding_window=False"):
         convert.model_config_from_hf({"model_type": "qwen2", **base, "use_sliding_window": True,
                                       "sliding_window": 16})
+    with pytest.raises(ValueError, match=r"model_type='qwen3'.*layer_types holds \['sliding_attention'\]; "
+                                         r"expected only 'full_attention'"):
+        convert.model_config_from_hf({"model_type": "qwen3", **base, "num_key_value_heads": 2,
+                                      "layer_types": ["sliding_attention"]})
     with pytest.raises(ValueError, match=r"model_type='qwen2'.*attention_bias=True; expected False"):
         convert.model_config_from_hf({"model_type": "qwen2", **base, "attention_bias": True})
     cfg = convert.model_config_from_hf({"model_type": "qwen3", **base, "num_key_value_heads": 2})
