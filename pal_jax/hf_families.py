@@ -245,6 +245,8 @@ class LlamaLike:
     attention_bias: bool  # config.json attention_bias -> qkv_bias and o_bias
     mlp_bias: bool  # config.json mlp_bias -> mlp_bias
     defaults: dict  # config.json values transformers assumes when the key is absent
+    sliding_window: bool = False  # config.json sliding_window -> sliding_window (on every layer: Mistral)
+    export_extra: dict = dataclasses.field(default_factory=dict)  # more config.json keys an export writes
 
     def from_hf(self, hf: dict, where: str) -> dict:
         get = lambda k: hf.get(k, self.defaults.get(k))  # noqa: E731
@@ -260,9 +262,9 @@ class LlamaLike:
         if self.mlp_bias:
             fields["mlp_bias"] = bool(hf.get("mlp_bias", False))
         kinds = sorted(set(hf.get("layer_types") or ()) - {"full_attention"})
-        if kinds and self.model_type != "mistral":
+        if kinds and not self.sliding_window:
             raise ValueError(f"{where}: layer_types holds {kinds}; expected only 'full_attention' layers")
-        if self.model_type == "mistral":
+        if self.sliding_window:
             fields["sliding_window"] = int(get("sliding_window") or 0)
         elif get("use_sliding_window") and get("sliding_window"):  # Qwen: a window from layer max_window_layers on
             raise ValueError(f"{where}: use_sliding_window=True with sliding_window={get('sliding_window')} is not "
@@ -285,7 +287,7 @@ class LlamaLike:
                  "sliding_window": cfg.sliding_window}
         want = {"qkv_bias": False, "o_bias": False, "mlp_bias": False, "qk_norm": False, "sliding_window": 0,
                 **self.fixed}
-        if self.model_type == "mistral":
+        if self.sliding_window:
             want["sliding_window"] = cfg.sliding_window
         if self.attention_bias:
             if cfg.qkv_bias != cfg.o_bias:
@@ -304,28 +306,27 @@ class LlamaLike:
             out["attention_bias"] = cfg.qkv_bias
         if self.mlp_bias:
             out["mlp_bias"] = cfg.mlp_bias
-        if self.model_type == "llama":
-            out["pretraining_tp"] = 1
-        if self.model_type in ("qwen2", "qwen3"):
-            out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
-        if self.model_type == "mistral":
+        if self.sliding_window:
             out["sliding_window"] = cfg.sliding_window or None
-        return out
+        return {**out, **self.export_extra}
 
 
 # Export order: the first that expresses a config is written.
 LLAMA_LIKE = {
     "llama": LlamaLike("llama", "LlamaForCausalLM", {}, attention_bias=True, mlp_bias=True,
-                       defaults={"tie_word_embeddings": False, "max_position_embeddings": 2048}),
+                       defaults={"tie_word_embeddings": False, "max_position_embeddings": 2048},
+                       export_extra={"pretraining_tp": 1}),
     "qwen2": LlamaLike("qwen2", "Qwen2ForCausalLM", {"qkv_bias": True}, attention_bias=False, mlp_bias=False,
                        defaults={"tie_word_embeddings": False, "max_position_embeddings": 32768,
-                                 "num_key_value_heads": 32}),
+                                 "num_key_value_heads": 32},
+                       export_extra={"use_sliding_window": False, "sliding_window": None}),
     "qwen3": LlamaLike("qwen3", "Qwen3ForCausalLM", {"qk_norm": True}, attention_bias=True, mlp_bias=False,
                        defaults={"tie_word_embeddings": False, "max_position_embeddings": 32768, "head_dim": 128,
-                                 "num_key_value_heads": 32}),
+                                 "num_key_value_heads": 32},
+                       export_extra={"use_sliding_window": False, "sliding_window": None}),
     "mistral": LlamaLike("mistral", "MistralForCausalLM", {}, attention_bias=False, mlp_bias=False,
                          defaults={"tie_word_embeddings": False, "max_position_embeddings": 4096 * 32,
-                                   "sliding_window": 4096, "num_key_value_heads": 8}),
+                                   "sliding_window": 4096, "num_key_value_heads": 8}, sliding_window=True),
 }
 SUPPORTED = ("gpt2", *LLAMA_LIKE)
 
