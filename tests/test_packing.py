@@ -207,7 +207,7 @@ def test_checkpoint_from_before_packing_resumes_unpacked_only():
     del old["data"]["packing"]
     train._check_resume({"config": old}, now, task, "W")
     on = json.loads(tiny_config(data__packing=True).to_json_best_effort())
-    with pytest.raises(ConfigError, match=r"config\.data\.packing: checkpoint has None, now True"):
+    with pytest.raises(ConfigError, match=r"config\.data\.packing: checkpoint has False, now True"):
         train._check_resume({"config": old}, on, task, "W")
 
 
