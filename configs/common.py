@@ -17,7 +17,37 @@ MODEL_PRESETS = {
     "llama3_8b": dict(family="llama", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                       head_dim=0, d_ff=14336, max_len=8192, rope_theta=500000.0, norm_eps=1e-5,
                       tie_embeddings=False),
+    # the shapes of the config.json files of common checkpoints (their -Instruct twins share them); max_len is the
+    # run's sequence budget, not the checkpoint's 32768 / 131072
+    "qwen2_5_0_5b": dict(family="llama", vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                         head_dim=0, d_ff=4864, max_len=2048, rope_theta=1000000.0, norm_eps=1e-6,
+                         tie_embeddings=True, qkv_bias=True),
+    "llama3_2_1b": dict(family="llama", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                        head_dim=64, d_ff=8192, max_len=2048, rope_theta=500000.0, norm_eps=1e-5,
+                        tie_embeddings=True, rope_type="llama3", rope_factor=32.0, rope_low_freq_factor=1.0,
+                        rope_high_freq_factor=4.0, rope_original_max_len=8192),
+    "qwen2_5_1_5b": dict(family="llama", vocab_size=151936, d_model=1536, n_layers=28, n_heads=12, n_kv_heads=2,
+                         head_dim=0, d_ff=8960, max_len=2048, rope_theta=1000000.0, norm_eps=1e-6,
+                         tie_embeddings=True, qkv_bias=True),
+    "qwen3_0_6b": dict(family="llama", vocab_size=151936, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8,
+                       head_dim=128, d_ff=3072, max_len=2048, rope_theta=1000000.0, norm_eps=1e-6,
+                       tie_embeddings=True, qk_norm=True),
+    # Mistral-7B(-Instruct)-v0.3: no sliding window (v0.1 had 4096: set model.sliding_window=4096 and vocab 32000)
+    "mistral_7b": dict(family="llama", vocab_size=32768, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                       head_dim=0, d_ff=14336, max_len=2048, rope_theta=1000000.0, norm_eps=1e-5,
+                       tie_embeddings=False),
+    # llama3_8b's shape with Llama-3.1's RoPE scaling (the compile figures of llama3_8b hold: the same arrays)
+    "llama3_1_8b": dict(family="llama", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                        head_dim=0, d_ff=14336, max_len=8192, rope_theta=500000.0, norm_eps=1e-5,
+                        tie_embeddings=False, rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
+                        rope_high_freq_factor=4.0, rope_original_max_len=8192),
 }
+# Llama-family variants (model.ModelConfig; pal_jax/hf_families.py maps them to Qwen2/Qwen3/Llama options): every
+# preset has these keys, with these values unless it sets them.
+MODEL_VARIANT_DEFAULTS = dict(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, rope_type="default",
+                              rope_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                              rope_original_max_len=0, rope_attention_factor=1.0, rope_beta_fast=32.0,
+                              rope_beta_slow=1.0, rope_truncate=True, sliding_window=0)
 
 # Logical parameter/activation axis -> mesh axes. Data, not code: override per run if a shape needs another split.
 DEFAULT_AXIS_RULES = (
@@ -52,7 +82,7 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.init_from = ("smollm2_gguf" if preset == "smollm2_135m" and mode in ("stage1", "pipeline", "predict", "chat")
                    else "")
 
-    c.model = ml_collections.ConfigDict(dict(MODEL_PRESETS[preset]))
+    c.model = ml_collections.ConfigDict({**MODEL_VARIANT_DEFAULTS, **MODEL_PRESETS[preset]})
     c.model.vocab_multiple = 1
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
@@ -87,6 +117,11 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.data.max_len = 256
     c.data.buckets = (64, 128, 192, 256)
     c.data.select_ratio = 0.5  # share of select examples in each epoch of the stage 1 mixture
+    # Stage 1 sequence packing: several examples per row of data.max_len positions (greedy first-fit in the epoch's
+    # shuffled order, within windows of 1024 examples), attention kept inside each example and positions
+    # restarting at 0; the loss equals the unpacked one, each step holds more examples (fewer steps per epoch).
+    # Stage 2 pairs are never packed (pal_jax/data/pipeline.py PackedBatchSource)
+    c.data.packing = False
     # Stage 1 loss weight of the reply tokens that state the highlighted persona sentence's content words (training
     # generate examples; every other target token 1, the held-out loss unweighted); 1 = plain NLL
     c.data.persona_weight = 1.0

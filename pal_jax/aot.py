@@ -132,13 +132,16 @@ def _abstract_batch(np_batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Shap
             for k, v in np_batch.items()}
 
 
-def stage1_batch(rows: int, seq_len: int, window: int) -> dict[str, np.ndarray]:
+def stage1_batch(rows: int, seq_len: int, window: int, packing: bool = False) -> dict[str, np.ndarray]:
     """A Stage 1 training batch's arrays (keys, dtypes, shapes) from the real batch source, all padding rows;
-    `window` = the source's loss window (its longest target in training; pipeline.target_window)."""
+    `window` = the source's loss window (its longest target in training; pipeline.target_window). packing
+    (data.packing): the packed source's batch (segment_ids, a per-token task; window = its target cap)."""
     from pal_jax.data import pipeline
     enc = pipeline.Encoded(ids=[], prompt_len=[], task=np.zeros(0, np.int32), n_truncated=0, n_dropped=0)
-    src = pipeline.BatchSource(enc, rows, (seq_len,), 0)
+    src = pipeline.batch_source(enc, rows, (seq_len,), 0, packing=packing)
     src.window = window
+    if packing:
+        return src.make_batch([np.zeros(0, np.int64)] * rows)
     return src.make_batch(np.full(rows, -1))
 
 
@@ -207,7 +210,7 @@ def compile_stage(stage: str, config, mesh, seq_len: int, vocab_size: int, compi
     abstract_opt, opt_shardings = _opt_state(tx, ms)
     window = min(window or seq_len, seq_len)
     if stage == "stage1":
-        np_batch = stage1_batch(t.batch_size, seq_len, window)
+        np_batch = stage1_batch(t.batch_size, seq_len, window, bool(c.data.get("packing", False)))
         task = train.Task(name="stage1", loss_fn=stage1.sft_loss_fn, train_batch=None, eval_batches=None)
         extra = None
     else:

@@ -122,6 +122,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, 0.0 <= d.select_ratio <= 1.0, "data.select_ratio", d.select_ratio, "in [0, 1]")
     _check(e, math.isfinite(d.persona_weight) and d.persona_weight > 0, "data.persona_weight", d.persona_weight,
            "a finite number > 0 (1 = plain NLL)")
+    packing = d.get("packing", False)
+    _check(e, isinstance(packing, bool), "data.packing", packing,
+           "True or False (True: several Stage 1 examples per row, attention kept inside each example)")
     buckets = tuple(d.buckets)
     _check(e, len(buckets) > 0 and list(buckets) == sorted(set(buckets)) and buckets[-1] == d.max_len,
            "data.buckets", buckets, f"strictly increasing lengths ending at data.max_len={d.max_len}")

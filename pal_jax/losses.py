@@ -33,9 +33,14 @@ def window_logits(model, hidden, batch):
 def sft_loss_sums(logits, targets, weights, task, num_tasks: int):
     """Cross-entropy on target tokens only, as sums so that micro-batches and devices add up exactly.
 
+    task: int [B], the task of each row, or [B, T], of each token (packed rows mix tasks: data.packing).
     Returns (total_nll, total_tokens, per_task_nll [num_tasks], per_task_tokens [num_tasks]).
     """
     nll = -token_logprobs(logits, targets) * weights  # [B, T]
+    if task.ndim == 2:
+        onehot = jax.nn.one_hot(task, num_tasks, dtype=jnp.float32)  # [B, T, K]
+        return (nll.sum(), weights.sum(), jnp.einsum("bt,btk->k", nll, onehot),
+                jnp.einsum("bt,btk->k", weights, onehot))
     row_nll, row_tok = nll.sum(-1), weights.sum(-1)
     onehot = jax.nn.one_hot(task, num_tasks, dtype=jnp.float32)  # [B, K]
     return row_nll.sum(), row_tok.sum(), onehot.T @ row_nll, onehot.T @ row_tok

@@ -1,8 +1,9 @@
 """Decoder-only transformer in Flax NNX: the llama family and the gpt2 family.
 
-llama: RoPE (HF rotate-half convention, configurable theta), grouped-query attention, RMSNorm, SwiGLU MLP,
-tied or untied LM head, no biases. gpt2: learned position table, LayerNorm with bias, tanh-GELU MLP, biases on
-every projection, final LayerNorm.
+llama: RoPE (HF rotate-half convention, configurable theta; linear or Llama-3.1 scaling), grouped-query attention,
+RMSNorm, SwiGLU MLP, tied or untied LM head; optional q/k/v, output and MLP biases and per-head q/k RMSNorm (the
+Qwen2, Qwen3 and Llama attention_bias / mlp_bias variants); optional sliding-window attention (Mistral).
+gpt2: learned position table, LayerNorm with bias, tanh-GELU MLP, biases on every projection, final LayerNorm.
 
 Every parameter is an `nnx.Param` whose `out_sharding` metadata holds logical axis names (e.g. ("vocab", "embed"));
 `nnx.get_partition_spec(nnx.state(model, nnx.Param))` returns them, and inside `nnx.logical_axis_rules(rules)` it
@@ -29,10 +30,12 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
 
 FAMILIES = ("llama", "gpt2")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NEG = -1e30  # masked attention score: finite, so a query row with no visible key stays finite (uniform)
 INIT_STD = 0.02
@@ -60,6 +63,22 @@ class ModelConfig:
     # only a random init reads it. 0.02 is GPT-2's; a narrow model learns attention patterns sooner from
     # 1/sqrt(d_model) (docs/method.md)
     init_std: float = INIT_STD
+    # llama-family variants, for the Hugging Face families that share Llama's layout (pal_jax/convert.py):
+    qkv_bias: bool = False  # biases on q, k, v (Qwen2; Llama and Qwen3 attention_bias)
+    o_bias: bool = False  # a bias on the attention output projection (Llama and Qwen3 attention_bias)
+    mlp_bias: bool = False  # biases on gate, up and down (Llama mlp_bias)
+    qk_norm: bool = False  # an RMSNorm over each head of q and of k, before RoPE (Qwen3)
+    rope_type: str = "default"  # "default" | "linear" (positions / rope_factor) | "llama3" (Llama-3.1 scaling)
+    rope_factor: float = 1.0  # linear, llama3: the scaling factor
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_len: int = 0  # llama3, yarn: original_max_position_embeddings (the pretraining context)
+    rope_attention_factor: float = 1.0  # yarn: cos and sin are scaled by it (transformers' attention_scaling)
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_truncate: bool = True  # yarn: round the correction range to whole dims
+    # 0 = full causal attention; W > 0: a query sees itself and the W - 1 keys before it (Mistral sliding_window)
+    sliding_window: int = 0
 
     def __post_init__(self):
         def bad(name, expected):
@@ -92,6 +111,35 @@ class ModelConfig:
             bad("n_kv_heads", f"n_kv_heads == n_heads={self.n_heads} for family 'gpt2'")
         if self.family == "llama" and self.hd % 2:
             bad("head_dim", f"an even head size for RoPE (got head size {self.hd})")
+        for name in ("qkv_bias", "o_bias", "mlp_bias", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "True or False")
+            if getattr(self, name) and self.family != "llama":
+                bad(name, "False for family 'gpt2' (its biases are built in)")
+        if self.rope_type not in ROPE_TYPES:
+            bad("rope_type", f"one of {ROPE_TYPES}")
+        if self.rope_type != "default" and self.family != "llama":
+            bad("rope_type", "'default' for family 'gpt2' (no RoPE)")
+        if not isinstance(self.rope_truncate, bool):
+            bad("rope_truncate", "True or False")
+        if self.rope_type == "yarn" and self.rope_original_max_len < 1:
+            bad("rope_original_max_len", "a positive integer for rope_type 'yarn'")
+        for name in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_attention_factor",
+                     "rope_beta_fast", "rope_beta_slow"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                bad(name, "a positive number")
+        if not isinstance(self.rope_original_max_len, int) or self.rope_original_max_len < 0:
+            bad("rope_original_max_len", "an integer >= 0")
+        if not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool) or self.sliding_window < 0:
+            bad("sliding_window", "an integer >= 0 (0 = none)")
+        if self.sliding_window and self.family != "llama":
+            bad("sliding_window", "0 for family 'gpt2'")
+        if self.rope_type == "llama3":
+            if self.rope_original_max_len < 1:
+                bad("rope_original_max_len", "a positive integer for rope_type 'llama3'")
+            if not self.rope_high_freq_factor > self.rope_low_freq_factor:
+                bad("rope_high_freq_factor", f"> rope_low_freq_factor={self.rope_low_freq_factor} for 'llama3'")
 
     @property
     def hd(self) -> int:
@@ -221,10 +269,52 @@ class Norm(nnx.Module):
         return y.astype(self.dtype)
 
 
-def rope_tables(positions, head_dim: int, theta: float):
-    """cos, sin [B, T, 1, head_dim/2] (float32) for integer positions [B, T]."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies [hd/2] (float32, computed as transformers does) for cfg.rope_type: "default"
+    theta^(-2i/hd); "linear" those / rope_factor; "llama3" Llama-3.1's: wavelengths longer than
+    rope_original_max_len / low_freq_factor divided by rope_factor, shorter than .. / high_freq_factor kept, the
+    band between interpolated smoothly."""
+    hd = cfg.hd
+    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
+           ).astype(np.float32)
+    if cfg.rope_type == "linear":
+        return (inv / np.float32(cfg.rope_factor)).astype(np.float32)
+    if cfg.rope_type == "llama3":
+        factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old = cfg.rope_original_max_len
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    if cfg.rope_type == "yarn":  # transformers' _compute_yarn_parameters (the attention factor is the config's)
+        base, factor, dim = cfg.rope_theta, cfg.rope_factor, hd
+        pos_freqs = (np.float32(base) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+                     ).astype(np.float32)
+
+        def correction_dim(rotations):
+            return dim * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+        if cfg.rope_truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+        extrapolation = (1 - ramp).astype(np.float32)
+        inv_extra, inv_inter = 1.0 / pos_freqs, 1.0 / (np.float32(factor) * pos_freqs)
+        return (inv_inter * (1 - extrapolation) + inv_extra * extrapolation).astype(np.float32)
+    return inv
+
+
+def rope_tables(positions, head_dim: int, theta: float, inv_freq=None):
+    """cos, sin [B, T, 1, head_dim/2] (float32) for integer positions [B, T] (inv_freq [head_dim/2]: default
+    theta^(-2i/head_dim); rope_inv_freq(cfg) gives the scaled ones)."""
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
 
 
@@ -233,6 +323,18 @@ def apply_rope(x, cos, sin):
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def causal_mask(q_idx, n_keys: int, window: int = 0):
+    """bool [T, n_keys]: query at index q_idx[t] may see key index j when j <= q_idx[t] and, with a sliding
+    window W > 0, q_idx[t] - j < W (as transformers' sliding_window_overlay). Indices are sequence (or cache slot)
+    indices: in a row, real tokens are contiguous, so their distance is their position distance."""
+    j = jnp.arange(n_keys, dtype=jnp.int32)[None, :]
+    q = jnp.asarray(q_idx, jnp.int32)[:, None]
+    mask = j <= q
+    if window:
+        mask = mask & (q - j < window)
+    return mask
 
 
 def attend(q, k, v, mask):
@@ -257,12 +359,24 @@ class Attention(nnx.Module):
         self.v = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg)
         self.o = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg,
                         std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        self.has_bias = cfg.family == "gpt2"
+        gpt2 = cfg.family == "gpt2"
+        self.has_bias = gpt2 or cfg.qkv_bias  # q, k, v biases
+        self.has_o_bias = gpt2 or cfg.o_bias
         if self.has_bias:
             self.q_bias = _param(None, (h, hd), ("heads", "head_dim"), cfg, "zeros")
             self.k_bias = _param(None, (kv, hd), ("kv_heads", "head_dim"), cfg, "zeros")
             self.v_bias = _param(None, (kv, hd), ("kv_heads", "head_dim"), cfg, "zeros")
+        if self.has_o_bias:
             self.o_bias = _param(None, (d,), ("norm",), cfg, "zeros")
+        self.qk_norm_eps = float(cfg.norm_eps) if cfg.qk_norm else 0.0
+        if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim of every q and k head, one scale shared by the heads
+            self.q_norm = _param(None, (hd,), ("head_dim",), cfg, "ones")
+            self.k_norm = _param(None, (hd,), ("head_dim",), cfg, "ones")
+
+    def _head_norm(self, x, scale):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.qk_norm_eps)
+        return (y * scale[...].astype(jnp.float32)).astype(x.dtype)
 
     def qkv(self, x, rope):
         proj = lambda n: _lora(self, n, x, jnp.einsum(  # noqa: E731
@@ -272,13 +386,15 @@ class Attention(nnx.Module):
             q = q + self.q_bias[...].astype(self.dtype)
             k = k + self.k_bias[...].astype(self.dtype)
             v = v + self.v_bias[...].astype(self.dtype)
+        if self.qk_norm_eps:
+            q, k = self._head_norm(q, self.q_norm), self._head_norm(k, self.k_norm)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v
 
     def out(self, a):
         y = _lora(self, "o", a, jnp.einsum("bthk,hkd->btd", a, self.o[...].astype(self.dtype)))
-        if self.has_bias:
+        if self.has_o_bias:
             y = y + self.o_bias[...].astype(self.dtype)
         return y
 
@@ -289,10 +405,15 @@ class MLP(nnx.Module):
         self.dtype = DTYPES[cfg.dtype]
         self.gated = cfg.family == "llama"
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.has_bias = self.gated and cfg.mlp_bias
         if self.gated:
             self.gate = _param(rngs, (d, f), ("embed", "mlp"), cfg)
             self.up = _param(rngs, (d, f), ("embed", "mlp"), cfg)
             self.down = _param(rngs, (f, d), ("mlp", "embed"), cfg, std=out_std)
+            if self.has_bias:  # Llama mlp_bias
+                self.gate_bias = _param(None, (f,), ("mlp",), cfg, "zeros")
+                self.up_bias = _param(None, (f,), ("mlp",), cfg, "zeros")
+                self.down_bias = _param(None, (d,), ("norm",), cfg, "zeros")
         else:
             self.fc = _param(rngs, (d, f), ("embed", "mlp"), cfg)
             self.fc_bias = _param(None, (f,), ("mlp",), cfg, "zeros")
@@ -302,6 +423,9 @@ class MLP(nnx.Module):
     def __call__(self, x):
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
         mm = lambda h, n: _lora(self, n, h, h @ w(getattr(self, n)))  # noqa: E731
+        if self.gated and self.has_bias:
+            hmid = jax.nn.silu(mm(x, "gate") + w(self.gate_bias)) * (mm(x, "up") + w(self.up_bias))
+            return mm(hmid, "down") + w(self.down_bias)
         if self.gated:
             return mm(jax.nn.silu(mm(x, "gate")) * mm(x, "up"), "down")
         hmid = jax.nn.gelu(mm(x, "fc") + w(self.fc_bias), approximate=True)
@@ -388,7 +512,17 @@ class Transformer(nnx.Module):
     def _rope(self, positions):
         if self.cfg.family != "llama":
             return None
-        return rope_tables(positions, self.cfg.hd, self.cfg.rope_theta)
+        scaled = rope_inv_freq(self.cfg) if self.cfg.rope_type != "default" else None
+        cos, sin = rope_tables(positions, self.cfg.hd, self.cfg.rope_theta, scaled)
+        if self.cfg.rope_attention_factor != 1.0:  # yarn
+            cos, sin = cos * self.cfg.rope_attention_factor, sin * self.cfg.rope_attention_factor
+        return cos, sin
+
+    def _check_positions(self, n: int, what: str) -> None:
+        """gpt2 has a learned table of max_len positions: a longer sequence would read past it (NaN logits)."""
+        if self.cfg.family == "gpt2" and n > self.cfg.max_len:
+            raise ValueError(f"gpt2 model: {what} of {n} tokens; expected at most max_len={self.cfg.max_len} (the "
+                             f"learned position table, HF n_positions): shorten the prompt or max_new_tokens")
 
     @staticmethod
     def _positions(tokens, positions):
@@ -397,15 +531,20 @@ class Transformer(nnx.Module):
         return positions
 
     # -- public API -----------------------------------------------------------------------------------------
-    def hidden_states(self, tokens, *, positions=None, key_mask=None):
+    def hidden_states(self, tokens, *, positions=None, key_mask=None, segment_ids=None):
         """tokens int32 [B,T] -> final-normed hidden states [B,T,d_model] (cfg.dtype).
 
-        positions int32 [B,T] (default arange); key_mask bool [B,T] (False = padding key, never attended)."""
+        positions int32 [B,T] (default arange); key_mask bool [B,T] (False = padding key, never attended);
+        segment_ids int32 [B,T] (packed rows, data.packing): a token attends only to earlier tokens of its own
+        segment (give each example's positions restarting at 0)."""
+        self._check_positions(tokens.shape[1], "a sequence")
         positions = self._positions(tokens, positions)
         t = tokens.shape[1]
-        mask = jnp.tril(jnp.ones((t, t), bool))[None]
+        mask = causal_mask(jnp.arange(t, dtype=jnp.int32), t, self.cfg.sliding_window)[None]
         if key_mask is not None:
             mask = mask & key_mask[:, None, :].astype(bool)
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
         mask = jnp.broadcast_to(mask, (tokens.shape[0], t, t))
         x = self._embed(tokens, positions)
         rope = self._rope(positions)
@@ -427,9 +566,9 @@ class Transformer(nnx.Module):
             out = out[..., : self.cfg.vocab_size]
         return _constrain_rows(out.astype(jnp.float32))
 
-    def __call__(self, tokens, *, positions=None, key_mask=None):
+    def __call__(self, tokens, *, positions=None, key_mask=None, segment_ids=None):
         """tokens int32 [B,T] -> (logits float32 [B,T,vocab_size], final-normed hidden [B,T,d_model])."""
-        hidden = self.hidden_states(tokens, positions=positions, key_mask=key_mask)
+        hidden = self.hidden_states(tokens, positions=positions, key_mask=key_mask, segment_ids=segment_ids)
         return self.logits(hidden), hidden
 
     def init_cache(self, batch: int, max_len: int) -> list[dict[str, jax.Array]]:
@@ -446,8 +585,9 @@ class Transformer(nnx.Module):
         positions [B,T] are the tokens' position ids (RoPE angle / gpt2 table row)."""
         b, t = tokens.shape
         s = cache[0]["k"].shape[1]
+        self._check_positions(s, "a KV cache (prompt + new tokens)")
         q_slot = jnp.asarray(cache_index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
-        mask = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot[:, None]  # [T,S]
+        mask = causal_mask(q_slot, s, self.cfg.sliding_window)  # [T,S]
         mask = mask[None] & key_mask[:, None, :].astype(bool)  # [B,T,S]
         x = self._embed(tokens, positions)
         rope = self._rope(positions)

@@ -15,10 +15,12 @@ from pal_jax.experiment import Experiment
 
 
 def sft_loss_fn(model, batch, extra):
-    hidden = model.hidden_states(batch["inputs"], positions=batch["positions"])
+    """Summed NLL of the target tokens (train.LossFn). A packed batch (data.packing: pipeline.PackedBatchSource)
+    carries segment_ids (attention stays inside each example) and win_task, the task of each window token."""
+    hidden = model.hidden_states(batch["inputs"], positions=batch["positions"], segment_ids=batch.get("segment_ids"))
     logits, targets, weights = losses.window_logits(model, hidden, batch)
-    nll, tok, task_nll, task_tok = losses.sft_loss_sums(logits, targets, weights, batch["task"],
-                                                        len(pipeline.TASKS))
+    task = batch["win_task"] if "win_task" in batch else batch["task"]
+    nll, tok, task_nll, task_tok = losses.sft_loss_sums(logits, targets, weights, task, len(pipeline.TASKS))
     mets = {}
     # per-task mean losses: logged as sum/den, so scale each task's mean back by den/tokens-of-task
     for i, name in enumerate(pipeline.TASKS):
@@ -43,11 +45,16 @@ def build_task(exp: Experiment) -> train.Task:
     enc_train = encode_split(exp, exp.corpus["train"], "train")
     enc_dev = encode_split(exp, exp.corpus["dev"], "dev")
     buckets = tuple(c.data.buckets)
-    src = pipeline.BatchSource(enc_train, c.train.batch_size, buckets, c.seed, select_ratio=c.data.select_ratio)
-    dev = pipeline.BatchSource(enc_dev, c.train.batch_size, buckets, c.seed)
+    packing = bool(c.data.get("packing", False))  # several examples per row (pipeline.PackedBatchSource)
+    src = pipeline.batch_source(enc_train, c.train.batch_size, buckets, c.seed, c.data.select_ratio, packing)
+    dev = pipeline.batch_source(enc_dev, c.train.batch_size, buckets, c.seed, packing=packing)
     info = {"seed": c.seed, "train_examples": len(enc_train.ids), "dev_examples": len(enc_dev.ids),
             "steps_per_epoch": src.steps_per_epoch, "truncated": enc_train.n_truncated,
-            "dropped": enc_train.n_dropped}
+            "dropped": enc_train.n_dropped, "packing": packing}
+    if packing:
+        logging.info("data: packing %d examples into rows of %d positions: %d steps in epoch 0 (%d examples a "
+                     "step on average; loss window %d target tokens a row)", len(enc_train.ids), src.capacity,
+                     src.steps_per_epoch, src.epoch_size // max(src.steps_per_epoch, 1), src.target_cap)
     return train.Task(name="stage1", loss_fn=sft_loss_fn, train_batch=src.batch, eval_batches=dev.eval_batches,
                       data_info=info, sample=samples.make_sampler(c, exp.model, exp.tokenizer, exp.corpus["dev"]))
 

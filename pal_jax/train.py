@@ -535,6 +535,12 @@ def _extra_of(state, frozen):
     return state if frozen is None else lora_lib.combine(frozen, state)
 
 
+# Keys added to the data and tokenizer sections after checkpoints were first written, with the value that reproduces
+# the behaviour of the code before them: a checkpoint without the key resumes when the run keeps that value (a
+# model key missing from a checkpoint reads as ModelConfig's default).
+ADDED_KEYS = {"data.packing": False}
+
+
 def _check_resume(meta: dict, config_json: dict, task: Task, directory: str) -> None:
     """A resumed run must train the same model on the same data order; say which keys differ if not."""
     old = meta.get("config", {})
@@ -546,10 +552,15 @@ def _check_resume(meta: dict, config_json: dict, task: Task, directory: str) -> 
     sections = ["model", "data", "tokenizer"]
     if (config_json.get("lora") or {}).get("rank", 0) or (old.get("lora") or {}).get("rank", 0):
         sections.append("lora")  # the adapters' shape and scale (a checkpoint from before LoRA has no section)
+    # a model key added after the checkpoint was written (e.g. qkv_bias) reads as ModelConfig's default there
+    model_defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     for section in sections:
+        saved = old.get(section, {})
         for k, v in config_json.get(section, {}).items():
-            if old.get(section, {}).get(k) != v:
-                diffs.append(f"config.{section}.{k}: checkpoint has {old.get(section, {}).get(k)!r}, now {v!r}")
+            was = saved[k] if k in saved else (model_defaults.get(k) if section == "model"
+                                               else ADDED_KEYS.get(f"{section}.{k}"))
+            if was != v:
+                diffs.append(f"config.{section}.{k}: checkpoint has {was!r}, now {v!r}")
     for k in ("seed", "mode"):
         if old.get(k) != config_json.get(k):
             diffs.append(f"config.{k}: checkpoint has {old.get(k)!r}, now {config_json.get(k)!r}")

@@ -30,6 +30,15 @@ CASES = {
                        rope_theta=10000.0, norm_eps=1e-6, tie_embeddings=True),
     "gpt2_untied": dict(family="gpt2", d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64, max_len=32,
                         norm_eps=1e-5, tie_embeddings=False),
+    # the llama variants, written as the HF family that holds their flags (pal_jax/hf_families.py)
+    "qwen2": dict(family="llama", d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=48, max_len=32,
+                  rope_theta=1e6, norm_eps=1e-6, tie_embeddings=True, qkv_bias=True),
+    "qwen3_bias": dict(family="llama", d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=48,
+                       max_len=32, norm_eps=1e-6, tie_embeddings=False, qkv_bias=True, o_bias=True, qk_norm=True),
+    "llama3_rope_biases": dict(family="llama", d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=48, max_len=32,
+                               rope_theta=500000.0, tie_embeddings=False, qkv_bias=True, o_bias=True, mlp_bias=True,
+                               rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
+                               rope_high_freq_factor=4.0, rope_original_max_len=8),
 }
 
 
@@ -94,7 +103,8 @@ def test_export_round_trip(hf, tmp_path, case):
     assert not [n for n in os.listdir(tmp_path) if n != "hf"]  # no temporary dir left beside it
 
     hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert hf_cfg["model_type"] == cfg.family and hf_cfg["vocab_size"] == VOCAB
+    assert hf_cfg["model_type"] == {"qwen2": "qwen2", "qwen3_bias": "qwen3"}.get(case, cfg.family)
+    assert hf_cfg["vocab_size"] == VOCAB
     assert hf_cfg["torch_dtype"] == "float32" and hf_cfg["tie_word_embeddings"] == cfg.tie_embeddings
     tensors = convert.read_hf_tensors(out)
     assert all(v.dtype == np.float32 for v in tensors.values())
@@ -102,7 +112,8 @@ def test_export_round_trip(hf, tmp_path, case):
 
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out)
     hf_model.eval()
-    expected_cls = "LlamaForCausalLM" if cfg.family == "llama" else "GPT2LMHeadModel"
+    expected_cls = {"gpt2": "GPT2LMHeadModel", "qwen2": "Qwen2ForCausalLM", "qwen3_bias": "Qwen3ForCausalLM"}.get(
+        case.split("_")[0] if case.startswith("gpt2") else case, "LlamaForCausalLM")
     assert type(hf_model).__name__ == expected_cls and hf_model.dtype == torch.float32
     assert hf_model.config.vocab_size == VOCAB and hf_model.config.tie_word_embeddings == cfg.tie_embeddings
     if cfg.family == "llama":
@@ -165,7 +176,7 @@ def test_import_refusals_name_the_problem(tmp_path):
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
     with pytest.raises(ValueError, match=r"model_type='bert' \(architectures=\['BertForMaskedLM'\]\) is not "
-                                         r"supported; expected one of \('gpt2', 'llama'\)"):
+                                         r"supported; expected one of \('gpt2', 'llama', 'qwen2', 'qwen3', 'mistral'\)"):
         convert.load_hf_dir(bert)
     custom = {"model_type": "my_llm", "architectures": ["MyLLM"], "auto_map": {"AutoModelForCausalLM": "m.MyLLM"}}
     (bert / "config.json").write_text(json.dumps(custom))

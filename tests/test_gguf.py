@@ -82,12 +82,13 @@ def write_gguf(path, tensors: dict[str, np.ndarray], *, arch="llama", tokenizer_
     for hf, x in tensors.items():
         m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf)
         if m:
-            name = f"blk.{m[1]}." + {v: k for k, v in G._LAYER_NAMES.items()}[m[2]]
+            layer_names = {**G._LAYER_NAMES, **G._ARCH_LAYER_NAMES.get(arch, {})}
+            name = f"blk.{m[1]}." + {v: k for k, v in layer_names.items()}[m[2]]
         else:
             name = to_gguf[hf]
-        if name.endswith("attn_q.weight"):
+        if arch == "llama" and name.endswith("attn_q.weight"):  # llama.cpp permutes a llama's Q/K only
             x = llama_cpp_permute(x, H)
-        elif name.endswith("attn_k.weight"):
+        elif arch == "llama" and name.endswith("attn_k.weight"):
             x = llama_cpp_permute(x, KV)
         if name not in drop:
             w.add_tensor(name, np.ascontiguousarray(x))
@@ -138,6 +139,34 @@ def test_small_gguf_equals_hf_tensors(tmp_path, tied):
                                atol=1e-5)
 
 
+def test_small_qwen2_gguf_biases_match_hf_import_and_transformers(tmp_path):
+    """A qwen2 GGUF (q/k/v biases, Q/K rows not permuted) imports to the params of the same HF tensors, and to
+    transformers' own GGUF loader's logits."""
+    torch = pytest.importorskip("torch", reason="torch (test-only) not installed")
+    pytest.importorskip("accelerate", reason="transformers' GGUF model loader needs accelerate (requirements-test)")
+    from transformers import AutoModelForCausalLM
+    tensors = hf_tensors(tied=False, seed=1)
+    rng = np.random.default_rng(2)
+    for i in range(LAYERS):
+        for n, rows in (("q", H * HD), ("k", KV * HD), ("v", KV * HD)):
+            tensors[f"model.layers.{i}.self_attn.{n}_proj.bias"] = rng.normal(0, 0.3, rows).astype(np.float32)
+    path = write_gguf(tmp_path / "qwen2.gguf", tensors, arch="qwen2")
+    cfg, model, _, _ = G.load_gguf(path)
+    assert (cfg.qkv_bias, cfg.o_bias, cfg.rope_theta) == (True, False, 50000.0)
+    ref = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    load_hf_state_dict(ref, tensors)
+    jax.tree.map(np.testing.assert_array_equal, params_of(model), params_of(ref))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="qwen2.gguf").eval()
+    assert type(hf_model).__name__ == "Qwen2ForCausalLM"
+    tokens = np.random.default_rng(0).integers(0, len(TOKENS), (2, 12)).astype(np.int32)
+    with torch.no_grad():
+        expected = hf_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    got = np.asarray(jax.jit(lambda x: model(x)[0])(tokens))
+    diff = float(np.abs(got - expected).max())
+    print(f"qwen2 GGUF vs transformers' GGUF loader: max|diff| = {diff:.3g}")
+    assert np.abs(expected).max() > 1.0 and diff <= 1e-4
+
+
 def test_small_gguf_errors_name_the_problem(tmp_path):
     t = hf_tensors(True)
     with pytest.raises(ValueError, match=r"general.architecture = 'gemma' is not supported"):
@@ -146,7 +175,8 @@ def test_small_gguf_errors_name_the_problem(tmp_path):
         G.load_gguf(write_gguf(tmp_path / "b.gguf", t, drop=("blk.1.ffn_up.weight",)))
     with pytest.raises(ValueError, match=r"names a llama GGUF does not have: \['blk.0.attn_sinks.weight'\]"):
         G.load_gguf(write_gguf(tmp_path / "c.gguf", t, extra=("blk.0.attn_sinks.weight",)))
-    with pytest.raises(ValueError, match=r"'rope_freqs.weight' \(llama3-style RoPE"):
+    with pytest.raises(ValueError, match=r"tensor 'rope_freqs.weight' has shape \(16,\) and min 0; expected "
+                                         r"head_dim/2 = 2 factors >= 1"):
         G.load_gguf(write_gguf(tmp_path / "d.gguf", t, extra=("rope_freqs.weight",)))
     with pytest.raises(ValueError, match=r"tokenizer.ggml.model = 'llama' is not supported"):
         G.load_gguf(write_gguf(tmp_path / "e.gguf", t, tokenizer_model="llama"))
@@ -326,3 +356,134 @@ def test_get_tokenizer_smollm2_preset_uses_the_gguf(smollm2, tmp_path, monkeypat
     assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (config.model.vocab_size, 2, 2)
     assert tok.encode(SENTENCES[5]) == smollm2[3].encode(SENTENCES[5])
     assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
+
+
+def _small_hf(d, h, kv, hd, ff, vocab=40, extra=(), seed=0):
+    """One layer of HF-named random tensors (norm scales around 1); `extra`: (layer tensor name, shape) pairs."""
+    rng = np.random.default_rng(seed)
+    r = lambda *s: rng.normal(0, 0.3, s).astype(np.float32)  # noqa: E731
+    layer = (("input_layernorm.weight", (d,)), ("post_attention_layernorm.weight", (d,)),
+             ("self_attn.q_proj.weight", (h * hd, d)), ("self_attn.k_proj.weight", (kv * hd, d)),
+             ("self_attn.v_proj.weight", (kv * hd, d)), ("self_attn.o_proj.weight", (d, h * hd)),
+             ("mlp.gate_proj.weight", (ff, d)), ("mlp.up_proj.weight", (ff, d)), ("mlp.down_proj.weight", (d, ff)),
+             *extra)
+    return {"model.embed_tokens.weight": r(vocab, d), "model.norm.weight": 1 + r(d), "lm_head.weight": r(vocab, d),
+            **{f"model.layers.0.{n}": (1 + r(*s)) if "norm" in n else r(*s) for n, s in layer}}
+
+
+def _write_small(path, arch, hf, *, h, kv, hd, theta=10000.0, extra=None):
+    """A one-layer GGUF of `arch` holding the HF tensors `hf` (llama: Q/K permuted as llama.cpp does)."""
+    d, ff, vocab = hf["model.norm.weight"].shape[0], hf["model.layers.0.mlp.up_proj.weight"].shape[0], \
+        hf["model.embed_tokens.weight"].shape[0]
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, v in (("block_count", 1), ("context_length", 64), ("embedding_length", d), ("feed_forward_length", ff),
+                   ("head_count", h), ("head_count_kv", kv), ("rope_freq_base", theta), ("key_length", hd),
+                   ("value_length", hd), ("layer_norm_rms_eps", 1e-5), ("rope_dimension_count", hd),
+                   ("vocab_size", vocab)):
+        getattr(w, f"add_{key}")(v)
+    layer_names = {**G._LAYER_NAMES, **G._ARCH_LAYER_NAMES[arch]}
+    to_gguf = {**{v: k for k, v in G._GLOBAL_NAMES.items()},
+               **{f"model.layers.0.{v}": f"blk.0.{k}" for k, v in layer_names.items()}}
+    for name, x in hf.items():
+        n = to_gguf[name]
+        if arch == "llama" and n.endswith(("attn_q.weight", "attn_k.weight")):
+            x = llama_cpp_permute(x, h if "attn_q" in n else kv)
+        w.add_tensor(n, np.ascontiguousarray(x))
+    for name, x in (extra or {}).items():
+        w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_small_qwen3_gguf_matches_transformers(tmp_path):
+    """A qwen3 GGUF (per-head q/k RMSNorm weights, Q/K rows not permuted; head_dim 128, the default transformers'
+    GGUF loader assumes) gives transformers' GGUF loader's logits."""
+    torch = pytest.importorskip("torch", reason="torch (test-only) not installed")
+    pytest.importorskip("accelerate", reason="transformers' GGUF model loader needs accelerate (requirements-test)")
+    from transformers import AutoModelForCausalLM
+    from pal_jax.convert import model_config_from_hf
+    hd = 128
+    hf = _small_hf(d=32, h=2, kv=1, hd=hd, ff=48, extra=(("self_attn.q_norm.weight", (hd,)),
+                                                          ("self_attn.k_norm.weight", (hd,))))
+    g = G.GGUFFile(_write_small(tmp_path / "q3.gguf", "qwen3", hf, h=2, kv=1, hd=hd))
+    hf_cfg = G.hf_config_from_gguf(g)
+    cfg = model_config_from_hf(hf_cfg)
+    assert (cfg.qk_norm, cfg.qkv_bias, cfg.hd) == (True, False, hd)
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    load_hf_state_dict(model, G.hf_tensors_from_gguf(g, hf_cfg))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="q3.gguf").eval()
+    assert type(hf_model).__name__ == "Qwen3ForCausalLM"
+    tokens = np.random.default_rng(0).integers(0, 40, (2, 12)).astype(np.int32)
+    with torch.no_grad():
+        expected = hf_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    got = np.asarray(jax.jit(lambda x: model(x)[0])(tokens))
+    diff = float(np.abs(got - expected).max())
+    print(f"qwen3 GGUF vs transformers' GGUF loader: max|diff| = {diff:.3g}")
+    assert np.abs(expected).max() > 1.0 and diff <= 1e-4
+
+
+@pytest.mark.parametrize("theta,low,high,original", [(500000.0, 1.0, 4.0, 8192), (10000.0, 1.0, 4.0, 64),
+                                                     (10000.0, 1.0, 16.0, 640)])
+def test_llama3_rope_freqs_read_back_as_llama3_scaling(tmp_path, theta, low, high, original):
+    """A Llama-3.x GGUF carries llama3 RoPE scaling as rope_freqs.weight (llama.cpp's per-frequency divisors):
+    the import turns it back into the HF llama3 parameters (Llama-3.1's own, or fitted), so the file gives the
+    ModelConfig and params of the HF dir it came from; factors no llama3 scaling makes are refused."""
+    hd, factor = 16, 8.0
+    cfg_hf = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+              "original_max_position_embeddings": original}
+    freqs = G._llama3_factors(theta, hd, factor, low, high, original).astype(np.float32)
+    assert 1.0 < freqs.max() and np.any((freqs > 1.001) & (freqs < factor - 0.001))  # every band is exercised
+    got = G.llama3_from_rope_freqs(freqs, theta, hd, "rope_freqs.weight")
+    np.testing.assert_allclose(G._llama3_factors(theta, hd, got["factor"], got["low_freq_factor"],
+                                                 got["high_freq_factor"], got["original_max_position_embeddings"]),
+                               freqs, rtol=1e-5)
+    if original == 8192:
+        assert got == cfg_hf
+    # through a file: a llama with head_dim 16 and this rope_freqs.weight
+    hf = _small_hf(d=32, h=2, kv=1, hd=hd, ff=32)
+    g = G.GGUFFile(_write_small(tmp_path / "l3.gguf", "llama", hf, h=2, kv=1, hd=hd, theta=theta,
+                                extra={"rope_freqs.weight": freqs}))
+    from pal_jax.convert import model_config_from_hf
+    hf_cfg = G.hf_config_from_gguf(g)
+    cfg = model_config_from_hf(hf_cfg)
+    assert (cfg.rope_type, cfg.rope_factor, cfg.rope_theta, cfg.hd) == ("llama3", factor, theta, hd)
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    load_hf_state_dict(model, G.hf_tensors_from_gguf(g, hf_cfg))
+    ref = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    load_hf_state_dict(ref, hf)
+    jax.tree.map(np.testing.assert_array_equal, params_of(model), params_of(ref))
+    bad = freqs.copy()
+    bad[-1] = factor / 2
+    with pytest.raises(ValueError, match=r"rope_freqs.weight: its 8 factors .* match no llama3 RoPE scaling"):
+        G.llama3_from_rope_freqs(bad, theta, hd, "rope_freqs.weight")
+
+
+@pytest.mark.parametrize("arch,pre", [("qwen2", "qwen2"), ("llama", "llama-bpe")])
+def test_qwen2_and_llama3_pre_tokenizers_match_transformers(tmp_path, arch, pre):
+    """The split rules of Qwen2 (digits one by one) and Llama-3 (runs of up to three digits) GGUF vocabularies
+    give transformers' GGUF tokenizer's ids (merges of digit pairs make the two rules differ)."""
+    from transformers import AutoTokenizer
+    words = ["12", "23", "123", "Ġ1", "'s", "it", "Ġit"]
+    merges = ["1 2", "2 3", "12 3", "Ġ 1", "' s", "i t", "Ġ it"]
+    tokens = TOKENS + words
+    w = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), arch)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_merges(MERGES + merges)
+    w.add_token_types([3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS)))
+    w.add_eos_token_id(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = G.gguf_tokenizer(tmp_path / "tok.gguf")
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tok.gguf")
+    texts = ["12345 hello world", "it's 1234\n\nhello 123 it", "<|im_start|>x 42<|im_end|>", "  1 23  4567"]
+    for text in texts:
+        assert ours.encode(text) == ref(text, add_special_tokens=False)["input_ids"], text
+    ids = ours.encode("12345")
+    assert [tokens[i] for i in ids] == (["1", "2", "3", "4", "5"] if pre == "qwen2" else ["123", "4", "5"])

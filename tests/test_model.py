@@ -310,8 +310,10 @@ def test_model_config_from_hf_fields():
     cfg = convert.model_config_from_hf(llama, vocab_multiple=128)
     assert (cfg.family, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd, cfg.d_ff) == ("llama", 576, 9, 3, 64, 1536)
     assert (cfg.rope_theta, cfg.tie_embeddings, cfg.padded_vocab) == (100000.0, True, 49152)
-    with pytest.raises(ValueError, match="rope type 'llama3' is not supported"):
+    with pytest.raises(ValueError, match="rope_scaling: key 'low_freq_factor' missing"):
         convert.model_config_from_hf({**llama, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(ValueError, match="rope_parameters rope_type='longrope' is not supported"):
+        convert.model_config_from_hf({**llama, "rope_parameters": {"rope_type": "longrope", "factor": 8.0}})
     gpt2 = {"model_type": "gpt2", "vocab_size": 50257, "n_embd": 768, "n_layer": 12, "n_head": 12,
             "n_positions": 1024, "n_inner": None}
     cfg = convert.model_config_from_hf(gpt2)

@@ -11,6 +11,8 @@
    run sees exactly the batches it would have seen. `eval_batches()` yields every example once, in a fixed order.
    Multi-host: `batch(step, rows_of)` builds only the rows of the global batch that `rows_of(n_rows)` names (this
    process's slice, mesh.process_rows); the row order and the bucket length are those of the global batch.
+4. `PackedBatchSource` (data.packing, Stage 1): the same epochs packed several examples to a row (segment ids,
+   positions restarting at 0), the loss and its gradients unchanged; see its doc.
 
 A row of an example with ids x[0..n-1] (n = prompt + target + 1): inputs = x[:-1], targets = x[1:], weight 1 on
 the positions whose target is a target token (the target text or its eos), i.e. t in [prompt_len - 1, n - 2].
@@ -18,6 +20,7 @@ the positions whose target is a target token (the target text or its eos), i.e. 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Iterator, Sequence
 
@@ -229,6 +232,19 @@ def add_window(batch: dict, starts: np.ndarray, window: int) -> dict:
     return batch
 
 
+def group_by_bucket(items: np.ndarray, bucket: np.ndarray, n_buckets: int, B: int):
+    """Batches of B items, bucket by bucket (the smallest first), the leftovers of a bucket moving up into the
+    next one; items keep their order within a bucket. -> (batches, the < B items left after the last bucket)."""
+    batches, carry = [], np.zeros(0, np.int64)
+    items = np.asarray(items, np.int64)
+    for b in range(n_buckets):
+        pool = np.concatenate([carry, items[bucket == b]])
+        full = len(pool) // B
+        batches += [pool[k * B:(k + 1) * B] for k in range(full)]
+        carry = pool[full * B:]
+    return batches, carry
+
+
 class BatchSource:
     """Fixed-shape batches from Encoded rows, grouped by length bucket. See the module doc."""
 
@@ -296,12 +312,7 @@ class BatchSource:
         if len(rows) < B:
             batches = [np.resize(rows, B)]
         else:
-            batches, carry = [], np.zeros(0, np.int64)
-            for b in range(len(self.buckets)):  # leftovers of a bucket move up into the next one
-                pool = np.concatenate([carry, rows[self.bucket_of[rows] == b]])
-                full = len(pool) // B
-                batches += [pool[k * B:(k + 1) * B] for k in range(full)]
-                carry = pool[full * B:]
+            batches = group_by_bucket(rows, self.bucket_of[rows], len(self.buckets), B)[0]
             batches = [batches[k] for k in rng.permutation(len(batches))]
         assert len(batches) == self.steps_per_epoch, (len(batches), self.steps_per_epoch)
         self._cache = (epoch, batches)
@@ -328,13 +339,8 @@ class BatchSource:
     # -- evaluation --------------------------------------------------------------------------------------------
     def eval_plan(self) -> list[np.ndarray]:
         """Row indices of each eval batch (-1 = a padding row), every example exactly once, fixed order."""
-        B, plan, carry = self.batch_size, [], np.zeros(0, np.int64)
-        order = np.arange(len(self.lengths))
-        for b in range(len(self.buckets)):
-            pool = np.concatenate([carry, order[self.bucket_of == b]])
-            full = len(pool) // B
-            plan += [pool[k * B:(k + 1) * B] for k in range(full)]
-            carry = pool[full * B:]
+        B = self.batch_size
+        plan, carry = group_by_bucket(np.arange(len(self.lengths)), self.bucket_of, len(self.buckets), B)
         if len(carry):
             plan.append(np.concatenate([carry, np.full(B - len(carry), -1, np.int64)]))
         return plan
@@ -376,3 +382,195 @@ class BatchSource:
         starts = np.asarray([self.enc.prompt_len[i] - 1 if i >= 0 else 0 for i in rows], np.int64)
         return add_window({"inputs": inputs, "targets": targets, "weights": weights, "positions": positions,
                            "task": task}, starts, self.window)
+
+
+# -- sequence packing (data.packing) ------------------------------------------------------------------------------
+PACK_WINDOW = 1024  # examples per packing window: first-fit places each one into the rows opened in its window
+PACK_TARGET_SLACK = 2.0  # a packed row's target-token cap: this x the source's target share of its capacity
+
+
+def pack(order: np.ndarray, lengths: np.ndarray, targets: np.ndarray, capacity: int, target_cap: int,
+         window: int = PACK_WINDOW) -> list[np.ndarray]:
+    """Greedy first-fit of the examples `order` into rows of `capacity` input positions: the examples are taken in
+    the given order, `window` at a time; each goes into the first row opened in its window that still has room
+    for its lengths[i] positions and its targets[i] target tokens (at most target_cap per row), else into a new
+    row. The rows of a window close when the next window starts. -> the example indices of each row, in
+    placement order (the order of the segments in the row); rows in the order they were opened. A pure function
+    of its arguments (deterministic)."""
+    out: list[np.ndarray] = []
+    order = np.asarray(order, np.int64)
+    for s in range(0, len(order), window):
+        chunk = order[s:s + window]
+        free = np.zeros(len(chunk), np.int64)  # room left in each row opened in this window
+        tfree = np.zeros(len(chunk), np.int64)
+        rows: list[list[int]] = []
+        for i in chunk.tolist():
+            n, t = int(lengths[i]), int(targets[i])
+            if n > capacity or t > target_cap:
+                raise ValueError(f"example {i}: {n} positions and {t} target tokens; expected at most {capacity} "
+                                 f"and {target_cap} (a packed row's capacity)")
+            m = len(rows)
+            ok = (free[:m] >= n) & (tfree[:m] >= t)
+            r = int(ok.argmax()) if m else 0
+            if not m or not ok[r]:
+                r = m
+                rows.append([])
+                free[r], tfree[r] = capacity, target_cap
+            rows[r].append(i)
+            free[r] -= n
+            tfree[r] -= t
+        out += [np.asarray(r, np.int64) for r in rows]
+    return out
+
+
+class PackedBatchSource(BatchSource):
+    """BatchSource with several examples per row (data.packing, Stage 1): each row holds whole examples one after
+    the other (segments 1, 2, ... in `segment_ids`, 0 = padding), each with positions restarting at 0; the model
+    masks attention to the token's own segment (model.Transformer.hidden_states(segment_ids=...)), so a segment's
+    logits are those of its example run alone, and the loss sums (sft_loss_sums) are those of the same examples
+    unpacked: the per-token mean over the step's target tokens is unchanged.
+
+    - Training: the epoch's examples (epoch_rows: the same seeded permutation and select_ratio sampling as
+      unpacked) are packed in that order by `pack` (first-fit within windows of PACK_WINDOW examples) into rows
+      of buckets[-1] positions; the rows are grouped into batches by length bucket (a row's bucket: the smallest
+      that fits its segments; the leftovers of a bucket move up, the last < B rows are left out, as unpacked) and
+      the batches permuted with the epoch's seed. The number of batches varies a little from epoch to epoch, so
+      batch(step) counts the batches of the epochs before (each packed once, cached): a pure function of
+      (seed, step), as unpacked; a resumed run packs the earlier epochs again to find its place.
+    - Evaluation: every example once, packed in file order, the last batch padded with empty rows; the held-out
+      loss equals the unpacked one (the same tokens summed in another order).
+    - Loss window: a packed row's target tokens (all its segments') are gathered left-aligned into win_idx [B, W]
+      with W = target_cap: at least the unpacked window (every example fits a row alone), else PACK_TARGET_SLACK x
+      the source's share of target tokens in a full row, rounded up to 16; `pack` closes a row at that many
+      target tokens. win_task [B, W] is the task of each window position (a row mixes tasks)."""
+
+    def __init__(self, encoded: Encoded, batch_size: int, buckets: tuple[int, ...], seed: int,
+                 select_ratio: float | None = None, window: int = PACK_WINDOW):
+        super().__init__(encoded, batch_size, buckets, seed, select_ratio)
+        if window < 1:
+            raise ValueError(f"packing window = {window}; expected >= 1 example")
+        self.pack_window = int(window)
+        self.capacity = self.buckets[-1]
+        self.targets = np.asarray([len(x) - p for x, p in zip(encoded.ids, encoded.prompt_len)], np.int64)
+        share = float(self.targets.sum()) / max(float(self.lengths.sum()), 1.0)
+        cap = -(-math.ceil(self.capacity * share * PACK_TARGET_SLACK) // WINDOW_MULTIPLE) * WINDOW_MULTIPLE
+        self.unpacked_window = self.window
+        self.window = self.target_cap = max(self.window, min(self.capacity, cap))
+        self._counts: dict[int, int] = {}  # epoch -> its number of batches
+        self._packs: tuple[int, list[np.ndarray], list[np.ndarray]] | None = None  # (epoch, rows, batches)
+        self._eval: list[list[np.ndarray]] | None = None
+        if self.epoch_size:
+            self.steps_per_epoch = len(self.epoch_batches(0))  # epoch 0's (others differ a little)
+
+    # -- training ----------------------------------------------------------------------------------------------
+    def packed_rows(self, order: np.ndarray) -> list[np.ndarray]:
+        return pack(order, self.lengths, self.targets, self.capacity, self.target_cap, self.pack_window)
+
+    def _row_buckets(self, packed: list[np.ndarray]) -> np.ndarray:
+        total = np.asarray([int(self.lengths[p].sum()) for p in packed], np.int64)
+        return np.searchsorted(np.asarray(self.buckets), total, side="left")
+
+    def epoch_packed(self, epoch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(the epoch's packed rows, the packed-row indices of each batch in step order)."""
+        if self._packs is not None and self._packs[0] == epoch:
+            return self._packs[1], self._packs[2]
+        packed = self.packed_rows(self.epoch_rows(epoch))
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        B = self.batch_size
+        if len(packed) < B:
+            batches = [np.resize(np.arange(len(packed)), B)]
+        else:
+            batches = group_by_bucket(np.arange(len(packed)), self._row_buckets(packed), len(self.buckets), B)[0]
+            batches = [batches[k] for k in rng.permutation(len(batches))]
+        self._packs = (epoch, packed, batches)
+        self._counts[epoch] = len(batches)
+        return packed, batches
+
+    def epoch_batches(self, epoch: int) -> list[list[np.ndarray]]:
+        """The batches of the epoch in step order, each a list of B packed rows (example indices)."""
+        packed, batches = self.epoch_packed(epoch)
+        return [[packed[k] for k in b] for b in batches]
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of a training step."""
+        epoch, k = 0, int(step)
+        while True:
+            if epoch not in self._counts:
+                self.epoch_packed(epoch)
+            if k < self._counts[epoch]:
+                return epoch, k
+            k -= self._counts[epoch]
+            epoch += 1
+
+    def batch(self, step: int, rows_of=None) -> dict[str, np.ndarray]:
+        if self.epoch_size == 0:
+            raise ValueError("BatchSource has no examples for a training batch; expected a non-empty training set")
+        if step < 0:
+            raise ValueError(f"step = {step}; expected >= 0")
+        epoch, k = self.locate(step)
+        packed, batches = self.epoch_packed(epoch)
+        return self.make_batch([packed[j] for j in batches[k]], self._out(rows_of))
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+    def eval_plan(self) -> list[list[np.ndarray]]:
+        """Every example once, packed in file order; each batch B packed rows (an empty row = padding)."""
+        if self._eval is not None:  # packed once: every evaluation reads the same plan
+            return self._eval
+        packed = self.packed_rows(np.arange(len(self.lengths)))
+        if not packed:
+            return []
+        B = self.batch_size
+        plan, carry = group_by_bucket(np.arange(len(packed)), self._row_buckets(packed), len(self.buckets), B)
+        if len(carry):
+            plan.append(np.concatenate([carry, np.full(B - len(carry), -1, np.int64)]))
+        empty = np.zeros(0, np.int64)
+        self._eval = [[packed[k] if k >= 0 else empty for k in b] for b in plan]
+        return self._eval
+
+    # -- rows -> arrays ----------------------------------------------------------------------------------------
+    def bucket_length(self, rows) -> int:
+        longest = max((int(self.lengths[p].sum()) for p in rows), default=1)
+        return self.buckets[int(np.searchsorted(np.asarray(self.buckets), max(longest, 1), side="left"))]
+
+    def make_batch(self, rows, out: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """inputs/targets/weights/positions/segment_ids [B, L] and the loss window win_idx/win_targets/win_weights/
+        win_task [B, W] for these packed rows (lists of example indices; empty = an all-padding row). L = the
+        smallest bucket that fits every row; out: build only these rows (B = len(out)), L still the whole batch's."""
+        L = self.bucket_length(rows)
+        rows = list(rows) if out is None else [rows[int(o)] for o in out]
+        B, W = len(rows), min(self.window, L)
+        inputs = np.full((B, L), self.pad_id, np.int32)
+        targets = np.full((B, L), self.pad_id, np.int32)
+        weights = np.zeros((B, L), np.float32)
+        positions = np.zeros((B, L), np.int32)
+        segment_ids = np.zeros((B, L), np.int32)
+        win_idx = np.zeros((B, W), np.int32)
+        win_weights = np.zeros((B, W), np.float32)
+        win_task = np.zeros((B, W), np.int32)
+        for r, packed in enumerate(rows):
+            off = w = 0
+            for seg, i in enumerate(np.asarray(packed).tolist(), start=1):
+                ids, p = self.enc.ids[i], self.enc.prompt_len[i]
+                n, t = len(ids) - 1, len(ids) - p  # positions; target positions [p - 1, n - 1]
+                inputs[r, off:off + n] = ids[:-1]
+                targets[r, off:off + n] = ids[1:]
+                tw = 1.0 if self.enc.target_weights is None else self.enc.target_weights[i]
+                weights[r, off + p - 1:off + n] = tw
+                positions[r, off:off + n] = np.arange(n)
+                segment_ids[r, off:off + n] = seg
+                win_idx[r, w:w + t] = np.arange(off + p - 1, off + n)
+                win_weights[r, w:w + t] = tw
+                win_task[r, w:w + t] = self.enc.task[i]
+                off, w = off + n, w + t
+        assert np.isclose(win_weights.sum(), weights.sum()), "a target token fell outside the loss window"
+        return {"inputs": inputs, "targets": targets, "weights": weights, "positions": positions,
+                "segment_ids": segment_ids, "win_idx": win_idx,
+                "win_targets": np.take_along_axis(targets, win_idx, axis=1), "win_weights": win_weights,
+                "win_task": win_task}
+
+
+def batch_source(encoded: Encoded, batch_size: int, buckets, seed: int, select_ratio: float | None = None,
+                 packing: bool = False) -> BatchSource:
+    """The Stage 1 batch source: PackedBatchSource with packing (data.packing), else BatchSource."""
+    cls = PackedBatchSource if packing else BatchSource
+    return cls(encoded, batch_size, buckets, seed, select_ratio=select_ratio)
