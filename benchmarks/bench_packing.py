@@ -35,26 +35,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "configs"))
+sys.path.insert(0, HERE)
 
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "convai2", "valid_self_original_no_cands.txt")
 
 
-def _cpu_jiffies():
-    """(busy jiffies of the machine, all jiffies, this process's jiffies); None without /proc."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        with open("/proc/self/stat") as f:
-            w = f.read().rsplit(")", 1)[1].split()
-        return sum(v) - v[3] - v[4], sum(v), int(w[11]) + int(w[12])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def others_share(a, b) -> float:
-    if a is None or b is None or b[1] <= a[1]:
-        return float("nan")
-    return max(0.0, ((b[0] - a[0]) - (b[2] - a[2])) / (b[1] - a[1]))
+from bench_decode import _cpu_jiffies, others_share  # noqa: E402  (the same machine-load accounting)
 
 
 def make_config(data: str, batch_size: int, max_len: int, packing: bool):

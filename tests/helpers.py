@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+from flax import nnx
+
 from conftest import REPO
 
 # A model and corpus small enough for a few CPU steps in a test.
@@ -70,3 +73,15 @@ def main_cmd(workdir, overrides=None, config="configs/stage1.py:tiny", devices: 
 def run_main(workdir, overrides=None, devices: int = 1, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
     cmd, env = main_cmd(workdir, overrides, devices=devices, **kw)
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@nnx.jit
+def jitted_logits(model, tokens):
+    """A pal_jax model's logits (jitted): the parity tests' side of the comparison."""
+    return model(tokens)[0]
+
+
+def hf_logits(torch, model, tokens):
+    """A transformers model's logits for int tokens [B, T], as numpy."""
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()

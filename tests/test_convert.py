@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from conftest import REPO
-from helpers import tiny_config
+from helpers import hf_logits, jitted_logits, tiny_config
 from pal_jax import convert
 from pal_jax.model import ModelConfig, Transformer
 
@@ -57,15 +57,6 @@ def _random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
     state = jax.tree.map(lambda x: jnp.asarray(rng.normal(0.0, 0.3, x.shape), x.dtype), state)
     return nnx.merge(graphdef, state)
 
-
-@nnx.jit
-def _forward(model, tokens):
-    return model(tokens)[0]
-
-
-def _hf_logits(torch, model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
 
 
 def _params(model) -> dict:
@@ -122,8 +113,8 @@ def test_export_round_trip(hf, tmp_path, case):
         assert c.rope_parameters["rope_theta"] == cfg.rope_theta
     tokens = np.random.RandomState(0).randint(0, VOCAB, (2, 16)).astype(np.int32)
     tokens[0, :3] = VOCAB - 1  # the last real vocab row
-    ref = _hf_logits(torch, hf_model, tokens)
-    got = np.asarray(_forward(model, jnp.asarray(tokens)))
+    ref = hf_logits(torch, hf_model, tokens)
+    got = np.asarray(jitted_logits(model, jnp.asarray(tokens)))
     assert got.shape == ref.shape == (2, 16, VOCAB)
     assert np.abs(ref).max() > 1.0  # not vacuous
     diff = float(np.abs(got - ref).max())
@@ -255,10 +246,10 @@ def test_export_checkpoint_matches_pal_jax(hf, stage1_workdir, tmp_path):
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
     assert (hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.eos_id, tok.pad_id)
     tokens = np.asarray([ids + [tok.eos_id], list(range(tok.vocab_size - len(ids) - 1, tok.vocab_size))], np.int32)
-    got = np.asarray(_forward(ms.merge(params), jnp.asarray(tokens)))
+    got = np.asarray(jitted_logits(ms.merge(params), jnp.asarray(tokens)))
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out)
     hf_model.eval()
-    ref = _hf_logits(torch, hf_model, tokens)
+    ref = hf_logits(torch, hf_model, tokens)
     assert got.shape == ref.shape == (2, len(ids) + 1, tok.vocab_size)
     diff = float(np.abs(got - ref).max())
     print(f"stage-1 checkpoint: pal_jax vs transformers logits max|diff| = {diff:.3g}")

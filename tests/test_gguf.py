@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import hf_logits, jitted_logits
 from pal_jax import gguf_import as G
 from pal_jax import sampling
 from pal_jax.convert import load_hf_state_dict
@@ -159,9 +160,8 @@ def test_small_qwen2_gguf_biases_match_hf_import_and_transformers(tmp_path):
     hf_model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="qwen2.gguf").eval()
     assert type(hf_model).__name__ == "Qwen2ForCausalLM"
     tokens = np.random.default_rng(0).integers(0, len(TOKENS), (2, 12)).astype(np.int32)
-    with torch.no_grad():
-        expected = hf_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
-    got = np.asarray(jax.jit(lambda x: model(x)[0])(tokens))
+    expected = hf_logits(torch, hf_model, tokens)
+    got = np.asarray(jitted_logits(model, tokens))
     diff = float(np.abs(got - expected).max())
     print(f"qwen2 GGUF vs transformers' GGUF loader: max|diff| = {diff:.3g}")
     assert np.abs(expected).max() > 1.0 and diff <= 1e-4
@@ -417,9 +417,8 @@ def test_small_qwen3_gguf_matches_transformers(tmp_path):
     hf_model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="q3.gguf").eval()
     assert type(hf_model).__name__ == "Qwen3ForCausalLM"
     tokens = np.random.default_rng(0).integers(0, 40, (2, 12)).astype(np.int32)
-    with torch.no_grad():
-        expected = hf_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
-    got = np.asarray(jax.jit(lambda x: model(x)[0])(tokens))
+    expected = hf_logits(torch, hf_model, tokens)
+    got = np.asarray(jitted_logits(model, tokens))
     diff = float(np.abs(got - expected).max())
     print(f"qwen3 GGUF vs transformers' GGUF loader: max|diff| = {diff:.3g}")
     assert np.abs(expected).max() > 1.0 and diff <= 1e-4

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import hf_logits, jitted_logits
 from pal_jax import convert, sampling
 from pal_jax.model import ModelConfig, Transformer
 
@@ -30,15 +31,6 @@ def hf():
     transformers.logging.set_verbosity_error()
     return torch, transformers
 
-
-@nnx.jit
-def _forward(model, tokens):
-    return model(tokens)[0]
-
-
-def _hf_logits(torch, model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
 
 
 def _save_random(torch, transformers, config, path, seed=0):
@@ -64,15 +56,15 @@ def _round_trip(hf, tmp_path, config, *, t=24, arch=None):
     torch, transformers = hf
     ref_model = _save_random(torch, transformers, config, tmp_path / "src")
     tokens = _tokens(t)
-    ref = _hf_logits(torch, ref_model, tokens)
+    ref = hf_logits(torch, ref_model, tokens)
     assert np.abs(ref).max() > 1.0  # not vacuous
     cfg, model = convert.load_hf_dir(tmp_path / "src")
-    d_import = float(np.abs(np.asarray(_forward(model, jnp.asarray(tokens))) - ref).max())
+    d_import = float(np.abs(np.asarray(jitted_logits(model, jnp.asarray(tokens))) - ref).max())
     out = convert.export_hf_dir(model, cfg, tmp_path / "out")
     back = transformers.AutoModelForCausalLM.from_pretrained(out)
     back.eval()
     assert type(back).__name__ == (arch or type(ref_model).__name__)
-    d_export = float(np.abs(_hf_logits(torch, back, tokens) - ref).max())
+    d_export = float(np.abs(hf_logits(torch, back, tokens) - ref).max())
     cfg2, _ = convert.load_hf_dir(out)
     assert cfg2 == cfg
     return d_import, d_export, cfg
@@ -102,7 +94,7 @@ def test_rope_scaling_and_rope_parameters_disagree_follow_transformers(hf, tmp_p
     ref_model.eval()
     assert ref_model.config.rope_parameters["rope_type"] == "linear"
     tokens = _tokens(40)
-    ref = _hf_logits(torch, ref_model, tokens)
+    ref = hf_logits(torch, ref_model, tokens)
     with caplog.at_level(logging.WARNING):
         cfg, model = convert.load_hf_dir(path)
     assert "rope_scaling" in caplog.text and "rope_parameters" in caplog.text and "disagree" in caplog.text
@@ -111,14 +103,14 @@ def test_rope_scaling_and_rope_parameters_disagree_follow_transformers(hf, tmp_p
     with caplog.at_level(logging.WARNING):  # a disagreement on theta alone is named too
         convert.model_config_from_hf({**hf_cfg, "rope_scaling": {"rope_type": "default"}})
     assert "disagree" in caplog.text
-    diff = float(np.abs(np.asarray(_forward(model, jnp.asarray(tokens))) - ref).max())
+    diff = float(np.abs(np.asarray(jitted_logits(model, jnp.asarray(tokens))) - ref).max())
     print(f"rope_scaling + rope_parameters: max|diff| = {diff:.3g}")
     assert diff <= TOL
     # the other reading is far off: the test tells them apart
     hf_cfg.pop("rope_scaling")
     (path / "config.json").write_text(json.dumps(hf_cfg))
     _, other = convert.load_hf_dir(path)
-    assert float(np.abs(np.asarray(_forward(other, jnp.asarray(tokens))) - ref).max()) > 0.5
+    assert float(np.abs(np.asarray(jitted_logits(other, jnp.asarray(tokens))) - ref).max()) > 0.5
 
 
 @pytest.mark.parametrize("name,shape,message", [
@@ -239,17 +231,17 @@ def test_transformers4_rope_scaling_form(hf, tmp_path, rope):
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(path)
     ref_model.eval()
     tokens = _tokens(48)
-    ref = _hf_logits(torch, ref_model, tokens)
+    ref = hf_logits(torch, ref_model, tokens)
     cfg, model = convert.load_hf_dir(path)
     assert (cfg.rope_type, cfg.rope_theta) == (rope.get("rope_type", rope.get("type")), 20000.0)
-    diff = float(np.abs(np.asarray(_forward(model, jnp.asarray(tokens))) - ref).max())
+    diff = float(np.abs(np.asarray(jitted_logits(model, jnp.asarray(tokens))) - ref).max())
     print(f"transformers-4 form {cfg.rope_type}: max|diff| = {diff:.3g}")
     assert diff <= TOL
     # without the scaling the logits past the original context differ: the scaling is applied, not ignored
     plain = ModelConfig.from_dict({**cfg.to_dict(), "rope_type": "default"})
     _, state = nnx.split(model)
     other = nnx.merge(nnx.graphdef(Transformer(plain, rngs=nnx.Rngs(0))), state)
-    assert float(np.abs(np.asarray(_forward(other, jnp.asarray(tokens))) - ref).max()) > 0.1
+    assert float(np.abs(np.asarray(jitted_logits(other, jnp.asarray(tokens))) - ref).max()) > 0.1
 
 
 def test_family_refusals(hf, tmp_path):
@@ -366,7 +358,7 @@ def test_real_checkpoint_presets_have_their_shapes(hf, preset, n_params):
 def test_resume_reads_a_checkpoint_saved_before_the_variant_keys():
     """A workdir written before qkv_bias, rope_type, sliding_window ... existed resumes: a missing model key reads
     as ModelConfig's default; a set one that differs is still named."""
-    from helpers import tiny_config
+    from helpers import hf_logits, jitted_logits, tiny_config
     from pal_jax import train
     task = train.Task(name="stage1", loss_fn=None, train_batch=None, eval_batches=None)
     now = json.loads(tiny_config().to_json_best_effort())
