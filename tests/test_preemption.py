@@ -127,6 +127,10 @@ def test_cli_sigterm_before_training_exits_zero_and_the_rerun_cleans_temp_files(
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     assert "rerun the same command to resume" in err, err[-3000:]
+    # on a loaded machine the signal can land after the first step; then the preemption saved that step, and the
+    # rerun must continue from it (both are preemptions that exit 0 and resume)
+    first = _steps(w)
+    assert first in ([], [1]), first
     orphans = [w / "pairs" / "part-00000.jsonl.tmp-999999", w / "tokenizer" / ".tokenizer.json.tmp-999999"]
     for p in orphans:  # as a kill during their write leaves them
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +139,7 @@ def test_cli_sigterm_before_training_exits_zero_and_the_rerun_cleans_temp_files(
     assert again.returncode == 0, again.stderr[-3000:]
     assert not any(p.exists() for p in orphans)
     assert "temporary file(s) left by an interrupted run" in again.stderr
-    assert _steps(w) == [2]
+    assert _steps(w) == first + [2]
 
 
 def _file_size_limit(n_bytes: int):
