@@ -20,3 +20,12 @@ def convai2_dir():
     if not (CONVAI2_DIR / "valid_self_original_no_cands.txt").exists():
         pytest.skip(f"ConvAI2 data not found at {CONVAI2_DIR} (only present beside the project's CI checkout)")
     return CONVAI2_DIR
+
+
+@pytest.fixture(scope="session")
+def hf():
+    """(torch, transformers) for the Hugging Face parity tests; skipped, with the reason, without the CPU torch."""
+    torch = pytest.importorskip("torch", reason="torch (test-only, CPU wheel) is needed for the HF parity tests")
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    return torch, transformers

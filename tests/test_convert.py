@@ -42,13 +42,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def hf():
-    torch = pytest.importorskip("torch", reason="torch (test-only, CPU wheel) is needed for the HF round trips")
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    return torch, transformers
-
 
 def _random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
     """Numpy-random params (std 0.3, padded vocab rows included: the export must cut them off)."""

@@ -24,13 +24,6 @@ SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_
              tie_word_embeddings=False)
 
 
-@pytest.fixture(scope="module")
-def hf():
-    torch = pytest.importorskip("torch", reason="torch (test-only, CPU wheel) is needed for the HF parity tests")
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    return torch, transformers
-
 
 
 def _save_random(torch, transformers, config, path, seed=0):
