@@ -57,7 +57,7 @@ def loss_and_grads(model, batch):
     return float(loss), {k: float(v / den) for k, v in mets.items()}, grads
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])  # gpt2: slow (suite time)
 def test_packed_loss_and_gradients_equal_unpacked(family):
     enc = random_encoded(12)
     unpacked = pipeline.BatchSource(enc, 12, BUCKETS, seed=0).make_batch(np.arange(12))
@@ -81,7 +81,7 @@ def test_packed_loss_and_gradients_equal_unpacked(family):
     assert gmax > 1e-3 and diff < 1e-5, (gmax, diff)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])  # gpt2: slow (suite time)
 def test_packed_row_logits_equal_each_example_alone(family):
     enc = random_encoded(12, seed=1)
     src = pipeline.PackedBatchSource(enc, 4, BUCKETS, seed=0)
@@ -211,6 +211,7 @@ def test_checkpoint_from_before_packing_resumes_unpacked_only():
         train._check_resume({"config": old}, on, task, "W")
 
 
+@pytest.mark.slow  # 15 s; the loss and gradient equality of packed rows stays in the default suite (llama)
 def test_stage1_packed_eval_loss_equals_unpacked_and_trains(tmp_path):
     """The real Stage 1 task on the synthetic corpus: the held-out loss of the same params is the same packed or
     not (the whole dev split, per task too), there are fewer steps per epoch, and a packed run trains end to end."""
