@@ -245,6 +245,23 @@ def group_by_bucket(items: np.ndarray, bucket: np.ndarray, n_buckets: int, B: in
     return batches, carry
 
 
+def epoch_plan(items: np.ndarray, bucket: np.ndarray, n_buckets: int, B: int, rng) -> list[np.ndarray]:
+    """One epoch's training batches of B items: group_by_bucket (the last < B items left out), the batches in the
+    order of rng's permutation; fewer than B items in all: one batch of them repeated to B."""
+    if len(items) < B:
+        return [np.resize(items, B)]
+    batches = group_by_bucket(items, bucket, n_buckets, B)[0]
+    return [batches[k] for k in rng.permutation(len(batches))]
+
+
+def eval_plan_of(items: np.ndarray, bucket: np.ndarray, n_buckets: int, B: int) -> list[np.ndarray]:
+    """Every item once in batches of B (group_by_bucket), the leftovers in a last batch padded with -1."""
+    plan, carry = group_by_bucket(items, bucket, n_buckets, B)
+    if len(carry):
+        plan.append(np.concatenate([carry, np.full(B - len(carry), -1, np.int64)]))
+    return plan
+
+
 class BatchSource:
     """Fixed-shape batches from Encoded rows, grouped by length bucket. See the module doc."""
 
@@ -308,12 +325,7 @@ class BatchSource:
             return self._cache[1]
         rows = self.epoch_rows(epoch)
         rng = np.random.default_rng([self.seed, epoch, 1])
-        B = self.batch_size
-        if len(rows) < B:
-            batches = [np.resize(rows, B)]
-        else:
-            batches = group_by_bucket(rows, self.bucket_of[rows], len(self.buckets), B)[0]
-            batches = [batches[k] for k in rng.permutation(len(batches))]
+        batches = epoch_plan(rows, self.bucket_of[rows], len(self.buckets), self.batch_size, rng)
         assert len(batches) == self.steps_per_epoch, (len(batches), self.steps_per_epoch)
         self._cache = (epoch, batches)
         return batches
@@ -339,11 +351,7 @@ class BatchSource:
     # -- evaluation --------------------------------------------------------------------------------------------
     def eval_plan(self) -> list[np.ndarray]:
         """Row indices of each eval batch (-1 = a padding row), every example exactly once, fixed order."""
-        B = self.batch_size
-        plan, carry = group_by_bucket(np.arange(len(self.lengths)), self.bucket_of, len(self.buckets), B)
-        if len(carry):
-            plan.append(np.concatenate([carry, np.full(B - len(carry), -1, np.int64)]))
-        return plan
+        return eval_plan_of(np.arange(len(self.lengths)), self.bucket_of, len(self.buckets), self.batch_size)
 
     def eval_batches(self, rows_of=None) -> Iterator[dict[str, np.ndarray]]:
         """Every example once, in a fixed order; the last batch is padded with weight-0 rows. rows_of: as batch."""
@@ -476,12 +484,8 @@ class PackedBatchSource(BatchSource):
             return self._packs[1], self._packs[2]
         packed = self.packed_rows(self.epoch_rows(epoch))
         rng = np.random.default_rng([self.seed, epoch, 1])
-        B = self.batch_size
-        if len(packed) < B:
-            batches = [np.resize(np.arange(len(packed)), B)]
-        else:
-            batches = group_by_bucket(np.arange(len(packed)), self._row_buckets(packed), len(self.buckets), B)[0]
-            batches = [batches[k] for k in rng.permutation(len(batches))]
+        batches = epoch_plan(np.arange(len(packed)), self._row_buckets(packed), len(self.buckets), self.batch_size,
+                             rng)
         self._packs = (epoch, packed, batches)
         self._counts[epoch] = len(batches)
         return packed, batches
@@ -519,10 +523,7 @@ class PackedBatchSource(BatchSource):
         packed = self.packed_rows(np.arange(len(self.lengths)))
         if not packed:
             return []
-        B = self.batch_size
-        plan, carry = group_by_bucket(np.arange(len(packed)), self._row_buckets(packed), len(self.buckets), B)
-        if len(carry):
-            plan.append(np.concatenate([carry, np.full(B - len(carry), -1, np.int64)]))
+        plan = eval_plan_of(np.arange(len(packed)), self._row_buckets(packed), len(self.buckets), self.batch_size)
         empty = np.zeros(0, np.int64)
         self._eval = [[packed[k] if k >= 0 else empty for k in b] for b in plan]
         return self._eval
