@@ -157,7 +157,7 @@ def changed_inputs(old: dict, new: dict, continues: str | None = None) -> list[s
     only in `old` is one this code no longer reads for the phase, so it cannot make the old output stale."""
     out = []
     for k in sorted(new):
-        a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+        a, b = old.get(k, "<unset>"), new[k]
         if a == b:
             continue
         if k == continues and isinstance(a, int) and isinstance(b, int) and b > a:
