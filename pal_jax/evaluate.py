@@ -61,6 +61,10 @@ C_SCORE_LABELS = ("C-score, Madotto et al. (sum over persona)", "C-score, PAL's 
 # what the oracle row reports: generation metrics (no selection, no gold-side scoring)
 ORACLE_KEYS = ("f1", "bleu4", "dist2", "repetition_rate", "persona_coverage", "persona_f1", "persona_use_rate",
                "persona_use_exact", "c_score", "c_score_max", "consistency_max_cos", "consistency_best_persona")
+# what the reference row reports: the gold replies scored as if a model had written them (the reply-side metrics:
+# a ceiling to read persona coverage and the proxy against, since a model can beat a human there by copying)
+REFERENCE_KEYS = ("dist1", "dist2", "repetition_rate", "persona_coverage", "persona_f1", "persona_use_rate",
+                  "c_score", "c_score_max", "consistency_max_cos", "consistency_best_persona")
 TURN_TYPES = (("persona", "Turns labelled with a persona sentence"), ("none", "Turns labelled 'none'"))
 FEW_DIALOGUES = 20  # below this the report says its intervals are unreliable
 
@@ -266,6 +270,15 @@ def evaluate(predictor: Predictor, records, *, nli=None, sentence_encoder=None, 
     return out
 
 
+def reference_stats(records, *, nli=None, sentence_encoder=None) -> dict[str, bs.Stat]:
+    """REFERENCE_KEYS of the gold replies themselves, per turn: what a human reply scores on the reply-side
+    metrics (no model involved, so it is the same for every checkpoint)."""
+    preds = [Prediction(selected=-1 if r.persona_label is None else r.persona_label, selected_text="",
+                        select_score=0.0, candidate_scores=[], response=r.response) for r in records]
+    stats = turn_stats(records, preds, None, _extra_rows(records, preds, nli, sentence_encoder))
+    return {k: v for k, v in stats.items() if k in REFERENCE_KEYS}
+
+
 def consistency_metrics(encoder, records, predictions, per_turn: bool = False) -> dict:
     """The embedding consistency proxy (sentence_encoder.consistency_proxy) of the predicted responses; per_turn:
     with its per-turn "rows" as well."""
@@ -316,9 +329,11 @@ def selection_confusion(records, predictions) -> dict[str, float]:
     return out
 
 
-def analyse(evals: dict, records, n_resamples: int = bs.N_RESAMPLES, seed: int = bs.SEED) -> dict:
+def analyse(evals: dict, records, n_resamples: int = bs.N_RESAMPLES, seed: int = bs.SEED,
+            reference: dict[str, bs.Stat] | None = None) -> dict:
     """Intervals, paired differences (every later checkpoint minus every earlier one), the turn-type split, the
-    selection confusion and the oracle rows, for checkpoints evaluated on the same records."""
+    selection confusion and the oracle rows, for checkpoints evaluated on the same records; reference:
+    reference_stats of the same records (the gold replies' row, with its intervals)."""
     names = list(evals)
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     groups = [dialogue_of(r, i) for i, r in enumerate(records)]
@@ -340,6 +355,9 @@ def analyse(evals: dict, records, n_resamples: int = bs.N_RESAMPLES, seed: int =
         o = bs.compare({n: e.oracle_stats for n, e in oracle.items()}, [groups[i] for i in turns], [],
                        n=n_resamples, seed=seed)
         out["oracle"] = {"turns": len(turns), "values": o["values"], "intervals": o["intervals"]}
+    if reference:
+        r = bs.compare({"gold replies": reference}, groups, [], n=n_resamples, seed=seed)
+        out["reference"] = {"turns": len(records), "values": r["values"], "intervals": r["intervals"]}
     return out
 
 
@@ -456,6 +474,15 @@ def write_report(out_dir: str, results: dict[str, dict], info: dict, analysis: d
                   "'none' turns), as if Select were always right. These numbers use gold labels at prediction "
                   "time and are never part of the comparison above.", ""]
         lines += _table(onames, o["values"], o["intervals"], None, keys=ORACLE_KEYS)
+    if a.get("reference"):
+        ref = a["reference"]
+        both = {**{n: results[n] for n in names}, **ref["values"]}
+        ivs = {**(a.get("intervals") or {}), **ref["intervals"]}
+        lines += ["", f"## The gold replies themselves ({ref['turns']} turns)", "",
+                  "The human replies scored by the same reply-side metrics, beside each checkpoint: a model above "
+                  "them on persona coverage, persona F1 or the proxy says persona words more often than a person "
+                  "does (copying), which these metrics reward.", ""]
+        lines += _table(names + list(ref["values"]), both, ivs, None, keys=REFERENCE_KEYS)
     tmp = epath.Path(paths["markdown"] + ".tmp")  # whole or not at all (SIGTERM, a kill)
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(paths["markdown"])
@@ -592,7 +619,8 @@ def run_evaluate(config, workdir: str, curves: dict[str, str] | None = None) -> 
         logging.info("evaluate %s: %s", name, " ".join(f"{k} {v:.4f}" for k, v in ev.results.items()
                                                         if isinstance(v, float)))
     t0 = time.time()
-    analysis = analyse(evals, records, config.eval.bootstrap_resamples)
+    analysis = analyse(evals, records, config.eval.bootstrap_resamples,
+                       reference=reference_stats(records, nli=nli, sentence_encoder=encoder))
     logging.info("evaluate: bootstrap (%d resamples of %d dialogues) in %.1fs", config.eval.bootstrap_resamples,
                  analysis["bootstrap"]["dialogues"], time.time() - t0)
     c_note = (f"C-score with the NLI model at {config.eval.nli_model}." if nli is not None else

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import run_main, tiny_config
-from pal_jax import evaluate, predict, stage1
+from pal_jax import evaluate, metrics, predict, stage1
 from pal_jax.data import convai2, corpus
 
 
@@ -89,7 +89,16 @@ def test_evaluate_report_has_every_metric(trained, records, tmp_path):
     assert res["selects_none"] == np.mean([p.selected == -1 for p in ev.predictions])
     # the oracle row generates with the gold persona on every labelled turn, apart from the real results
     assert ev.oracle_results["n"] == sum(r.persona_label is not None for r in records) and "f1" in ev.oracle_results
-    analysis = evaluate.analyse({"a": ev, "b": ev}, with_cands, n_resamples=200)
+    reference = evaluate.reference_stats(with_cands)
+    analysis = evaluate.analyse({"a": ev, "b": ev}, with_cands, n_resamples=200, reference=reference)
+    # the gold replies' own row: the reply-side metrics of the human replies, never a model's
+    gold = analysis["reference"]["values"]["gold replies"]
+    assert set(gold) <= set(evaluate.REFERENCE_KEYS) and "f1" not in gold
+    assert gold["persona_coverage"] == pytest.approx(
+        np.mean([metrics.persona_coverage(r.response, list(r.persona)) for r in with_cands]), abs=1e-12)
+    assert gold["repetition_rate"] == np.mean([metrics.repeats_ngram(r.response, 3) for r in with_cands])
+    lo, hi = analysis["reference"]["intervals"]["gold replies"]["persona_coverage"]
+    assert lo <= gold["persona_coverage"] <= hi and lo < hi
     assert analysis["differences"]["b - a"]["f1"] == {"delta": 0.0, "lo": 0.0, "hi": 0.0, "significant": False}
     paths = evaluate.write_report(str(tmp_path), {"a": res, "b": res}, {"data": "test", "n": len(records)},
                                   analysis, curves={"a": workdir})
@@ -97,6 +106,8 @@ def test_evaluate_report_has_every_metric(trained, records, tmp_path):
     assert "| F1 ↑ | " in table and "| Perplexity ↓ |" in table and "C-score" in table  # noted as not measured
     assert "Selection rule, the same for every checkpoint: a: `calibrated" in table
     assert "## Selection errors (labelled turns)" in table and "## Oracle persona: an upper bound" in table
+    assert f"## The gold replies themselves ({len(records)} turns)" in table
+    assert "| Persona coverage ↑ | " in table.split("## The gold replies themselves")[1]
     assert " n.s. |" in table  # identical checkpoints: every difference is not significant
     # eval.hits_at_1=False: the same replies and perplexity, no candidate ranking (and no Hits@1 rows)
     off = evaluate.evaluate(predictor, with_cands, hits_at_1=False).results
