@@ -42,7 +42,8 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from pal_jax import convert, sampling  # noqa: E402
+from pal_jax.weights import hf as convert
+from pal_jax.inference import decode as sampling  # noqa: E402
 
 SHAPES = {
     # the `tiny` preset of configs/common.py (its vocab comes from the trained tokenizer: 2048)

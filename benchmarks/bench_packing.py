@@ -59,7 +59,7 @@ def make_config(data: str, batch_size: int, max_len: int, packing: bool):
 
 def epoch_figures(src, n_batches: int | None = None) -> dict:
     """Real-token fraction, examples per step and steps of epoch 0 (every batch of it)."""
-    from pal_jax import perf
+    from pal_jax.core import perf
     batches = src.epoch_batches(0)
     real = padded = examples = 0
     for rows in batches[:n_batches]:
@@ -88,9 +88,12 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from pal_jax import optim, perf, stage1, train
+    from pal_jax.core import optim
+    from pal_jax.core import perf
+    from pal_jax.training import stage1
+    from pal_jax.training import loop as train
     from pal_jax.data import pipeline
-    from pal_jax.experiment import Experiment
+    from pal_jax.training.experiment import Experiment
 
     c = make_config(args.data, args.batch_size, args.max_len, packing=False)
     t0 = time.perf_counter()

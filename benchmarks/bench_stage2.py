@@ -3,7 +3,7 @@
 One row per shape: a DPO training step on N pairs of L tokens (chosen and rejected rows, 2N x L), reference
 forward included, on the same random weights and the same batch -> pairs/s.
 
-  pal_jax  the project's own step: train.make_train_step(ModelState, Task(loss_fn=stage2.make_loss_fn(...),
+  pal_jax  the project's own step: train.make_train_step(ModelSpec, Task(loss_fn=stage2.make_loss_fn(...),
            extra=reference params), optim.make_optimizer(train config), ...), jitted, policy params and optimizer
            state donated, the reference params a separate non-donated argument; the batch is built by
            stage2.PairSource.make_batch (chosen rows first, then rejected rows, [2N, L]) from random token ids.
@@ -55,8 +55,11 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from pal_jax import mesh as mesh_lib  # noqa: E402
-from pal_jax import optim, stage2, train  # noqa: E402
+from pal_jax.core import mesh as mesh_lib  # noqa: E402
+from pal_jax.core import optim
+from pal_jax.training import stage2
+from pal_jax.training import loop as train  # noqa: E402
+from pal_jax.model.spec import ModelSpec
 
 DEFAULT_PAIRS = {"tiny": 16, "135m": 4}
 HEAD = 16  # tokens of the "persona block" at the start of each prompt (only the alignment term reads it; off here)
@@ -110,7 +113,7 @@ class JaxDPO:
 
     def __init__(self, c, cfg, params, host_batch):
         mesh = mesh_lib.make_mesh(c.mesh)
-        ms = train.ModelState(cfg, mesh, mesh_lib.axis_rules(c))
+        ms = ModelSpec(cfg, mesh, mesh_lib.axis_rules(c))
         self.ref = jax.device_put(nnx.to_pure_dict(params), ms.shardings)
         policy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ms.shardings)(self.ref)
         tx = optim.make_optimizer(c.train)

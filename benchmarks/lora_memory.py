@@ -2,7 +2,7 @@
 
 For a preset's model shape (default smollm2_135m), without loading any weights:
 
-  abstract   lora.stage2_bytes: the trees' shapes from jax.eval_shape (ModelState's abstract params, the AdamW
+  abstract   lora.stage2_bytes: the trees' shapes from jax.eval_shape (ModelSpec's abstract params, the AdamW
              chain of optim.make_optimizer applied with jax.eval_shape to them).
   allocated  (with --allocate) the trees Stage 2 holds, built the way stage2.train_stage2 builds them, from zeros
              instead of loaded weights: the reference params (without LoRA) or the base + Stage 1 adapters joined
@@ -31,9 +31,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import common  # noqa: E402  configs/common.py
-from pal_jax import lora, optim, train  # noqa: E402
-from pal_jax import mesh as mesh_lib  # noqa: E402
-from pal_jax.model import LoraConfig, ModelConfig  # noqa: E402
+from pal_jax.model import lora
+from pal_jax.core import optim
+from pal_jax.training import loop as train  # noqa: E402
+from pal_jax.core import mesh as mesh_lib  # noqa: E402
+from pal_jax.model.transformer import LoraConfig, ModelConfig  # noqa: E402
+from pal_jax.model.spec import ModelSpec
 
 MIB = 2 ** 20
 
@@ -82,7 +85,7 @@ def main():
     for name, lo in (("full fine-tune", None),
                      (f"LoRA r={args.rank} ({','.join(targets)})",
                       LoraConfig(rank=args.rank, alpha=args.alpha, targets=targets))):
-        ms = train.ModelState(cfg, mesh, rules, lora=lo)
+        ms = ModelSpec(cfg, mesh, rules, lora=lo)
         b = lora.stage2_bytes(ms, tx)
         held = allocate(ms, tx) if args.allocate else None
         rows.append((name, ms.n_params(), b, held))

@@ -23,9 +23,11 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
 import pipeline as pcfg  # noqa: E402
 
-from pal_jax import evaluate, predict  # noqa: E402
+from pal_jax.evaluation import evaluate
+from pal_jax.inference import predictor as predict  # noqa: E402
+from pal_jax.data import records as records_lib  # noqa: E402
 from pal_jax.data import synthetic  # noqa: E402
-from pal_jax.predict import Prediction, Record  # noqa: E402
+from pal_jax.inference.predictor import Prediction, Record  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("workdir", help="a workdir holding a checkpoint (tiny preset, synthetic corpus)")
@@ -46,7 +48,7 @@ if a.max_new_tokens:
 c.predict.split, c.predict.select_by, c.mesh.cpu_devices, c.predict.batch_size = a.split, "sum", 0, 64
 t0 = time.time()
 p = predict.load_predictor(c, a.workdir)
-records, _ = predict.load_records(c)
+records, _ = records_lib.load_records(c)
 recs = [r for r in records if r.persona_label is not None and r.persona_label >= 0]
 replies = p.generate([Record(tuple(r.persona), tuple(r.history)) for r in recs], [r.persona_label for r in recs])
 preds = [Prediction(selected=r.persona_label, selected_text="", select_score=0.0, candidate_scores=[], response=x)

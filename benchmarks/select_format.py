@@ -13,7 +13,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
 import pipeline as pcfg  # noqa: E402
 
-from pal_jax import predict  # noqa: E402
+from pal_jax.inference import predictor as predict  # noqa: E402
 from pal_jax.data import convai2, corpus  # noqa: E402
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 100

@@ -1,4 +1,4 @@
-"""The Select step's rules side by side (pal_jax/selection.py): selection accuracy, the share of "none" picks,
+"""The Select step's rules side by side (pal_jax/inference/selection.py): selection accuracy, the share of "none" picks,
 accuracy on persona-labelled and on "none"-labelled turns, for each checkpoint of a pipeline workdir.
 
 One scoring pass per checkpoint and split gives every rule (they differ only in how the token log-probs are
@@ -20,7 +20,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
 import pipeline as pcfg  # noqa: E402
 
-from pal_jax import predict, selection  # noqa: E402
+from pal_jax.inference import predictor as predict
+from pal_jax.inference import selection  # noqa: E402
 from pal_jax.data import convai2, corpus  # noqa: E402
 
 ap = argparse.ArgumentParser()

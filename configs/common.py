@@ -42,7 +42,7 @@ MODEL_PRESETS = {
                         tie_embeddings=False, rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
                         rope_high_freq_factor=4.0, rope_original_max_len=8192),
 }
-# Llama-family variants (model.ModelConfig; pal_jax/hf_families.py maps them to Qwen2/Qwen3/Llama options): every
+# Llama-family variants (model.ModelConfig; pal_jax/weights/families.py maps them to Qwen2/Qwen3/Llama options): every
 # preset has these keys, with these values unless it sets them.
 MODEL_VARIANT_DEFAULTS = dict(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, rope_type="default",
                               rope_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
@@ -71,7 +71,7 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.mode = mode
     c.preset = preset
     c.seed = 0
-    # Persistent XLA compilation cache (pal_jax/compile_cache.py): "auto" = $XDG_CACHE_HOME/pal_jax/jax_cache
+    # Persistent XLA compilation cache (pal_jax/core/compile_cache.py): "auto" = $XDG_CACHE_HOME/pal_jax/jax_cache
     # (~/.cache/pal_jax/jax_cache), "" or "off" = none, any other string = that directory. A rerun loads the compiled
     # programs instead of compiling them; results do not change (the key hashes the program and the devices).
     c.compile_cache = "auto"
@@ -89,7 +89,7 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.model.remat = False
     c.model.init_std = 0.02  # random init only (model.ModelConfig.init_std)
 
-    # LoRA: low-rank adapters on the attention and MLP projections, trained on a frozen base (pal_jax/lora.py).
+    # LoRA: low-rank adapters on the attention and MLP projections, trained on a frozen base (pal_jax/model/lora.py).
     # Stage 1 and Stage 2 train only the adapters; checkpoints hold only them (the base comes from init_from).
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0  # 0 = off (full fine-tuning)
@@ -142,13 +142,13 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.train.eval_every = 200
     c.train.eval_batches = 20  # held-out batches per evaluation; 0 = the whole held-out split
     # Stage 1 / Stage 2: at every evaluation, Select then Generate on this many fixed dev turns (a choice seeded with
-    # data.split_seed), printed, in TensorBoard (text) and in WORKDIR/samples.jsonl (pal_jax/samples.py); 0 = off
+    # data.split_seed), printed, in TensorBoard (text) and in WORKDIR/samples.jsonl (pal_jax/training/samples.py); 0 = off
     c.train.sample_turns = 4
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 2
     c.train.async_checkpoint = True
     c.train.max_bad_steps = 5  # consecutive non-finite steps (skipped) before the run stops
-    # Performance accounting (pal_jax/perf.py): MFU = model TFLOP/s per device / this peak; 0 = the published peak
+    # Performance accounting (pal_jax/core/perf.py): MFU = model TFLOP/s per device / this peak; 0 = the published peak
     # of the chip (TPU v4/v5e/v5p/v6e, H100, H200) or, on CPU, a matmul measured at start
     c.train.peak_tflops = 0.0
     # jax.profiler trace of steps profile_start .. profile_start + profile_steps - 1 (step numbers from 1) into
@@ -163,7 +163,7 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.stage2.batch_size = 16  # pairs (the forward sees 2x rows: chosen and rejected)
     c.stage2.warmup_steps = 10
     # sigmoid (DPO) | ipo | hinge | robust | sigmoid_norm | apo_zero, or a weighted sum "sigmoid:1,ipo:0.5";
-    # formulas and sources: pal_jax/losses.py dpo_per_pair; the syntax: pal_jax/loss_spec.py
+    # formulas and sources: pal_jax/training/losses.py dpo_per_pair; the syntax: pal_jax/training/loss_spec.py
     c.stage2.loss_type = "sigmoid"
     c.stage2.beta = 0.1
     c.stage2.label_smoothing = 0.0  # conservative DPO for sigmoid / sigmoid_norm; the flip rate eps for robust
@@ -178,7 +178,7 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.stage2.align_weight = 0.1  # lambda of the embedding-alignment term; 0 = off
     c.stage2.align_temperature = 0.1
     # reference log-probs computed once instead of a reference forward per step, and cached beside the pairs file
-    # (ref_logps/<fingerprint>.npz: pal_jax/ref_cache.py), reused by any Stage 2 on the same pairs and reference
+    # (ref_logps/<fingerprint>.npz: pal_jax/training/ref_cache.py), reused by any Stage 2 on the same pairs and reference
     c.stage2.precompute_ref = False
     c.stage2.reference = "stage1"  # DPO reference: "stage1" (the Stage 1 model) | "base" (what Stage 1 started from)
     # TR-DPO (Gorbatovski et al. 2024): after every ref_sync_every-th step, ref <- alpha * policy + (1 - alpha) * ref
@@ -191,9 +191,9 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     # from the Stage 1 model if missing
     c.stage2.pairs = ""
     c.stage2.select_pairs = True  # also pair Stage 1's wrong persona selections with the labelled one (select task)
-    # turns that give generate pairs: "all" (the paper) | "persona" (gold reply draws on a persona; pal_jax/pairs.py)
+    # turns that give generate pairs: "all" (the paper) | "persona" (gold reply draws on a persona; pal_jax/training/make_pairs.py)
     c.stage2.generate_pairs_on = "persona"
-    # where a generate pair's rejected reply comes from (pal_jax/pairs.py): the Stage 1 model's reply to the
+    # where a generate pair's rejected reply comes from (pal_jax/training/make_pairs.py): the Stage 1 model's reply to the
     # persona-free prompt (persona_free, the paper), to the generate prompt without any persona (no_persona), or to
     # the generate prompt with the labelled persona highlighted (highlighted: its own attempt)
     c.stage2.rejected = "persona_free"
@@ -207,12 +207,12 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.predict.output = ""  # predictions JSONL; empty: WORKDIR/predictions.jsonl
     c.predict.max_records = 0  # 0 = all
     c.predict.batch_size = 16
-    # The Select step's rule (pal_jax/selection.py; docs/method.md has the measurement that chose the default):
+    # The Select step's rule (pal_jax/inference/selection.py; docs/method.md has the measurement that chose the default):
     # calibrated (summed log-prob + a bias on "none" fitted on the dev split, saved beside the checkpoint) |
     # marginal | lse | decision | mean | sum
     c.predict.select_by = "calibrated"
     c.predict.calibration_turns = 0  # dev turns the calibrated rule's bias is fitted on; 0 = the whole dev split
-    # Prompt format of the generate / persona-free prompts (pal_jax/predict.py resolve_formats): "plain" = the
+    # Prompt format of the generate / persona-free prompts (pal_jax/inference/predictor.py resolve_formats): "plain" = the
     # text templates Stage 1 trains on; "chat" = the base model's ChatML chat template (persona in the system
     # message, history as user/assistant turns, decoding stops at <|im_end|>); "auto" = chat for a base instruct
     # model (init_from weights, no fine-tuning here) with a ChatML template, plain for pal_jax checkpoints.
@@ -242,7 +242,7 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.export = ml_collections.ConfigDict()
     c.export.output_dir = ""  # empty: WORKDIR/hf
 
-    # compile: ahead-of-time compile of the train steps for a TPU topology (pal_jax/aot.py; needs libtpu from
+    # compile: ahead-of-time compile of the train steps for a TPU topology (pal_jax/training/aot.py; needs libtpu from
     # requirements-tpu.txt); memory per device from the compiled executable -> WORKDIR/compile_<topology>.json/md
     c.compile = ml_collections.ConfigDict()
     c.compile.topology = "v5p-8"  # v5p-64, v5e-256, v4-32, v6e-64, ... or "GEN:AxBxC"; "cpu" = this machine's devices

@@ -6,7 +6,8 @@ import os
 
 import ml_collections
 
-from pal_jax.loss_spec import DPO_LOSS_TYPES, parse_loss_type  # noqa: F401  jax-free; losses.py uses the same
+from pal_jax.core.errors import ConfigError
+from pal_jax.training.loss_spec import DPO_LOSS_TYPES, parse_loss_type  # noqa: F401  jax-free; losses.py uses the same
 
 MODES = ("stage1", "make_pairs", "stage2", "predict", "evaluate", "chat", "pipeline", "export",
          "compile")  # main.MODES runs them
@@ -18,10 +19,6 @@ CORPUS_MODES = ("stage1", "make_pairs", "stage2", "pipeline")  # modes that alwa
 PROMPT_FORMATS = ("auto", "plain", "chat")  # = predict.PROMPT_FORMATS
 SELECT_RULES = ("calibrated", "marginal", "lse", "decision", "mean", "sum")  # = selection.RULES
 REJECTED_FROM = ("persona_free", "no_persona", "highlighted")  # = pairs.REJECTED_FROM
-
-
-class ConfigError(ValueError):
-    pass
 
 
 PRECOMPUTE_VS_SYNC = ("config.stage2.ref_sync_every > 0 (the TR-DPO reference update) with config.stage2.precompute_ref"
@@ -50,7 +47,7 @@ def _validate_lora(c, e: list[str]) -> None:
         return
     _check(e, isinstance(lo.alpha, (int, float)) and not isinstance(lo.alpha, bool) and lo.alpha > 0, "lora.alpha",
            lo.alpha, "a number > 0 (the adapters' scale is alpha / rank)")
-    from pal_jax.model import LORA_TARGETS  # imported only when LoRA is on (it imports jax)
+    from pal_jax.model.transformer import LORA_TARGETS  # imported only when LoRA is on (it imports jax)
     allowed = LORA_TARGETS.get(c.model.family, ())
     names = [t.strip() for t in str(lo.targets).split(",") if t.strip()]
     _check(e, bool(names) and len(set(names)) == len(names) and all(t in allowed for t in names), "lora.targets",
@@ -59,7 +56,7 @@ def _validate_lora(c, e: list[str]) -> None:
 
 
 def _validate_ref_sync(c, e: list[str]) -> None:
-    """stage2.ref_sync_every / ref_sync_alpha (TR-DPO, pal_jax/stage2.py)."""
+    """stage2.ref_sync_every / ref_sync_alpha (TR-DPO, pal_jax/training/stage2.py)."""
     s2 = c.stage2
     every, alpha = s2.get("ref_sync_every", 0), s2.get("ref_sync_alpha", 0.6)
     every_ok = isinstance(every, int) and not isinstance(every, bool) and every >= 0

@@ -5,7 +5,7 @@
 Errors in the user's input (config values, data files, the workdir) print one line, `error: <message>`, and exit 2;
 a failed checkpoint save or no readable checkpoint prints one line and exits 1; --traceback adds the Python
 traceback above it. SIGTERM in any phase exits 0 with `preempted: ...; rerun the same command to resume`
-(pal_jax/preemption.py). A second run on a workdir in use stops at once (pal_jax/workdir.py).
+(pal_jax/core/preemption.py). A second run on a workdir in use stops at once (pal_jax/core/workdir.py).
 
 Multi-host: the same command on every host, plus --distributed=on (TPU pod slices) or --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I (GPU nodes, tests); SLURM / Open MPI jobs are detected (--distributed=auto). Only
@@ -92,15 +92,15 @@ def _distributed_init():
 
 # mode -> (module, function(config, workdir) -> summary dict)
 MODES = {
-    "stage1": ("pal_jax.stage1", "run"),
-    "make_pairs": ("pal_jax.stage2", "run_make_pairs"),
-    "stage2": ("pal_jax.stage2", "run"),
-    "pipeline": ("pal_jax.pipeline_mode", "run"),
-    "predict": ("pal_jax.predict", "run_predict"),
-    "evaluate": ("pal_jax.evaluate", "run_evaluate"),
-    "chat": ("pal_jax.predict", "run_chat"),
-    "export": ("pal_jax.convert", "run_export"),
-    "compile": ("pal_jax.aot", "run_compile"),
+    "stage1": ("pal_jax.training.stage1", "run"),
+    "make_pairs": ("pal_jax.training.stage2", "run_make_pairs"),
+    "stage2": ("pal_jax.training.stage2", "run"),
+    "pipeline": ("pal_jax.pipeline", "run"),
+    "predict": ("pal_jax.inference.predictor", "run_predict"),
+    "evaluate": ("pal_jax.evaluation.evaluate", "run_evaluate"),
+    "chat": ("pal_jax.inference.predictor", "run_chat"),
+    "export": ("pal_jax.weights.export", "run_export"),
+    "compile": ("pal_jax.training.aot", "run_compile"),
 }
 
 
@@ -120,8 +120,8 @@ def check_devices(config, n_devices: int) -> None:
     """The mesh fits the devices and each batch the mode uses divides over its data*fsdp axes: checked before the
     tokenizer and the data are prepared. ConfigError naming the keys otherwise. (export and compile: no check;
     compile targets a topology, not these devices.)"""
-    from pal_jax import mesh as mesh_lib
-    from pal_jax.config import ConfigError
+    from pal_jax.core import mesh as mesh_lib
+    from pal_jax.core.errors import ConfigError
     if config.mode not in BATCH_KEYS:
         return
     try:
@@ -173,13 +173,13 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     # orbax logs every save phase through absl at INFO: keep its warnings and errors only, each as one line (a
-    # failed save is reported once, by pal_jax.checkpoint, as one 'error:' line)
+    # failed save is reported once, by pal_jax.core.checkpoint, as one 'error:' line)
     logging.get_absl_handler().addFilter(_orbax_filter)
     sys.excepthook = _quiet_closed_loop(sys.excepthook)
-    from pal_jax.config import ConfigError  # also the workdir's errors (workdir.WorkdirError)
-    from pal_jax.errors import CheckpointError
+    from pal_jax.core.errors import ConfigError  # also the workdir's errors (workdir.WorkdirError)
+    from pal_jax.core.errors import CheckpointError
     from pal_jax.data.convai2 import DataError
-    from pal_jax.preemption import Preempted
+    from pal_jax.core.preemption import Preempted
     try:
         _run()
     except (ConfigError, DataError) as e:  # the user's input: one line, exit 2
@@ -200,8 +200,8 @@ def main(argv):
 
 
 def _run():
-    from pal_jax import preemption
-    from pal_jax import workdir as workdir_lib
+    from pal_jax.core import preemption
+    from pal_jax.core import workdir as workdir_lib
     from pal_jax.config import validate
     with preemption.handling(), preemption.phase(f"{FLAGS.config.mode} (setup)"):
         _run_handled(preemption, workdir_lib, validate)
@@ -209,15 +209,15 @@ def _run():
 
 def _run_handled(preemption, workdir_lib, validate):
     validate(FLAGS.config)
-    from pal_jax import mesh as mesh_lib
+    from pal_jax.core import mesh as mesh_lib
     mesh_lib.cpu_devices(FLAGS.config.mesh.get("cpu_devices", 0))
-    from pal_jax import compile_cache  # before anything compiles
+    from pal_jax.core import compile_cache  # before anything compiles
     compile_cache.setup(FLAGS.config.get("compile_cache", "off"), FLAGS.config.mode)
     _distributed_init()
     import jax
     check_devices(FLAGS.config, jax.device_count())
     primary = jax.process_index() == 0
-    # one run per workdir: process 0 holds WORKDIR/.lock for the whole run (pal_jax/workdir.py)
+    # one run per workdir: process 0 holds WORKDIR/.lock for the whole run (pal_jax/core/workdir.py)
     with workdir_lib.lock(FLAGS.workdir) if primary else contextlib.nullcontext():
         if primary:  # temporary files of an interrupted run (SIGTERM, kill -9): no other run writes here
             preemption.remove_orphans(FLAGS.workdir)

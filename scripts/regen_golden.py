@@ -108,7 +108,8 @@ def _curves(workdir: str, keys) -> dict:
 def run_curves(root: str) -> dict:
     """Train the golden Stage 1 and Stage 2 under `root`; their per-step losses (and the final held-out loss)."""
     import jax
-    from pal_jax import stage1, stage2
+    from pal_jax.training import stage1
+    from pal_jax.training import stage2
     devices = jax.devices()[:DEVICES]
     s1, s2, pairs = (os.path.join(root, x) for x in ("s1", "s2", "pairs.jsonl"))
     c1 = make_config("stage1")

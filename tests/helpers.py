@@ -31,7 +31,7 @@ TINY_OVERRIDES = {
     "train.checkpoint_every": 3,
     # no persistent compilation cache (its default, "auto", writes to ~/.cache): tests/test_compile_cache.py covers it
     "compile_cache": "off",
-    # no samples while training (pal_jax/samples.py): their first evaluation compiles a scorer and a decoder, seconds
+    # no samples while training (pal_jax/training/samples.py): their first evaluation compiles a scorer and a decoder, seconds
     # per run; tests/test_samples.py, test_stage2.py and test_multihost.py turn them on where they check them
     "train.sample_turns": 0,
 }

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile (compile mode, pal_jax/aot.py): topology names, the CPU path on the 8 fake devices, and
+"""Ahead-of-time compile (compile mode, pal_jax/training/aot.py): topology names, the CPU path on the 8 fake devices, and
 the TPU path through libtpu's topology description where libtpu is installed (.venv-tpu, requirements-tpu.txt)."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 import pytest
 
 from conftest import REPO
-from pal_jax import aot
+from pal_jax.training import aot
+from pal_jax.model.spec import ModelSpec, model_config
 
 # Cheaper CPU codegen: the memory figures do not depend on it (checked: identical bytes), the compile time halves.
 FAST_CPU = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -51,7 +52,7 @@ def test_topology_names():
 def test_compile_mode_registered():
     from pal_jax import config as config_lib
     from pal_jax import main
-    assert main.MODES["compile"] == ("pal_jax.aot", "run_compile")
+    assert main.MODES["compile"] == ("pal_jax.training.aot", "run_compile")
     assert "compile" in config_lib.MODES
     config_lib.validate(compile_config())
 
@@ -62,10 +63,11 @@ def test_optimizer_state_sharded_like_params():
     import jax
     from jax.sharding import PartitionSpec as P
 
-    from pal_jax import mesh as mesh_lib
-    from pal_jax import optim, train
+    from pal_jax.core import mesh as mesh_lib
+    from pal_jax.core import optim
+    from pal_jax.training import loop as train
     c = compile_config(**{"mesh.data": 1, "mesh.fsdp": 4})
-    ms = train.ModelState(train.model_config(c.model, 256), _cpu_mesh(c), mesh_lib.axis_rules(c))
+    ms = ModelSpec(model_config(c.model, 256), _cpu_mesh(c), mesh_lib.axis_rules(c))
     want = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(ms.shardings)[0]}
     assert want["['embed']"] == P("tensor", "fsdp")
     for trainable in (None, lambda path, x: "embed" not in jax.tree_util.keystr(path)):
@@ -106,7 +108,7 @@ def test_bad_compile_settings_name_their_key(tmp_path):
 
 
 def _cpu_mesh(config=None):
-    from pal_jax import mesh as mesh_lib
+    from pal_jax.core import mesh as mesh_lib
     return mesh_lib.make_mesh((config or compile_config()).mesh)
 
 

@@ -1,12 +1,12 @@
-"""Paired bootstrap over dialogues (pal_jax/bootstrap.py) and the per-turn metric rows behind the report."""
+"""Paired bootstrap over dialogues (pal_jax/evaluation/bootstrap.py) and the per-turn metric rows behind the report."""
 import types
 
 import numpy as np
 import pytest
 
-from pal_jax import bootstrap as bs
-from pal_jax import evaluate
-from pal_jax import metrics as M
+from pal_jax.evaluation import bootstrap as bs
+from pal_jax.evaluation import evaluate
+from pal_jax.evaluation import metrics as M
 
 
 def test_dialogue_weights_move_a_dialogue_s_turns_together():

@@ -7,10 +7,11 @@ import json
 import pytest
 
 from helpers import tiny_config
-from pal_jax import pairs as pairs_lib
-from pal_jax import stage2
-from pal_jax import tokenizer as tok_lib
-from pal_jax.config import ConfigError, validate
+from pal_jax.training import make_pairs as pairs_lib
+from pal_jax.training import stage2
+from pal_jax.model import tokenizer as tok_lib
+from pal_jax.core.errors import ConfigError
+from pal_jax.config import validate
 from pal_jax.data import chat_format, convai2, corpus, labels, pipeline, preferences, synthetic, templates
 from pal_jax.data.convai2 import DataError
 

@@ -80,7 +80,7 @@ def test_is_chatml():
 
 
 def test_chat_prompt_cut_drops_oldest_turns(tmp_path):
-    from pal_jax import tokenizer as tok_lib
+    from pal_jax.model import tokenizer as tok_lib
     texts = [C.generate_prompt(PERSONA, HISTORY, None).text()] * 5
     tok = tok_lib.train_tokenizer(texts, 400, str(tmp_path))
     parts = C.generate_prompt(PERSONA, HISTORY, None)
@@ -106,9 +106,10 @@ def _config(**predict):
 
 
 def test_resolve_formats(monkeypatch):
-    from pal_jax import predict, pretrained
+    from pal_jax.inference import predictor as predict
+    from pal_jax.weights import init_from
     templates_by_spec = {"base.gguf": SMOLLM2_TEMPLATE, "llama.gguf": LLAMA3_TEMPLATE, "W": None}
-    monkeypatch.setattr(pretrained, "chat_template", lambda spec: templates_by_spec[spec])
+    monkeypatch.setattr(init_from, "chat_template", lambda spec: templates_by_spec[spec])
     assert predict.resolve_formats(_config(), "base.gguf", base=True) == ("chat", predict.SELECT_AUTO["chat"])
     assert predict.resolve_formats(_config(), "llama.gguf", base=True) == ("plain", "plain")  # not ChatML
     assert predict.resolve_formats(_config(), "W", base=False) == ("plain", "plain")  # a pal_jax checkpoint
@@ -120,7 +121,8 @@ def test_resolve_formats(monkeypatch):
 
 
 def test_config_rejects_unknown_prompt_format():
-    from pal_jax.config import ConfigError, validate
+    from pal_jax.core.errors import ConfigError
+    from pal_jax.config import validate
     with pytest.raises(ConfigError, match=r"predict.prompt_format = 'jinja'.*one of \('auto', 'plain', 'chat'\)"):
         validate(_config(prompt_format="jinja"))
 
@@ -136,7 +138,8 @@ COMMON = {"i", "i'm", "a", "the", "and", "to", "my", "is", "am", "at", "of", "in
 def test_smollm2_base_predictor_chats_in_chat_format():
     """The base model (no fine-tuning) through Predictor with prompt_format auto -> chat: a persona-grounded
     English reply, no transcript echo ("user: ..."), no repeated lines; the plain format is shown for contrast."""
-    from pal_jax import gguf_import, predict
+    from pal_jax.weights import gguf as gguf_import
+    from pal_jax.inference import predictor as predict
     try:
         gguf_import.find_smollm2_gguf()
     except FileNotFoundError as e:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from helpers import run_main, tiny_config
-from pal_jax import checkpoint as ckpt_lib
-from pal_jax import stage1
-from pal_jax.errors import CheckpointError
+from pal_jax.core import checkpoint as ckpt_lib
+from pal_jax.training import stage1
+from pal_jax.core.errors import CheckpointError
 
 CONFIG = dict(train__steps=6, train__checkpoint_every=3, train__eval_every=100, train__keep_checkpoints=2)
 
@@ -143,7 +143,7 @@ def test_intact_step_that_does_not_fit_the_model_is_an_error_not_a_fallback(trai
     """Files that match their checksums but do not restore onto the requested shapes (another vocabulary, say)
     are not damage: no fallback to an older step, one error naming the step and the settings to check."""
     import jax
-    from pal_jax.experiment import Experiment
+    from pal_jax.training.experiment import Experiment
     abstract = Experiment(tiny_config(**CONFIG), str(trained), need_corpus=False).model.abstract
     leaves, treedef = jax.tree.flatten(abstract)
     leaves[0] = jax.ShapeDtypeStruct((leaves[0].shape[0] + 8, *leaves[0].shape[1:]), leaves[0].dtype,

@@ -1,4 +1,4 @@
-"""config.compile_cache: off, a directory, auto (pal_jax/compile_cache.py). Every cache here lives under tmp_path."""
+"""config.compile_cache: off, a directory, auto (pal_jax/core/compile_cache.py). Every cache here lives under tmp_path."""
 import json
 import logging
 import os
@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from conftest import REPO
-from pal_jax import compile_cache
+from pal_jax.core import compile_cache
 
 
 def test_off_values_leave_jax_config_alone(caplog):
@@ -61,7 +61,7 @@ def test_compile_mode_runs_without_the_cache(tmp_path):
 # A fresh process: JAX decides at its first compile whether it uses a cache, once per process.
 PROBE = """
 import json, os, sys
-from pal_jax import compile_cache
+from pal_jax.core import compile_cache
 path = compile_cache.setup(sys.argv[1])
 import jax, jax.numpy as jnp
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # the threshold is not under test here

@@ -13,8 +13,9 @@ from flax import nnx
 
 from conftest import REPO
 from helpers import hf_logits, jitted_logits, tiny_config
-from pal_jax import convert
-from pal_jax.model import ModelConfig, Transformer
+from pal_jax.weights import hf as convert
+from pal_jax.model.transformer import ModelConfig, Transformer
+from pal_jax.model.spec import ModelSpec, model_config
 
 VOCAB = 97
 TOL = 1e-4
@@ -30,7 +31,7 @@ CASES = {
                        rope_theta=10000.0, norm_eps=1e-6, tie_embeddings=True),
     "gpt2_untied": dict(family="gpt2", d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64, max_len=32,
                         norm_eps=1e-5, tie_embeddings=False),
-    # the llama variants, written as the HF family that holds their flags (pal_jax/hf_families.py)
+    # the llama variants, written as the HF family that holds their flags (pal_jax/weights/families.py)
     "qwen2": dict(family="llama", d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=48, max_len=32,
                   rope_theta=1e6, norm_eps=1e-6, tie_embeddings=True, qkv_bias=True),
     "qwen3_bias": dict(family="llama", d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=48,
@@ -204,7 +205,7 @@ def test_export_refuses_to_replace_other_dirs_and_bad_params(tmp_path):
 
 @pytest.fixture(scope="module")
 def stage1_workdir(tmp_path_factory):
-    from pal_jax import stage1
+    from pal_jax.training import stage1
     # vocab_multiple 128: the trained tokenizer's ~400 tokens are padded, so the export's cut is exercised
     c = tiny_config(train__steps=4, train__checkpoint_every=4, train__eval_every=4, train__log_every=2,
                     model__vocab_multiple=128)
@@ -215,11 +216,11 @@ def stage1_workdir(tmp_path_factory):
 
 def test_export_checkpoint_matches_pal_jax(hf, stage1_workdir, tmp_path):
     torch, transformers = hf
-    from pal_jax import checkpoint as ckpt_lib
-    from pal_jax import mesh as mesh_lib
-    from pal_jax import tokenizer as tok_lib
-    from pal_jax import train
-    summary = convert.export_checkpoint(stage1_workdir, tmp_path / "hf")
+    from pal_jax.core import checkpoint as ckpt_lib
+    from pal_jax.core import mesh as mesh_lib
+    from pal_jax.model import tokenizer as tok_lib
+    from pal_jax.weights import export
+    summary = export.export_checkpoint(stage1_workdir, tmp_path / "hf")
     out = summary["output_dir"]
     assert summary["step"] == 4 and summary["family"] == "llama"
     assert {"tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors"} <= set(os.listdir(out))
@@ -229,7 +230,7 @@ def test_export_checkpoint_matches_pal_jax(hf, stage1_workdir, tmp_path):
     saved = ckpt_lib.load_meta(stage1_workdir)["config"]
     c = tiny_config()
     mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
-    ms = train.ModelState(train.model_config(saved["model"], tok.vocab_size), mesh, mesh_lib.axis_rules(c))
+    ms = ModelSpec(model_config(saved["model"], tok.vocab_size), mesh, mesh_lib.axis_rules(c))
     assert ms.cfg.padded_vocab > ms.cfg.vocab_size == tok.vocab_size == summary["vocab_size"]
     params, _ = ckpt_lib.load_params(stage1_workdir, ms.abstract)
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from pal_jax import tokenizer as T
+from pal_jax.model import tokenizer as T
 from pal_jax.data import convai2, labels, pipeline, synthetic, templates
 from pal_jax.data.convai2 import DataError, Dialogue, Turn
 
@@ -131,16 +131,16 @@ def test_prediction_input_format_told_by_content(tmp_path):
     """A JSONL file named .json or .JSONL is read as JSONL; ConvAI2 text named .jsonl as ConvAI2."""
     from helpers import tiny_config
 
-    from pal_jax import predict
+    from pal_jax.data import records as records_lib
     line = json.dumps({"persona": ["i am a nurse."], "history": ["hi", "hello", "what do you do ?"]}) + "\n"
     for name in ("in.json", "in.JSONL", "in.jsonl"):
         p = write(tmp_path, "\ufeff" + line + line, name=name)
         assert convai2.looks_like_jsonl(p)
-        records, origin = predict.load_records(tiny_config(predict__input=str(p)))
+        records, origin = records_lib.load_records(tiny_config(predict__input=str(p)))
         assert origin == str(p) and len(records) == 2 and records[0].history[-1] == "what do you do ?"
     p = write(tmp_path, GOOD, name="convai2.jsonl")
     assert not convai2.looks_like_jsonl(p) and not convai2.looks_like_jsonl(tmp_path / "missing")
-    records, _ = predict.load_records(tiny_config(predict__input=str(p)))
+    records, _ = records_lib.load_records(tiny_config(predict__input=str(p)))
     assert len(records) == 3 and records[0].persona == ("i like to ski.", "i have two dogs.")
 
 
@@ -408,8 +408,8 @@ def test_window_loss_equals_full_loss(encoded, tok):
     """Stage 1 loss with the LM head on the target window only equals the loss over every position."""
     import jax
     from flax import nnx
-    from pal_jax import stage1
-    from pal_jax.model import ModelConfig, Transformer
+    from pal_jax.training import stage1
+    from pal_jax.model.transformer import ModelConfig, Transformer
     cfg = ModelConfig(family="llama", vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
                       d_ff=64, max_len=256)
     model = Transformer(cfg, rngs=nnx.Rngs(0))

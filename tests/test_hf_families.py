@@ -14,8 +14,9 @@ import pytest
 from flax import nnx
 
 from helpers import hf_logits, jitted_logits
-from pal_jax import convert, sampling
-from pal_jax.model import ModelConfig, Transformer
+from pal_jax.weights import hf as convert
+from pal_jax.inference import decode as sampling
+from pal_jax.model.transformer import ModelConfig, Transformer
 
 VOCAB = 97
 TOL = 1e-4
@@ -334,7 +335,7 @@ def test_real_checkpoint_presets_have_their_shapes(hf, preset, n_params):
     from conftest import REPO
     sys.path.insert(0, str(REPO / "configs"))
     import common
-    from pal_jax.model import rope_inv_freq
+    from pal_jax.model.transformer import rope_inv_freq
     cfg = ModelConfig.from_dict({**common.MODEL_VARIANT_DEFAULTS, **common.MODEL_PRESETS[preset]})
     state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state)) == n_params
@@ -351,8 +352,8 @@ def test_real_checkpoint_presets_have_their_shapes(hf, preset, n_params):
 def test_resume_reads_a_checkpoint_saved_before_the_variant_keys():
     """A workdir written before qkv_bias, rope_type, sliding_window ... existed resumes: a missing model key reads
     as ModelConfig's default; a set one that differs is still named."""
-    from helpers import hf_logits, jitted_logits, tiny_config
-    from pal_jax import train
+    from helpers import tiny_config
+    from pal_jax.training import loop as train
     task = train.Task(name="stage1", loss_fn=None, train_batch=None, eval_batches=None)
     now = json.loads(tiny_config().to_json_best_effort())
     assert now["model"]["qkv_bias"] is False and now["model"]["sliding_window"] == 0

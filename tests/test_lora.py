@@ -13,11 +13,18 @@ import pytest
 from flax import nnx
 
 from helpers import tiny_config
-from pal_jax import checkpoint as ckpt_lib
-from pal_jax import convert, lora, optim, stage1, stage2, train
-from pal_jax.config import ConfigError, validate
-from pal_jax.experiment import Experiment
-from pal_jax.model import LoraConfig, ModelConfig, Transformer
+from pal_jax.core import checkpoint as ckpt_lib
+from pal_jax.weights import hf as convert
+from pal_jax.model import lora
+from pal_jax.core import optim
+from pal_jax.training import stage1
+from pal_jax.training import stage2
+from pal_jax.training import loop as train
+from pal_jax.core.errors import ConfigError
+from pal_jax.config import validate
+from pal_jax.training.experiment import Experiment
+from pal_jax.model.transformer import LoraConfig, ModelConfig, Transformer
+from pal_jax.model.spec import ModelSpec
 
 LLAMA = ModelConfig(family="llama", vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12,
                     d_ff=48, max_len=32, tie_embeddings=False)
@@ -139,13 +146,13 @@ def test_rank_zero_is_the_plain_model():
     assert c.lora.rank == 0 and lora.lora_config(c) is None
     assert lora.lora_config({"model": {}}) is None  # a config saved before LoRA existed
     rules = tuple(c.mesh.axis_rules)
-    ms = train.ModelState(LLAMA, _mesh1(), rules)
-    ms0 = train.ModelState(LLAMA, _mesh1(), rules, lora=lora.lora_config(c))
+    ms = ModelSpec(LLAMA, _mesh1(), rules)
+    ms0 = ModelSpec(LLAMA, _mesh1(), rules, lora=lora.lora_config(c))
     assert ms0.lora is None and ms0.frozen_abstract is None and ms0.graphdef == ms.graphdef
     assert jax.tree.leaves(ms0.abstract) == jax.tree.leaves(ms.abstract)
     assert jax.tree.structure(ms0.abstract) == jax.tree.structure(ms.abstract)
     # with LoRA: trainable = the adapters; the frozen base has the plain model's params
-    msl = train.ModelState(LLAMA, _mesh1(), rules, lora=LoraConfig(rank=4))
+    msl = ModelSpec(LLAMA, _mesh1(), rules, lora=LoraConfig(rank=4))
     assert msl.graphdef != ms.graphdef and jax.tree.leaves(msl.frozen_abstract) == jax.tree.leaves(ms.abstract)
     # r (in + out) per adapted projection: q, k, v, o, gate, up, down; 2 layers
     assert msl.n_params() == 2 * 4 * ((32 + 48) + 2 * (32 + 24) + (48 + 32) + 3 * (32 + 48))
@@ -156,7 +163,7 @@ TINY_INIT = ModelConfig(family="llama", vocab_size=16, d_model=8, n_layers=1, n_
 
 
 def test_adapter_init_a_random_b_zero():
-    msl = train.ModelState(TINY_INIT, _mesh1(), tuple(tiny_config().mesh.axis_rules), lora=LoraConfig(rank=2))
+    msl = ModelSpec(TINY_INIT, _mesh1(), tuple(tiny_config().mesh.axis_rules), lora=LoraConfig(rank=2))
     adapters = _leaves(jax.device_get(msl.init(5)))
     assert len(adapters) == 14 and all(lora.is_adapter(k.split("'")[-2]) for k in adapters)
     assert all(not v.any() for k, v in adapters.items() if k.endswith("_lora_b']"))
@@ -168,8 +175,8 @@ def test_adapter_init_a_random_b_zero():
 def test_lora_base_init_is_the_plain_init():
     """Adapters are drawn after every base param: a LoRA model's random base equals the plain model's (seed)."""
     rules = tuple(tiny_config().mesh.axis_rules)
-    plain = jax.device_get(train.ModelState(TINY_INIT, _mesh1(), rules).init(5))
-    msl = train.ModelState(TINY_INIT, _mesh1(), rules, lora=LoraConfig(rank=2))
+    plain = jax.device_get(ModelSpec(TINY_INIT, _mesh1(), rules).init(5))
+    msl = ModelSpec(TINY_INIT, _mesh1(), rules, lora=LoraConfig(rank=2))
     base = jax.device_get(msl.init_frozen(5))
     assert jax.tree.structure(base) == jax.tree.structure(plain)
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(base)))
@@ -219,8 +226,8 @@ def test_optimizer_state_holds_adapter_moments_only():
     import common
     cfg = ModelConfig.from_dict(common.MODEL_PRESETS["smollm2_135m"])
     tx = optim.make_optimizer(c.train)
-    full = lora.stage2_bytes(train.ModelState(cfg, mesh, tuple(c.mesh.axis_rules)), tx)
-    lo = lora.stage2_bytes(train.ModelState(cfg, mesh, tuple(c.mesh.axis_rules), lora=LoraConfig(rank=8)), tx)
+    full = lora.stage2_bytes(ModelSpec(cfg, mesh, tuple(c.mesh.axis_rules)), tx)
+    lo = lora.stage2_bytes(ModelSpec(cfg, mesh, tuple(c.mesh.axis_rules), lora=LoraConfig(rank=8)), tx)
     n_full = 134_515_008  # SmolLM2-135M: 49152 x 576 tied embedding + 30 layers
     assert full["trainable_params"] == full["reference"] == 4 * n_full
     assert 8 * n_full <= full["optimizer_state"] < 8 * n_full + 64  # Adam mu and nu for every param
@@ -238,9 +245,9 @@ def test_train_step_moves_adapters_only_and_shards_them_like_the_base():
     """make_train_step with LoRA on 8 devices (data 2, fsdp 2, tensor 2): 3 steps update the adapters; the frozen
     base argument is bit-identical after them and never donated; the optimizer state is the adapters' moments."""
     c = tiny_config(train__warmup_steps=0, mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
-    from pal_jax import mesh as mesh_lib
+    from pal_jax.core import mesh as mesh_lib
     mesh = mesh_lib.make_mesh(c.mesh)
-    ms = train.ModelState(LLAMA, mesh, mesh_lib.axis_rules(c), lora=LoraConfig(rank=4, alpha=8.0))
+    ms = ModelSpec(LLAMA, mesh, mesh_lib.axis_rules(c), lora=LoraConfig(rank=4, alpha=8.0))
     # adapters shard like their base weight: A on the weight's input axes, B on its output axes
     q_a, q_b = ms.shardings["blocks"][0]["attn"]["q_lora_a"], ms.shardings["blocks"][0]["attn"]["q_lora_b"]
     assert tuple(q_a.spec) == ("fsdp", None) and tuple(q_b.spec) == (None, "tensor", None)

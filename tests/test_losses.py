@@ -1,4 +1,4 @@
-"""Unit tests for the DPO and persona-embedding alignment losses in pal_jax/losses.py (NumPy references).
+"""Unit tests for the DPO and persona-embedding alignment losses in pal_jax/training/losses.py (NumPy references).
 
 Compilation dominates the run time, so nearly every call goes through a few module-level jitted entry points
 (each bundling a loss, its sums and its gradient) with fixed shapes (B = 8 pairs; [8, 32] embeddings) and the
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pal_jax import losses as L
+from pal_jax.training import losses as L
 
 B, D = 8, 32
 

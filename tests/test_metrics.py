@@ -1,11 +1,11 @@
-"""Unit tests for pal_jax/metrics.py; every expected number is computed by hand in the comment beside it."""
+"""Unit tests for pal_jax/evaluation/metrics.py; every expected number is computed by hand in the comment beside it."""
 
 import math
 
 import numpy as np
 import pytest
 
-from pal_jax import metrics as M
+from pal_jax.evaluation import metrics as M
 
 
 # ----------------------------------------------------------------------------------------------- normalisation

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pal_jax import convert
-from pal_jax.model import ModelConfig, Transformer
+from pal_jax.weights import hf as convert
+from pal_jax.model.transformer import ModelConfig, Transformer
+from pal_jax.model.spec import ModelSpec
 
 VOCAB = 97
 TOL = 1e-4
@@ -323,10 +324,10 @@ def test_model_config_from_hf_fields():
 
 
 def test_init_from_hf_dir_into_a_sharded_run(hf_models):
-    """pretrained.load puts an HF dir's weights into the run's own (sharded, vocab-padded) model shape, and
+    """init_from.load puts an HF dir's weights into the run's own (sharded, vocab-padded) model shape, and
     refuses a config whose architecture differs from the file's."""
-    from pal_jax import mesh as mesh_lib
-    from pal_jax import pretrained, train
+    from pal_jax.core import mesh as mesh_lib
+    from pal_jax.weights import init_from
     torch, models = hf_models
     hf, path = models["llama"]
     cfg = ModelConfig(family="llama", vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -334,19 +335,19 @@ def test_init_from_hf_dir_into_a_sharded_run(hf_models):
     mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
     rules = (("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"),
              ("kv_heads", "tensor"), ("mlp", "tensor"), ("head_dim", None), ("norm", None))
-    ms = train.ModelState(cfg, mesh, rules)
-    assert pretrained.kind(str(path)) == "hf" and pretrained.kind("") == "none"
-    params = pretrained.load(str(path), ms)
+    ms = ModelSpec(cfg, mesh, rules)
+    assert init_from.kind(str(path)) == "hf" and init_from.kind("") == "none"
+    params = init_from.load(str(path), ms)
     assert jax.tree.structure(params) == jax.tree.structure(ms.abstract)
     tokens = np.random.default_rng(0).integers(0, VOCAB, size=(2, 12)).astype(np.int32)
     logits, _ = _forward(ms.merge(params), jnp.asarray(tokens))
     ref, _ = _hf_logits(torch, hf, tokens)
     assert np.max(np.abs(np.asarray(logits)[..., :VOCAB] - ref)) < TOL
-    wrong = train.ModelState(dataclasses.replace(cfg, n_layers=2), mesh, rules)
+    wrong = ModelSpec(dataclasses.replace(cfg, n_layers=2), mesh, rules)
     with pytest.raises(ValueError, match=r"n_layers: file 3 vs config 2"):
-        pretrained.load(str(path), wrong)
+        init_from.load(str(path), wrong)
     with pytest.raises(FileNotFoundError, match="expected a pal_jax workdir"):
-        pretrained.kind(str(path) + "-missing")
+        init_from.kind(str(path) + "-missing")
 
 
 @pytest.mark.parametrize("std", [0.02, 0.09])

@@ -15,13 +15,13 @@ import pytest
 from absl import app
 
 from helpers import REPO, cli_args, tiny_config
-from pal_jax import checkpoint as ckpt_lib
-from pal_jax import stage2
+from pal_jax.core import checkpoint as ckpt_lib
+from pal_jax.training import stage2
 from pal_jax.data import convai2, corpus, pipeline, templates
-from pal_jax.experiment import Experiment
+from pal_jax.training.experiment import Experiment
 from pal_jax.main import distributed_args
-from pal_jax.metrics_writer import MetricsWriter
-from pal_jax.pairs import pairs_path
+from pal_jax.core.metrics_writer import MetricsWriter
+from pal_jax.training.make_pairs import pairs_path
 
 # One bucket (one compiled shape per step function), 3 steps per stage logged every step, a 2 x 2 mesh: the batch
 # split over data and fsdp, the params sharded over fsdp, so both span the two processes.
@@ -135,7 +135,7 @@ def test_two_processes_match_one_process_with_four_devices(stage1_runs, tmp_path
             assert np.allclose([v for _, v in lb], [v for _, v in la], rtol=0, atol=TOL), (name, key, la, lb)
         # every step logged once: only process 0 writes metrics (the workdir is shared)
         assert len(b) == len(a)
-        # samples while training (pal_jax/samples.py): decoded by both processes together, written once by process
+        # samples while training (pal_jax/training/samples.py): decoded by both processes together, written once by process
         # 0, the same selections and replies as one process
         sa, sb = (_metrics(w, "samples.jsonl") for w in (ref, mh))
         assert [r["step"] for r in sb] == [3] * 4, (name, sb)
@@ -198,9 +198,9 @@ def test_each_host_builds_only_its_rows():
     """rows_of picks rows of the global batch; their union over hosts is the global batch, row for row, with the
     global bucket length (one host's rows alone may fit a shorter bucket)."""
     c = _config()
-    from pal_jax import tokenizer as tok_lib
+    from pal_jax.model import tokenizer as tok_lib
     dialogues = corpus.load_corpus(c.data)["train"]
-    from pal_jax.experiment import tokenizer_texts
+    from pal_jax.training.experiment import tokenizer_texts
     tok = tok_lib.train_tokenizer(tokenizer_texts(dialogues), 400)
     enc = pipeline.encode_examples(pipeline.stage1_examples(dialogues), tok, 128)
     src = pipeline.BatchSource(enc, 8, (96, 128), seed=0, select_ratio=0.5)
@@ -255,10 +255,10 @@ def test_url_workdirs_are_not_made_local_paths(tmp_path, monkeypatch):
 
 
 def test_cpu_devices_split_the_host_before_jax_starts():
-    from pal_jax.mesh import cpu_devices
+    from pal_jax.core.mesh import cpu_devices
     assert cpu_devices(0, env={}) == 0  # JAX's default
     assert cpu_devices(2, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}) == 0  # the flag wins
-    code = ("from pal_jax.mesh import cpu_devices; n = cpu_devices(2, env={}); import jax; "
+    code = ("from pal_jax.core.mesh import cpu_devices; n = cpu_devices(2, env={}); import jax; "
             "print(n, jax.device_count(), jax.devices()[0].platform)")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu"},

@@ -1,4 +1,4 @@
-"""pal_jax.nli vs PyTorch transformers on tiny random BERT / RoBERTa sequence classifiers; the C-score forms on a
+"""pal_jax.evaluation.nli vs PyTorch transformers on tiny random BERT / RoBERTa sequence classifiers; the C-score forms on a
 stub NLI model (that test needs no torch)."""
 import json
 import os
@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from pal_jax import metrics, nli
+from pal_jax.evaluation import metrics
+from pal_jax.evaluation import nli
 
 try:
     import tokenizers

@@ -10,11 +10,13 @@ import pytest
 from flax import nnx
 
 from helpers import tiny_config
-from pal_jax import stage1, train
-from pal_jax.config import ConfigError, validate
+from pal_jax.training import stage1
+from pal_jax.training import loop as train
+from pal_jax.core.errors import ConfigError
+from pal_jax.config import validate
 from pal_jax.data import pipeline
-from pal_jax.experiment import Experiment
-from pal_jax.model import ModelConfig, Transformer
+from pal_jax.training.experiment import Experiment
+from pal_jax.model.transformer import ModelConfig, Transformer
 
 VOCAB = 97
 BUCKETS = (32, 64)
@@ -182,7 +184,7 @@ def test_packed_eval_covers_every_example_once():
 
 
 def test_compile_mode_builds_the_packed_batch():
-    from pal_jax import aot
+    from pal_jax.training import aot
     b = aot.stage1_batch(4, 128, 48, packing=True)
     assert b["segment_ids"].shape == (4, 128) and b["win_task"].shape == (4, 48) and "task" not in b
     assert "segment_ids" not in aot.stage1_batch(4, 128, 48)

@@ -12,12 +12,15 @@ import pytest
 from flax import nnx
 
 from helpers import tiny_config
-from pal_jax import aot, perf, stage1
-from pal_jax import mesh as mesh_lib
-from pal_jax import train
-from pal_jax.config import ConfigError, validate
-from pal_jax.experiment import Experiment
-from pal_jax.model import ModelConfig, Transformer
+from pal_jax.training import aot
+from pal_jax.core import perf
+from pal_jax.training import stage1
+from pal_jax.core import mesh as mesh_lib
+from pal_jax.core.errors import ConfigError
+from pal_jax.config import validate
+from pal_jax.training.experiment import Experiment
+from pal_jax.model.transformer import ModelConfig, Transformer
+from pal_jax.model.spec import model_config
 
 FAST_CPU = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -93,7 +96,7 @@ def test_train_step_flops_match_xla_cost_analysis():
     reference forward to Stage 2 with precomputed reference log-probs is XLA's own 4/3."""
     c = tiny_config(train__batch_size=4, stage2__batch_size=4)
     mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
-    cfg = train.model_config(c.model, 400)
+    cfg = model_config(c.model, 400)
     L, W = 128, 32
     xla = {}
     for stage, pre in (("stage1", False), ("stage2", False), ("stage2", True)):

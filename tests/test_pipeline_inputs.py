@@ -7,8 +7,8 @@ import logging
 import os
 
 from helpers import tiny_config
-from pal_jax import checkpoint as ckpt_lib
-from pal_jax import pipeline_mode
+from pal_jax.core import checkpoint as ckpt_lib
+from pal_jax import pipeline as pipeline_mode
 
 SMALL = dict(train__steps=2, train__log_every=1, train__eval_every=2, train__checkpoint_every=2,
              stage2__steps=2, stage2__batch_size=8, stage2__warmup_steps=0, stage2__max_pair_turns=32,

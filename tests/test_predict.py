@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 
 from helpers import run_main, tiny_config
-from pal_jax import evaluate, metrics, predict, stage1
+from pal_jax.evaluation import evaluate
+from pal_jax.evaluation import metrics
+from pal_jax.inference import predictor as predict
+from pal_jax.training import stage1
 from pal_jax.data import convai2, corpus
+from pal_jax.data import records as records_lib
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +150,10 @@ def test_chat_mode_shows_selected_persona(trained, tmp_path, capsys):
 def test_records_from_the_dev_split_for_tuning(trained):
     config, _ = trained
     from pal_jax.data import corpus as corpus_lib
-    dev, origin = predict.load_records(tiny_config(predict__split="dev"))
+    dev, origin = records_lib.load_records(tiny_config(predict__split="dev"))
     want = convai2.records_from_dialogues(corpus_lib.load_corpus(config.data)["dev"])
     assert origin == "synthetic dev split" and [r.id for r in dev] == [r.id for r in want]
-    test, _ = predict.load_records(config)
+    test, _ = records_lib.load_records(config)
     assert not {r.id for r in dev} & {r.id for r in test}
 
 

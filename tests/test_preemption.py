@@ -10,9 +10,11 @@ import time
 import pytest
 
 from helpers import REPO, main_cmd, run_main, tiny_config
-from pal_jax import checkpoint as ckpt_lib
-from pal_jax import pairs as pairs_lib
-from pal_jax import preemption, stage1, stage2
+from pal_jax.core import checkpoint as ckpt_lib
+from pal_jax.training import make_pairs as pairs_lib
+from pal_jax.core import preemption
+from pal_jax.training import stage1
+from pal_jax.training import stage2
 
 
 def _steps(workdir) -> list[int]:
@@ -96,7 +98,7 @@ def test_sigterm_during_make_pairs_abandons_the_shard_and_a_rerun_gives_the_same
 def test_sigterm_during_evaluation_writes_no_report(tmp_path, monkeypatch, stage1_dir):
     """Evaluation is abandoned whole: no predictions, metrics or report under their final names, and the message
     names the checkpoint being evaluated."""
-    from pal_jax import evaluate as evaluate_lib
+    from pal_jax.evaluation import evaluate as evaluate_lib
     real = evaluate_lib.evaluate
 
     def evaluate(*a, **kw):
@@ -173,7 +175,7 @@ def test_cli_failed_async_save_stops_at_once_with_one_line(tmp_path):
 def test_sigterm_on_stage1s_last_step_in_the_pipeline_stops_before_stage2(tmp_path, monkeypatch):
     """Stage 1 completes (its last step is saved once); the pipeline then stops before the pairs, as main does with
     its handler installed, instead of starting the next phase on a machine that is going away."""
-    from pal_jax import pipeline_mode
+    from pal_jax import pipeline as pipeline_mode
     build = stage1.build_task
 
     def build_task(exp):

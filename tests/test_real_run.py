@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from conftest import REPO
-from pal_jax.config import ConfigError, validate
+from pal_jax.core.errors import ConfigError
+from pal_jax.config import validate
 
 
 def pipeline_config(preset):

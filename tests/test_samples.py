@@ -1,4 +1,4 @@
-"""Samples while training (pal_jax/samples.py): Select then Generate on fixed dev turns at every evaluation, in the
+"""Samples while training (pal_jax/training/samples.py): Select then Generate on fixed dev turns at every evaluation, in the
 log, TensorBoard (text) and WORKDIR/samples.jsonl, trimmed on resume like metrics.jsonl."""
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import struct
 import pytest
 
 from helpers import tiny_config
-from pal_jax import samples, sampling, stage1
-from pal_jax.config import ConfigError, validate
+from pal_jax.training import samples
+from pal_jax.inference import decode as sampling
+from pal_jax.training import stage1
+from pal_jax.core.errors import ConfigError
+from pal_jax.config import validate
 from pal_jax.data import convai2, corpus
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pal_jax import sampling
-from pal_jax.losses import token_logprobs
-from pal_jax.model import ModelConfig, Transformer
+from pal_jax.inference import decode as sampling
+from pal_jax.model.logprobs import token_logprobs
+from pal_jax.model.transformer import ModelConfig, Transformer
 
 EOS, PAD = 1, 0
 

@@ -1,10 +1,10 @@
-"""The Select step's rules (pal_jax/selection.py) on hand-made token log-probs, and the dev-split calibration."""
+"""The Select step's rules (pal_jax/inference/selection.py) on hand-made token log-probs, and the dev-split calibration."""
 import math
 
 import numpy as np
 import pytest
 
-from pal_jax import selection
+from pal_jax.inference import selection
 
 # Three candidates of one record: two persona targets "1.<...>", "2.<...>" (4 and 3 tokens) and "none" (2 tokens).
 CANDS = [[11, 50, 60, 70], [12, 50, 61], [13, 80]]
@@ -74,7 +74,8 @@ def test_calibration_prefers_the_smallest_bias_among_the_best():
 
 def test_config_names_the_rules_and_needs_a_dev_split_for_calibration():
     from helpers import tiny_config
-    from pal_jax.config import ConfigError, validate
+    from pal_jax.core.errors import ConfigError
+    from pal_jax.config import validate
     c = tiny_config(predict__select_by="longest")
     with pytest.raises(ConfigError, match=r"config.predict.select_by = 'longest': expected one of \('calibrated'"):
         validate(c)
@@ -92,7 +93,9 @@ def test_config_names_the_rules_and_needs_a_dev_split_for_calibration():
 def test_config_copies_of_the_allowed_values_match_their_owners():
     """config.py validates before jax is imported, so it keeps copies of these tuples (the loss types it imports from
     the jax-free loss_spec, their one home): they must not drift."""
-    from pal_jax import config, losses, pairs
+    from pal_jax import config
+    from pal_jax.training import losses
+    from pal_jax.training import make_pairs as pairs
     assert config.SELECT_RULES == selection.RULES
     assert config.DPO_LOSS_TYPES == losses.DPO_LOSS_TYPES
     assert config.REJECTED_FROM == pairs.REJECTED_FROM

@@ -1,4 +1,4 @@
-"""pal_jax.sentence_encoder (all-MiniLM-L6-v2 in JAX) vs PyTorch transformers, and the consistency proxy."""
+"""pal_jax.evaluation.sentence_encoder (all-MiniLM-L6-v2 in JAX) vs PyTorch transformers, and the consistency proxy."""
 import importlib.metadata
 import os
 import types
@@ -6,7 +6,8 @@ import types
 import numpy as np
 import pytest
 
-from pal_jax import evaluate, sentence_encoder as se
+from pal_jax.evaluation import evaluate
+from pal_jax.evaluation import sentence_encoder as se
 
 SENTENCES = [
     "i love to go hiking.", "My dog is named Max and he is three years old.", "",

@@ -11,11 +11,17 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config
-from pal_jax import checkpoint as ckpt_lib
-from pal_jax import lora, pipeline_mode, samples, stage1, stage2, train
-from pal_jax.config import ConfigError, validate
+from pal_jax.core import checkpoint as ckpt_lib
+from pal_jax.model import lora
+from pal_jax import pipeline as pipeline_mode
+from pal_jax.training import samples
+from pal_jax.training import stage1
+from pal_jax.training import stage2
+from pal_jax.training import loop as train
+from pal_jax.core.errors import ConfigError
+from pal_jax.config import validate
 from pal_jax.data import convai2, corpus, templates
-from pal_jax.experiment import Experiment
+from pal_jax.training.experiment import Experiment
 
 S2 = dict(stage2__steps=2, stage2__batch_size=8, stage2__warmup_steps=0, train__log_every=1, train__eval_every=2,
           predict__batch_size=8, predict__max_new_tokens=6, data__synthetic_dialogues=30)
@@ -196,7 +202,7 @@ def test_pipeline_adds_the_base_model_when_stage1_starts_from_pretrained_weights
 
 
 def test_select_and_generate_pairs_encode_to_their_prompts(stage1_dir):
-    from pal_jax import tokenizer as tok_lib
+    from pal_jax.model import tokenizer as tok_lib
     tok = tok_lib.load_tokenizer(os.path.join(stage1_dir, "tokenizer"))
     persona, history = ["i have two dogs.", "i am a nurse."], ["hi , what is your job ?"]
     base = {"persona": persona, "history": history, "persona_label": 1}
@@ -387,8 +393,8 @@ def test_rejected_replies_come_from_the_configured_prompt(stage1_dir, tmp_path):
     """stage2.rejected: the generate pairs' rejected side is the Stage 1 model's greedy reply to that prompt (the
     persona-free one, the generate prompt without a persona, or the one with the labelled persona highlighted);
     shards decoded one way are refused by another."""
-    from pal_jax import pairs as pairs_lib
-    from pal_jax.predict import Record
+    from pal_jax.training import make_pairs as pairs_lib
+    from pal_jax.inference.predictor import Record
     c = tiny_config(init_from=stage1_dir, **S2)
     exp = Experiment(stage2.stage2_config(c), str(tmp_path / "x"))
     s1_params, _ = stage2.stage1_params(exp, stage1_dir)
@@ -440,7 +446,7 @@ def test_stage2_trains_on_a_users_preference_file_in_both_forms(stage1_dir, tmp_
     assert _first_step(tmp_path / "w")["train/dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
-# -- stage2.precompute_ref: reference log-probs cached on disk (pal_jax/ref_cache.py) ----------------------------------
+# -- stage2.precompute_ref: reference log-probs cached on disk (pal_jax/training/ref_cache.py) ----------------------------------
 
 def _count_reference_passes(monkeypatch) -> list:
     calls = []
@@ -455,7 +461,7 @@ def _count_reference_passes(monkeypatch) -> list:
 
 def test_params_hash_is_the_same_on_any_mesh_and_sees_one_changed_bit():
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from pal_jax import ref_cache
+    from pal_jax.training import ref_cache
     rng = np.random.RandomState(0)
     tree = {"w": rng.randn(8, 6).astype(np.float32), "b": rng.randn(6).astype(np.float32).astype(jax.numpy.bfloat16)}
     one = ref_cache.params_hash(jax.device_put(tree, jax.devices()[0]))
@@ -474,7 +480,7 @@ def test_reference_logps_are_cached_beside_the_pairs_and_never_trusted_blindly(s
                                                                                  monkeypatch, caplog):
     import logging
     from etils import epath
-    from pal_jax import ref_cache
+    from pal_jax.training import ref_cache
     pairs_dir = tmp_path / "pairs"
     pairs_dir.mkdir()
     pairs = str(pairs_dir / "pairs.jsonl")

@@ -11,6 +11,7 @@ import pytest
 
 from helpers import tiny_config
 from pal_jax import config as config_lib
+from pal_jax.core.errors import ConfigError
 from pal_jax.data import convai2, corpus, labels, synthetic, tfds_builder
 
 TRAIN = (  # no candidates (a _no_cands file)
@@ -139,9 +140,9 @@ def test_errors_say_what_is_expected(tmp_path, built):
     with pytest.raises(ValueError, match=r"TFDS split 'test' not in .*\['train', 'validation'\]"):
         tfds_builder.load_dialogues(built / "data", "test")
     assert config_lib.TFDS_CONFIGS == tfds_builder.VARIANTS
-    with pytest.raises(config_lib.ConfigError, match="config.data.path = ''.*TFDS data_dir"):
+    with pytest.raises(ConfigError, match="config.data.path = ''.*TFDS data_dir"):
         config_lib.validate(tiny_config(data__source="tfds"))
-    with pytest.raises(config_lib.ConfigError, match="config.data.tfds_config = 'self'"):
+    with pytest.raises(ConfigError, match="config.data.tfds_config = 'self'"):
         config_lib.validate(tiny_config(data__source="tfds", data__path="x", data__tfds_config="self"))
 
 
@@ -157,7 +158,7 @@ def test_real_convai2_validation(tmp_path, convai2_dir):
 
 
 def test_stage1_trains_from_tfds(tmp_path):
-    from pal_jax import stage1
+    from pal_jax.training import stage1
     manual = tmp_path / "manual"
     manual.mkdir()
     path = manual / "train_self_original_no_cands.txt"

@@ -1,11 +1,11 @@
-"""pal_jax.tokenizer: training, round trips, save/load, Hugging Face directories, errors."""
+"""pal_jax.model.tokenizer: training, round trips, save/load, Hugging Face directories, errors."""
 import json
 
 import pytest
 import tokenizers
 from tokenizers import models, pre_tokenizers
 
-from pal_jax import tokenizer as T
+from pal_jax.model import tokenizer as T
 from pal_jax.data import synthetic, templates
 
 TEXTS = None
@@ -193,7 +193,7 @@ def test_get_tokenizer_gpt2_preset_uses_the_wheel(tmp_path):
     import sys
 
     from conftest import REPO
-    from pal_jax.experiment import get_tokenizer
+    from pal_jax.training.experiment import get_tokenizer
     gpt2_files()
     sys.path.insert(0, str(REPO / "configs"))
     import stage1  # configs/stage1.py

@@ -14,11 +14,14 @@ import optax
 import pytest
 
 from helpers import REPO, main_cmd, run_main, tiny_config
-from pal_jax import checkpoint as ckpt_lib
-from pal_jax import mesh as mesh_lib
-from pal_jax import stage1, train
-from pal_jax.config import ConfigError, validate
-from pal_jax.experiment import Experiment
+from pal_jax.core import checkpoint as ckpt_lib
+from pal_jax.core import mesh as mesh_lib
+from pal_jax.training import stage1
+from pal_jax.training import loop as train
+from pal_jax.core.errors import ConfigError
+from pal_jax.config import validate
+from pal_jax.training.experiment import Experiment
+from pal_jax.model.spec import ModelSpec, model_config
 
 
 def saved_params(config, workdir, devices=None):
@@ -52,7 +55,7 @@ def test_step_with_non_finite_update_keeps_params_and_counts_bad():
     """The step checks its new params, not only the loss and gradient: an infinite learning rate gives a finite
     loss and gradient but non-finite params, and the step must keep the old ones."""
     c = tiny_config()
-    ms = train.ModelState(train.model_config(c.model, 64), mesh_lib.make_mesh(c.mesh, jax.devices()[:1]),
+    ms = ModelSpec(model_config(c.model, 64), mesh_lib.make_mesh(c.mesh, jax.devices()[:1]),
                           mesh_lib.axis_rules(c))
 
     def loss_fn(model, batch, extra):

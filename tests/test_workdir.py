@@ -1,4 +1,4 @@
-"""One process per workdir (pal_jax/workdir.py): a second run refused, a stale lock taken over, bad workdirs named."""
+"""One process per workdir (pal_jax/core/workdir.py): a second run refused, a stale lock taken over, bad workdirs named."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from helpers import REPO, run_main
-from pal_jax import workdir as workdir_lib
+from pal_jax.core import workdir as workdir_lib
 
 HOLD = ("import sys, time\n"
         "from pal_jax import workdir\n"

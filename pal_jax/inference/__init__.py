@@ -1,0 +1,1 @@
+"""Select then Generate: KV-cache decoding and candidate scoring, the selection rules, the Predictor."""

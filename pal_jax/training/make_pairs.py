@@ -1,0 +1,232 @@
+"""Preference pairs for Stage 2 (`make_pairs` mode).
+
+Two kinds of pair, both built from the Stage 1 model's own outputs on the training turns:
+
+- `generate` (PAL's pairs): the Stage 1 model replies from the *persona-free* prompt (history only): that reply is
+  `rejected`, the gold reply is `chosen`, and the prompt Stage 2 optimises is the persona-conditioned generate
+  prompt with the labelled persona. Pairs whose rejected reply equals the chosen one are dropped and counted.
+  `generate_on` picks the turns: "all" (the paper) or "persona" (only turns whose gold reply draws on a persona
+  sentence). On a turn that calls for no persona the persona-free reply is not a failure to use the persona,
+  and the pair only pushes the policy away from fluent generic replies like the gold one (measured: on the
+  synthetic corpus it cost the none-turns half of their F1).
+- `select` (with `select_pairs`, the default): the Stage 1 model's Select step (the candidate scorer, as at
+  inference) scores every persona sentence and `No personal description.` on the select prompt; chosen = the
+  turn's labelled target (`k.<sentence>` or `No personal description.`), rejected = the best-scoring *other*
+  candidate: the model's own pick where it is wrong, its runner-up where it is right. So both directions of
+  the model's confusions (a persona where none is called for, none or the wrong sentence where one is) become
+  pairs. Without them, Stage 2 has no signal on the Select step, and Select-then-Generate conditions every reply
+  on whatever Stage 1 selects.
+
+Where a generate pair's rejected reply comes from (`rejected_from`, config stage2.rejected), always the Stage 1
+model's own greedy reply to:
+- "persona_free" (the paper): the persona-free prompt (history only);
+- "no_persona": the generate prompt with no persona sentence at all and "none" highlighted, the format Stage 1
+  trains on for turns that call for no persona (a model that never saw the persona-free format, like the tiny
+  preset's, answers that one with text that is not a reply at all, an easy rejected side that teaches nothing
+  about the persona);
+- "highlighted": the generate prompt with the labelled persona highlighted, the very prompt Stage 2 optimises:
+  the model's own attempt at using the persona, so the pair shows its actual failure (the right form with a wrong
+  fact, say); where that attempt equals the gold reply the pair is dropped, as identical.
+
+Shards keep each turn's candidate scores (`select_scores`), so the pairs can be rebuilt without the model, and
+the `rejected_from` they were decoded with.
+
+Multi-host: every process decodes every shard (the model is sharded over all of them); process 0 decides which
+shards are missing and writes the files; the others wait for it and read pairs_info.json. Paths go through
+etils.epath, so the workdir may be gs://... .
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+from etils import epath
+
+from pal_jax.core import mesh as mesh_lib
+from pal_jax.core import preemption
+from pal_jax.data import convai2, preferences, templates
+from pal_jax.inference.predictor import Record
+
+SHARD = 256  # turns per shard
+
+
+def pairs_path(workdir: str) -> str:
+    return os.fspath(epath.Path(os.fspath(workdir)) / "pairs.jsonl")
+
+
+def _atomic_write_lines(path: str, rows) -> None:
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    if "://" in path:  # object store: written whole, then renamed
+        epath.Path(tmp).write_text(text, encoding="utf-8")
+        epath.Path(tmp).replace(path)
+        return
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_lines(path) -> list[dict]:
+    return [json.loads(line) for line in epath.Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
+def _same(a: str, b: str) -> bool:
+    return " ".join(a.lower().split()) == " ".join(b.lower().split())
+
+
+GENERATE_ON = ("all", "persona")
+REJECTED_FROM = ("persona_free", "no_persona", "highlighted")
+
+
+def rejected_replies(predictor, records, rejected_from: str) -> list[str]:
+    """The Stage 1 model's replies that become the rejected side of generate pairs (the module doc)."""
+    if rejected_from == "persona_free":
+        return predictor.persona_free(records)
+    if rejected_from == "highlighted":
+        return predictor.generate(records, [-1 if r.persona_label is None else r.persona_label for r in records])
+    if rejected_from == "no_persona":
+        return predictor.generate([Record(persona=(), history=tuple(r.history)) for r in records], [-1] * len(records))
+    raise ValueError(f"stage2.rejected = {rejected_from!r}: expected one of {REJECTED_FROM}")
+
+
+def _gives_generate(persona_label, generate_on: str) -> bool:
+    """Whether a turn with this persona label gives a generate pair (and so needs a persona-free reply)."""
+    return generate_on == "all" or (persona_label is not None and persona_label >= 0)
+
+
+def _pairs_of(row: dict, select_pairs: bool, generate_on: str = "all") -> list[dict]:
+    """The pairs one decoded turn gives (see the module doc)."""
+    base = {"id": row["id"], "persona": row["persona"], "history": row["history"],
+            "persona_label": row["persona_label"]}
+    out = []
+    if (_gives_generate(row["persona_label"], generate_on) and row["rejected"] is not None
+            and not _same(row["chosen"], row["rejected"])):
+        out.append({**base, "kind": "generate", "chosen": row["chosen"], "rejected": row["rejected"]})
+    label, scores = row["persona_label"], row.get("select_scores")
+    if select_pairs and label is not None and scores is not None:
+        n = len(row["persona"])
+        others = [k for k in range(n + 1) if k != (label if label >= 0 else n)]
+        worst = max(others, key=lambda k: scores[k])  # the strongest wrong candidate (first on ties)
+        out.append({**base, "kind": "select", "chosen": templates.select_target(row["persona"], label),
+                    "rejected": templates.select_target(row["persona"], -1 if worst == n else worst)})
+    return out
+
+
+def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0, select_pairs: bool = True,
+               generate_on: str = "all", rejected_from: str = "persona_free") -> dict:
+    """Decode the rejected replies (`rejected_from`, the module doc) and run the Select step (with select_pairs)
+    for the turns of `dialogues` (the first max_turns; 0 = all) and write the pairs. Returns counts and paths."""
+    if generate_on not in GENERATE_ON:
+        raise ValueError(f"stage2.generate_pairs_on = {generate_on!r}: expected one of {GENERATE_ON}")
+    if rejected_from not in REJECTED_FROM:
+        raise ValueError(f"stage2.rejected = {rejected_from!r}: expected one of {REJECTED_FROM}")
+    root = epath.Path(os.fspath(workdir))
+    out = pairs_path(workdir)
+    info_path = root / "pairs_info.json"
+    primary = mesh_lib.is_primary()
+    finished = bool(mesh_lib.broadcast(np.asarray(epath.Path(out).exists() and info_path.exists(), np.int32)))
+    if finished:
+        info = json.loads(info_path.read_text())
+        logging.info("pairs: %s exists (%d pairs); skipping", out, info["pairs"])
+        return info
+    records = convai2.records_from_dialogues(dialogues)
+    if max_turns:
+        records = records[:max_turns]
+    shard_dir = root / "pairs"
+    n_shards = -(-len(records) // SHARD)
+    shard = [os.fspath(shard_dir / f"part-{k:05d}.jsonl") for k in range(n_shards)]
+    if primary:
+        shard_dir.mkdir(parents=True, exist_ok=True)
+    # which shards exist: process 0's view, so every process decodes the same shards (the decoding is collective)
+    have = mesh_lib.broadcast(np.asarray([epath.Path(p).exists() for p in shard] or [False], np.int32))
+    t0, done_before = time.time(), 0
+    for k in range(n_shards):
+        if have[k]:
+            done_before += 1
+            continue
+        with preemption.phase(f"make_pairs (shard {k + 1}/{n_shards} abandoned, not written; the shards before "
+                              f"it are kept in {os.fspath(shard_dir)})"):
+            _make_shard(predictor, records, k, seed, generate_on, rejected_from, select_pairs, primary, shard[k])
+        done = k + 1 - done_before
+        eta = (time.time() - t0) / done * (n_shards - k - 1)
+        logging.info("pairs: shard %d/%d (%d turns) ETA %.0fs", k + 1, n_shards,
+                     len(records[k * SHARD:(k + 1) * SHARD]), eta)
+    if not primary:
+        mesh_lib.sync("pairs written")  # process 0 writes pairs.jsonl and pairs_info.json
+        return json.loads(info_path.read_text())
+    with preemption.phase("make_pairs (writing pairs.jsonl; the decoded shards are kept)"):
+        info = _finish(shard, out, info_path, seed, select_pairs, generate_on, rejected_from)
+    mesh_lib.sync("pairs written")
+    return info
+
+
+def _make_shard(predictor, records, k: int, seed: int, generate_on: str, rejected_from: str, select_pairs: bool,
+                primary: bool, path: str) -> None:
+    """Decode shard k and write it (process 0) whole under its final name, or not at all."""
+    chunk = records[k * SHARD:(k + 1) * SHARD]
+    predictor.rng = jax.random.fold_in(jax.random.key(seed), k)
+    # rejected replies only where a generate pair can come of them (rejected = None elsewhere)
+    wanted = [_gives_generate(r.persona_label, generate_on) for r in chunk]
+    decoded = iter(rejected_replies(predictor, [r for r, w in zip(chunk, wanted) if w], rejected_from)
+                   if any(wanted) else [])
+    replies = [next(decoded) if w else None for w in wanted]
+    picks = predictor.select(chunk) if select_pairs else [(None, None, None)] * len(chunk)
+    if primary:
+        _atomic_write_lines(path, ({"id": r.id, "persona": list(r.persona), "history": list(r.history),
+                                    "persona_label": r.persona_label, "chosen": r.response, "rejected": reply,
+                                    "selected": pick[0], "select_scores": pick[2], "rejected_from": rejected_from}
+                                   for r, reply, pick in zip(chunk, replies, picks)))
+
+
+def _finish(shard: list[str], out: str, info_path, seed: int, select_pairs: bool, generate_on: str,
+            rejected_from: str = "persona_free") -> dict:
+    """The pairs of every decoded shard -> pairs.jsonl, then pairs_info.json (written last: it marks them done)."""
+    shard_dir = os.path.dirname(shard[0]) if shard else ""
+    rows = []
+    for path in shard:
+        rows += _read_lines(path)
+    if select_pairs and any(r.get("select_scores") is None for r in rows):
+        raise ValueError(f"{shard_dir}: shards written without the Select step (by make_pairs with select_pairs "
+                         f"off); expected every row to have 'select_scores'. Delete {shard_dir} to rebuild them")
+    made = {r.get("rejected_from", "persona_free") for r in rows}
+    if made - {rejected_from}:
+        raise ValueError(f"{shard_dir}: shards decoded with stage2.rejected={sorted(made)}, not {rejected_from!r}; "
+                         f"delete {shard_dir} to rebuild them")
+    eligible = [r for r in rows if _gives_generate(r["persona_label"], generate_on)]
+    if any(r["rejected"] is None for r in eligible):
+        raise ValueError(f"{shard_dir}: shards decoded with fewer persona-free replies than "
+                         f"stage2.generate_pairs_on={generate_on!r} needs (made with generate_pairs_on=persona); "
+                         f"delete {shard_dir} to rebuild them")
+    kept = [p for r in rows for p in _pairs_of(r, select_pairs, generate_on)]
+    n_gen = sum(p["kind"] == "generate" for p in kept)
+    _atomic_write_lines(out, kept)
+    labelled = [r for r in rows if r["persona_label"] is not None and r.get("selected") is not None]
+    info = {"turns": len(rows), "pairs": len(kept), "generate_pairs": n_gen, "select_pairs": len(kept) - n_gen,
+            "generate_on": generate_on, "generate_turns": len(eligible), "rejected_from": rejected_from,
+            "dropped_identical": len(eligible) - n_gen, "path": out, "seed": seed,
+            "stage1_selection_accuracy": (sum(r["selected"] == r["persona_label"] for r in labelled) / len(labelled)
+                                          if labelled else None)}
+    tmp = epath.Path(os.fspath(info_path) + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(info_path)  # written last: its presence marks the pairs complete
+    logging.info("pairs: %d turns -> %d generate pairs from %d %s turns (%d dropped: persona-free reply identical "
+                 "to the gold one) + %d select pairs (Stage 1 selection accuracy %s) in %s", len(rows), n_gen,
+                 len(eligible), generate_on, len(eligible) - n_gen, len(kept) - n_gen,
+                 info["stage1_selection_accuracy"], out)
+    return info
+
+
+def read_pairs(path: str, labeler=None, chat_template=None) -> list[dict]:
+    """The pairs of a preference JSONL file: make_pairs' pairs.jsonl or the user's (stage2.pairs), in the persona
+    form or TRL's conversational form, validated line by line (data/preferences.py; labeler and chat_template as
+    there)."""
+    if not epath.Path(path).exists():
+        raise FileNotFoundError(f"no preference pairs at {path}: expected the output of "
+                                f"`python -m pal_jax.main --config=configs/make_pairs.py:PRESET --workdir=...`")
+    return preferences.read_preferences(path, labeler=labeler, chat_template=chat_template)
