@@ -34,7 +34,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "configs"))
 sys.path.insert(0, HERE)
 
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "convai2", "valid_self_original_no_cands.txt")
@@ -44,7 +43,7 @@ from bench_decode import _cpu_jiffies, others_share  # noqa: E402  (the same mac
 
 
 def make_config(data: str, batch_size: int, max_len: int, packing: bool):
-    import common  # configs/common.py
+    from configs import common
     c = common.base_config("stage1", "tiny")
     c.data.source = "convai2"
     c.data.path = data

@@ -46,7 +46,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "configs"))
+sys.path.insert(0, os.path.dirname(HERE))  # the repository root: pal_jax, configs
 
 from bench_decode import SHAPES, build_models, parity, print_machine, print_table, timed  # noqa: E402
 
@@ -71,7 +71,7 @@ HEAD = 16  # tokens of the "persona block" at the start of each prompt (only the
 
 def stage2_settings(n_pairs: int, lr: float | None):
     """configs/stage2.py with stage2.* moved into train.* (stage2.stage2_config), pure DPO, constant lr."""
-    import common  # configs/common.py (configs/stage2.py's get_config is base_config("stage2", preset))
+    from configs import common  # (configs/stage2.py's get_config is base_config("stage2", preset))
     c = common.base_config("stage2", "tiny")
     c.stage2.batch_size = n_pairs
     c.stage2.warmup_steps = 0

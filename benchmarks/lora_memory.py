@@ -24,13 +24,12 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, os.path.join(HERE, "..", "configs"))
+sys.path.insert(0, os.path.join(HERE, ".."))  # the repository root: pal_jax, configs
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import common  # noqa: E402  configs/common.py
+from configs import common  # noqa: E402
 from pal_jax.model import lora
 from pal_jax.core import optim
 from pal_jax.training import loop as train  # noqa: E402

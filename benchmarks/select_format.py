@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-import pipeline as pcfg  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: pal_jax, configs
+from configs import pipeline as pcfg  # noqa: E402
 
 from pal_jax.inference import predictor as predict  # noqa: E402
 from pal_jax.data import convai2, corpus  # noqa: E402

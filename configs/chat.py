@@ -7,11 +7,8 @@ With a workdir that holds no checkpoint, the smollm2_135m preset chats with the 
 (init_from=smollm2_gguf), prompted in its ChatML chat format (predict.prompt_format=auto); a pal_jax checkpoint is
 prompted with the plain templates it was trained on.
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from configs import common
 
 
 def get_config(preset="tiny"):

@@ -10,11 +10,8 @@ the same overrides you will pass to configs/stage1.py and configs/stage2.py. doc
         --config.model.dtype=bfloat16 --config.model.remat=True \
         --config.mesh.data=1 --config.mesh.fsdp=-1 --config.train.batch_size=64 --config.stage2.batch_size=32
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from configs import common
 
 
 def get_config(preset="tiny"):

@@ -6,11 +6,8 @@
 The model's shape comes from the checkpoint's saved config (the preset only fills the other keys); the output loads
 with transformers.AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained.
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from configs import common
 
 
 def get_config(preset="tiny"):

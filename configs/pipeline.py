@@ -15,11 +15,8 @@ Presets:
   TPU are there too). The evaluation also runs the base model without fine-tuning (in its chat format).
 - any model preset of configs/common.py (smollm2_135m, gpt2, ...): the base settings.
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from configs import common
 
 # ParlAI's ConvAI2 validation file with the 20 candidates per turn (Hits@1), relative to the repository root; the
 # data is not part of the repository (config validation stops with the path when it is missing).

@@ -2,11 +2,8 @@
 
     python -m pal_jax.main --config=configs/predict.py:tiny --workdir=STAGE1_WORKDIR
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from configs import common
 
 
 def get_config(preset="tiny"):

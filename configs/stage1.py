@@ -2,11 +2,8 @@
 
     python -m pal_jax.main --config=configs/stage1.py:tiny --workdir=/tmp/pal_s1
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from configs import common
 
 
 def get_config(preset="tiny"):

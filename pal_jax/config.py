@@ -9,8 +9,18 @@ import ml_collections
 from pal_jax.core.errors import ConfigError
 from pal_jax.training.loss_spec import DPO_LOSS_TYPES, parse_loss_type  # noqa: F401  jax-free; losses.py uses the same
 
-MODES = ("stage1", "make_pairs", "stage2", "predict", "evaluate", "chat", "pipeline", "export",
-         "compile")  # main.MODES runs them
+# mode -> (module, function(config, workdir) -> summary dict): what main.dispatch runs for config.mode
+MODES = {
+    "stage1": ("pal_jax.training.stage1", "run"),
+    "make_pairs": ("pal_jax.training.stage2", "run_make_pairs"),
+    "stage2": ("pal_jax.training.stage2", "run"),
+    "pipeline": ("pal_jax.pipeline", "run"),
+    "predict": ("pal_jax.inference.predictor", "run_predict"),
+    "evaluate": ("pal_jax.evaluation.evaluate", "run_evaluate"),
+    "chat": ("pal_jax.inference.predictor", "run_chat"),
+    "export": ("pal_jax.weights.export", "run_export"),
+    "compile": ("pal_jax.training.aot", "run_compile"),
+}
 SOURCES = ("synthetic", "convai2", "jsonl", "tfds")
 TFDS_CONFIGS = ("self_original", "self_revised", "both_original", "both_revised")  # = data.tfds_builder.VARIANTS
 SCHEDULES = ("cosine", "linear", "constant")
@@ -82,7 +92,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raise ConfigError listing every invalid value (all of them, not just the first)."""
     e: list[str] = []
     c = config
-    _check(e, c.mode in MODES, "mode", c.mode, f"one of {MODES}")
+    _check(e, c.mode in MODES, "mode", c.mode, f"one of {tuple(MODES)}")
     m = c.model
     _check(e, m.family in ("llama", "gpt2"), "model.family", m.family, "'llama' or 'gpt2'")
     for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len"):

@@ -90,20 +90,6 @@ def _distributed_init():
         logging.set_verbosity(logging.WARNING)
 
 
-# mode -> (module, function(config, workdir) -> summary dict)
-MODES = {
-    "stage1": ("pal_jax.training.stage1", "run"),
-    "make_pairs": ("pal_jax.training.stage2", "run_make_pairs"),
-    "stage2": ("pal_jax.training.stage2", "run"),
-    "pipeline": ("pal_jax.pipeline", "run"),
-    "predict": ("pal_jax.inference.predictor", "run_predict"),
-    "evaluate": ("pal_jax.evaluation.evaluate", "run_evaluate"),
-    "chat": ("pal_jax.inference.predictor", "run_chat"),
-    "export": ("pal_jax.weights.export", "run_export"),
-    "compile": ("pal_jax.training.aot", "run_compile"),
-}
-
-
 # mode -> the batch sizes it splits over the mesh's data*fsdp devices: (key, times grad_accum)
 BATCH_KEYS = {
     "stage1": (("train.batch_size", True),),
@@ -143,7 +129,7 @@ def check_devices(config, n_devices: int) -> None:
 def dispatch(config, workdir: str) -> dict:
     import importlib
 
-    from pal_jax.config import validate
+    from pal_jax.config import MODES, validate
     validate(config)  # names the allowed modes
     module, fn = MODES[config.mode]
     return getattr(importlib.import_module(module), fn)(config, workdir)

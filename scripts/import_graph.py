@@ -129,14 +129,15 @@ def main() -> int:
     edges = {m: imports(p, m, known) for m, p in sorted(known.items())}
     graph = {m: {t for t, _, _ in e} for m, e in edges.items()}
     loops = sccs(graph)
-    n_top = sum(top for e in edges.values() for _, _, top in e)
-    n_inner = sum(not top for e in edges.values() for _, _, top in e)
+    # statements, not names: `from pal_jax import a, b` on one line is one import
+    n_top = len({(m, line) for m, e in edges.items() for _, line, top in e if top})
+    n_inner = len({(m, line) for m, e in edges.items() for _, line, top in e if not top})
     upward = [(m, t, line) for m, e in edges.items() for t, line, _ in e if layer(t) > layer(m)]
     if args.edges:
         for m, e in edges.items():
             for t, line, top in e:
                 print(f"{m}:{line} -> {t}{'' if top else '  (in a function)'}")
-    print(f"modules: {len(known)}; internal imports: {n_top} at module level, {n_inner} in functions")
+    print(f"modules: {len(known)}; internal import statements: {n_top} at module level, {n_inner} in functions")
     print(f"import loops (strongly connected components): {len(loops)}")
     for comp in loops:
         print("  " + " <-> ".join(comp))

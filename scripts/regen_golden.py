@@ -1,5 +1,5 @@
 """Golden loss curves: a fixed tiny Stage 1 (30 steps) then Stage 2 (20 steps) on the synthetic corpus, with every
-per-step training loss stored in tests/golden/stage1_stage2_tiny.json; tests/test_golden.py reruns it and compares.
+per-step training loss stored in tests/golden/stage1_stage2_tiny.json; tests/e2e/test_golden.py reruns it and compares.
 
     python scripts/regen_golden.py              # rerun, write tests/golden/stage1_stage2_tiny.json
     python scripts/regen_golden.py --check      # rerun, print the largest relative difference from the stored file
@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 
 # XLA's CPU backend at LLVM -O0: these tiny programs are compile-bound, and it compiles them several times faster
-# (tests/test_multihost.py does the same); the curves are those of these flags, set whatever the environment says
+# (tests/e2e/test_multihost.py does the same); the curves are those of these flags, set whatever the environment says
 XLA_FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = XLA_FLAGS
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -71,8 +71,7 @@ KEYS = {"stage1": ("loss", "select_loss", "generate_loss"), "stage2": ("loss", "
 
 def make_config(mode: str, **extra):
     """configs/common.py's key set for `mode` with every CONFIG value (and `extra`: 'a.b' keys) set."""
-    sys.path.insert(0, str(REPO / "configs"))
-    import common
+    from configs import common
     c = common.base_config(mode, "tiny")
     for key, value in {**CONFIG, **extra}.items():
         section, _, name = key.rpartition(".")
@@ -150,7 +149,7 @@ def main(argv=None) -> int:
               f"stored versions {stored['versions']}, here {versions()}")
         return 0
     out = {"about": "scripts/regen_golden.py: per-step training losses of a fixed tiny Stage 1 (30 steps) and "
-                    "Stage 2 (20 steps); tests/test_golden.py compares a fresh run",
+                    "Stage 2 (20 steps); tests/e2e/test_golden.py compares a fresh run",
            "versions": versions(), "xla_flags": XLA_FLAGS, "devices": DEVICES, "pair_turns": PAIR_TURNS,
            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in CONFIG.items()}, **curves}
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)

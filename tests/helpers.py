@@ -29,18 +29,17 @@ TINY_OVERRIDES = {
     "train.eval_every": 3,
     "train.eval_batches": 2,
     "train.checkpoint_every": 3,
-    # no persistent compilation cache (its default, "auto", writes to ~/.cache): tests/test_compile_cache.py covers it
+    # no persistent compilation cache (its default, "auto", writes to ~/.cache): tests/core/test_compile_cache.py covers it
     "compile_cache": "off",
     # no samples while training (pal_jax/training/samples.py): their first evaluation compiles a scorer and a decoder, seconds
-    # per run; tests/test_samples.py, test_stage2.py and test_multihost.py turn them on where they check them
+    # per run; tests/training/test_samples.py, test_stage2.py and test_multihost.py turn them on where they check them
     "train.sample_turns": 0,
 }
 
 
 def tiny_config(**overrides):
     """configs/stage1.py:tiny shrunk by TINY_OVERRIDES, then `overrides` ('a__b' means config.a.b)."""
-    sys.path.insert(0, str(REPO / "configs"))
-    import stage1  # configs/stage1.py
+    from configs import stage1
     c = stage1.get_config("tiny")
     items = dict(TINY_OVERRIDES)
     items.update({k.replace("__", "."): v for k, v in overrides.items()})

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO
 from helpers import hf_logits, jitted_logits, tiny_config
 from pal_jax.weights import hf as convert
 from pal_jax.model.transformer import ModelConfig, Transformer
@@ -252,8 +250,7 @@ def test_export_checkpoint_matches_pal_jax(hf, stage1_workdir, tmp_path):
 
 
 def test_export_mode_writes_workdir_hf(stage1_workdir):
-    sys.path.insert(0, str(REPO / "configs"))
-    import export  # configs/export.py
+    from configs import export
     from pal_jax import main
     from pal_jax.config import validate
     config = export.get_config("tiny")

@@ -344,13 +344,10 @@ def test_smollm2_greedy_persona_chat_is_fluent_english(smollm2):
 
 
 def test_get_tokenizer_smollm2_preset_uses_the_gguf(smollm2, tmp_path, monkeypatch):
-    import sys
 
-    from conftest import REPO
     from pal_jax.training.experiment import get_tokenizer
     monkeypatch.setattr(G, "find_smollm2_gguf", lambda: smollm2[0])  # the open file: no second read
-    sys.path.insert(0, str(REPO / "configs"))
-    import stage1  # configs/stage1.py
+    from configs import stage1
     config = stage1.get_config("smollm2_135m")
     tok = get_tokenizer(config, str(tmp_path))
     assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (config.model.vocab_size, 2, 2)

@@ -194,10 +194,7 @@ def test_config_validation_names_the_key():
             "'q,k,v,o,gate,up,down'") in str(e.value)
     validate(tiny_config(lora__rank=4, lora__targets="q, v,down"))
     assert lora.lora_config(tiny_config(lora__rank=4, lora__targets="q, v,down")).targets == ("q", "v", "down")
-    import sys
-    from conftest import REPO
-    sys.path.insert(0, str(REPO / "configs"))
-    import common
+    from configs import common
     assert common.base_config("stage1", "gpt2").lora.targets == "q,k,v,o,fc,proj"
     validate(common.base_config("stage1", "gpt2"))
 
@@ -220,10 +217,7 @@ def test_optimizer_state_holds_adapter_moments_only():
     """Stage 2 bytes for the smollm2_135m shape from abstract shapes: params + Adam state + reference."""
     c = tiny_config()
     mesh = _mesh1()
-    import sys
-    from conftest import REPO
-    sys.path.insert(0, str(REPO / "configs"))
-    import common
+    from configs import common
     cfg = ModelConfig.from_dict(common.MODEL_PRESETS["smollm2_135m"])
     tx = optim.make_optimizer(c.train)
     full = lora.stage2_bytes(ModelSpec(cfg, mesh, tuple(c.mesh.axis_rules)), tx)
@@ -392,10 +386,7 @@ def test_merge_and_export_loads_in_transformers(chain, tmp_path):
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
     # the export mode on the Stage 2 workdir: its adapters merged into the base found through Stage 1's init_from
-    import sys
-    from conftest import REPO
-    sys.path.insert(0, str(REPO / "configs"))
-    import export
+    from configs import export
     from pal_jax import main
     config = export.get_config("tiny")
     config.export.output_dir = str(tmp_path / "hf")

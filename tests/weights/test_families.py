@@ -331,10 +331,7 @@ def test_sliding_window_in_cached_decoding_and_candidate_scoring():
 def test_real_checkpoint_presets_have_their_shapes(hf, preset, n_params):
     """The presets build (abstract shapes, no weights) with the checkpoints' published parameter counts, and the
     Llama-3.2 preset's RoPE frequencies are transformers' for that checkpoint's rope_scaling."""
-    import sys
-    from conftest import REPO
-    sys.path.insert(0, str(REPO / "configs"))
-    import common
+    from configs import common
     from pal_jax.model.transformer import rope_inv_freq
     cfg = ModelConfig.from_dict({**common.MODEL_VARIANT_DEFAULTS, **common.MODEL_PRESETS[preset]})
     state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 
@@ -12,8 +11,7 @@ from pal_jax.config import validate
 
 
 def pipeline_config(preset):
-    sys.path.insert(0, str(REPO / "configs"))
-    import pipeline  # configs/pipeline.py
+    from configs import pipeline
     return pipeline, pipeline.get_config(preset)
 
 

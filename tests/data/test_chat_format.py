@@ -94,11 +94,8 @@ def test_chat_prompt_cut_drops_oldest_turns(tmp_path):
 
 
 def _config(**predict):
-    import sys
 
-    from conftest import REPO
-    sys.path.insert(0, str(REPO / "configs"))
-    import predict as predict_cfg  # configs/predict.py
+    from configs import predict as predict_cfg
     c = predict_cfg.get_config("smollm2_135m")
     for k, v in predict.items():
         c.predict[k] = v

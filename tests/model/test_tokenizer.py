@@ -190,13 +190,10 @@ def test_gpt2_tokenizer_missing_wheel_names_pip(monkeypatch):
 
 
 def test_get_tokenizer_gpt2_preset_uses_the_wheel(tmp_path):
-    import sys
 
-    from conftest import REPO
     from pal_jax.training.experiment import get_tokenizer
     gpt2_files()
-    sys.path.insert(0, str(REPO / "configs"))
-    import stage1  # configs/stage1.py
+    from configs import stage1
     config = stage1.get_config("gpt2")
     assert config.tokenizer.path == ""
     tok = get_tokenizer(config, str(tmp_path))

@@ -104,8 +104,7 @@ def test_auto_writes_under_xdg_cache_home(tmp_path):
 
 
 def test_config_key_defaults_to_auto_and_the_suite_to_off():
-    sys.path.insert(0, str(REPO / "configs"))
-    import common  # configs/common.py
+    from configs import common
     from helpers import tiny_config
     from pal_jax.config import validate
     assert common.base_config("stage1", "tiny").compile_cache == "auto"
