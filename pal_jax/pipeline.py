@@ -32,6 +32,7 @@ import time
 
 from etils import epath
 
+from pal_jax.core import atomic
 from pal_jax.core import checkpoint as ckpt_lib
 from pal_jax.core import mesh as mesh_lib
 from pal_jax.core import preemption
@@ -203,9 +204,8 @@ def prepare_phase(phase: str, label: str, phase_dir: str, inputs: dict) -> bool:
             logging.warning("pipeline: redoing %s: its inputs changed since it was made: %s; the old output is moved "
                             "to %s.stale-%d", label, "; ".join(redo), phase_dir, n)
         epath.Path(phase_dir).mkdir(parents=True, exist_ok=True)
-        tmp = epath.Path(phase_dir) / f"{INPUTS}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps({"inputs": inputs, "fingerprint": fingerprint(inputs)}, indent=1))
-        tmp.replace(epath.Path(phase_dir) / INPUTS)
+        atomic.write_json(epath.Path(phase_dir) / INPUTS, {"inputs": inputs, "fingerprint": fingerprint(inputs)},
+                          indent=1)
     mesh_lib.sync(f"pipeline {phase} prepared")
     return bool(redo)
 
@@ -270,9 +270,7 @@ def run(config, workdir: str) -> dict:
         out = evaluate.run_evaluate(c3, workdir)
         if mesh_lib.is_primary():  # multi-host: process 0 writes the report
             moved = what_moved(eval_dir, s2_dir)
-            tmp = epath.Path(report + ".tmp")
-            tmp.write_text(_read(report) + "\n".join(moved) + "\n", encoding="utf-8")
-            tmp.replace(report)
+            atomic.write_text(report, _read(report) + "\n".join(moved) + "\n")
             print("\n".join(moved))
         mesh_lib.sync("report written")
     times["eval_s"] = time.time() - t0

@@ -31,6 +31,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from pal_jax.core import atomic
 from pal_jax.core import mesh as mesh_lib
 from pal_jax.core import preemption
 from pal_jax.core.errors import ConfigError
@@ -94,9 +95,7 @@ def write_checksums(directory: str, step: int) -> None:
     if not step_dir.is_dir():  # already removed by max_to_keep
         return
     files = {rel: dict(zip(("size", "sha256"), file_digest(p))) for rel, p in _files(step_dir).items()}
-    tmp = step_dir / f"{CHECKSUMS}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
-    tmp.replace(step_dir / CHECKSUMS)
+    atomic.write_json(step_dir / CHECKSUMS, {"step": step, "files": files}, indent=1)
     _VERIFIED.pop((os.fspath(directory), int(step)), None)
 
 

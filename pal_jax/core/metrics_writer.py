@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from pal_jax.core import atomic
 
 from etils import epath
 
@@ -52,10 +53,7 @@ class _JsonlFile:
         if self._url:
             path.write_text("".join(keep))
             return
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write("".join(keep))
-        os.replace(tmp, self.path)
+        atomic.write_text(self.path, "".join(keep))
 
     def append(self, lines: list[str]) -> None:
         if self._url:

@@ -2,13 +2,10 @@
 corpus's predict.split) and the predictions JSONL it writes."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Sequence
 
-from etils import epath
-
+from pal_jax.core import atomic
 from pal_jax.data import convai2, corpus
 from pal_jax.data import labels as labels_lib
 
@@ -35,14 +32,9 @@ def load_records(config):
 
 def write_predictions(path: str, records, predictions: Sequence) -> None:
     """JSONL: one object per record with the selection, its score, every candidate's score and the response."""
-    lines = []
-    for r, p in zip(records, predictions):
-        obj = {"id": getattr(r, "id", None), "persona": list(r.persona), "history": list(r.history),
-               "selected_persona": p.selected, "selected_text": p.selected_text,
-               "select_score": p.select_score, "candidate_scores": p.candidate_scores,
-               "candidate_features": getattr(p, "features", {}), "response": p.response}
-        lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
-    tmp = epath.Path(os.fspath(path) + ".tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    tmp.replace(path)
+    atomic.write_jsonl(path, ({"id": getattr(r, "id", None), "persona": list(r.persona), "history": list(r.history),
+                               "selected_persona": p.selected, "selected_text": p.selected_text,
+                               "select_score": p.select_score, "candidate_scores": p.candidate_scores,
+                               "candidate_features": getattr(p, "features", {}), "response": p.response}
+                              for r, p in zip(records, predictions)))
     logging.info("predictions: %d records -> %s", len(predictions), path)

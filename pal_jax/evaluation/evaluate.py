@@ -32,6 +32,7 @@ import numpy as np
 from etils import epath
 from scipy import sparse
 
+from pal_jax.core import atomic
 from pal_jax.evaluation import bootstrap as bs
 from pal_jax.core import mesh as mesh_lib
 from pal_jax.evaluation import metrics as M
@@ -419,9 +420,7 @@ def write_report(out_dir: str, results: dict[str, dict], info: dict, analysis: d
     a = analysis or {}
     paths = {k: os.fspath(root / f) for k, f in
              (("json", "metrics.json"), ("markdown", "report.md"), ("plot", "report.png"))}
-    tmp = epath.Path(paths["json"] + ".tmp")
-    tmp.write_text(json.dumps({"info": info, "results": results, **a}, indent=2))
-    tmp.replace(paths["json"])
+    atomic.write_json(paths["json"], {"info": info, "results": results, **a})
     lines = [f"# pal_jax evaluation: {info.get('data', '')}", ""]
     b = a.get("bootstrap")
     head = f"{info.get('n', '')} turns"
@@ -484,9 +483,7 @@ def write_report(out_dir: str, results: dict[str, dict], info: dict, analysis: d
                   "them on persona coverage, persona F1 or the proxy says persona words more often than a person "
                   "does (copying), which these metrics reward.", ""]
         lines += _table(names + list(ref["values"]), both, ivs, None, keys=REFERENCE_KEYS)
-    tmp = epath.Path(paths["markdown"] + ".tmp")  # whole or not at all (SIGTERM, a kill)
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(paths["markdown"])
+    atomic.write_text(paths["markdown"], "\n".join(lines) + "\n")
     _plot(paths["plot"], results, a.get("intervals"), curves or {})
     return paths
 
@@ -554,9 +551,7 @@ def _plot(path: str, results: dict[str, dict], intervals: dict | None, curves: d
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    tmp = epath.Path(path + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    atomic.write_bytes(path, buf.getvalue())
 
 
 def parse_checkpoints(spec: str, workdir: str) -> dict[str, str]:

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from pal_jax.core import atomic
 from pal_jax.core import checkpoint as ckpt_lib
 from pal_jax.core import mesh as mesh_lib
 from pal_jax.data import chat_format, convai2, corpus, pipeline, templates
@@ -357,9 +358,7 @@ def calibrate(config, predictor: Predictor, workdir: str | None, step, data=None
     logging.info("predict: calibrated 'none' bias %+.3f on %d dev turns (dev selection accuracy %.3f; %.3f with "
                  "no bias) in %.0fs", bias, len(recs), acc, acc0, time.time() - t0)
     if path is not None and mesh_lib.is_primary():
-        tmp = epath.Path(os.fspath(path) + ".tmp")
-        tmp.write_text(json.dumps(predictor.calibration, indent=2))
-        tmp.replace(path)
+        atomic.write_json(path, predictor.calibration)
     return predictor
 
 

@@ -13,6 +13,7 @@ import os
 from typing import Iterable, Sequence
 
 import tokenizers
+from pal_jax.core import atomic
 from etils import epath
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
@@ -66,9 +67,7 @@ class Tokenizer:
                  "tokenizer_config.json": json.dumps(cfg, indent=1),
                  "tokenizer.json": self.tok.to_str(pretty=True)}
         for name, text in files.items():
-            tmp = directory / f".{name}.tmp-{os.getpid()}"
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(directory / name)
+            atomic.write_text(directory / name, text)
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, eos_id={self.eos_id}, "

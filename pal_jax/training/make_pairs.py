@@ -46,6 +46,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from pal_jax.core import atomic
 from pal_jax.core import mesh as mesh_lib
 from pal_jax.core import preemption
 from pal_jax.data import convai2, preferences, templates
@@ -56,20 +57,6 @@ SHARD = 256  # turns per shard
 
 def pairs_path(workdir: str) -> str:
     return os.fspath(epath.Path(os.fspath(workdir)) / "pairs.jsonl")
-
-
-def _atomic_write_lines(path: str, rows) -> None:
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    if "://" in path:  # object store: written whole, then renamed
-        epath.Path(tmp).write_text(text, encoding="utf-8")
-        epath.Path(tmp).replace(path)
-        return
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_lines(path) -> list[dict]:
@@ -178,7 +165,7 @@ def _make_shard(predictor, records, k: int, seed: int, generate_on: str, rejecte
     replies = [next(decoded) if w else None for w in wanted]
     picks = predictor.select(chunk) if select_pairs else [(None, None, None)] * len(chunk)
     if primary:
-        _atomic_write_lines(path, ({"id": r.id, "persona": list(r.persona), "history": list(r.history),
+        atomic.write_jsonl(path, ({"id": r.id, "persona": list(r.persona), "history": list(r.history),
                                     "persona_label": r.persona_label, "chosen": r.response, "rejected": reply,
                                     "selected": pick[0], "select_scores": pick[2], "rejected_from": rejected_from}
                                    for r, reply, pick in zip(chunk, replies, picks)))
@@ -205,16 +192,14 @@ def _finish(shard: list[str], out: str, info_path, seed: int, select_pairs: bool
                          f"delete {shard_dir} to rebuild them")
     kept = [p for r in rows for p in _pairs_of(r, select_pairs, generate_on)]
     n_gen = sum(p["kind"] == "generate" for p in kept)
-    _atomic_write_lines(out, kept)
+    atomic.write_jsonl(out, kept)
     labelled = [r for r in rows if r["persona_label"] is not None and r.get("selected") is not None]
     info = {"turns": len(rows), "pairs": len(kept), "generate_pairs": n_gen, "select_pairs": len(kept) - n_gen,
             "generate_on": generate_on, "generate_turns": len(eligible), "rejected_from": rejected_from,
             "dropped_identical": len(eligible) - n_gen, "path": out, "seed": seed,
             "stage1_selection_accuracy": (sum(r["selected"] == r["persona_label"] for r in labelled) / len(labelled)
                                           if labelled else None)}
-    tmp = epath.Path(os.fspath(info_path) + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(info_path)  # written last: its presence marks the pairs complete
+    atomic.write_json(info_path, info)  # written last: its presence marks the pairs complete
     logging.info("pairs: %d turns -> %d generate pairs from %d %s turns (%d dropped: persona-free reply identical "
                  "to the gold one) + %d select pairs (Stage 1 selection accuracy %s) in %s", len(rows), n_gen,
                  len(eligible), generate_on, len(eligible) - n_gen, len(kept) - n_gen,

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from pal_jax.core import atomic
 from pal_jax.core import checkpoint as ckpt_lib
 from pal_jax.core import mesh as mesh_lib
 
@@ -175,19 +176,10 @@ def save(folder_list: list[epath.Path], name: str, key: dict, arrays: dict[str, 
     data = buf.getvalue()
     errors = []
     for folder in folder_list:
-        path = folder / name
-        tmp = folder / f".{name}.tmp-{os.getpid()}"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(data)
-            tmp.replace(path)
-            return os.fspath(path)
+            return atomic.write_bytes(folder / name, data)  # a failed write leaves no temporary file
         except OSError as e:
             errors.append(f"{folder}: {type(e).__name__}: {e}")
-            try:
-                if tmp.exists():
-                    tmp.unlink()
-            except OSError:
-                pass
     logging.warning("reference log-probs: not cached (no folder could be written: %s)", "; ".join(errors))
     return None

@@ -45,7 +45,7 @@ def test_unwritable_dir_warns_once_and_goes_on(tmp_path, caplog):
 
 def test_off_overrides_jax_compilation_cache_dir_from_the_environment(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import jax; print(jax.config.jax_compilation_cache_dir); "
-                          "from pal_jax import compile_cache; compile_cache.setup('off'); "
+                          "from pal_jax.core import compile_cache; compile_cache.setup('off'); "
                           "print(jax.config.jax_compilation_cache_dir)"], cwd=REPO,
                          env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "j")},
                          capture_output=True, text=True, timeout=300)

@@ -13,7 +13,7 @@ from helpers import REPO, run_main
 from pal_jax.core import workdir as workdir_lib
 
 HOLD = ("import sys, time\n"
-        "from pal_jax import workdir\n"
+        "from pal_jax.core import workdir\n"
         "with workdir.lock(sys.argv[1]):\n"
         "    print('locked', flush=True)\n"
         "    time.sleep(120)\n")
