@@ -7,6 +7,13 @@ import os
 import ml_collections
 
 from pal_jax.core.errors import ConfigError
+# the choices of config keys, each defined once by the module that implements them
+from pal_jax.data.convai2 import TFDS_VARIANTS as TFDS_CONFIGS
+from pal_jax.inference.decode import METHODS
+from pal_jax.inference.predictor import PROMPT_FORMATS
+from pal_jax.inference.selection import RULES as SELECT_RULES
+from pal_jax.model.transformer import FAMILIES, LORA_TARGETS
+from pal_jax.training.make_pairs import GENERATE_ON, REJECTED_FROM
 from pal_jax.training.loss_spec import DPO_LOSS_TYPES, parse_loss_type  # noqa: F401  jax-free; losses.py uses the same
 
 # mode -> (module, function(config, workdir) -> summary dict): what main.dispatch runs for config.mode
@@ -22,13 +29,9 @@ MODES = {
     "compile": ("pal_jax.training.aot", "run_compile"),
 }
 SOURCES = ("synthetic", "convai2", "jsonl", "tfds")
-TFDS_CONFIGS = ("self_original", "self_revised", "both_original", "both_revised")  # = data.tfds_builder.VARIANTS
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 CORPUS_MODES = ("stage1", "make_pairs", "stage2", "pipeline")  # modes that always read config.data
-PROMPT_FORMATS = ("auto", "plain", "chat")  # = predict.PROMPT_FORMATS
-SELECT_RULES = ("calibrated", "marginal", "lse", "decision", "mean", "sum")  # = selection.RULES
-REJECTED_FROM = ("persona_free", "no_persona", "highlighted")  # = pairs.REJECTED_FROM
 
 
 PRECOMPUTE_VS_SYNC = ("config.stage2.ref_sync_every > 0 (the TR-DPO reference update) with config.stage2.precompute_ref"
@@ -57,7 +60,6 @@ def _validate_lora(c, e: list[str]) -> None:
         return
     _check(e, isinstance(lo.alpha, (int, float)) and not isinstance(lo.alpha, bool) and lo.alpha > 0, "lora.alpha",
            lo.alpha, "a number > 0 (the adapters' scale is alpha / rank)")
-    from pal_jax.model.transformer import LORA_TARGETS  # imported only when LoRA is on (it imports jax)
     allowed = LORA_TARGETS.get(c.model.family, ())
     names = [t.strip() for t in str(lo.targets).split(",") if t.strip()]
     _check(e, bool(names) and len(set(names)) == len(names) and all(t in allowed for t in names), "lora.targets",
@@ -94,7 +96,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     c = config
     _check(e, c.mode in MODES, "mode", c.mode, f"one of {tuple(MODES)}")
     m = c.model
-    _check(e, m.family in ("llama", "gpt2"), "model.family", m.family, "'llama' or 'gpt2'")
+    _check(e, m.family in FAMILIES, "model.family", m.family, f"one of {FAMILIES}")
     for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len"):
         _check(e, isinstance(m[k], int) and m[k] > 0, f"model.{k}", m[k], "a positive integer")
     _check(e, m.vocab_size >= 0, "model.vocab_size", m.vocab_size, ">= 0 (0 = from the tokenizer)")
@@ -187,8 +189,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, s2.align_temperature > 0, "stage2.align_temperature", s2.align_temperature, "> 0")
     _check(e, s2.use_dpo or s2.align_weight > 0, "stage2.use_dpo", s2.use_dpo,
            "True, or stage2.align_weight > 0 (otherwise there is no loss)")
-    _check(e, s2.generate_pairs_on in ("all", "persona"), "stage2.generate_pairs_on", s2.generate_pairs_on,
-           "'all' or 'persona'")
+    _check(e, s2.generate_pairs_on in GENERATE_ON, "stage2.generate_pairs_on", s2.generate_pairs_on,
+           f"one of {GENERATE_ON}")
     _check(e, s2.max_pair_turns >= 0, "stage2.max_pair_turns", s2.max_pair_turns, ">= 0 (0 = all)")
     _check(e, s2.rejected in REJECTED_FROM, "stage2.rejected", s2.rejected, f"one of {REJECTED_FROM}")
     _check(e, s2.get("reference", "stage1") in ("stage1", "base"), "stage2.reference", s2.get("reference"),
@@ -199,7 +201,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check(e, bool(c.init_from), "init_from", c.init_from, "the workdir of a Stage 1 run (the reference model)")
     _validate_lora(c, e)
     p = c.predict
-    _check(e, p.method in ("greedy", "sample", "beam"), "predict.method", p.method, "'greedy', 'sample' or 'beam'")
+    _check(e, p.method in METHODS, "predict.method", p.method, f"one of {METHODS}")
     _check(e, p.select_by in SELECT_RULES, "predict.select_by", p.select_by, f"one of {SELECT_RULES}")
     _check(e, isinstance(p.calibration_turns, int) and p.calibration_turns >= 0, "predict.calibration_turns",
            p.calibration_turns, "an integer >= 0 (0 = the whole dev split)")

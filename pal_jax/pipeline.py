@@ -52,12 +52,12 @@ def _read(path: str) -> str:
     return p.read_text(encoding="utf-8") if p.exists() else ""
 
 
-def what_moved(eval_dir: str, s2_dir: str) -> list[str]:
-    """Markdown lines: Stage 2 minus Stage 1 for every metric of the report, with its paired bootstrap interval
-    and whether the change is better, worse or not significant (and Stage 2 minus the base model when the report
-    has one), how often each model selects no persona, and what the Stage 2 pairs were made of."""
-    m = json.loads(_read(os.fspath(epath.Path(eval_dir) / "metrics.json")))
-    res, diffs = m["results"], m.get("differences", {})
+def what_moved(results: dict, differences: dict, s2_dir: str) -> list[str]:
+    """Markdown lines: Stage 2 minus Stage 1 for every metric of the report (results: {name: {metric: value}};
+    differences: the report's paired differences, {} for plain ones), with its paired bootstrap interval and
+    whether the change is better, worse or not significant (and Stage 2 minus the base model when the report has
+    one), how often each model selects no persona, and what the Stage 2 pairs were made of."""
+    res, diffs = results, differences
     cols = [("stage1", "stage2")] + ([(BASE, "stage2")] if BASE in res else [])
 
     def cell(a, b, key, higher):
@@ -264,12 +264,12 @@ def run(config, workdir: str) -> dict:
         logging.info("pipeline: phase 3/3: Select then Generate evaluation -> %s", eval_dir)
         c3 = ml_collections.ConfigDict(config.to_dict())
         base = base_model(config)
-        c3.eval.checkpoints = (f"{BASE}={base}," if base else "") + f"stage1={s1_dir},stage2={s2_dir}"
-        c3.eval.output_dir = eval_dir
         c3.tokenizer.path = c3.tokenizer.path or os.path.join(s1_dir, "tokenizer")
-        out = evaluate.run_evaluate(c3, workdir)
+        ev = evaluate.evaluate_checkpoints(c3, {**({BASE: base} if base else {}), "stage1": s1_dir, "stage2": s2_dir},
+                                           eval_dir)
+        out = {k: ev[k] for k in ("report", "metrics", "plot")}
         if mesh_lib.is_primary():  # multi-host: process 0 writes the report
-            moved = what_moved(eval_dir, s2_dir)
+            moved = what_moved(ev["results"], ev["analysis"].get("differences", {}), s2_dir)
             atomic.write_text(report, _read(report) + "\n".join(moved) + "\n")
             print("\n".join(moved))
         mesh_lib.sync("report written")

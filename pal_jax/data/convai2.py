@@ -35,6 +35,10 @@ MAX_LINE_BYTES = 100_000  # a longer line is refused (a 10 MB line without space
 TURN_FORMAT = "'N <partner utterance><TAB><own response>[<TAB><TAB>cand1|cand2|...]'"
 
 
+# the ConvAI2 variants (data.tfds_config): whose persona the dialogues show, original or revised wording
+TFDS_VARIANTS = ("self_original", "self_revised", "both_original", "both_revised")
+
+
 class DataError(ValueError):
     """A data file that cannot be read: the message names the file, the line and what was expected."""
 

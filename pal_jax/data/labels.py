@@ -15,7 +15,12 @@ class Labeler(Protocol):
         """Index into persona of the sentence the response uses, or -1 for none."""
 
 
-# Function words and chat fillers that carry no persona content (lowercase, apostrophes removed).
+# Function words and chat fillers that carry no persona content (lowercase, apostrophes removed). Not the list of
+# evaluation.metrics.content_words, on purpose: this one decides WHICH persona sentence a turn draws on, so it also
+# drops the frame words persona sentences share ("i like", "my favorite", "i work", "i live") that would tie every
+# sentence, and stems plurals (dog/dogs). The metric's list is a small function-word list over ParlAI's
+# normalisation, so persona coverage and persona F1 count every content word, as ParlAI-style F1 does, and keep
+# their published meaning; changing either moves labels or metric values (and the golden curves).
 STOPWORDS = frozenset("""
 a about above after again against all also am an and any are aren as at be because been before being below
 between both but by can cannot cant could couldn did didn do does doesn doing don dont down during each few for

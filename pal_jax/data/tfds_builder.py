@@ -42,7 +42,7 @@ LABELER = "overlap"  # the labeler that fills persona_label at build time (recor
 ARCHIVE = "convai2_fix_723.tgz"
 DOWNLOAD_URL = "http://parl.ai/downloads/convai2/convai2_fix_723.tgz"
 SPLIT_FILES = (("train", "train"), ("validation", "valid"))  # TFDS split name, ParlAI file prefix
-VARIANTS = ("self_original", "self_revised", "both_original", "both_revised")
+VARIANTS = convai2.TFDS_VARIANTS
 
 _CITATION = """\
 @article{zhang2018personalizing,

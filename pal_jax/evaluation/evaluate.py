@@ -569,13 +569,22 @@ def parse_checkpoints(spec: str, workdir: str) -> dict[str, str]:
     return out
 
 
-def run_evaluate(config, workdir: str, curves: dict[str, str] | None = None) -> dict:
-    """evaluate mode: every checkpoint of eval.checkpoints on the same records with the same selection rule, then
-    the report. curves: {name: training workdir} for the plot's training curves (default: every checkpoint that
-    is a pal_jax workdir)."""
+def run_evaluate(config, workdir: str) -> dict:
+    """The evaluate mode: every checkpoint of eval.checkpoints ('name=path,...'; empty: the workdir) side by side
+    (evaluate_checkpoints), the report in eval.output_dir (empty: WORKDIR/eval)."""
+    out = evaluate_checkpoints(config, parse_checkpoints(config.eval.checkpoints, workdir),
+                               config.eval.output_dir or os.fspath(epath.Path(workdir) / "eval"))
+    return {k: out[k] for k in ("report", "metrics", "plot")}
+
+
+def evaluate_checkpoints(config, checkpoints: dict[str, str], out_dir: str,
+                         curves: dict[str, str] | None = None) -> dict:
+    """Every checkpoint of {name: workdir or pretrained spec} on the same records with the same selection rule,
+    then the report in out_dir. curves: {name: training workdir} for the plot's training curves (default: every
+    checkpoint that is a pal_jax workdir). Returns the report's paths (report, metrics, plot) and what metrics.json
+    holds: results ({name: {metric: value}}) and analysis (intervals, paired differences, ...)."""
     records, origin = load_records(config)
-    ckpts = parse_checkpoints(config.eval.checkpoints, workdir)
-    out_dir = config.eval.output_dir or os.fspath(epath.Path(workdir) / "eval")
+    ckpts = dict(checkpoints)
     primary = mesh_lib.is_primary()  # multi-host: every process predicts, process 0 writes the files
     nli = None
     if config.eval.nli_model:
@@ -609,11 +618,13 @@ def run_evaluate(config, workdir: str, curves: dict[str, str] | None = None) -> 
                      "Hits@1 condition on that choice. " + c_note + " " + enc_note}
     if curves is None:
         curves = {n: p for n, p in ckpts.items() if epath.Path(p, "metrics.jsonl").exists()}
+    results = {n: e.results for n, e in evals.items()}
     if primary:
-        paths = write_report(out_dir, {n: e.results for n, e in evals.items()}, info, analysis, curves)
+        paths = write_report(out_dir, results, info, analysis, curves)
         print(epath.Path(paths["markdown"]).read_text())
     else:
         paths = {k: os.fspath(epath.Path(out_dir) / f) for k, f in
                  (("json", "metrics.json"), ("markdown", "report.md"), ("plot", "report.png"))}
     mesh_lib.sync("evaluation written")
-    return {"report": paths["markdown"], "metrics": paths["json"], "plot": paths["plot"]}
+    return {"report": paths["markdown"], "metrics": paths["json"], "plot": paths["plot"], "results": results,
+            "analysis": analysis}

@@ -458,7 +458,8 @@ def persona_selection_accuracy(predicted: list[int], labels: list[int]) -> float
 # Persona overlap
 
 # Small fixed English function-word list (pronouns, determiners, auxiliaries, prepositions, conjunctions,
-# contraction pieces left by normalize_answer such as "m" from "i'm"). Content words are everything else.
+# contraction pieces left by normalize_answer such as "m" from "i'm"). Content words are everything else. The
+# persona labeler (data/labels.py) has its own, longer list on purpose: see the note there.
 STOPWORDS = frozenset(
     """
     i me my mine myself we us our ours ourselves you your yours yourself yourselves he him his himself she her

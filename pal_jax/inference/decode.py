@@ -20,6 +20,9 @@ from pal_jax.model.logprobs import token_logprobs
 NEG = -1e30
 
 
+METHODS = ("greedy", "sample", "beam")  # predict.method
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     method: str = "greedy"  # greedy | sample | beam
@@ -31,8 +34,8 @@ class SamplingConfig:
     max_new_tokens: int = 32
 
     def __post_init__(self):
-        if self.method not in ("greedy", "sample", "beam"):
-            raise ValueError(f"sampling.method = {self.method!r}: expected 'greedy', 'sample' or 'beam'")
+        if self.method not in METHODS:
+            raise ValueError(f"sampling.method = {self.method!r}: expected one of {METHODS}")
         if self.max_new_tokens < 1:
             raise ValueError(f"sampling.max_new_tokens = {self.max_new_tokens}: expected >= 1")
         if self.method == "sample" and self.temperature <= 0:

@@ -169,7 +169,6 @@ def test_pipeline_runs_and_skips_finished_phases(tmp_path):
 
 
 def test_pipeline_adds_the_base_model_when_stage1_starts_from_pretrained_weights(tmp_path, stage1_dir):
-    import json
     assert pipeline_mode.base_model(tiny_config()) is None  # random init: no base column
     assert pipeline_mode.base_model(tiny_config(init_from=stage1_dir)) is None  # a pal_jax workdir is no base
     assert pipeline_mode.base_model(tiny_config(init_from="smollm2_gguf")) == "smollm2_gguf"
@@ -179,13 +178,10 @@ def test_pipeline_adds_the_base_model_when_stage1_starts_from_pretrained_weights
     (hf / "config.json").write_text("{}")
     assert pipeline_mode.base_model(tiny_config(init_from=str(hf))) == str(hf)
     # the "What Stage 2 moved" section gains a Stage 2 - base column and the base's "none" share
-    ev = tmp_path / "eval"
-    ev.mkdir()
     res = {"base": {"f1": 0.10, "perplexity": 40.0, "selects_none": 0.5},
            "stage1": {"f1": 0.15, "perplexity": 30.0, "selects_none": 0.25},
            "stage2": {"f1": 0.14, "perplexity": 20.0, "selects_none": 0.0}}
-    (ev / "metrics.json").write_text(json.dumps({"results": res}))  # no intervals: the plain differences
-    lines = pipeline_mode.what_moved(str(ev), str(tmp_path / "none"))
+    lines = pipeline_mode.what_moved(res, {}, str(tmp_path / "none"))  # no intervals: the plain differences
     assert "| metric | stage2 - stage1 [95% CI] | better | stage2 - base [95% CI] | better |" in lines
     assert "| F1 | -0.0100 | no | +0.0400 | yes |" in lines
     assert "| Perplexity | -10.0000 | yes | -20.0000 | yes |" in lines
@@ -194,8 +190,7 @@ def test_pipeline_adds_the_base_model_when_stage1_starts_from_pretrained_weights
     diffs = {"stage2 - stage1": {"f1": {"delta": -0.01, "lo": -0.03, "hi": 0.01, "significant": False},
                                  "perplexity": {"delta": -10.0, "lo": -12.0, "hi": -8.0, "significant": True}},
              "stage2 - base": {"f1": {"delta": 0.04, "lo": 0.02, "hi": 0.06, "significant": True}}}
-    (ev / "metrics.json").write_text(json.dumps({"results": res, "differences": diffs}))
-    lines = pipeline_mode.what_moved(str(ev), str(tmp_path / "none"))
+    lines = pipeline_mode.what_moved(res, diffs, str(tmp_path / "none"))
     assert "| F1 | -0.0100 [-0.0300, +0.0100] | n.s. | +0.0400 [+0.0200, +0.0600] | yes |" in lines
     assert "| Perplexity | -10.0000 [-12.0000, -8.0000] | yes | -20.0000 | yes |" in lines
     assert any("base 0.5000, stage1 0.2500, stage2 0.0000" in x for x in lines)
