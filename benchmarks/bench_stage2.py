@@ -4,7 +4,7 @@ One row per shape: a DPO training step on N pairs of L tokens (chosen and reject
 forward included, on the same random weights and the same batch -> pairs/s.
 
   pal_jax  the project's own step: train.make_train_step(ModelSpec, Task(loss_fn=stage2.make_loss_fn(...),
-           extra=reference params), optim.make_optimizer(train config), ...), jitted, policy params and optimizer
+           reference=reference params), optim.make_optimizer(train config), ...), jitted, policy params and optimizer
            state donated, the reference params a separate non-donated argument; the batch is built by
            stage2.PairSource.make_batch (chosen rows first, then rejected rows, [2N, L]) from random token ids.
   PyTorch  policy = HF LlamaForCausalLM (train mode), reference = a frozen deep copy (eval, requires_grad False,
@@ -123,14 +123,14 @@ class JaxDPO:
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(policy)
         self.task = train.Task(name="stage2", loss_fn=stage2.make_loss_fn(ms.graphdef, c.stage2),
                                train_batch=lambda step, rows_of=None: host_batch, eval_batches=lambda rows_of=None: [],
-                               extra=self.ref)
+                               reference=self.ref)
         self.step_fn = train.make_train_step(ms, self.task, tx, c.train.grad_accum, opt_shardings)
         self.batch = mesh_lib.global_batch(host_batch, mesh)
         self.state = (policy, opt_state)
         self.metrics = []
 
     def __call__(self):
-        params, opt_state, m = self.step_fn(*self.state, self.batch, self.task.extra)
+        params, opt_state, m = self.step_fn(*self.state, self.batch, self.task.reference)
         self.state = (params, opt_state)
         self.metrics.append(m)
         return params, opt_state, m

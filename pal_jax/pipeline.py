@@ -40,7 +40,7 @@ from pal_jax.evaluation import evaluate
 from pal_jax.evaluation.evaluate import REPORT_ROWS
 from pal_jax.training import stage1
 from pal_jax.training import stage2
-from pal_jax.weights import init_from
+from pal_jax.weights import init_from, tokenizers
 
 MOVED_HEADER = "## What Stage 2 moved"
 BASE = "base"  # the report's column for the pretrained model without fine-tuning
@@ -264,7 +264,7 @@ def run(config, workdir: str) -> dict:
         logging.info("pipeline: phase 3/3: Select then Generate evaluation -> %s", eval_dir)
         c3 = ml_collections.ConfigDict(config.to_dict())
         base = base_model(config)
-        c3.tokenizer.path = c3.tokenizer.path or os.path.join(s1_dir, "tokenizer")
+        c3.tokenizer.path = tokenizers.stage1_tokenizer_path(c3.tokenizer.path, s1_dir)
         ev = evaluate.evaluate_checkpoints(c3, {**({BASE: base} if base else {}), "stage1": s1_dir, "stage2": s2_dir},
                                            eval_dir)
         out = {k: ev[k] for k in ("report", "metrics", "plot")}

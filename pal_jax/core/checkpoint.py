@@ -2,7 +2,7 @@
 step verified on restore.
 
 Layout: WORKDIR/checkpoints/<step>/{params,opt_state,meta,pal_checksums.json}, and `extra` for a task whose
-`extra` changes during training (train.ExtraSync: Stage 2's TR-DPO reference). Orbax writes each step into a
+`extra` changes during training (training.loop.ReferenceSync: Stage 2's TR-DPO reference). Orbax writes each step into a
 temporary directory and renames it when complete, so a crash or SIGKILL mid-save leaves the previous step as the
 latest readable one. Once a save has completed, process 0 records the size and SHA-256 of every file of the step in
 `pal_checksums.json` (written to a temporary file and renamed). Restoring checks them first, then reads the meta

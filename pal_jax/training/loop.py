@@ -38,14 +38,14 @@ from pal_jax.core.metrics_writer import MetricsWriter
 from pal_jax.model.spec import ModelSpec
 from pal_jax.model.transformer import ModelConfig, Transformer, shard_activations
 
-# loss_fn(model, batch, extra) -> (numerator, denominator, {name: sum}); the loss is numerator / denominator and
+# loss_fn(model, batch, reference) -> (numerator, denominator, {name: sum}); the loss is numerator / denominator and
 # each logged metric is its sum / denominator over the whole step (all micro-batches).
 LossFn = Callable[[Transformer, dict, Any], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
 
 
 @dataclasses.dataclass
-class ExtraSync:
-    """A task `extra` that moves during training and is checkpointed with the params (Stage 2's TR-DPO reference).
+class ReferenceSync:
+    """A task `reference` that moves during training and is checkpointed with the params (Stage 2's TR-DPO reference).
 
     state: a tree shaped and sharded like the trainable params (ms.abstract; with LoRA the adapters, and the loss sees
     lora.combine(frozen, state)). After every `every`-th step (steps count from 1, as logged) the loop replaces it by
@@ -68,8 +68,9 @@ class Task:
     train_batch: Callable[[int, Callable], dict[str, np.ndarray]]
     eval_batches: Callable[[Callable], Iterable[dict[str, np.ndarray]]]
     eval_name: str = "dev"
-    extra: Any = None  # e.g. frozen reference params: passed to every step, never donated or differentiated
-    extra_shardings: Any = None
+    # the loss's frozen reference (Stage 2: the reference model's params, or None with precomputed log-probs): passed
+    # to every step as loss_fn's third argument, never donated or differentiated
+    reference: Any = None
     data_info: dict = dataclasses.field(default_factory=dict)  # recorded in checkpoints (data position, sizes)
     # forward-only passes of the model over each batch besides the trained one (Stage 2's reference forward: 1),
     # for the FLOP count (pal_jax/core/perf.py)
@@ -78,8 +79,8 @@ class Task:
     # printed, written to TensorBoard as text and appended to WORKDIR/samples.jsonl; every process calls it
     # (multi-host: the decoding is collective), process 0 writes. pal_jax/training/samples.py's Sampler; None = no samples
     sample: Callable[[int, Any, Any], list[dict]] | None = None
-    # extra updated from the params every few steps and checkpointed (ExtraSync); run() sets `extra` from it
-    extra_sync: ExtraSync | None = None
+    # a reference updated from the params every few steps and checkpointed (ReferenceSync); run() sets `reference`
+    reference_sync: ReferenceSync | None = None
 
 
 class BadStepsError(RuntimeError):
@@ -123,34 +124,34 @@ def all_finite(tree) -> jax.Array:
 
 def make_train_step(ms: ModelSpec, task: Task, tx: optax.GradientTransformation, grad_accum: int,
                     opt_shardings):
-    """step(params, opt_state, batch, extra, frozen=None) -> (params, opt_state, metrics), jitted; params and
+    """step(params, opt_state, batch, reference, frozen=None) -> (params, opt_state, metrics), jitted; params and
     opt_state are donated. frozen: with LoRA, the base params (never donated, never differentiated).
 
     A step whose loss, gradient norm or new params are not all finite is skipped: it returns the params and
     optimizer state it was given, and metrics["finite"] = 0 (1 otherwise)."""
-    def sums(params, mb, extra, frozen):
-        num, den, mets = task.loss_fn(ms.merge(params, frozen), mb, extra)
+    def sums(params, mb, reference, frozen):
+        num, den, mets = task.loss_fn(ms.merge(params, frozen), mb, reference)
         return num, (den, mets)
 
     grad_fn = jax.value_and_grad(sums, has_aux=True)
 
-    def step(params, opt_state, batch, extra, frozen=None):
+    def step(params, opt_state, batch, reference, frozen=None):
         with shard_activations(ms.mesh, mesh_lib.BATCH):
-            return _step(params, opt_state, batch, extra, frozen)
+            return _step(params, opt_state, batch, reference, frozen)
 
-    def _step(params, opt_state, batch, extra, frozen):
-        extra, frozen = jax.lax.stop_gradient((extra, frozen))
+    def _step(params, opt_state, batch, reference, frozen):
+        reference, frozen = jax.lax.stop_gradient((reference, frozen))
         if grad_accum == 1:
-            (num, (den, mets)), grads = grad_fn(params, batch, extra, frozen)
+            (num, (den, mets)), grads = grad_fn(params, batch, reference, frozen)
         else:
             mbs = _microbatches(batch, grad_accum, ms.mesh)
 
             def body(carry, mb):
-                (n, (d, m)), g = grad_fn(params, mb, extra, frozen)
+                (n, (d, m)), g = grad_fn(params, mb, reference, frozen)
                 return jax.tree.map(jnp.add, carry, (n, d, m, g)), None
 
             zero = jax.eval_shape(lambda: (lambda o: (o[0][0], o[0][1][0], o[0][1][1], o[1]))(
-                grad_fn(params, jax.tree.map(lambda x: x[0], mbs), extra, frozen)))
+                grad_fn(params, jax.tree.map(lambda x: x[0], mbs), reference, frozen)))
             zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
             (num, den, mets, grads), _ = jax.lax.scan(body, zero, mbs)
         den = jnp.maximum(den, 1e-9)
@@ -171,9 +172,9 @@ def make_train_step(ms: ModelSpec, task: Task, tx: optax.GradientTransformation,
 
 
 def make_eval_step(ms: ModelSpec, task: Task):
-    def step(params, batch, extra, frozen=None):
+    def step(params, batch, reference, frozen=None):
         with shard_activations(ms.mesh, mesh_lib.BATCH):
-            num, den, mets = task.loss_fn(ms.merge(params, frozen), batch, extra)
+            num, den, mets = task.loss_fn(ms.merge(params, frozen), batch, reference)
         return {"num": num, "den": den, **mets}
     return jax.jit(step, out_shardings=mesh_lib.replicated(ms.mesh))
 
@@ -183,7 +184,7 @@ def evaluate_loss(eval_step, params, task: Task, mesh, max_batches: int = 0, fro
     for i, batch in enumerate(task.eval_batches(_rows_of(mesh))):
         if max_batches and i >= max_batches:
             break
-        out = jax.device_get(eval_step(params, mesh_lib.global_batch(batch, mesh), task.extra, frozen))
+        out = jax.device_get(eval_step(params, mesh_lib.global_batch(batch, mesh), task.reference, frozen))
         for k, v in out.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     den = max(totals.pop("den", 0.0), 1e-9)
@@ -259,8 +260,7 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def run(config, workdir: str, task: Task, ms: ModelSpec, init_params=None,
-        trainable: Callable | None = None, frozen=None) -> dict[str, Any]:
+def run(config, workdir: str, task: Task, ms: ModelSpec, init_params=None, frozen=None) -> dict[str, Any]:
     """Train `task` for config.train.steps; resume from WORKDIR/checkpoints if present.
 
     init_params: params for a fresh run (e.g. loaded from config.init_from); None -> random init from config.seed.
@@ -280,14 +280,14 @@ def run(config, workdir: str, task: Task, ms: ModelSpec, init_params=None,
     if t_cfg.batch_size % div:
         raise ValueError(f"config.train.batch_size = {t_cfg.batch_size}: expected a multiple of "
                          f"data*fsdp*grad_accum = {div} on mesh {dict(mesh.shape)}")
-    tx = optim.make_optimizer(t_cfg, trainable)
+    tx = optim.make_optimizer(t_cfg)
     opt_shardings = optimizer_shardings(tx, ms)
     abstract_opt = jax.eval_shape(tx.init, ms.abstract)
     abstract_opt = ckpt_lib.abstract_like(abstract_opt, opt_shardings)
 
     ckpt = ckpt_lib.Checkpointer(workdir, keep=t_cfg.keep_checkpoints, async_save=t_cfg.async_checkpoint)
     config_json = json.loads(config.to_json_best_effort())
-    sync = task.extra_sync
+    sync = task.reference_sync
     # the newest intact step (checksums verified; a damaged one moved aside with a warning: pal_jax/core/checkpoint.py);
     # its saved config is checked first: a different model shape is named by its key, not by Orbax's shape error
     found = ckpt.restore_latest(ms.abstract, abstract_opt,
@@ -315,7 +315,7 @@ def run(config, workdir: str, task: Task, ms: ModelSpec, init_params=None,
         (epath.Path(workdir) / "config.json").write_text(json.dumps(config_json, indent=2))
 
     if sync is not None:
-        task.extra = _extra_of(sync.state, frozen)
+        task.reference = _reference_of(sync.state, frozen)
         sync_fn = jax.jit(sync.update, donate_argnums=0, out_shardings=ms.shardings)
     train_step = make_train_step(ms, task, tx, t_cfg.grad_accum, opt_shardings)
     eval_step = make_eval_step(ms, task)
@@ -334,7 +334,7 @@ def run(config, workdir: str, task: Task, ms: ModelSpec, init_params=None,
     def meta_for(step):
         meta = {"step": step, "task": task.name, "data": {**task.data_info, "next_step": step}, "config": config_json}
         if sync is not None:
-            meta["extra_sync"] = {"every": sync.every, **sync.signature}
+            meta["extra_sync"] = {"every": sync.every, **sync.signature}  # the key older checkpoints have
         return meta
 
     def save(step, force=False):
@@ -391,11 +391,11 @@ def run(config, workdir: str, task: Task, ms: ModelSpec, init_params=None,
                 jax.block_until_ready(params)
                 t0 = time.time()
             with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
-                params, opt_state, metrics = train_step(params, opt_state, batch, task.extra, frozen)
+                params, opt_state, metrics = train_step(params, opt_state, batch, task.reference, frozen)
             step += 1
             if sync is not None and step % sync.every == 0:  # e.g. TR-DPO: ref <- mix(params, ref), on device
                 sync.state = sync_fn(sync.state, params)
-                task.extra = _extra_of(sync.state, frozen)
+                task.reference = _reference_of(sync.state, frozen)
             if pending is not None:
                 check(pending)
             pending = (step, metrics["finite"])
@@ -464,8 +464,8 @@ def run(config, workdir: str, task: Task, ms: ModelSpec, init_params=None,
     return summary
 
 
-def _extra_of(state, frozen):
-    """The task's extra from an ExtraSync state: with LoRA, the frozen base + the state's adapters (no copy)."""
+def _reference_of(state, frozen):
+    """The task's reference from a ReferenceSync state: with LoRA, the frozen base + the state's adapters (no copy)."""
     return state if frozen is None else lora_lib.combine(frozen, state)
 
 
@@ -479,9 +479,9 @@ def _check_resume(meta: dict, config_json: dict, task: Task, directory: str) -> 
     """A resumed run must train the same model on the same data order; say which keys differ if not."""
     old = meta.get("config", {})
     diffs = []
-    want = None if task.extra_sync is None else {"every": task.extra_sync.every, **task.extra_sync.signature}
+    want = None if task.reference_sync is None else {"every": task.reference_sync.every, **task.reference_sync.signature}
     if meta.get("extra_sync") != want:
-        diffs.append(f"the moving extra (e.g. the TR-DPO reference: stage2.ref_sync_*): checkpoint has "
+        diffs.append(f"the moving reference (the TR-DPO reference: stage2.ref_sync_*): checkpoint has "
                      f"{meta.get('extra_sync')!r}, now {want!r} (None = off)")
     sections = ["model", "data", "tokenizer"]
     if (config_json.get("lora") or {}).get("rank", 0) or (old.get("lora") or {}).get("rank", 0):

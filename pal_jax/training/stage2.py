@@ -14,7 +14,7 @@ the reference again.
 TR-DPO (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good Alignment"), stage2.ref_sync_every = tau
 > 0: after every tau-th step the reference moves toward the policy, ref <- alpha * policy + (1 - alpha) * ref with
 alpha = stage2.ref_sync_alpha (1 = the hard update: the reference becomes the policy). The update is a jitted
-function on device beside the train step (train.ExtraSync; the old reference's buffers are donated), and the moving
+function on device beside the train step (train.ReferenceSync; the old reference's buffers are donated), and the moving
 reference is saved with every checkpoint (the item `extra`), so a resumed run continues with the same reference.
 Not with stage2.precompute_ref (fixed log-probs cannot follow a moving reference; config validation refuses it).
 With LoRA the reference is the policy's frozen base + reference adapters, and the update moves the adapters: the
@@ -62,7 +62,7 @@ from etils import epath
 
 from pal_jax.core import checkpoint as ckpt_lib
 from pal_jax.model import logprobs
-from pal_jax.weights import init_from
+from pal_jax.weights import init_from, tokenizers
 from pal_jax.model import lora
 from pal_jax.training import losses
 from pal_jax.training import ref_cache
@@ -235,13 +235,6 @@ def stage2_config(config):
     return c
 
 
-def _use_stage1_tokenizer(c, s1: str) -> None:
-    """config.tokenizer.path = the Stage 1 workdir's tokenizer, unless one is configured."""
-    saved = epath.Path(s1) / "tokenizer"
-    if not c.tokenizer.path and (saved / "tokenizer.json").exists():
-        c.tokenizer.path = os.fspath(saved)
-
-
 def stage1_workdir(config, workdir: str) -> str:
     path = config.init_from
     if not path or not ckpt_lib.Checkpointer.exists(path):
@@ -327,7 +320,7 @@ def soft_update(alpha: float):
     return update
 
 
-def reference_sync(c, ms, ref_params, lora_state) -> "train.ExtraSync | None":
+def reference_sync(c, ms, ref_params, lora_state) -> "train.ReferenceSync | None":
     """The TR-DPO reference update (module doc) for stage2.ref_sync_every > 0, else None. Its state is the
     reference's trainable-shaped part: the whole tree, or with LoRA the reference adapters (the base must then be
     the policy's frozen base itself)."""
@@ -344,7 +337,7 @@ def reference_sync(c, ms, ref_params, lora_state) -> "train.ExtraSync | None":
                 "policy's frozen base (stage2.reference='base' after a Stage 1 with other adapters or none), so "
                 "the reference cannot move toward the policy by its adapters; expected stage2.reference='stage1', "
                 "or stage2.ref_sync_every=0, or Stage 2 without LoRA")
-    return train.ExtraSync(state=state, every=every, update=soft_update(alpha), signature={"alpha": alpha})
+    return train.ReferenceSync(state=state, every=every, update=soft_update(alpha), signature={"alpha": alpha})
 
 
 def run(config, workdir: str, devices=None) -> dict:
@@ -368,7 +361,7 @@ def run_make_pairs(config, workdir: str) -> dict:
     if not c.init_from:
         c.init_from = workdir
     s1 = stage1_workdir(c, workdir)
-    _use_stage1_tokenizer(c, s1)
+    c.tokenizer.path = tokenizers.stage1_tokenizer_path(c.tokenizer.path, s1)
     exp = Experiment(c, workdir)
     s1_params, _ = stage1_params(exp, s1)
     return make_pairs(stage1_predictor(c, exp, s1_params, s1), exp.corpus["train"], workdir, c.seed,
@@ -527,7 +520,7 @@ def train_stage2(config, workdir: str, devices=None):
     LoRA one tree of the base and the reference's adapters; with stage2.ref_sync_every, the reference at the end)."""
     s1 = stage1_workdir(config, workdir)
     c = stage2_config(config)
-    _use_stage1_tokenizer(c, s1)
+    c.tokenizer.path = tokenizers.stage1_tokenizer_path(c.tokenizer.path, s1)
     exp = Experiment(c, workdir, devices=devices)
     ms = exp.model
     which = c.stage2.get("reference", "stage1")
@@ -545,16 +538,16 @@ def train_stage2(config, workdir: str, devices=None):
         make_pairs(stage1_predictor(c, exp, s1_tree, s1), exp.corpus["train"], workdir, c.seed,  # always Stage 1's
                    c.stage2.max_pair_turns, c.stage2.select_pairs, c.stage2.generate_pairs_on, c.stage2.rejected)
     src, dev = pair_sources(c, exp.tokenizer, path, s1)
-    extra, cache = ref_params, None
+    reference, cache = ref_params, None
     if c.stage2.precompute_ref:
         cache, hit = cached_reference(c, ms, ref_params, {"train": src, "dev": dev}, path, exp.tokenizer, workdir)
-        extra = None
+        reference = None
         logging.info("stage2: reference log-probs %s for %d + %d pairs", "read" if hit else "precomputed",
                      len(src.pairs.prompt), len(dev.pairs.prompt))
     sync = reference_sync(c, ms, ref_params, lora_state)
     task = train.Task(name="stage2", loss_fn=make_loss_fn(ms.graphdef, c.stage2), train_batch=src.batch,
-                      eval_batches=dev.eval_batches, extra=extra, ref_forwards=0 if extra is None else 1,
-                      extra_sync=sync,
+                      eval_batches=dev.eval_batches, reference=reference, ref_forwards=0 if reference is None else 1,
+                      reference_sync=sync,
                       data_info={"seed": c.seed, "pairs": path, "train_pairs": len(src.pairs.prompt),
                                  "dev_pairs": len(dev.pairs.prompt), "steps_per_epoch": src.steps_per_epoch,
                                  "reference": which, "reference_weights": ref_desc},
@@ -562,7 +555,7 @@ def train_stage2(config, workdir: str, devices=None):
     if sync is not None:
         logging.info("stage2: TR-DPO reference update every %d steps, ref <- %g * policy + %g * ref%s", sync.every,
                      sync.signature["alpha"], 1 - sync.signature["alpha"], " (the LoRA adapters)" if lora_state else "")
-        del ref_params  # its buffers are donated to the first update: the moving reference is task.extra
+        del ref_params  # its buffers are donated to the first update: the moving reference is task.reference
     resuming = ckpt_lib.Checkpointer.exists(workdir)
     # the policy starts from Stage 1. The train step donates its params: a copy where they are the reference's too
     # ("stage1"); the "base" reference holds none of them, so they are handed over (no second copy held)
@@ -579,4 +572,4 @@ def train_stage2(config, workdir: str, devices=None):
     summary.update(stage1=s1, reference=which, reference_weights=ref_desc)
     if c.stage2.precompute_ref:
         summary["ref_logps_cache"] = cache
-    return summary, ref_params if sync is None else task.extra
+    return summary, ref_params if sync is None else task.reference

