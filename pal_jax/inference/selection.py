@@ -6,7 +6,7 @@ The Select step scores, after the select prompt, every persona sentence as its t
 argmax (the first candidate on ties), so `pairs.py` can take "the strongest other candidate" under any rule.
 
 - `sum`: the summed log-prob of the whole target. The target's log-probability, but the long `k.<sentence>`
-  targets pay for every sentence token and lose to the short fixed "none" (README "Results": the tiny Stage 1
+  targets pay for every sentence token and lose to the short fixed "none" (docs/results.md: the tiny Stage 1
   ranks the labelled sentence first among the sentences on most persona turns, yet picks "none" on every turn).
 - `mean`: the mean token log-prob (length-normalised).
 - `decision`: the log-prob of each candidate's *decision tokens*: its tokens up to and including the first one

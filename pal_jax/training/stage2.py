@@ -533,7 +533,7 @@ def train_stage2(config, workdir: str, devices=None):
         if c.stage2.pairs:
             raise convai2.DataFileNotFoundError(
                 f"config.stage2.pairs = {path!r} does not exist; expected a preference JSONL file (a pairs.jsonl "
-                f"written by make_pairs, or your pairs: README, 'Bring your own data'), or leave it empty to make the "
+                f"written by make_pairs, or your pairs: docs/guide.md, 'Bring your own data'), or leave it empty to make the "
                 f"pairs in the workdir")
         make_pairs(stage1_predictor(c, exp, s1_tree, s1), exp.corpus["train"], workdir, c.seed,  # always Stage 1's
                    c.stage2.max_pair_turns, c.stage2.select_pairs, c.stage2.generate_pairs_on, c.stage2.rejected)
