@@ -14,13 +14,24 @@ process 0 prints progress and the summary.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging as std_logging
 import os
 import sys
 import traceback
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from pal_jax.config import MODES, validate
+from pal_jax.core import compile_cache
+from pal_jax.core import mesh as mesh_lib
+from pal_jax.core import preemption
+from pal_jax.core import workdir as workdir_lib
+from pal_jax.core.errors import CheckpointError, ConfigError
+from pal_jax.core.preemption import Preempted
+from pal_jax.data.convai2 import DataError
 
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file, optionally with ':preset'.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, the tokenizer and reports go: a local path or "
@@ -82,7 +93,6 @@ def _distributed_init():
     kwargs = distributed_args(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if kwargs is None:
         return
-    import jax
     jax.distributed.initialize(**kwargs)
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
@@ -106,8 +116,6 @@ def check_devices(config, n_devices: int) -> None:
     """The mesh fits the devices and each batch the mode uses divides over its data*fsdp axes: checked before the
     tokenizer and the data are prepared. ConfigError naming the keys otherwise. (export and compile: no check;
     compile targets a topology, not these devices.)"""
-    from pal_jax.core import mesh as mesh_lib
-    from pal_jax.core.errors import ConfigError
     if config.mode not in BATCH_KEYS:
         return
     try:
@@ -127,9 +135,6 @@ def check_devices(config, n_devices: int) -> None:
 
 
 def dispatch(config, workdir: str) -> dict:
-    import importlib
-
-    from pal_jax.config import MODES, validate
     validate(config)  # names the allowed modes
     module, fn = MODES[config.mode]
     return getattr(importlib.import_module(module), fn)(config, workdir)
@@ -162,10 +167,6 @@ def main(argv):
     # failed save is reported once, by pal_jax.core.checkpoint, as one 'error:' line)
     logging.get_absl_handler().addFilter(_orbax_filter)
     sys.excepthook = _quiet_closed_loop(sys.excepthook)
-    from pal_jax.core.errors import ConfigError  # also the workdir's errors (workdir.WorkdirError)
-    from pal_jax.core.errors import CheckpointError
-    from pal_jax.data.convai2 import DataError
-    from pal_jax.core.preemption import Preempted
     try:
         _run()
     except (ConfigError, DataError) as e:  # the user's input: one line, exit 2
@@ -186,21 +187,15 @@ def main(argv):
 
 
 def _run():
-    from pal_jax.core import preemption
-    from pal_jax.core import workdir as workdir_lib
-    from pal_jax.config import validate
     with preemption.handling(), preemption.phase(f"{FLAGS.config.mode} (setup)"):
-        _run_handled(preemption, workdir_lib, validate)
+        _run_handled()
 
 
-def _run_handled(preemption, workdir_lib, validate):
+def _run_handled():
     validate(FLAGS.config)
-    from pal_jax.core import mesh as mesh_lib
     mesh_lib.cpu_devices(FLAGS.config.mesh.get("cpu_devices", 0))
-    from pal_jax.core import compile_cache  # before anything compiles
     compile_cache.setup(FLAGS.config.get("compile_cache", "off"), FLAGS.config.mode)
     _distributed_init()
-    import jax
     check_devices(FLAGS.config, jax.device_count())
     primary = jax.process_index() == 0
     # one run per workdir: process 0 holds WORKDIR/.lock for the whole run (pal_jax/core/workdir.py)
