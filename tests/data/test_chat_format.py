@@ -94,7 +94,6 @@ def test_chat_prompt_cut_drops_oldest_turns(tmp_path):
 
 
 def _config(**predict):
-
     from configs import predict as predict_cfg
     c = predict_cfg.get_config("smollm2_135m")
     for k, v in predict.items():

@@ -200,7 +200,7 @@ def test_each_host_builds_only_its_rows():
     c = _config()
     from pal_jax.model import tokenizer as tok_lib
     dialogues = corpus.load_corpus(c.data)["train"]
-    from pal_jax.training.experiment import tokenizer_texts
+    from pal_jax.weights.tokenizers import tokenizer_texts
     tok = tok_lib.train_tokenizer(tokenizer_texts(dialogues), 400)
     enc = pipeline.encode_examples(pipeline.stage1_examples(dialogues), tok, 128)
     src = pipeline.BatchSource(enc, 8, (96, 128), seed=0, select_ratio=0.5)

@@ -190,8 +190,7 @@ def test_gpt2_tokenizer_missing_wheel_names_pip(monkeypatch):
 
 
 def test_get_tokenizer_gpt2_preset_uses_the_wheel(tmp_path):
-
-    from pal_jax.training.experiment import get_tokenizer
+    from pal_jax.weights.tokenizers import get_tokenizer
     gpt2_files()
     from configs import stage1
     config = stage1.get_config("gpt2")

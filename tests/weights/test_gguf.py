@@ -344,8 +344,7 @@ def test_smollm2_greedy_persona_chat_is_fluent_english(smollm2):
 
 
 def test_get_tokenizer_smollm2_preset_uses_the_gguf(smollm2, tmp_path, monkeypatch):
-
-    from pal_jax.training.experiment import get_tokenizer
+    from pal_jax.weights.tokenizers import get_tokenizer
     monkeypatch.setattr(G, "find_smollm2_gguf", lambda: smollm2[0])  # the open file: no second read
     from configs import stage1
     config = stage1.get_config("smollm2_135m")
