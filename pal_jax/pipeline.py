@@ -116,7 +116,7 @@ def base_model(config) -> str | None:
 
 INPUTS = "pipeline_inputs.json"
 # config keys (dotted prefixes) each phase reads; the rest (mesh, logging cadence, checkpoint cadence) cannot change
-# its output. Stage 2 reads train.* through stage2_config (steps, lr, batch_size, warmup_steps from stage2.*).
+# its output. Stage 2 trains with stage2.train_settings (train.* with steps, lr, batch_size, warmup_steps from stage2.*).
 PHASE_KEYS = {
     "stage1": ("seed", "init_from", "data.", "tokenizer.", "model.", "lora.", "train."),
     "stage2": ("seed", "init_from", "data.", "tokenizer.", "model.", "lora.", "train.", "stage2.", "predict."),

@@ -199,8 +199,8 @@ def compile_stage(stage: str, config, mesh, seq_len: int, vocab_size: int, compi
 
     compiler_options: XLA options for compile() (the tests lower the CPU backend's optimisation level)."""
 
-    c = stage2.stage2_config(config) if stage == "stage2" else config
-    t = c.train
+    c = config
+    t = stage2.train_settings(config) if stage == "stage2" else config.train
     div = mesh_lib.batch_divisor(mesh) * t.grad_accum
     if t.batch_size % div:
         key = "stage2.batch_size" if stage == "stage2" else "train.batch_size"

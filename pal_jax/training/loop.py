@@ -260,9 +260,12 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def run(config, workdir: str, task: Task, ms: ModelSpec, init_params=None, frozen=None) -> dict[str, Any]:
+def run(config, workdir: str, task: Task, ms: ModelSpec, init_params=None, frozen=None,
+        settings=None) -> dict[str, Any]:
     """Train `task` for config.train.steps; resume from WORKDIR/checkpoints if present.
 
+    settings: the train.* section to train with when a stage has its own (Stage 2: stage2.train_settings, train.*
+    extended by stage2.{steps, lr, batch_size, warmup_steps}); None: config.train.
     init_params: params for a fresh run (e.g. loaded from config.init_from); None -> random init from config.seed.
     frozen: with LoRA (ms.lora), the base params, required: passed to every step, never updated, donated or
     checkpointed (only the adapters and their optimizer state are).
@@ -271,7 +274,7 @@ def run(config, workdir: str, task: Task, ms: ModelSpec, init_params=None, froze
     if (ms.lora is not None) != (frozen is not None):
         raise ValueError("train.run: expected the frozen base params exactly when the model has LoRA adapters "
                          f"(ms.lora = {ms.lora}, frozen given: {frozen is not None})")
-    t_cfg = config.train
+    t_cfg = config.train if settings is None else settings  # a stage's own schedule (Stage 2: stage2.train_settings)
     primary = mesh_lib.is_primary()
     if primary:
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)

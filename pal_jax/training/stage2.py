@@ -57,6 +57,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from etils import epath
 
@@ -226,13 +227,24 @@ def make_loss_fn(graphdef, s2):
     return loss_fn
 
 
-def stage2_config(config):
-    """config with train.{steps,lr,batch_size,warmup_steps} taken from stage2.* (see the module doc)."""
-    import ml_collections
-    c = ml_collections.ConfigDict(config.to_dict())
-    for k in ("steps", "lr", "batch_size", "warmup_steps"):
-        c.train[k] = config.stage2[k]
-    return c
+# Stage 2's own schedule: these stage2.* keys take the place of train.*'s in the Stage 2 loop; every other train.*
+# setting (grad_accum, clip_norm, schedule, weight decay, logging, evaluation and checkpoint cadence) is shared with
+# Stage 1.
+OWN_TRAIN_KEYS = ("steps", "lr", "batch_size", "warmup_steps")
+
+
+def train_settings(config) -> ml_collections.ConfigDict:
+    """The settings the Stage 2 loop trains with: config.train extended by stage2.{steps, lr, batch_size,
+    warmup_steps}. The config itself stays as given (config.json records it as the user wrote it)."""
+    t = ml_collections.ConfigDict(config.train.to_dict())
+    for k in OWN_TRAIN_KEYS:
+        t[k] = config.stage2[k]
+    return t
+
+
+def _working_copy(config) -> ml_collections.ConfigDict:
+    """A copy of config that Stage 2 fills in (init_from, the Stage 1 tokenizer path) without touching the caller's."""
+    return ml_collections.ConfigDict(config.to_dict())
 
 
 def stage1_workdir(config, workdir: str) -> str:
@@ -357,7 +369,7 @@ def stage1_predictor(c, exp, s1_params, s1: str):
 
 def run_make_pairs(config, workdir: str) -> dict:
     """make_pairs mode: pairs from the Stage 1 model at config.init_from (or this workdir) into WORKDIR."""
-    c = stage2_config(config)
+    c = _working_copy(config)
     if not c.init_from:
         c.init_from = workdir
     s1 = stage1_workdir(c, workdir)
@@ -509,7 +521,7 @@ def pair_sources(c, tokenizer, path: str, s1: str) -> tuple[PairSource, PairSour
             raise convai2.DataError(f"{path}: every one of the {len(part)} {name} pairs was dropped (empty chosen/"
                                     f"rejected after truncation); expected pairs with non-empty replies that fit "
                                     f"data.max_len={c.data.max_len}")
-        src = PairSource(enc, c.train.batch_size, buckets, c.seed)
+        src = PairSource(enc, c.stage2.batch_size, buckets, c.seed)
         src.set_pad(tokenizer.pad_id)
         sources.append(src)
     return sources[0], sources[1]
@@ -519,7 +531,7 @@ def train_stage2(config, workdir: str, devices=None):
     """Stage 2 training; returns (summary, the reference params object, for checks that it stayed intact; with
     LoRA one tree of the base and the reference's adapters; with stage2.ref_sync_every, the reference at the end)."""
     s1 = stage1_workdir(config, workdir)
-    c = stage2_config(config)
+    c = _working_copy(config)
     c.tokenizer.path = tokenizers.stage1_tokenizer_path(c.tokenizer.path, s1)
     exp = Experiment(c, workdir, devices=devices)
     ms = exp.model
@@ -568,7 +580,7 @@ def train_stage2(config, workdir: str, devices=None):
     else:
         init = start
     del start
-    summary = train.run(c, workdir, task, ms, init_params=init, frozen=base)
+    summary = train.run(c, workdir, task, ms, init_params=init, frozen=base, settings=train_settings(c))
     summary.update(stage1=s1, reference=which, reference_weights=ref_desc)
     if c.stage2.precompute_ref:
         summary["ref_logps_cache"] = cache

@@ -63,17 +63,29 @@ def test_missing_stage1_names_the_command(tmp_path):
     assert "python -m pal_jax.main --config=configs/stage1.py:tiny" in str(e.value)
 
 
+def test_stage2_train_settings_extend_train_without_touching_the_config():
+    c = tiny_config(train__steps=7, train__lr=3e-3, train__grad_accum=2, stage2__steps=3, stage2__lr=1e-4,
+                    stage2__batch_size=4, stage2__warmup_steps=1)
+    t = stage2.train_settings(c)
+    assert (t.steps, t.lr, t.batch_size, t.warmup_steps) == (3, 1e-4, 4, 1)  # stage2's own schedule
+    assert t.grad_accum == 2 and t.clip_norm == c.train.clip_norm and t.schedule == c.train.schedule  # shared
+    assert (c.train.steps, c.train.lr) == (7, 3e-3)  # the config itself is left as given
+
+
 def test_stage2_trains_and_reference_is_untouched(stage1_dir, tmp_path):
     c = tiny_config(init_from=stage1_dir, stage2__align_weight=0.0, train__sample_turns=4, **S2)
     summary, ref = stage2.train_stage2(c, str(tmp_path / "w2"))
     assert summary["step"] == 2 and np.isfinite(summary["dev"]["loss"])
+    # the loop trained stage2.steps (2), not train.steps; config.json records the config as given
+    saved = json.loads((tmp_path / "w2" / "config.json").read_text())
+    assert c.train.steps != 2 and saved["train"]["steps"] == c.train.steps and saved["stage2"]["steps"] == 2
     # samples while training: the evaluation at step 2 decoded the 4 dev turns Stage 1's samples use
     rows = [json.loads(x) for x in open(tmp_path / "w2" / "samples.jsonl")]
     dev = convai2.records_from_dialogues(corpus.load_corpus(c.data)["dev"])
     assert [r["step"] for r in rows] == [2] * 4
     assert [r["id"] for r in rows] == [r.id for r in samples.pick_turns(dev, 4, c.data.split_seed)]
     c.tokenizer.path = os.path.join(stage1_dir, "tokenizer")
-    exp = Experiment(stage2.stage2_config(c), str(tmp_path / "w2"), need_corpus=False)
+    exp = Experiment(c.copy_and_resolve_references(), str(tmp_path / "w2"), need_corpus=False)
     fresh, _ = ckpt_lib.load_params(stage1_dir, exp.model.abstract)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(fresh)):
         assert not a.is_deleted()  # never donated
@@ -230,8 +242,8 @@ def _np(tree) -> list[np.ndarray]:
 
 def _reference(s1: str, which: str, devices=None, tok=None, **overrides):
     """(reference params, (frozen base, adapters) or None, the Experiment) as train_stage2 builds them."""
-    c = stage2.stage2_config(tiny_config(init_from=s1, stage2__reference=which,
-                                         tokenizer__path=tok or os.path.join(s1, "tokenizer"), **S2, **overrides))
+    c = tiny_config(init_from=s1, stage2__reference=which, tokenizer__path=tok or os.path.join(s1, "tokenizer"), **S2,
+                    **overrides)
     exp = Experiment(c, s1, need_corpus=False, devices=devices)
     tree, lora_state = stage2.stage1_params(exp, s1)
     return stage2.reference_params(exp, s1, which, tree, lora_state)[0], lora_state, exp
@@ -391,7 +403,7 @@ def test_rejected_replies_come_from_the_configured_prompt(stage1_dir, tmp_path):
     from pal_jax.training import make_pairs as pairs_lib
     from pal_jax.inference.predictor import Record
     c = tiny_config(init_from=stage1_dir, **S2)
-    exp = Experiment(stage2.stage2_config(c), str(tmp_path / "x"))
+    exp = Experiment(c.copy_and_resolve_references(), str(tmp_path / "x"))
     s1_params, _ = stage2.stage1_params(exp, stage1_dir)
     predictor = stage2.stage1_predictor(c, exp, s1_params, stage1_dir)
     recs = [r for r in pairs_lib.convai2.records_from_dialogues(exp.corpus["train"]) if r.persona_label >= 0][:8]
@@ -492,7 +504,7 @@ def test_reference_logps_are_cached_beside_the_pairs_and_never_trusted_blindly(s
     assert not [f for f in os.listdir(pairs_dir / "ref_logps") if ".tmp" in f]  # written whole, then renamed
     # a hit: another Stage 2 (another workdir) on the same pairs and reference runs no reference forward (checked
     # without a training run: the same inputs as train_stage2's)
-    c2 = stage2.stage2_config(c)
+    c2 = c.copy_and_resolve_references()
     c2.tokenizer.path = os.path.join(stage1_dir, "tokenizer")
     exp = Experiment(c2, str(tmp_path / "w3"), need_corpus=False)
     ref, _ = stage2.stage1_params(exp, stage1_dir)
@@ -598,7 +610,7 @@ def test_trdpo_reference_moves_by_the_mix_at_its_steps_and_resumes_exactly(stage
 
 
 def _abstract(c, s1, w):
-    c2 = stage2.stage2_config(c)
+    c2 = c.copy_and_resolve_references()
     c2.tokenizer.path = os.path.join(s1, "tokenizer")
     return Experiment(c2, str(w), need_corpus=False).model.abstract
 
@@ -614,7 +626,7 @@ def test_trdpo_with_lora_hard_update_moves_the_adapters_only(stage1_dir, pairs_f
     validate(c)
     _, ref = stage2.train_stage2(c, str(tmp_path / "w"))
     ref_adapters, ref_base = lora.split(ref)
-    exp = Experiment(stage2.stage2_config(c), str(tmp_path / "w"), need_corpus=False)
+    exp = Experiment(c.copy_and_resolve_references(), str(tmp_path / "w"), need_corpus=False)
     policy, _ = ckpt_lib.load_params(str(tmp_path / "w"), exp.model.abstract)  # the adapters after step 1
     for a, b in zip(_np(ref_adapters), _np(policy)):
         np.testing.assert_array_equal(a, b)
