@@ -4,7 +4,7 @@ Rows per shape:
   decode  batch 1 and 16, prompt 128, 32 new tokens, greedy   -> new tokens/s
           pal_jax sampling.generate_jit  vs  HF model.generate(do_sample=False, max_new_tokens=32, min_new_tokens=32)
   score   4 prompts x 20 candidates, prompt 128, candidate 24 -> candidates/s
-          pal_jax sampling.score_candidates_jit (prompt once, shared KV cache)
+          pal_jax scoring.score_candidates_jit (prompt once, shared KV cache)
           vs a plain PyTorch loop: per prompt one forward over its 20 [prompt+candidate] rows, log-softmax, gather, sum
 
 A random-weight LlamaForCausalLM is built with transformers, saved as safetensors, and loaded into pal_jax with
@@ -44,6 +44,7 @@ from flax import nnx  # noqa: E402
 
 from pal_jax.weights import hf as convert
 from pal_jax.inference import decode as sampling  # noqa: E402
+from pal_jax.inference import scoring  # noqa: E402
 
 SHAPES = {
     # the `tiny` preset of configs/common.py (its vocab comes from the trained tokenizer: 2048)
@@ -121,7 +122,7 @@ def score_inputs(vocab: int, rng):
 
 def jax_score_fn(graphdef, params, tokens, cands, cmask):
     args = [jnp.asarray(a) for a in (tokens, np.ones(tokens.shape, bool), cands, cmask)]
-    return lambda: sampling.score_candidates_jit(graphdef, params, *args)[0]
+    return lambda: scoring.score_candidates_jit(graphdef, params, *args)[0]
 
 
 def torch_score_fn(hf, tokens, cands, cmask):

@@ -70,7 +70,7 @@ HEAD = 16  # tokens of the "persona block" at the start of each prompt (only the
 
 
 def stage2_settings(n_pairs: int, lr: float | None):
-    """configs/stage2.py with stage2.* moved into train.* (stage2.stage2_config), pure DPO, constant lr."""
+    """configs/stage2.py (its train settings: stage2.train_settings), pure DPO, constant lr."""
     from configs import common  # (configs/stage2.py's get_config is base_config("stage2", preset))
     c = common.base_config("stage2", "tiny")
     c.stage2.batch_size = n_pairs
@@ -78,7 +78,6 @@ def stage2_settings(n_pairs: int, lr: float | None):
     c.stage2.align_weight = 0.0
     if lr is not None:
         c.stage2.lr = lr
-    c = stage2.stage2_config(c)
     c.train.schedule = "constant"
     return c
 
@@ -116,7 +115,7 @@ class JaxDPO:
         ms = ModelSpec(cfg, mesh, mesh_lib.axis_rules(c))
         self.ref = jax.device_put(nnx.to_pure_dict(params), ms.shardings)
         policy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ms.shardings)(self.ref)
-        tx = optim.make_optimizer(c.train)
+        tx = optim.make_optimizer(stage2.train_settings(c))  # what the Stage 2 loop trains with
         opt_shardings = jax.tree.map(  # as train.run: as XLA propagates them from the params; scalars replicated
             lambda s: s if isinstance(s, jax.sharding.NamedSharding) else mesh_lib.replicated(mesh),
             jax.jit(tx.init).lower(ms.abstract).compile().output_shardings)
@@ -147,7 +146,7 @@ class TorchDPO:
     """The same DPO step written plainly in PyTorch on the HF model."""
 
     def __init__(self, c, hf, host_batch):
-        t, s2 = c.train, c.stage2
+        t, s2 = stage2.train_settings(c), c.stage2
         self.beta, self.clip = float(s2.beta), float(t.clip_norm)
         self.policy = hf.train()
         self.ref = copy.deepcopy(hf).eval().requires_grad_(False)
@@ -230,7 +229,7 @@ def main(argv=None):
 
     print_machine()
     c0 = stage2_settings(1, args.lr)
-    t, s2 = c0.train, c0.stage2
+    t, s2 = stage2.train_settings(c0), c0.stage2
     sizes = ", ".join(f"{s} {args.pairs or DEFAULT_PAIRS[s]} pairs" for s in shapes)
     print(f"Stage 2 DPO step: {sizes} x {args.seq_len} tokens (forward rows = 2 x pairs), reference forward "
           f"included | pure DPO (align_weight 0), beta {s2.beta}, AdamW lr {t.lr} constant, b1 {t.b1}, b2 {t.b2}, "

@@ -34,6 +34,7 @@ from pal_jax.core import mesh as mesh_lib
 from pal_jax.data import chat_format, convai2, corpus, pipeline, templates
 from pal_jax.data.records import load_records, write_predictions
 from pal_jax.inference import decode as sampling
+from pal_jax.inference import scoring
 from pal_jax.inference import selection
 from pal_jax.model.spec import ModelSpec, model_config
 from pal_jax.weights import init_from, tokenizers
@@ -174,7 +175,7 @@ class Predictor:
                     ids = ids[:c_len]
                     ct[r, k, :len(ids)] = ids
                     cm[r, k, :len(ids)] = True
-            lp = sampling.candidate_token_logprobs_jit(self.ms.graphdef, self.params,
+            lp = scoring.candidate_token_logprobs_jit(self.ms.graphdef, self.params,
                                                        *self._put(toks, mask, ct, cm))
             lp = mesh_lib.to_host(lp)  # every process gets every row
             for r, i in enumerate(rows[:real]):

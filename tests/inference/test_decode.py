@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from pal_jax.inference import decode as sampling
+from pal_jax.inference import scoring
 from pal_jax.model.logprobs import token_logprobs
 from pal_jax.model.transformer import ModelConfig, Transformer
 
@@ -147,7 +148,7 @@ def test_candidate_scores_match_full_forward():
     for i in range(2):
         for j, x in enumerate(cands[i]):
             ct[i, j, :len(x)], cm[i, j, :len(x)] = x, True
-    total, mean = sampling.score_candidates_jit(graphdef, params, toks, mask, ct, cm)
+    total, mean = scoring.score_candidates_jit(graphdef, params, toks, mask, ct, cm)
     for i, s in enumerate(seqs):
         for j, x in enumerate(cands[i]):
             full = [int(t) for t in s + x]

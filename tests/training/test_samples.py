@@ -12,6 +12,7 @@ import pytest
 from helpers import tiny_config
 from pal_jax.training import samples
 from pal_jax.inference import decode as sampling
+from pal_jax.inference import scoring
 from pal_jax.training import stage1
 from pal_jax.core.errors import ConfigError
 from pal_jax.config import validate
@@ -66,7 +67,7 @@ def test_samples_at_every_eval_compiled_once_and_trimmed_on_resume(tmp_path, mon
 
     def spy(self, step, params, frozen=None):
         rows = real_call(self, step, params, frozen)
-        caches.append((sampling.candidate_token_logprobs_jit._cache_size(), sampling.generate_jit._cache_size()))
+        caches.append((scoring.candidate_token_logprobs_jit._cache_size(), sampling.generate_jit._cache_size()))
         return rows
 
     monkeypatch.setattr(samples.Sampler, "__call__", spy)

@@ -16,6 +16,7 @@ from flax import nnx
 from helpers import hf_logits, jitted_logits
 from pal_jax.weights import hf as convert
 from pal_jax.inference import decode as sampling
+from pal_jax.inference import scoring
 from pal_jax.model.transformer import ModelConfig, Transformer
 
 VOCAB = 97
@@ -167,7 +168,7 @@ def test_gpt2_longer_than_n_positions_is_refused():
     assert ok.shape == (1, 4)
     cand, cmask = jnp.zeros((1, 2, 5), jnp.int32), jnp.ones((1, 2, 5), bool)
     with pytest.raises(ValueError, match=r"17 tokens; expected at most max_len=16"):
-        jax.eval_shape(lambda: sampling.score_candidates(model, tokens, mask, cand, cmask))
+        jax.eval_shape(lambda: scoring.score_candidates(model, tokens, mask, cand, cmask))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,7 +304,7 @@ def test_sliding_window_in_cached_decoding_and_candidate_scoring():
     cands = rng.randint(2, VOCAB, (2, 3, 5)).astype(np.int32)
     cmask = np.ones((2, 3, 5), bool)
     cmask[1, 2, 3:] = False  # a shorter candidate
-    lp = np.asarray(sampling.candidate_token_logprobs_jit(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask),
+    lp = np.asarray(scoring.candidate_token_logprobs_jit(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask),
                                                           jnp.asarray(cands), jnp.asarray(cmask)))
     worst = 0.0
     for b, prompt in enumerate(prompts):
