@@ -9,6 +9,7 @@ import ml_collections
 from pal_jax.core.errors import ConfigError
 # the choices of config keys, each defined once by the module that implements them
 from pal_jax.data.convai2 import TFDS_VARIANTS as TFDS_CONFIGS
+from pal_jax.data.corpus import SOURCES
 from pal_jax.inference.decode import METHODS
 from pal_jax.inference.predictor import PROMPT_FORMATS
 from pal_jax.inference.selection import RULES as SELECT_RULES
@@ -28,7 +29,6 @@ MODES = {
     "export": ("pal_jax.weights.export", "run_export"),
     "compile": ("pal_jax.training.aot", "run_compile"),
 }
-SOURCES = ("synthetic", "convai2", "jsonl", "tfds")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 CORPUS_MODES = ("stage1", "make_pairs", "stage2", "pipeline")  # modes that always read config.data

@@ -8,6 +8,7 @@ import numpy as np
 from pal_jax.data import convai2, labels, synthetic
 
 SPLITS = ("train", "dev", "test")
+SOURCES = ("synthetic", "convai2", "jsonl", "tfds")  # data.source: read_dialogues reads each
 
 
 def split_dialogues(dialogues, dev_fraction: float, test_fraction: float, seed: int) -> dict[str, list]:
@@ -55,8 +56,7 @@ def read_dialogues(data_config):
         split, name = data_config.tfds_split, data_config.get("tfds_config", "self_original")
         dialogues = tfds_builder.load_dialogues(data_config.path, split, config=name, labeler=data_config.labeler)
     else:
-        raise ValueError(f"config.data.source = {data_config.source!r}: expected 'synthetic', 'convai2', 'jsonl' or "
-                         f"'tfds'")
+        raise ValueError(f"config.data.source = {data_config.source!r}: expected one of {SOURCES}")
     labeler = labels.get_labeler(data_config.labeler)
     labels.label_dialogues(dialogues, labeler)
     return dialogues, origin(data_config)
