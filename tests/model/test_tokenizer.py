@@ -201,3 +201,85 @@ def test_get_tokenizer_gpt2_preset_uses_the_wheel(tmp_path):
     again = get_tokenizer(config, str(tmp_path))  # now read back from the workdir
     assert [again.encode(s) for s in GPT2_SENTENCES] == [tok.encode(s) for s in GPT2_SENTENCES]
     assert (again.eos_id, again.pad_id) == (50256, 50256)
+
+
+# A checkpoint's own tokenizer dir, as transformers saves a Llama-3 and a Qwen2 tokenizer (built here: a byte-level
+# BPE trained on a few sentences with the family's special tokens; no network).
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+FAMILY_TOKENS = {  # the tokenizer_config.json special tokens transformers writes for the instruct checkpoints
+    "llama3": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+    "qwen2": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None},
+}
+
+
+def family_tokenizer_dir(tmp_path, family: str, model_config: dict | None = None, name: str | None = None):
+    """A Hugging Face tokenizer dir of `family` saved by transformers' save_pretrained (tokenizer.json,
+    tokenizer_config.json), with a model config.json when given."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import decoders, trainers
+    specials = LLAMA3_SPECIALS if family == "llama3" else QWEN2_SPECIALS
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus_texts()[:300], trainer=trainer)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **{k: v for k, v in FAMILY_TOKENS[family].items()
+                                                                       if v is not None})
+    d = tmp_path / (name or family)
+    hf.save_pretrained(str(d))
+    if family == "qwen2":  # Qwen2's saved config names its class
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "Qwen2Tokenizer"}))
+    if model_config is not None:
+        (d / "config.json").write_text(json.dumps(model_config))
+    return d
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_checkpoint_dir_tokenizer_matches_transformers(tmp_path, family):
+    transformers = pytest.importorskip("transformers")
+    eos_list = {"llama3": [1, 4], "qwen2": [2, 0]}[family]  # Llama-3.x Instruct: end_of_text, eot_id
+    d = family_tokenizer_dir(tmp_path, family, {"model_type": "llama" if family == "llama3" else "qwen2",
+                                                "eos_token_id": eos_list})
+    ours, ref = T.load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    assert ours.eos_id == ref.eos_token_id and ours.bos_id == ref.bos_token_id
+    assert ours.pad_id == (ref.pad_token_id if ref.pad_token_id is not None else ref.eos_token_id)
+    assert ours.vocab_size == len(ref)
+    if family == "llama3":
+        assert (ours.token(ours.eos_id), ours.token(ours.bos_id), ours.pad_id) == ("<|eot_id|>", "<|begin_of_text|>",
+                                                                                  ours.eos_id)
+    else:
+        assert (ours.token(ours.eos_id), ours.token(ours.pad_id), ours.bos_id) == ("<|im_end|>", "<|endoftext|>", None)
+    assert set(ours.stop_ids) == {ours.eos_id, *eos_list} and ours.stop_ids[0] == ours.eos_id
+    specials = LLAMA3_SPECIALS if family == "llama3" else QWEN2_SPECIALS
+    for s in SAMPLES + ["".join(specials) + " hi , i have a dog ." + specials[-1]]:
+        assert ours.encode(s) == ref.encode(s, add_special_tokens=False), s
+    # the tokenizer saved into a workdir keeps the stop ids
+    ours.save(tmp_path / "saved")
+    assert T.load_tokenizer(tmp_path / "saved").stop_ids == ours.stop_ids
+
+
+def test_checkpoint_dir_special_tokens_map_and_errors(tmp_path):
+    d = family_tokenizer_dir(tmp_path, "llama3", {"eos_token_id": 4})
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "eos_token"}))
+    (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "<|eot_id|>"}}))
+    tok = T.load_tokenizer(d)  # eos from special_tokens_map.json when tokenizer_config.json has none
+    assert tok.token(tok.eos_id) == "<|eot_id|>" and tok.stop_ids == (tok.eos_id,)
+    (d / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<|end_of_text|>"}))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: key 'bos_token' is '<\|begin_of_text\|>' but "
+                                         r".*special_tokens_map.json says '<\|end_of_text\|>'; expected"):
+        T.load_tokenizer(d)
+    (d / "special_tokens_map.json").unlink()
+    (d / "config.json").write_text(json.dumps({"eos_token_id": [4, 100000]}))
+    with pytest.raises(ValueError, match=r"config.json: key 'eos_token_id' is \[4, 100000\]; expected a token id "
+                                         r"or a list of token ids in \[0, 400\)"):
+        T.load_tokenizer(d)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 4]}))  # read before config.json
+    assert set(T.load_tokenizer(d).stop_ids) == {1, 4}
+    (d / "generation_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"generation_config.json: not valid JSON"):
+        T.load_tokenizer(d)
