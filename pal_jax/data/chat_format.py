@@ -1,4 +1,4 @@
-"""Chat-format prompts for instruct base models whose chat template is ChatML (SmolLM2, Qwen, ...).
+"""Chat-format prompts for instruct base models, in the model's own chat template (ChatML: SmolLM2, Qwen; Llama-3; ...).
 
 Stage 1 trains on the plain-text templates (templates.py), so a pal_jax checkpoint is prompted in that format. An
 instruct model that was *not* fine-tuned here only writes sensible replies in its own chat format: given the
@@ -25,14 +25,23 @@ The partner speaks as `user`, the persona's owner (the model) as `assistant`; th
 line, so over-long prompts drop their oldest turns first, exactly as the plain prompts do.
 
 The template itself is the model's (GGUF `tokenizer.chat_template`, or a Hugging Face tokenizer_config.json's
-`chat_template`): `is_chatml` checks that it is ChatML, and, when jinja2 is importable, that rendering it gives
-exactly what `render` gives for a probe conversation. jinja2 is not a dependency of pal_jax (only torch, a
-test-only package, brings it), so rendering never needs it. Other template families stop with an error naming
-what was found (`predict.prompt_format=plain` is the way out).
+`chat_template`). `ChatPrompts` builds the prompts from any function that renders a message list the way a chat
+template does: the module-level prompts use `render` (ChatML written out, no jinja2 needed), and the predictor
+passes the model's own template rendered by transformers' apply_chat_template (inference/predictor.py
+`chat_prompts`), so a Llama-3 template gives
+
+    <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n...<|eot_id|><|start_header_id|>user...
+
+A prompt is rendered whole (the template sees the whole conversation, as it would in the model's training) and
+cut into PromptParts after each message's end-of-turn text (`<|im_end|>\n`, `<|eot_id|>`: what the template
+writes after an assistant message's content, `ChatPrompts.end_text`; the reply ends there too). A template that
+does not write each message's content verbatim followed by that text cannot be cut so: ChatPrompts refuses it
+with a TemplateError, and the predictor falls back to the plain format. `is_chatml` checks that a template is
+ChatML (with jinja2, by rendering it).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from pal_jax.data import templates
 from pal_jax.data.templates import PromptParts
@@ -73,6 +82,67 @@ class TemplateError(ValueError):
     pass
 
 
+class ChatPrompts:
+    """The select, generate and persona-free prompts as PromptParts in a chat format given by `render(messages,
+    add_generation_prompt) -> text` (module doc); `source` names the template in errors. The constructor renders
+    probe conversations (both parities of history) and raises TemplateError when the template fails to render or
+    cannot be cut into messages."""
+
+    def __init__(self, render_fn: Callable[[list[dict], bool], str], source: str):
+        self.render, self.source = render_fn, source
+        closed = self._render([{"role": SYSTEM, "content": "pal probe persona"}, {"role": USER, "content": "hi"},
+                               {"role": ASSISTANT, "content": "pal probe reply"}], False)
+        cut = closed.rfind("pal probe reply")
+        self.end_text = closed[cut + len("pal probe reply"):].strip() if cut >= 0 else ""
+        if not self.end_text:
+            raise TemplateError(f"{self.source}: the chat template writes nothing after an assistant message's "
+                                f"content ({closed[-80:]!r}); expected an end-of-turn token there (e.g. <|im_end|>, "
+                                f"<|eot_id|>), where a reply ends")
+        for history in (PROBE[1:], PROBE[2:]):
+            self.parts([PROBE[0], *history])
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        try:
+            return self.render(messages, add_generation_prompt)
+        except Exception as e:  # noqa: BLE001 - jinja2 errors, raise_exception in the template, jinja2 missing
+            raise TemplateError(f"{self.source}: the chat template does not render a system/user/assistant "
+                                f"conversation ({type(e).__name__}: {e})") from None
+
+    def parts(self, messages: list[dict]) -> PromptParts:
+        """The rendered conversation (with the generation prompt) cut after each message's end-of-turn text (and
+        the newlines after it): head = up to the first message's end, one history part per further message, tail
+        = the generation prompt."""
+        text = self._render(messages, True)
+        bounds, at = [], 0
+        for m in messages:
+            i = text.find(m["content"] + self.end_text, at)
+            if i < 0:
+                raise TemplateError(f"{self.source}: the chat template does not write a {m['role']} message's "
+                                    f"content followed by {self.end_text!r} ({text[at:at + 120]!r}...); expected "
+                                    f"each message verbatim, then the end-of-turn text")
+            at = i + len(m["content"]) + len(self.end_text)
+            while text.startswith("\n", at):
+                at += 1
+            bounds.append(at)
+        return PromptParts(head=text[:bounds[0]], history=[text[a:b] for a, b in zip(bounds, bounds[1:])],
+                           tail=text[bounds[-1]:])
+
+    def generate_prompt(self, persona, history, selected: str | None) -> PromptParts:
+        """The persona and the highlighted sentence (or none) in the system message, then the turns."""
+        use = USE_NONE if selected is None else USE_SENTENCE + templates._clean(selected)
+        return self.parts([{"role": SYSTEM, "content": f"{PERSONA_INTRO}\n{_persona_list(persona)}\n{use}\n{STYLE}"},
+                           *history_roles(history)])
+
+    def persona_free_prompt(self, history) -> PromptParts:
+        return self.parts([{"role": SYSTEM, "content": f"{FREE_INTRO}\n{STYLE}"}, *history_roles(history)])
+
+    def select_prompt(self, persona, history) -> PromptParts:
+        """The numbered persona and the select instruction in the system message, then the turns; the assistant's
+        message is the select target ('k.<sentence>' or NONE_PERSONA)."""
+        return self.parts([{"role": SYSTEM, "content": f"{PERSONA_INTRO}\n{_persona_list(persona)}\n{SELECT_ASK}"},
+                           *history_roles(history)])
+
+
 def is_chatml(template: str | None) -> bool:
     """Whether a chat template renders system/user/assistant messages as ChatML (see the module doc)."""
     if not template or not all(s in template for s in (IM_START, IM_END, "add_generation_prompt")):
@@ -102,26 +172,28 @@ def _persona_list(persona) -> str:
     return "\n".join(f"{k}. {templates._clean(s)}" for k, s in enumerate(persona, start=1))
 
 
+def history_roles(history) -> list[dict]:
+    """The history as {"role", "content"} messages, oldest first: the last utterance is the partner's (user)."""
+    n = len(history)
+    return [{"role": USER if (n - 1 - i) % 2 == 0 else ASSISTANT, "content": templates._clean(u)}
+            for i, u in enumerate(history)]
+
+
 def history_messages(history) -> list[str]:
     """The history as ChatML messages, oldest first: the last utterance is the partner's (user)."""
-    n = len(history)
-    return [message(USER if (n - 1 - i) % 2 == 0 else ASSISTANT, templates._clean(u)) for i, u in enumerate(history)]
+    return [message(m["role"], m["content"]) for m in history_roles(history)]
+
+
+CHATML = ChatPrompts(render, "ChatML")  # the prompts below; equal to a ChatML template rendered by jinja2
 
 
 def generate_prompt(persona, history, selected: str | None) -> PromptParts:
-    """The persona and the highlighted sentence (or none) in the system message, then the turns."""
-    use = USE_NONE if selected is None else USE_SENTENCE + templates._clean(selected)
-    system = f"{PERSONA_INTRO}\n{_persona_list(persona)}\n{use}\n{STYLE}"
-    return PromptParts(head=message(SYSTEM, system), history=history_messages(history), tail=header())
+    return CHATML.generate_prompt(persona, history, selected)
 
 
 def persona_free_prompt(history) -> PromptParts:
-    return PromptParts(head=message(SYSTEM, f"{FREE_INTRO}\n{STYLE}"), history=history_messages(history),
-                       tail=header())
+    return CHATML.persona_free_prompt(history)
 
 
 def select_prompt(persona, history) -> PromptParts:
-    """The numbered persona and the select instruction in the system message, then the turns; the assistant's
-    message is the select target ('k.<sentence>' or NONE_PERSONA)."""
-    system = f"{PERSONA_INTRO}\n{_persona_list(persona)}\n{SELECT_ASK}"
-    return PromptParts(head=message(SYSTEM, system), history=history_messages(history), tail=header())
+    return CHATML.select_prompt(persona, history)

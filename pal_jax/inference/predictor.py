@@ -8,10 +8,13 @@ Only the persona and the history are read: `Predictor.predict` strips every reco
 anything else, so a record's gold response, label or candidates never reach a prediction.
 
 Prompt formats (`predict.prompt_format`, resolved by `resolve_formats`): "plain" is the text format Stage 1 trains
-on (data/templates.py), right for pal_jax checkpoints; "chat" wraps the same prompts as the base model's ChatML
-conversation (data/chat_format.py: persona in the system message, the history as user/assistant turns) and stops
-decoding at `<|im_end|>`, right for an instruct model that was not fine-tuned here. "auto" picks chat for a base
-model with a ChatML chat template and plain for everything else. The Select step has its own format
+on (data/templates.py), right for pal_jax checkpoints; "chat" wraps the same prompts as a conversation in the
+base model's own chat template (data/chat_format.py: persona in the system message, the history as user/assistant
+turns), rendered by transformers' apply_chat_template over the model's tokenizer (`chat_prompts`), and stops
+decoding at the template's end-of-turn token (ChatML `<|im_end|>`, Llama-3 `<|eot_id|>`) or any of the model's
+eos ids, right for an instruct model that was not fine-tuned here. "auto" picks chat for a base model whose chat
+template renders and plain for everything else (a template that fails to render, or cannot be cut into messages,
+falls back to plain with a warning naming the checkpoint). The Select step has its own format
 (`predict.select_format`, "auto" = SELECT_AUTO[prompt format]); see SELECT_AUTO for the measurement behind it.
 """
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pal_jax.data.records import load_records, write_predictions
 from pal_jax.inference import decode as sampling
 from pal_jax.inference import scoring
 from pal_jax.inference import selection
+from pal_jax.model import tokenizer as tok_lib
 from pal_jax.model.spec import ModelSpec, model_config
 from pal_jax.weights import init_from, tokenizers
 from pal_jax.weights.restore import restore
@@ -80,10 +84,12 @@ class Predictor:
 
     def __init__(self, model_state, params, tokenizer, *, max_len: int, buckets: Sequence[int], batch_size: int,
                  sampling_cfg: sampling.SamplingConfig, select_by: str = "sum", seed: int = 0,
-                 prompt_format: str = "plain", select_format: str | None = None, none_bias: float = 0.0):
+                 prompt_format: str = "plain", select_format: str | None = None, none_bias: float = 0.0,
+                 chat: chat_format.ChatPrompts | None = None):
         """prompt_format: "plain" | "chat" (resolved; see resolve_formats) for the generate and persona-free
         prompts; select_format: the Select step's ("plain" | "chat"; None = prompt_format); select_by: a
-        selection.RULES rule; none_bias: the "calibrated" rule's bias on "none" (see calibrate)."""
+        selection.RULES rule; none_bias: the "calibrated" rule's bias on "none" (see calibrate); chat: the "chat"
+        format's prompts (chat_prompts: the model's template; None = ChatML, chat_format.CHATML)."""
         if select_by not in selection.RULES:
             raise ValueError(f"predict.select_by = {select_by!r}: expected one of {selection.RULES}")
         select_format = select_format or prompt_format
@@ -95,11 +101,14 @@ class Predictor:
         self.sampling_cfg, self.select_by, self.none_bias = sampling_cfg, select_by, float(none_bias)
         self.calibration: dict | None = None  # how none_bias was fitted (calibrate)
         self.prompt_format, self.select_format = prompt_format, select_format
-        self._gen_tpl, self._sel_tpl = FORMAT_MODULES[prompt_format], FORMAT_MODULES[select_format]
+        self.chat = chat if chat is not None else chat_format.CHATML
+        formats = {**FORMAT_MODULES, "chat": self.chat}
+        self._gen_tpl, self._sel_tpl = formats[prompt_format], formats[select_format]
         self.end_id = self._end_id(prompt_format)  # ends a reply (decoding stops there; appended to scored replies)
         self.select_end_id = self._end_id(select_format)
         self.stop_ids = (tokenizer.eos_id,) if prompt_format == "plain" else tuple(sorted(
-            {tokenizer.eos_id, self.end_id} | {i for i in (_token_id(tokenizer, "<|endoftext|>"),) if i is not None}))
+            {tokenizer.eos_id, self.end_id, *tokenizer.stop_ids}
+            | {i for i in (_token_id(tokenizer, "<|endoftext|>"),) if i is not None}))
         self.rng = jax.random.key(seed)
         self.cuts: collections.Counter = collections.Counter()  # prompt fitting's cuts (_prompt_ids), per predict()
         # generate prompts are padded to at least this many tokens (then bucketed): set to the longest generate prompt
@@ -113,11 +122,11 @@ class Predictor:
     def _end_id(self, fmt: str) -> int:
         if fmt == "plain":
             return self.tok.eos_id
-        i = _token_id(self.tok, chat_format.IM_END)
+        i = _token_id(self.tok, self.chat.end_text)
         if i is None:
             raise ValueError(f"prompt format 'chat': the tokenizer ({self.tok.source or 'given'}) has no single "
-                             f"{chat_format.IM_END} token; expected a ChatML tokenizer, or predict.prompt_format="
-                             f"'plain'")
+                             f"{self.chat.end_text} token (the end of a turn in {self.chat.source}); expected the "
+                             f"tokenizer of the model whose chat template it is, or predict.prompt_format='plain'")
         return i
 
     # -- encoding ---------------------------------------------------------------------------------------------
@@ -303,7 +312,7 @@ def load_predictor(config, ckpt_path: str, devices=None) -> Predictor:
     r = restore(ckpt_path, mesh_lib.make_mesh(config.mesh, devices), mesh_lib.axis_rules(config),
                 config.tokenizer.path)
     logging.info("predict: %s step %d (%s)", ckpt_path, r.step, r.meta.get("task", "?"))
-    predictor = _predictor(config, r.spec, r.params, r.tokenizer, resolve_formats(config, ckpt_path, base=False))
+    predictor = _predictor(config, r.spec, r.params, r.tokenizer, resolve_chat(config, ckpt_path, False, r.tokenizer))
     return calibrate(config, predictor, ckpt_path, r.step, calibration_data(config, r.meta["config"]))
 
 
@@ -363,49 +372,88 @@ def calibrate(config, predictor: Predictor, workdir: str | None, step, data=None
     return predictor
 
 
-def resolve_formats(config, spec: str, base: bool) -> tuple[str, str]:
-    """(generate format, select format), each "plain" or "chat", for the model at `spec` (an init_from value or a
-    pal_jax workdir); base: `spec` is pretrained weights without fine-tuning here.
+def chat_prompts(template: str | None, tok, source: str) -> chat_format.ChatPrompts:
+    """The chat format of `template` (the model's chat template text) rendered through transformers:
+    apply_chat_template(messages, tokenize=False, add_generation_prompt=...) of the model's tokenizer `tok` with
+    that template (tok_lib.hf_tokenizer; nothing is downloaded, no remote code). TemplateError naming `source`
+    when there is no template, it does not render or cannot be cut into messages (chat_format.ChatPrompts), or its
+    end-of-turn text is not one token of `tok`."""
+    if not template:
+        raise chat_format.TemplateError(f"{source}: no chat template (tokenizer.chat_template, or chat_template in "
+                                        f"tokenizer_config.json); expected one for predict.prompt_format='chat', or "
+                                        f"use predict.prompt_format='plain'")
+    hf = tok_lib.hf_tokenizer(tok, template)
+    chat = chat_format.ChatPrompts(
+        lambda messages, gen: hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen),
+        f"{source}'s chat template")
+    if _token_id(tok, chat.end_text) is None:
+        raise chat_format.TemplateError(f"{source}: the chat template ends a turn with {chat.end_text!r}, which is "
+                                        f"not one token of the tokenizer ({tok.source or 'given'}); expected the "
+                                        f"end-of-turn token, where decoding stops")
+    return chat
 
-    predict.prompt_format "auto": "chat" for a base model whose chat template is ChatML, else "plain" (Stage 1
-    trains on the plain templates, so a pal_jax checkpoint reads them); "chat" requires a ChatML template (the
-    checkpoint's own, or that of the weights it started from) and stops with an error otherwise; "plain" is
-    plain. predict.select_format: "auto" = SELECT_AUTO[the generate format], or "plain" / "chat"."""
+
+def resolve_formats(config, spec: str, base: bool, tokenizer=None) -> tuple[str, str]:
+    """(generate format, select format), each "plain" or "chat", for the model at `spec`: resolve_chat without
+    its chat prompts."""
+    return resolve_chat(config, spec, base, tokenizer)[:2]
+
+
+def resolve_chat(config, spec: str, base: bool, tokenizer=None) -> tuple[str, str, chat_format.ChatPrompts | None]:
+    """(generate format, select format, chat prompts or None) for the model at `spec` (an init_from value or a
+    pal_jax workdir); base: `spec` is pretrained weights without fine-tuning here; tokenizer: the model's, to
+    render its chat template through transformers (chat_prompts); None: only a ChatML template is recognised
+    (chat_format.is_chatml) and rendered as chat_format.CHATML.
+
+    predict.prompt_format "auto": "chat" for a base model whose chat template renders, else "plain" (Stage 1
+    trains on the plain templates, so a pal_jax checkpoint reads them; a template that fails falls back to plain
+    with a warning naming `spec`); "chat" requires a template that renders (the checkpoint's own, or that of the
+    weights it started from) and stops with an error otherwise; "plain" is plain. predict.select_format: "auto" =
+    SELECT_AUTO[the generate format], or "plain" / "chat"."""
     p = config.predict
     want = p.get("prompt_format", "plain")
     if want not in PROMPT_FORMATS:
         raise ValueError(f"config.predict.prompt_format = {want!r}: expected one of {PROMPT_FORMATS}")
-    fmt = "plain"
-    needs_template = want == "chat" or p.get("select_format", "auto") == "chat" or (want == "auto" and base)
-    template = None
-    if needs_template:
-        template = init_from.chat_template(spec)
-    if want == "chat":
-        chat_format.check_chatml(template, f"predict.prompt_format='chat' for {spec}")
-        fmt = "chat"
-    elif want == "auto" and base:
-        if chat_format.is_chatml(template):
-            fmt = "chat"
-        elif template:
-            logging.warning("predict: %s has a chat template that is not ChatML; prompt_format auto -> plain", spec)
     sel = p.get("select_format", "auto")
     if sel not in PROMPT_FORMATS:
         raise ValueError(f"config.predict.select_format = {sel!r}: expected one of {PROMPT_FORMATS}")
+    template = None
+    if want == "chat" or sel == "chat" or (want == "auto" and base):
+        template = init_from.chat_template(spec)
+
+    def chat_or_error(key: str) -> chat_format.ChatPrompts:
+        if tokenizer is None:
+            chat_format.check_chatml(template, f"predict.{key}='chat' for {spec}")
+            return chat_format.CHATML
+        return chat_prompts(template, tokenizer, f"predict.{key}='chat' for {spec}")
+
+    fmt, chat = "plain", None
+    if want == "chat":
+        fmt, chat = "chat", chat_or_error("prompt_format")
+    elif want == "auto" and base and template:
+        try:
+            chat = chat_or_error("prompt_format")
+            fmt = "chat"
+        except chat_format.TemplateError as e:
+            logging.warning("predict: %s: its chat template cannot be used (%s); prompt_format auto -> plain", spec, e)
     if sel == "auto":
         sel = SELECT_AUTO[fmt]
-    elif sel == "chat" and fmt != "chat":
-        chat_format.check_chatml(template, f"predict.select_format='chat' for {spec}")
-    logging.info("predict: %s: prompt format %s, select format %s", spec, fmt, sel)
-    return fmt, sel
+    elif sel == "chat" and chat is None:
+        chat = chat_or_error("select_format")
+    logging.info("predict: %s: prompt format %s, select format %s%s", spec, fmt, sel,
+                 f" ({chat.source}, turns end with {chat.end_text})" if chat is not None else "")
+    return fmt, sel, chat
 
 
-def _predictor(config, ms, params, tok, formats: tuple[str, str] = ("plain", "plain")) -> Predictor:
-    """config.predict's Predictor; the batch is rounded up to a multiple of the mesh's data*fsdp."""
+def _predictor(config, ms, params, tok, formats: tuple = ("plain", "plain")) -> Predictor:
+    """config.predict's Predictor; the batch is rounded up to a multiple of the mesh's data*fsdp. formats:
+    resolve_chat's (generate format, select format[, chat prompts])."""
     div = mesh_lib.batch_divisor(ms.mesh)
     batch = -(-config.predict.batch_size // div) * div
     return Predictor(ms, params, tok, max_len=config.data.max_len, buckets=tuple(config.data.buckets),
                      batch_size=batch, sampling_cfg=sampling_config(config), select_by=config.predict.select_by,
-                     seed=config.seed, prompt_format=formats[0], select_format=formats[1])
+                     seed=config.seed, prompt_format=formats[0], select_format=formats[1],
+                     chat=formats[2] if len(formats) > 2 else None)
 
 
 def _is_pretrained(spec: str) -> bool:
@@ -422,8 +470,7 @@ def _pretrained_predictor(config, spec: str, workdir: str, devices=None) -> Pred
     ms = ModelSpec(model_config(config.model, tok.vocab_size), mesh, mesh_lib.axis_rules(config))
     params = init_from.load(spec, ms)
     logging.info("predict: base model %s (no fine-tuning)", spec)
-    return calibrate(config, _predictor(config, ms, params, tok, resolve_formats(config, spec, base=True)), None,
-                     spec)
+    return calibrate(config, _predictor(config, ms, params, tok, resolve_chat(config, spec, True, tok)), None, spec)
 
 
 def run_predict(config, workdir: str) -> dict:

@@ -31,7 +31,7 @@ from pal_jax.model import lora as lora_lib
 from pal_jax.core import mesh as mesh_lib
 from pal_jax.data import convai2
 from pal_jax.inference.predictor import Predictor, Record, sampling_config
-from pal_jax.inference.predictor import resolve_formats
+from pal_jax.inference.predictor import resolve_chat
 
 NONE = "none"  # the selected persona when the Select step picks "No personal description."
 
@@ -49,11 +49,11 @@ def sample_select_rule(rule: str) -> str:
     return "marginal" if rule == "calibrated" else rule
 
 
-def _formats(config) -> tuple[str, str]:
+def _formats(config, tokenizer) -> tuple:
     p = config.predict
     if "chat" not in (p.get("prompt_format", "auto"), p.get("select_format", "auto")):
-        return "plain", "plain"  # what predict.resolve_formats gives a pal_jax checkpoint
-    return resolve_formats(config, config.init_from, base=False)
+        return "plain", "plain", None  # what predict.resolve_chat gives a pal_jax checkpoint
+    return resolve_chat(config, config.init_from, False, tokenizer)
 
 
 class Sampler:
@@ -66,18 +66,18 @@ class Sampler:
         self.seed = int(config.seed)
         rule = sample_select_rule(config.predict.select_by)
         div = mesh_lib.batch_divisor(model_state.mesh)
-        formats = _formats(config)
+        formats = _formats(config, tokenizer)
         self.predictor = Predictor(model_state, None, tokenizer, max_len=config.data.max_len,
                                    buckets=tuple(config.data.buckets), batch_size=-(-len(self.inputs) // div) * div,
                                    sampling_cfg=sampling_config(config), select_by=rule, seed=self.seed,
-                                   prompt_format=formats[0], select_format=formats[1])
+                                   prompt_format=formats[0], select_format=formats[1], chat=formats[2])
         p = self.predictor
         p.min_prompt_len = max(len(ids) for r in self.inputs for ids in p.generate_prompts(
             [r] * (len(r.persona) + 1), list(range(len(r.persona))) + [-1], p.prompt_budget))
         logging.info("samples: %d dev turns (%s) at every evaluation, select rule %s%s, prompt formats %s/%s",
                      len(self.inputs), ", ".join(str(r.id) for r in self.records), rule,
                      " (predict.select_by calibrated needs a dev fit)" if rule != config.predict.select_by else "",
-                     *formats)
+                     *formats[:2])
 
     def __call__(self, step: int, params, frozen=None) -> list[dict[str, Any]]:
         p = self.predictor

@@ -165,3 +165,98 @@ def test_smollm2_base_predictor_chats_in_chat_format():
                               sampling_cfg=p.sampling_cfg, prompt_format="plain")
     print("plain format, for contrast:", [x for x in plain.generate(recs, [0, 1])])
     assert np.isfinite(preds[0].select_score)
+
+
+# --------------------------------------------------------------------------------- the model's own template (transformers)
+
+# Llama-3.x's chat template in small: bos_token first, header tokens, content trimmed, <|eot_id|> ending each turn.
+LLAMA3_STYLE = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+                "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+LLAMA3_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+CHATML_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _special_tokenizer(specials, eos: str, bos: str | None = None):
+    """A byte-level BPE with `specials` as atomic tokens (ids 0..), like a Llama-3 or Qwen2 tokenizer in small."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from pal_jax.model import tokenizer as tok_lib
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(PERSONA + HISTORY, trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    ids = {k: tok.token_to_id(v) for k, v in (("eos_id", eos), ("bos_id", bos)) if v is not None}
+    return tok_lib.Tokenizer(tok, pad_id=ids["eos_id"], source="test", **ids)
+
+
+def test_chatml_through_transformers_gives_the_same_prompts():
+    from pal_jax.inference import predictor as predict
+    chat = predict.chat_prompts(SMOLLM2_TEMPLATE, _special_tokenizer(CHATML_TOKENS, "<|im_end|>"), "smollm2")
+    assert chat.end_text == "<|im_end|>"
+    for hist in (HISTORY, HISTORY[1:], HISTORY[:1]):
+        for ours, theirs in ((chat.generate_prompt(PERSONA, hist, PERSONA[0]),
+                              C.generate_prompt(PERSONA, hist, PERSONA[0])),
+                             (chat.generate_prompt(PERSONA, hist, None), C.generate_prompt(PERSONA, hist, None)),
+                             (chat.select_prompt(PERSONA, hist), C.select_prompt(PERSONA, hist)),
+                             (chat.persona_free_prompt(hist), C.persona_free_prompt(hist))):
+            assert (ours.head, ours.history, ours.tail) == (theirs.head, theirs.history, theirs.tail)
+
+
+def test_llama3_template_is_used_and_decoding_stops_at_eot(monkeypatch, caplog):
+    from pal_jax.core import mesh as mesh_lib
+    from pal_jax.inference import decode, predictor as predict
+    from pal_jax.weights import init_from
+    tok = _special_tokenizer(LLAMA3_TOKENS, "<|eot_id|>", "<|begin_of_text|>")
+    tok.stop_ids = (tok.eos_id, 1)  # a Llama-3.x Instruct config.json: eos_token_id [end_of_text, eot_id]
+    monkeypatch.setattr(init_from, "chat_template", lambda spec: LLAMA3_STYLE)
+    fmt, sel, chat = predict.resolve_chat(_config(), "llama3_dir", True, tok)
+    assert (fmt, sel, chat.end_text) == ("chat", predict.SELECT_AUTO["chat"], "<|eot_id|>")
+    parts = chat.generate_prompt(PERSONA, HISTORY[1:], None)
+    assert parts.text() == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        "You are chatting with someone you just met. This is your persona:\n"
+        "1. i read twenty books a year.\n2. i'm a stunt double as my second job.\n"
+        "Your next reply does not need to mention your persona.\n"
+        "Reply in one or two short, casual sentences.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\ni am good , i just got off work .<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\ni just got done watching a horror movie<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert parts.head.startswith("<|begin_of_text|>") and parts.head.endswith("<|eot_id|>")
+    assert [h.split("<|end_header_id|>")[0] for h in parts.history] == ["<|start_header_id|>assistant",
+                                                                         "<|start_header_id|>user"]
+    assert all(h.endswith("<|eot_id|>") for h in parts.history)
+    assert parts.tail == "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    # the oldest turn dropped (prompt fitting) is what the template renders for the shorter conversation
+    assert parts.head + parts.history[1] + parts.tail == chat.generate_prompt(PERSONA, HISTORY[2:], None).text()
+    mesh = mesh_lib.make_mesh(_config().mesh)
+    p = predict.Predictor(type("MS", (), {"mesh": mesh})(), None, tok, max_len=256, buckets=(256,),
+                          batch_size=mesh_lib.batch_divisor(mesh), sampling_cfg=decode.SamplingConfig(),
+                          prompt_format=fmt, select_format=sel, chat=chat)
+    eot = tok.tok.token_to_id("<|eot_id|>")
+    assert p.end_id == p.select_end_id == eot and set(p.stop_ids) == {eot, 1}
+    assert p.select_prompt(PERSONA, HISTORY).text().startswith("<|begin_of_text|><|start_header_id|>system")
+    # without the tokenizer only ChatML is recognised, as before
+    assert predict.resolve_formats(_config(), "llama3_dir", base=True) == ("plain", "plain")
+
+
+@pytest.mark.parametrize("template, why", [
+    ("{% for m in messages %}{{ raise_exception('Conversation roles must alternate') }}{% endfor %}",
+     "Conversation roles must alternate"),
+    ("{% for m in messages %}{{ m['content'] }}", "TemplateSyntaxError"),
+    ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}", "writes nothing after"),
+    ("{% for m in messages %}<|start_header_id|>{{ m['content'] }}<end>{% endfor %}",
+     "'<end>', which is not one token"),
+])
+def test_template_that_fails_falls_back_to_plain_naming_the_checkpoint(monkeypatch, caplog, template, why):
+    from pal_jax.inference import predictor as predict
+    from pal_jax.weights import init_from
+    tok = _special_tokenizer(LLAMA3_TOKENS, "<|eot_id|>", "<|begin_of_text|>")
+    monkeypatch.setattr(init_from, "chat_template", lambda spec: template)
+    with caplog.at_level("WARNING"):
+        assert predict.resolve_chat(_config(), "/ckpt/odd", True, tok) == ("plain", "plain", None)
+    assert "/ckpt/odd" in caplog.text and why in caplog.text and "auto -> plain" in caplog.text
+    with pytest.raises(C.TemplateError, match=f"predict.prompt_format='chat' for /ckpt/odd.*{re.escape(why)}"):
+        predict.resolve_chat(_config(prompt_format="chat"), "/ckpt/odd", True, tok)
