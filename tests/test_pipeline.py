@@ -6,6 +6,7 @@ import json
 import logging
 import os
 
+import pytest
 from helpers import tiny_config
 from pal_jax.core import checkpoint as ckpt_lib
 from pal_jax import pipeline as pipeline_mode
@@ -45,6 +46,8 @@ def _run_logged(caplog, w: str, **overrides) -> str:
     return "\n".join(r.getMessage() for r in caplog.records)
 
 
+# end to end, 47 s (the default suite keeps test_pipeline_runs_and_skips_finished_phases and the unit tests above)
+@pytest.mark.slow
 def test_rerun_redoes_the_phases_whose_inputs_changed(tmp_path, caplog):
     """Before: a rerun with another stage2.beta skipped every phase, and one with more Stage 1 steps continued
     Stage 1 but kept the Stage 2 model and the report made from the old Stage 1."""

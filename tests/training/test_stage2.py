@@ -284,6 +284,7 @@ def _first_step(workdir) -> dict:
     return [r for r in rows if "train/loss" in r][0]
 
 
+@pytest.mark.slow  # three Stage 2 runs, 30 s; the default suite's loss-type and reference tests cover each path
 def test_first_dpo_loss_is_log2_only_against_the_stage1_reference(stage1_run, pairs_file, tmp_path):
     s1, step0 = stage1_run
     one = dict(S2, stage2__steps=1, stage2__pairs=pairs_file, stage2__align_weight=0.0)
