@@ -302,9 +302,10 @@ def chain(tmp_path_factory):
     seen = {}
     real_run = train.run
 
-    def spy(config, workdir, task, ms, init_params=None, frozen=None):
+    def spy(config, workdir, task, ms, init_params=None, frozen=None, settings=None):
         seen[task.name] = {"frozen": frozen, "extra": task.reference, "ms": ms}
-        return real_run(config, workdir, task, ms, init_params=init_params, frozen=frozen)
+        return real_run(config, workdir, task, ms, init_params=init_params, frozen=frozen,
+                        settings=settings)
 
     c1 = tiny_config(train__steps=3, train__eval_every=3, data__synthetic_dialogues=30,
                      init_from=os.path.join(base_dir, "hf"), tokenizer__path=tok, **LORA)
