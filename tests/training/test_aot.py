@@ -144,3 +144,26 @@ def test_tpu_compile_over_hbm_is_reported_not_raised(tmp_path, monkeypatch):
     (row,) = json.loads((tmp_path / "compile_v5e-4.json").read_text())["stages"]
     assert row["fits"] == "no" and row["bytes"] is None and "RESOURCE_EXHAUSTED" in row["error"]
     assert summary["stage1"].startswith("does not fit 16 GiB HBM")
+
+
+@pytest.mark.slow  # two real-shaped models, four CPU compiles: about 5 minutes
+@pytest.mark.parametrize("preset,n_params", [("qwen2_5_0_5b", 494_032_768), ("llama3_2_1b", 1_235_814_400)])
+def test_real_checkpoint_presets_compile_on_cpu(preset, n_params):
+    """Qwen2.5-0.5B and Llama-3.2-1B (abstract shapes, no weights) lower and compile both train steps on the 8 fake
+    CPU devices (fsdp 8); each device holds its share of the float32 params and Adam moments (Stage 2: + the
+    reference). The TPU-topology figures for these presets: docs/scale.md."""
+    spec = importlib.util.spec_from_file_location("pal_compile_config", REPO / "configs" / "compile.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(preset)
+    for key, value in {"compile.seq_len": 64, "train.batch_size": 8, "stage2.batch_size": 8, "mesh.data": 1,
+                       "mesh.fsdp": 8, "mesh.tensor": 1, "model.dtype": "bfloat16", "model.remat": True}.items():
+        section, _, name = key.rpartition(".")
+        c[section][name] = value
+    mesh = _cpu_mesh(c)
+    share = n_params * 4 / 8  # one float32 copy of the params, split over the 8 devices
+    for stage, copies in (("stage1", 3), ("stage2", 4)):  # params + mu + nu (+ the Stage 2 reference)
+        r = aot.compile_stage(stage, c, mesh, 64, int(c.model.vocab_size), compiler_options=FAST_CPU)
+        b = r["bytes"]
+        assert copies * share <= b["arguments"] <= 1.05 * copies * share + 2**24, (stage, b)
+        assert b["temp"] > 0 and b["alias"] > 0
