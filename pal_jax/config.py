@@ -14,8 +14,8 @@ from pal_jax.inference.decode import METHODS
 from pal_jax.inference.predictor import PROMPT_FORMATS
 from pal_jax.inference.selection import RULES as SELECT_RULES
 from pal_jax.model.transformer import FAMILIES, LORA_TARGETS
-from pal_jax.training.make_pairs import GENERATE_ON, REJECTED_FROM
 from pal_jax.training.loss_spec import DPO_LOSS_TYPES, parse_loss_type  # noqa: F401  jax-free; losses.py uses the same
+from pal_jax.training.make_pairs import GENERATE_ON, REJECTED_FROM
 
 # mode -> (module, function(config, workdir) -> summary dict): what main.dispatch runs for config.mode
 MODES = {

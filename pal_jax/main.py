@@ -25,9 +25,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pal_jax.config import MODES, validate
-from pal_jax.core import compile_cache
+from pal_jax.core import compile_cache, preemption
 from pal_jax.core import mesh as mesh_lib
-from pal_jax.core import preemption
 from pal_jax.core import workdir as workdir_lib
 from pal_jax.core.errors import CheckpointError, ConfigError
 from pal_jax.core.preemption import Preempted

@@ -32,14 +32,12 @@ import time
 
 from etils import epath
 
-from pal_jax.core import atomic
+from pal_jax.core import atomic, preemption
 from pal_jax.core import checkpoint as ckpt_lib
 from pal_jax.core import mesh as mesh_lib
-from pal_jax.core import preemption
 from pal_jax.evaluation import evaluate
 from pal_jax.evaluation.evaluate import REPORT_ROWS
-from pal_jax.training import stage1
-from pal_jax.training import stage2
+from pal_jax.training import stage1, stage2
 from pal_jax.weights import init_from, tokenizers
 
 MOVED_HEADER = "## What Stage 2 moved"

@@ -31,11 +31,9 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from pal_jax.core import atomic
+from pal_jax.core import atomic, preemption
 from pal_jax.core import mesh as mesh_lib
-from pal_jax.core import preemption
-from pal_jax.core.errors import ConfigError
-from pal_jax.core.errors import CheckpointError
+from pal_jax.core.errors import CheckpointError, ConfigError
 
 
 def is_url(path) -> bool:

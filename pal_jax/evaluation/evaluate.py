@@ -32,18 +32,15 @@ import numpy as np
 from etils import epath
 from scipy import sparse
 
-from pal_jax.core import atomic
-from pal_jax.evaluation import bootstrap as bs
+from pal_jax.core import atomic, preemption
 from pal_jax.core import mesh as mesh_lib
-from pal_jax.evaluation import metrics as M
-from pal_jax.core import preemption
 from pal_jax.data.records import load_records, write_predictions
-from pal_jax.inference.predictor import Prediction, Predictor, Record, load_predictor
 from pal_jax.data.synthetic import FACT_BY_SENTENCE, mentions
+from pal_jax.evaluation import bootstrap as bs
+from pal_jax.evaluation import metrics as M
 from pal_jax.evaluation import sentence_encoder as se
-from pal_jax.evaluation.nli import NLIModel
-from pal_jax.evaluation.nli import c_scores_nli
-from pal_jax.evaluation.sentence_encoder import consistency_proxy
+from pal_jax.evaluation.nli import NLIModel, c_scores_nli
+from pal_jax.inference.predictor import Prediction, Predictor, Record, load_predictor
 
 # (key, label, higher is better; None: neither) in report order
 REPORT_ROWS = (
@@ -286,8 +283,8 @@ def reference_stats(records, *, nli=None, sentence_encoder=None) -> dict[str, bs
 def consistency_metrics(encoder, records, predictions, per_turn: bool = False) -> dict:
     """The embedding consistency proxy (sentence_encoder.consistency_proxy) of the predicted responses; per_turn:
     with its per-turn "rows" as well."""
-    return consistency_proxy(encoder, [p.response for p in predictions], [list(r.persona) for r in records],
-                             [getattr(r, "persona_label", None) for r in records], per_turn=per_turn)
+    return se.consistency_proxy(encoder, [p.response for p in predictions], [list(r.persona) for r in records],
+                                [getattr(r, "persona_label", None) for r in records], per_turn=per_turn)
 
 
 def load_sentence_encoder(spec: str):

@@ -17,8 +17,6 @@ import numpy as np
 from flax import nnx
 
 NEG = -1e30
-
-
 METHODS = ("greedy", "sample", "beam")  # predict.method
 
 

@@ -37,8 +37,7 @@ from pal_jax.core import mesh as mesh_lib
 from pal_jax.data import chat_format, convai2, corpus, pipeline, templates
 from pal_jax.data.records import load_records, write_predictions
 from pal_jax.inference import decode as sampling
-from pal_jax.inference import scoring
-from pal_jax.inference import selection
+from pal_jax.inference import scoring, selection
 from pal_jax.model import tokenizer as tok_lib
 from pal_jax.model.spec import ModelSpec, model_config
 from pal_jax.weights import init_from, tokenizers

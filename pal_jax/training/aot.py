@@ -32,14 +32,13 @@ import time
 
 import jax
 import numpy as np
-from pal_jax.model.spec import ModelSpec, model_config
 from pal_jax.core import checkpoint as ckpt_lib
 from pal_jax.core import mesh as mesh_lib
 from pal_jax.core import optim
 from pal_jax.data import pipeline
+from pal_jax.model.spec import ModelSpec, model_config
 from pal_jax.training import loop as train
-from pal_jax.training import stage1
-from pal_jax.training import stage2
+from pal_jax.training import stage1, stage2
 
 GIB = 1024 ** 3
 LIBTPU_MISSING = "libtpu not installed: pip install -r requirements-tpu.txt"
@@ -199,33 +198,32 @@ def compile_stage(stage: str, config, mesh, seq_len: int, vocab_size: int, compi
 
     compiler_options: XLA options for compile() (the tests lower the CPU backend's optimisation level)."""
 
-    c = config
     t = stage2.train_settings(config) if stage == "stage2" else config.train
     div = mesh_lib.batch_divisor(mesh) * t.grad_accum
     if t.batch_size % div:
         key = "stage2.batch_size" if stage == "stage2" else "train.batch_size"
         raise ValueError(f"config.{key} = {t.batch_size}: expected a multiple of data*fsdp*grad_accum = {div} on "
                          f"mesh {dict(mesh.shape)}")
-    ms = ModelSpec(model_config(c.model, vocab_size), mesh, mesh_lib.axis_rules(c))
+    ms = ModelSpec(model_config(config.model, vocab_size), mesh, mesh_lib.axis_rules(config))
     tx = optim.make_optimizer(t)
     abstract_opt, opt_shardings = _opt_state(tx, ms)
     window = min(window or seq_len, seq_len)
     if stage == "stage1":
-        np_batch = stage1_batch(t.batch_size, seq_len, window, bool(c.data.get("packing", False)))
+        np_batch = stage1_batch(t.batch_size, seq_len, window, bool(config.data.get("packing", False)))
         task = train.Task(name="stage1", loss_fn=stage1.sft_loss_fn, train_batch=None, eval_batches=None)
-        extra = None
+        reference = None
     else:
-        np_batch = stage2_batch(t.batch_size, seq_len, window, c.stage2.precompute_ref)
-        task = train.Task(name="stage2", loss_fn=stage2.make_loss_fn(ms.graphdef, c.stage2), train_batch=None,
-                          eval_batches=None)
-        extra = None if c.stage2.precompute_ref else ms.abstract  # the reference: same shapes and shardings
+        np_batch = stage2_batch(t.batch_size, seq_len, window, config.stage2.precompute_ref)
+        task = train.Task(name="stage2", loss_fn=stage2.make_loss_fn(ms.graphdef, config.stage2),
+                          train_batch=None, eval_batches=None)
+        reference = None if config.stage2.precompute_ref else ms.abstract  # same shapes and shardings as the policy
     step = train.make_train_step(ms, task, tx, t.grad_accum, opt_shardings)
     t0 = time.time()
-    lowered = step.lower(ms.abstract, abstract_opt, _abstract_batch(np_batch, mesh), extra)
+    lowered = step.lower(ms.abstract, abstract_opt, _abstract_batch(np_batch, mesh), reference)
     t1 = time.time()
     row = {"stage": stage, "params": ms.n_params(), "global_batch": t.batch_size, "rows": np_batch["inputs"].shape[0],
            "seq_len": seq_len, "target_window": int(np_batch["win_idx"].shape[1]) if "win_idx" in np_batch else seq_len,
-           "grad_accum": t.grad_accum, "reference": stage == "stage2" and extra is not None}
+           "grad_accum": t.grad_accum, "reference": stage == "stage2" and reference is not None}
     try:
         compiled = lowered.compile(compiler_options=compiler_options)
     except Exception as e:  # noqa: BLE001 - the TPU compiler refuses a program that cannot fit its HBM

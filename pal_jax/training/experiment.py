@@ -3,10 +3,10 @@ from __future__ import annotations
 
 
 
-from pal_jax.model import lora as lora_lib
 from pal_jax.core import mesh as mesh_lib
 from pal_jax.core import preemption
 from pal_jax.data import corpus as corpus_lib
+from pal_jax.model import lora as lora_lib
 from pal_jax.model.spec import ModelSpec, model_config
 from pal_jax.weights.tokenizers import get_tokenizer
 

@@ -27,16 +27,14 @@ import optax
 from etils import epath
 
 from pal_jax.core import checkpoint as ckpt_lib
-from pal_jax.model import lora as lora_lib
 from pal_jax.core import mesh as mesh_lib
-from pal_jax.core import optim
-from pal_jax.core import perf
-from pal_jax.core import preemption
-from pal_jax.training import samples as samples_lib
+from pal_jax.core import optim, perf, preemption
 from pal_jax.core.errors import ConfigError
 from pal_jax.core.metrics_writer import MetricsWriter
+from pal_jax.model import lora as lora_lib
 from pal_jax.model.spec import ModelSpec
 from pal_jax.model.transformer import ModelConfig, Transformer, shard_activations
+from pal_jax.training import samples as samples_lib
 
 # loss_fn(model, batch, reference) -> (numerator, denominator, {name: sum}); the loss is numerator / denominator and
 # each logged metric is its sum / denominator over the whole step (all micro-batches).

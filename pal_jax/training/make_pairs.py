@@ -46,9 +46,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from pal_jax.core import atomic
+from pal_jax.core import atomic, preemption
 from pal_jax.core import mesh as mesh_lib
-from pal_jax.core import preemption
 from pal_jax.data import convai2, preferences, templates
 from pal_jax.inference.predictor import Record
 

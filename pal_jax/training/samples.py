@@ -27,11 +27,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from pal_jax.model import lora as lora_lib
 from pal_jax.core import mesh as mesh_lib
 from pal_jax.data import convai2
-from pal_jax.inference.predictor import Predictor, Record, sampling_config
-from pal_jax.inference.predictor import resolve_chat
+from pal_jax.inference.predictor import Predictor, Record, resolve_chat, sampling_config
+from pal_jax.model import lora as lora_lib
 
 NONE = "none"  # the selected persona when the Select step picks "No personal description."
 

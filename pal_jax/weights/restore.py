@@ -11,16 +11,15 @@ from pal_jax.core import checkpoint as ckpt_lib
 from pal_jax.core import mesh as mesh_lib
 from pal_jax.model import tokenizer as tok_lib
 from pal_jax.model.spec import ModelSpec, model_config
-from pal_jax.model.transformer import ModelConfig
 from pal_jax.weights import init_from
 from pal_jax.weights.tokenizers import checkpoint_tokenizer
 
 
 @dataclasses.dataclass
 class Restored:
-    """A checkpoint loaded onto a mesh: its model config and spec, full params (a LoRA checkpoint's adapters merged
-    into its base), tokenizer (None: none found), step, and its metadata (the saved config, the task name)."""
-    cfg: ModelConfig
+    """A checkpoint loaded onto a mesh: its model spec (spec.cfg: the model config), full params (a LoRA
+    checkpoint's adapters merged into its base), tokenizer (None: none found), step, and its metadata (the saved
+    config, the task name)."""
     spec: ModelSpec
     params: Any
     tokenizer: tok_lib.Tokenizer | None
@@ -47,4 +46,4 @@ def restore(workdir: str, mesh, rules=None, tokenizer_path: str = "", need_token
     cfg = model_config(saved["model"], tok.vocab_size if tok is not None else 1)
     spec = ModelSpec(cfg, mesh, mesh_lib.axis_rules(saved) if rules is None else rules)
     params = init_from.checkpoint_params(workdir, spec, saved)
-    return Restored(cfg, spec, params, tok, int(meta["step"]), meta)
+    return Restored(spec, params, tok, int(meta["step"]), meta)
