@@ -73,7 +73,7 @@ def prefill(model, tokens, mask, total_len: int):
     cache = model.init_cache(b, total_len)
     key_mask = jnp.zeros((b, total_len), bool).at[:, :p].set(mask)
     logits, _, cache = model.decode(tokens, cache, positions=_positions(mask), cache_index=jnp.int32(0),
-                                    key_mask=key_mask)
+                                    key_mask=key_mask, last_only=True)
     next_pos = jnp.sum(mask, axis=-1).astype(jnp.int32)
     return logits[:, -1].astype(jnp.float32), cache, key_mask, next_pos
 

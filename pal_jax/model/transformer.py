@@ -577,8 +577,12 @@ class Transformer(nnx.Module):
         dtype = DTYPES[self.cfg.dtype]
         return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(self.cfg.n_layers)]
 
-    def decode(self, tokens, cache, *, positions, cache_index, key_mask):
+    def decode(self, tokens, cache, *, positions, cache_index, key_mask, last_only: bool = False):
         """Run tokens [B,T] against a KV cache. Pure: returns (logits [B,T,V] f32, hidden [B,T,D], new_cache).
+
+        last_only: the LM head runs on the last position only (logits [B,1,V]), as a prefill needs: a prompt's
+        other positions' logits are never read, and the head is the largest matmul of a small model's prefill
+        (SmolLM2-135M: 49152 x 576 per position; XLA does not push the slice through the dot by itself).
 
         The tokens' keys/values go into cache slots cache_index..cache_index+T-1 (cache_index: int32 scalar, may be
         traced); query t (slot cache_index+t) attends to slots s <= cache_index+t where key_mask [B,S] is True.
@@ -596,4 +600,4 @@ class Transformer(nnx.Module):
             x, layer_cache = block(x, rope, mask, layer_cache, cache_index)
             new_cache.append(layer_cache)
         hidden = self.final_norm(x)
-        return self.logits(hidden), hidden, new_cache
+        return self.logits(hidden[:, -1:] if last_only else hidden), hidden, new_cache

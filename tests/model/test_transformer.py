@@ -187,6 +187,10 @@ def test_kv_cache_matches_full_forward(hf_models, family):
         cache = m.init_cache(b, slots)
         first, _, cache = m.decode(tokens[:, :p], cache, positions=positions[:, :p], cache_index=jnp.int32(0),
                                    key_mask=key_mask)
+        prefill_cache = cache
+        # a prefill's LM head on its last position only (decode.prefill): the same logits there, the same cache
+        last, _, last_cache = m.decode(tokens[:, :p], m.init_cache(b, slots), positions=positions[:, :p],
+                                       cache_index=jnp.int32(0), key_mask=key_mask, last_only=True)
         out = jnp.zeros((b, t, VOCAB), jnp.float32).at[:, :p].set(first)
         # a multi-token chunk at a non-zero cache_index (as candidate scoring does), then single tokens
         chunk, _, cache = m.decode(tokens[:, p:p + 3], cache, positions=positions[:, p:p + 3],
@@ -201,9 +205,14 @@ def test_kv_cache_matches_full_forward(hf_models, family):
             return jax.lax.dynamic_update_slice_in_dim(out, lg, i, axis=1), cache
 
         out, cache = jax.lax.fori_loop(p + 3, t, body, (out, cache))
-        return out, cache
+        return out, cache, (first, last, prefill_cache, last_cache)
 
-    out, cache = run(params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(key_mask))
+    out, cache, (first, last, prefill_cache, last_cache) = run(params, jnp.asarray(tokens), jnp.asarray(positions),
+                                                 jnp.asarray(key_mask))
+    assert last.shape == (b, 1, VOCAB)
+    np.testing.assert_array_equal(np.asarray(last), np.asarray(first[:, -1:]))
+    for x, y in zip(jax.tree.leaves(last_cache), jax.tree.leaves(prefill_cache), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert len(cache) == model.cfg.n_layers
     assert cache[0]["k"].shape == (b, slots, model.cfg.n_kv_heads, model.cfg.hd)
     assert not np.asarray(cache[0]["k"][:, t:]).any()  # nothing written past the last token
