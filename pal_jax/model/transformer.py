@@ -350,6 +350,18 @@ def attend(q, k, v, mask):
     return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, h, hd)
 
 
+def attend_cache(q, k_cache, v_cache, mask):
+    """`attend` over a KV cache in its own layout (Transformer.init_cache): q [B,T,H,hd]; k_cache [B,K,S,hd];
+    v_cache [B,K,hd,S]; mask bool [B,T,S]. The same numbers as attend(q, k, v, mask) on the [B,S,K,hd] k and v."""
+    b, t, h, hd = q.shape
+    kv = k_cache.shape[1]
+    q = q.reshape(b, t, kv, h // kv, hd)
+    s = jnp.einsum("btkgd,bksd->bkgts", q, k_cache, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
+    s = jnp.where(mask[:, None, None], s, NEG)
+    p = jax.nn.softmax(s, axis=-1).astype(v_cache.dtype)
+    return jnp.einsum("bkgts,bkds->btkgd", p, v_cache).reshape(b, t, h, hd)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd
@@ -443,12 +455,16 @@ class Block(nnx.Module):
         """-> (x, new_cache). With a cache, this step's k/v are written at slots cache_index.. and attention
         runs over every cache slot (mask [B,T,S] selects the visible ones)."""
         q, k, v = self.attn.qkv(self.attn_norm(x), rope)
-        if cache is not None:
-            start = (jnp.int32(0), jnp.asarray(cache_index, jnp.int32), jnp.int32(0), jnp.int32(0))
-            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
-                     "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
-            k, v = cache["k"], cache["v"]
-        x = x + self.attn.out(attend(q, k, v, mask))
+        if cache is None:
+            a = attend(q, k, v, mask)
+        else:  # the cache's layout (Transformer.init_cache): k [B,K,S,hd], v [B,K,hd,S]
+            i, zero = jnp.asarray(cache_index, jnp.int32), jnp.int32(0)
+            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.transpose(0, 2, 1, 3).astype(cache["k"].dtype),
+                                                       (zero, zero, i, zero)),
+                     "v": jax.lax.dynamic_update_slice(cache["v"], v.transpose(0, 2, 3, 1).astype(cache["v"].dtype),
+                                                       (zero, zero, zero, i))}
+            a = attend_cache(q, cache["k"], cache["v"], mask)
+        x = x + self.attn.out(a)
         x = x + self.mlp(self.mlp_norm(x))
         return x, cache
 
@@ -572,10 +588,15 @@ class Transformer(nnx.Module):
         return self.logits(hidden), hidden
 
     def init_cache(self, batch: int, max_len: int) -> list[dict[str, jax.Array]]:
-        """Zeroed KV cache: one {"k", "v"} dict per layer, each [batch, max_len, n_kv_heads, head_dim]."""
-        shape = (batch, max_len, self.cfg.n_kv_heads, self.cfg.hd)
+        """Zeroed KV cache: one {"k", "v"} dict per layer, k [batch, n_kv_heads, max_len, head_dim] and v
+        [batch, n_kv_heads, head_dim, max_len]: the layouts in which XLA:CPU's two attention products (scores, then
+        values) read them, so that no decoding step transposes the whole cache. With
+        [batch, max_len, n_kv_heads, head_dim] for both, XLA:CPU copied every layer's k and v into these layouts at
+        every step (benchmarks/README.md, "Profile")."""
+        k_shape = (batch, self.cfg.n_kv_heads, max_len, self.cfg.hd)
+        v_shape = (batch, self.cfg.n_kv_heads, self.cfg.hd, max_len)
         dtype = DTYPES[self.cfg.dtype]
-        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(self.cfg.n_layers)]
+        return [{"k": jnp.zeros(k_shape, dtype), "v": jnp.zeros(v_shape, dtype)} for _ in range(self.cfg.n_layers)]
 
     def decode(self, tokens, cache, *, positions, cache_index, key_mask, last_only: bool = False):
         """Run tokens [B,T] against a KV cache. Pure: returns (logits [B,T,V] f32, hidden [B,T,D], new_cache).
@@ -588,7 +609,7 @@ class Transformer(nnx.Module):
         traced); query t (slot cache_index+t) attends to slots s <= cache_index+t where key_mask [B,S] is True.
         positions [B,T] are the tokens' position ids (RoPE angle / gpt2 table row)."""
         b, t = tokens.shape
-        s = cache[0]["k"].shape[1]
+        s = cache[0]["k"].shape[2]  # slots (init_cache's layout)
         self._check_positions(s, "a KV cache (prompt + new tokens)")
         q_slot = jnp.asarray(cache_index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
         mask = causal_mask(q_slot, s, self.cfg.sliding_window)  # [T,S]

@@ -214,8 +214,11 @@ def test_kv_cache_matches_full_forward(hf_models, family):
     for x, y in zip(jax.tree.leaves(last_cache), jax.tree.leaves(prefill_cache), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert len(cache) == model.cfg.n_layers
-    assert cache[0]["k"].shape == (b, slots, model.cfg.n_kv_heads, model.cfg.hd)
-    assert not np.asarray(cache[0]["k"][:, t:]).any()  # nothing written past the last token
+    kv, hd = model.cfg.n_kv_heads, model.cfg.hd
+    assert cache[0]["k"].shape == (b, kv, slots, hd) and cache[0]["v"].shape == (b, kv, hd, slots)
+    # nothing written past the last token
+    assert not np.asarray(cache[0]["k"][:, :, t:]).any() and not np.asarray(cache[0]["v"][..., t:]).any()
+    assert np.asarray(cache[0]["v"][..., :t]).any()
     assert np.abs(np.asarray(full)[mask]).max() > 1.0
     diff = np.abs(np.asarray(out)[mask] - np.asarray(full)[mask]).max()
     print(f"{family} kv-cache vs full forward max|diff| = {diff:.3g}")
