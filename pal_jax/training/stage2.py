@@ -420,9 +420,10 @@ def stage1_start(s1: str) -> tuple[str, dict]:
 
 
 def _saved_model_config(exp: Experiment, s1: str, saved: dict):
-    """The ModelConfig a run with saved config `saved` built (vocab_size 0: the tokenizer's, Stage 1's own)."""
+    """The ModelConfig a run with saved config `saved` built (vocab_size 0: the tokenizer's, Stage 1's own), with
+    this run's model.attention (a run-time choice: Stage 1 on splash and Stage 2 on xla build the same params)."""
     try:
-        return model_config(saved["model"], exp.tokenizer.vocab_size)
+        return model_config(saved["model"], exp.tokenizer.vocab_size, exp.model_cfg.attention)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(_BASE_ERROR.format(s1=s1, why=f"its saved model config does not build ({e})",
                                             fix="a Stage 1 checkpoint written by this version of pal_jax")) from e
