@@ -24,6 +24,13 @@ VOCAB = 61
 BASE = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_len=512)
 LOGIT_TOL = 1e-5  # float32; measured: dot_product_attention 0 (bitwise), splash about 1.4e-6 (|logits| about 3)
 GRAD_RTOL = 4e-6  # max |grad diff| / max |grad|; measured: at most about 1e-6
+# cheaper CPU codegen (as tests/training/test_aot.py): compile time halves; both sides of a comparison get it
+FAST_CPU = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _run(fn, *args):
+    """fn(*args), jitted and compiled with FAST_CPU."""
+    return jax.jit(fn).lower(*args).compile(compiler_options=FAST_CPU)(*args)
 
 
 def _graphdef_and_params(cfg: ModelConfig, seed: int = 0):
@@ -43,7 +50,6 @@ def _logits_and_grads(cfg: ModelConfig, attention: str, tokens, real=None, **kw)
     if real is not None:  # padding queries never reach a loss (module doc of transformer: their outputs differ)
         weight = weight * jnp.asarray(real)[..., None]
 
-    @jax.jit
     def run(params, tokens, kw):
         def loss(p):
             logits = nnx.merge(graphdef, p)(tokens, **kw)[0]
@@ -52,7 +58,7 @@ def _logits_and_grads(cfg: ModelConfig, attention: str, tokens, real=None, **kw)
         unmasked = nnx.merge(graphdef, params)(tokens, positions=kw.get("positions"))[0]
         return logits, grads, unmasked
 
-    logits, grads, unmasked = run(params, jnp.asarray(tokens), {k: jnp.asarray(v) for k, v in kw.items()})
+    logits, grads, unmasked = _run(run, params, jnp.asarray(tokens), {k: jnp.asarray(v) for k, v in kw.items()})
     return np.asarray(logits), jax.tree.map(np.asarray, grads), np.asarray(unmasked)
 
 
@@ -98,8 +104,8 @@ def _packed(b, t, starts, real=None):
 
 def _logits(cfg, tokens, **kw):
     graphdef, params = _graphdef_and_params(cfg)
-    fn = jax.jit(lambda p, tokens, kw: nnx.merge(graphdef, p)(tokens, **kw)[0])
-    return np.asarray(fn(params, jnp.asarray(tokens), {k: jnp.asarray(v) for k, v in kw.items()}))
+    fn = lambda p, tokens, kw: nnx.merge(graphdef, p)(tokens, **kw)[0]  # noqa: E731
+    return np.asarray(_run(fn, params, jnp.asarray(tokens), {k: jnp.asarray(v) for k, v in kw.items()}))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,7 +139,6 @@ def test_dot_product_attention_decode_matches_full_forward():
     key_mask = np.zeros((b, slots), bool)
     key_mask[:, :t] = mask
 
-    @jax.jit
     def run(params, tokens, positions, key_mask, mask):
         m = nnx.merge(graphdef, params)
         full = m(tokens, positions=positions, key_mask=mask)[0]
@@ -154,7 +159,7 @@ def test_dot_product_attention_decode_matches_full_forward():
 
         return full, jax.lax.fori_loop(p + 3, t, body, (out, cache))[0]
 
-    full, out = run(params, *(jnp.asarray(x) for x in (tokens, positions, key_mask, mask)))
+    full, out = _run(run, params, *(jnp.asarray(x) for x in (tokens, positions, key_mask, mask)))
     full, out = np.asarray(full), np.asarray(out)
     xla = _logits(dataclasses.replace(cfg, attention="xla"), tokens, positions=positions, key_mask=mask)
     assert np.abs(full[mask]).max() > 1.0
@@ -201,7 +206,7 @@ def test_splash_matches_xla(case):
     assert d_logits <= LOGIT_TOL and d_grads <= GRAD_RTOL
 
 
-@pytest.mark.slow  # interpret mode on 8 devices: about 10 s
+@pytest.mark.slow  # interpret mode on 8 devices: about 5 s
 def test_splash_under_a_mesh_runs_per_device(monkeypatch):
     """In a train step's shard_activations the kernel runs in shard_map: each device gets its rows (data x fsdp)
     and its heads (tensor), and the result equals xla's."""
@@ -232,7 +237,7 @@ def test_splash_under_a_mesh_runs_per_device(monkeypatch):
         rows = mesh_lib.batch_sharding(mesh, 2)
         args = jax.device_put((params, *(jnp.asarray(x) for x in (tokens, seg, pos))),
                               (mesh_lib.replicated(mesh), rows, rows, rows))
-        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(*args)
+        (_, logits), grads = _run(jax.value_and_grad(loss, has_aux=True), *args)
         out[attention] = (np.asarray(logits), jax.tree.map(np.asarray, grads))
     hd = cfg.hd
     assert seen and all(s == ((1, t, 2, hd), (1, t, 1, hd), [(1, t), (1, t)]) for s in seen), seen
@@ -294,7 +299,7 @@ def test_attention_is_the_runs_choice_not_the_checkpoints():
         assert "model.d_model" in a and "model.attention" not in a
 
 
-@pytest.mark.slow  # Stage 1 with splash in interpret mode: about 20 s
+@pytest.mark.slow  # Stage 1 with splash in interpret mode: about 30 s
 def test_checkpoint_trained_with_splash_restores_and_resumes_with_xla(tmp_path):
     """Stage 1 trained with splash (interpret mode here) saves model.attention='splash' in its metadata; restore
     with this run's 'xla' builds an xla model whose logits equal the splash model's on the same params, and the
