@@ -87,6 +87,10 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
     c.model.remat = False
+    # attention implementation (pal_jax/model/transformer.py): "xla" (einsum + mask + softmax) | "dot_product_attention"
+    # (jax.nn.dot_product_attention) | "splash" (the Pallas TPU kernel, training forward; sequence lengths multiples
+    # of 128; interpret mode off TPU). A run-time choice: a checkpoint restores under any of them
+    c.model.attention = "xla"
     c.model.init_std = 0.02  # random init only (model.ModelConfig.init_std)
 
     # LoRA: low-rank adapters on the attention and MLP projections, trained on a frozen base (pal_jax/model/lora.py).

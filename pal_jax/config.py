@@ -13,7 +13,7 @@ from pal_jax.data.corpus import SOURCES
 from pal_jax.inference.decode import METHODS
 from pal_jax.inference.predictor import PROMPT_FORMATS
 from pal_jax.inference.selection import RULES as SELECT_RULES
-from pal_jax.model.transformer import FAMILIES, LORA_TARGETS
+from pal_jax.model.transformer import ATTENTION, FAMILIES, LORA_TARGETS, SPLASH_BLOCK
 from pal_jax.training.loss_spec import DPO_LOSS_TYPES, parse_loss_type  # noqa: F401  jax-free; losses.py uses the same
 from pal_jax.training.make_pairs import GENERATE_ON, REJECTED_FROM
 
@@ -67,6 +67,24 @@ def _validate_lora(c, e: list[str]) -> None:
            f"'{','.join(allowed)}'")
 
 
+TRAINING_MODES = ("stage1", "stage2", "pipeline")  # modes whose steps run the training forward (hidden_states)
+
+
+def _validate_attention(c, e: list[str]) -> None:
+    """model.attention; with splash, the sequence lengths the training forward will see (the kernel's block)."""
+    att = c.model.get("attention", "xla")
+    _check(e, att in ATTENTION, "model.attention", att, f"one of {ATTENTION}")
+    if att != "splash":
+        return
+    why = f"multiples of {SPLASH_BLOCK} with model.attention='splash' (the kernel's block), or model.attention='xla'"
+    if c.mode in TRAINING_MODES:
+        buckets = tuple(c.data.buckets)
+        _check(e, all(isinstance(b, int) and b % SPLASH_BLOCK == 0 for b in buckets), "data.buckets", buckets, why)
+    if c.mode == "compile":
+        seq = c.compile.seq_len or c.data.max_len
+        _check(e, seq % SPLASH_BLOCK == 0, "compile.seq_len", seq, f"{why} (0 = data.max_len={c.data.max_len})")
+
+
 def _validate_ref_sync(c, e: list[str]) -> None:
     """stage2.ref_sync_every / ref_sync_alpha (TR-DPO, pal_jax/training/stage2.py)."""
     s2 = c.stage2
@@ -105,6 +123,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                f"a divisor of model.n_heads={m.n_heads}")
     _check(e, m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
     _check(e, m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"one of {DTYPES}")
+    _validate_attention(c, e)
     d = c.data
     _check(e, d.source in SOURCES, "data.source", d.source, f"one of {SOURCES}")
     if d.source in ("convai2", "jsonl"):

@@ -37,6 +37,7 @@ from pal_jax.core import checkpoint as ckpt_lib
 from pal_jax.core import mesh as mesh_lib
 from pal_jax.evaluation import evaluate
 from pal_jax.evaluation.evaluate import REPORT_ROWS
+from pal_jax.model.transformer import RUN_TIME_FIELDS
 from pal_jax.training import stage1, stage2
 from pal_jax.weights import init_from, tokenizers
 
@@ -122,7 +123,9 @@ PHASE_KEYS = {
 }
 _COSMETIC = ("train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
              "train.keep_checkpoints", "train.async_checkpoint", "train.profile_start", "train.profile_steps",
-             "train.peak_tflops", "eval.checkpoints", "eval.output_dir")
+             "train.peak_tflops", "eval.checkpoints", "eval.output_dir") + tuple(
+    # how the model is computed (model.attention): its implementations agree to float rounding, as two meshes do
+    f"model.{k}" for k in RUN_TIME_FIELDS)
 _VIA_STAGE2 = ("train.steps", "train.lr", "train.batch_size", "train.warmup_steps")  # replaced by stage2.* there
 # which records the evaluation predicts on (predict.load_records): the pairs come from training turns, so these
 # leave Stage 2 alone (tuning on predict.split=dev, then the same workdir on test, redoes only the evaluation)

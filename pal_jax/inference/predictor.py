@@ -309,7 +309,7 @@ def load_predictor(config, ckpt_path: str, devices=None) -> Predictor:
         if spec and _is_pretrained(spec):  # a base model without fine-tuning
             return _pretrained_predictor(config, spec, ckpt_path, devices)
     r = restore(ckpt_path, mesh_lib.make_mesh(config.mesh, devices), mesh_lib.axis_rules(config),
-                config.tokenizer.path)
+                config.tokenizer.path, attention=config.model.attention)
     logging.info("predict: %s step %d (%s)", ckpt_path, r.step, r.meta.get("task", "?"))
     predictor = _predictor(config, r.spec, r.params, r.tokenizer, resolve_chat(config, ckpt_path, False, r.tokenizer))
     return calibrate(config, predictor, ckpt_path, r.step, calibration_data(config, r.meta["config"]))

@@ -13,9 +13,13 @@ from pal_jax.model import lora as lora_lib
 from pal_jax.model.transformer import LoraConfig, ModelConfig, Transformer
 
 
-def model_config(model_section, vocab_size: int) -> ModelConfig:
-    """config.model (or a checkpoint's saved copy) with vocab_size 0 resolved to the tokenizer's."""
+def model_config(model_section, vocab_size: int, attention: str | None = None) -> ModelConfig:
+    """config.model (or a checkpoint's saved copy) with vocab_size 0 resolved to the tokenizer's. attention: the
+    running config's model.attention, which replaces a saved copy's (or its absence, in checkpoints written before
+    the key existed): how attention is computed is this run's choice, not a property of the weights."""
     d = dict(model_section)
+    if attention is not None:
+        d["attention"] = attention
     if d["vocab_size"] == 0:
         d["vocab_size"] = vocab_size
     elif d["vocab_size"] < vocab_size:

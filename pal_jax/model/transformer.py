@@ -19,22 +19,53 @@ LoRA model's base equals the plain model's for the same seed; with lora None (or
 `pal_jax/model/lora.py` trains the adapters on a frozen base and merges them back into W.
 
 Numerics: norms, RoPE, attention scores/softmax and logits are float32; matmuls run in `cfg.dtype`.
+
+Attention (`cfg.attention`, config key model.attention; a run-time choice, not a property of the weights):
+- "xla" (default): `attend`, einsum + mask + softmax over the whole T x S score matrix, in every path.
+- "dot_product_attention": `jax.nn.dot_product_attention` with implementation=None. The training forward passes
+  causality and the sliding window as is_causal / local_window_size and only padding keys and packed segments as a
+  boolean mask [B,1,T,S]; the KV-cache decode path passes its whole [B,1,T,S] mask (queries sit at cache slots
+  cache_index.., which is_causal cannot express). In jax 0.10.2 implementation=None is the XLA implementation on
+  every backend (jax's own note: "currently falls back to xla"), so this choice does not reach cuDNN's flash
+  attention by itself; cuDNN needs implementation="cudnn", fp16/bf16 and a head_dim <= 128 (256 on Hopper) that is a
+  multiple of 8, and turns a boolean mask into a dense bias.
+- "splash": the Pallas TPU splash attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`), in the
+  training forward (`hidden_states`): a causal or sliding-window (LocalMask) block-sparse mask, padding keys and
+  packed segments as SegmentIds, every head's block map built once per shape. The kernel is per-device: under a
+  mesh it runs in `jax.shard_map`, rows split over the batch axes, heads over `tensor` when both head counts divide
+  it. Sequence lengths must be multiples of SPLASH_BLOCK (a ConfigError says so). On devices other than TPU it runs in
+  Pallas interpret mode (the kernel as ordinary JAX ops: the same numbers, many times slower than "xla"; logged
+  once), which is what the CPU parity tests use. The decode path (`decode`: KV cache, T queries against S cache
+  slots) uses "xla"'s `attend_cache`.
+A query with no visible key (a padding query of a left-padded row) gets a finite output that differs between the
+implementations ("xla" and "dot_product_attention": the mean of every value; "splash": of the values of the blocks
+it computes); no real token attends to it, so no real token's output depends on it.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import dataclasses
+import functools
+import logging
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+from pal_jax.core.errors import ConfigError
 
 FAMILIES = ("llama", "gpt2")
+ATTENTION = ("xla", "dot_product_attention", "splash")  # model.attention (module doc)
+SPLASH_BLOCK = 128  # the splash kernel's tile: its sequence lengths must be multiples of this
+# ModelConfig fields that say how the model is computed, not what its params are: a checkpoint restores, resumes and
+# serves as a reference under any value (the run's config decides), and they are no input of a pipeline phase
+RUN_TIME_FIELDS = ("attention",)
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NEG = -1e30  # masked attention score: finite, so a query row with no visible key stays finite (uniform)
@@ -79,6 +110,9 @@ class ModelConfig:
     rope_truncate: bool = True  # yarn: round the correction range to whole dims
     # 0 = full causal attention; W > 0: a query sees itself and the W - 1 keys before it (Mistral sliding_window)
     sliding_window: int = 0
+    # the attention implementation, one of ATTENTION (module doc). A run-time choice: the params are the same, and a
+    # restored checkpoint takes the run's (spec.model_config), not the one it was trained with
+    attention: str = "xla"
 
     def __post_init__(self):
         def bad(name, expected):
@@ -135,6 +169,8 @@ class ModelConfig:
             bad("sliding_window", "an integer >= 0 (0 = none)")
         if self.sliding_window and self.family != "llama":
             bad("sliding_window", "0 for family 'gpt2'")
+        if self.attention not in ATTENTION:
+            bad("attention", f"one of {ATTENTION}")
         if self.rope_type == "llama3":
             if self.rope_original_max_len < 1:
                 bad("rope_original_max_len", "a positive integer for rope_type 'llama3'")
@@ -362,6 +398,124 @@ def attend_cache(q, k_cache, v_cache, mask):
     return jnp.einsum("bkgts,bkds->btkgd", p, v_cache).reshape(b, t, h, hd)
 
 
+class SelfMask(NamedTuple):
+    """What a training forward (queries = keys, T == S) masks beside causality and the sliding window, for the
+    "dot_product_attention" and "splash" implementations: key_mask bool [B,T] (False = padding key) and segment_ids
+    int32 [B,T] (packed rows), each None when absent."""
+    key_mask: Any = None
+    segment_ids: Any = None
+
+
+def attend_dot_product(q, k, v, mask=None, *, causal: bool = False, window: int = 0):
+    """`jax.nn.dot_product_attention` (grouped-query: k, v may have fewer heads). q [B,T,H,hd]; k, v [B,S,K,hd];
+    mask bool broadcastable to [B,H,T,S] or None; causal: query t sees keys <= t (T == S); window W > 0: and keys
+    > t - W. implementation=None: in jax 0.10.2 the XLA implementation (module doc)."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                        local_window_size=(window - 1, 0) if window else None, implementation=None)
+
+
+def _self_mask_dense(m: SelfMask):
+    """bool [B,1,T|1,T] from a SelfMask's padding keys and segments, or None when it has neither."""
+    mask = None
+    if m.key_mask is not None:
+        mask = m.key_mask.astype(bool)[:, None, None, :]
+    if m.segment_ids is not None:
+        same = m.segment_ids[:, None, :, None] == m.segment_ids[:, None, None, :]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+_LOGGED: set = set()
+
+
+def _log_once(msg: str, *args) -> None:
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        logging.warning(msg, *args)
+
+
+def splash_block(t: int) -> int:
+    """The splash kernel's tile for a sequence of t tokens: the largest of 512, 256, 128 that divides it."""
+    return next(b for b in (512, 256, SPLASH_BLOCK) if t % b == 0)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(heads: int, t: int, window: int, interpret: bool):
+    """The splash MHA kernel (grouped-query: k, v may have fewer heads) for `heads` query heads over a sequence of
+    t, causal or (window > 0) sliding-window; its block map is computed here, once per shape."""
+    base = (splash.LocalMask((t, t), window_size=(window - 1, 0), offset=0) if window
+            else splash.CausalMask((t, t)))
+    b = splash_block(t)
+    sizes = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                              block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    with jax.ensure_compile_time_eval():  # concrete block maps (constants of any program), never a trace's tracers
+        return splash.make_splash_mha(splash.MultiHeadMask([base] * heads), block_sizes=sizes, head_shards=1,
+                                      q_seq_shards=1, interpret=interpret)
+
+
+def _splash_local(q, k, v, q_seg=None, kv_seg=None, *, window: int, interpret: bool):
+    """The kernel on one device's rows: q [b,T,h,hd], k, v [b,T,kv,hd] -> [b,T,h,hd]; q_seg, kv_seg int32 [b,T]."""
+    t, h, hd = q.shape[1], q.shape[2], q.shape[3]
+    kernel = _splash_kernel(h, t, window, interpret)
+    q = q * jnp.asarray(1.0 / math.sqrt(hd), q.dtype)  # the kernel does not scale the scores
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [b, heads, T, hd]
+    if q_seg is None:
+        out = jax.vmap(kernel)(q, k, v)
+    else:
+        out = jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=splash.SegmentIds(q=qs, kv=ks)))(
+            q, k, v, q_seg, kv_seg)
+    return jnp.swapaxes(out, 1, 2)
+
+
+def check_splash_shape(t: int) -> None:
+    """ConfigError unless the splash kernel can take a sequence of t tokens."""
+    if t % SPLASH_BLOCK:
+        raise ConfigError(f"config.model.attention = 'splash' with a sequence of {t} tokens: expected a multiple of "
+                          f"{SPLASH_BLOCK} (the splash kernel's block); set data.buckets (and data.max_len, "
+                          f"compile.seq_len) to multiples of {SPLASH_BLOCK}, or model.attention='xla'")
+
+
+def attend_splash(q, k, v, m: SelfMask, window: int = 0):
+    """Causal (or sliding-window) self-attention through the splash kernel. q [B,T,H,hd]; k, v [B,T,K,hd]; m: the
+    padding keys and packed segments, turned into SegmentIds (a query of segment s sees keys of segment s that are
+    not padding: q ids 2s, kv ids 2s, or 2s + 1 for a padding key, which no query has).
+
+    Under a mesh (shard_activations', else the ambient one) the kernel runs per device in `jax.shard_map`: rows split
+    over the batch axes that divide B, heads over `tensor` when it divides both H and K (otherwise every `tensor`
+    device computes all heads). Interpret mode unless the mesh's devices (else the default backend) are TPUs."""
+    b, t, h, _ = q.shape
+    kv = k.shape[2]
+    check_splash_shape(t)
+    segs = ()
+    if m.key_mask is not None or m.segment_ids is not None:
+        seg = (jnp.zeros((b, t), jnp.int32) if m.segment_ids is None else m.segment_ids.astype(jnp.int32)) * 2
+        pad = 0 if m.key_mask is None else jnp.logical_not(m.key_mask.astype(bool)).astype(jnp.int32)
+        segs = (seg, seg + pad)
+    ctx = _ACTIVATION_SHARDING.get()
+    mesh, batch_axes = ctx if ctx is not None else (jax.sharding.get_abstract_mesh(), ("data", "fsdp"))
+    concrete = isinstance(mesh, jax.sharding.Mesh) and mesh.size
+    platform = mesh.devices.flat[0].platform if concrete else jax.default_backend()
+    interpret = platform != "tpu"
+    if interpret:
+        _log_once("model.attention='splash' on %s: the Pallas kernel runs in interpret mode (the same numbers as on "
+                  "TPU, many times slower than model.attention='xla')", platform)
+    fn = functools.partial(_splash_local, window=window, interpret=interpret)
+    if mesh.empty or mesh.size == 1:
+        return fn(q, k, v, *segs)
+    P = jax.sharding.PartitionSpec
+    rows = tuple(a for a in batch_axes if a in mesh.axis_names)
+    if not rows or b % math.prod(mesh.shape[a] for a in rows):
+        rows = None
+    n_tensor = mesh.shape["tensor"] if "tensor" in mesh.axis_names else 1
+    heads = "tensor" if n_tensor > 1 and h % n_tensor == 0 and kv % n_tensor == 0 else None
+    if n_tensor > 1 and heads is None:
+        _log_once("model.attention='splash': %d query / %d key-value heads do not split over tensor=%d: every tensor "
+                  "device computes all heads", h, kv, n_tensor)
+    x_spec, seg_spec = P(rows, None, heads, None), P(rows, None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(x_spec,) * 3 + (seg_spec,) * len(segs), out_specs=x_spec,
+                         check_vma=False)(q, k, v, *segs)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd
@@ -450,20 +604,30 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = Norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
+        self.attention, self.window = cfg.attention, cfg.sliding_window
 
     def __call__(self, x, rope, mask, cache=None, cache_index=None):
         """-> (x, new_cache). With a cache, this step's k/v are written at slots cache_index.. and attention
-        runs over every cache slot (mask [B,T,S] selects the visible ones)."""
+        runs over every cache slot (mask [B,T,S] selects the visible ones). mask: bool [B,T,S] (xla, and every
+        decode path), or a SelfMask (the training forward of dot_product_attention and splash)."""
         q, k, v = self.attn.qkv(self.attn_norm(x), rope)
-        if cache is None:
-            a = attend(q, k, v, mask)
-        else:  # the cache's layout (Transformer.init_cache): k [B,K,S,hd], v [B,K,hd,S]
+        if cache is not None:  # the cache's layout (Transformer.init_cache): k [B,K,S,hd], v [B,K,hd,S]
             i, zero = jnp.asarray(cache_index, jnp.int32), jnp.int32(0)
             cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.transpose(0, 2, 1, 3).astype(cache["k"].dtype),
                                                        (zero, zero, i, zero)),
                      "v": jax.lax.dynamic_update_slice(cache["v"], v.transpose(0, 2, 3, 1).astype(cache["v"].dtype),
                                                        (zero, zero, zero, i))}
-            a = attend_cache(q, cache["k"], cache["v"], mask)
+            if self.attention == "dot_product_attention":  # the decode path: the whole [B,T,S] mask, [B,S,K,hd]
+                a = attend_dot_product(q, cache["k"].transpose(0, 2, 1, 3), cache["v"].transpose(0, 3, 1, 2),
+                                       mask[:, None])
+            else:  # xla; splash's decode path
+                a = attend_cache(q, cache["k"], cache["v"], mask)
+        elif isinstance(mask, SelfMask) and self.attention == "splash":
+            a = attend_splash(q, k, v, mask, self.window)
+        elif isinstance(mask, SelfMask):
+            a = attend_dot_product(q, k, v, _self_mask_dense(mask), causal=True, window=self.window)
+        else:  # xla
+            a = attend(q, k, v, mask)
         x = x + self.attn.out(a)
         x = x + self.mlp(self.mlp_norm(x))
         return x, cache
@@ -552,16 +716,20 @@ class Transformer(nnx.Module):
 
         positions int32 [B,T] (default arange); key_mask bool [B,T] (False = padding key, never attended);
         segment_ids int32 [B,T] (packed rows, data.packing): a token attends only to earlier tokens of its own
-        segment (give each example's positions restarting at 0)."""
+        segment (give each example's positions restarting at 0). Attention through cfg.attention (module doc);
+        splash needs T a multiple of SPLASH_BLOCK (ConfigError otherwise)."""
         self._check_positions(tokens.shape[1], "a sequence")
         positions = self._positions(tokens, positions)
         t = tokens.shape[1]
-        mask = causal_mask(jnp.arange(t, dtype=jnp.int32), t, self.cfg.sliding_window)[None]
-        if key_mask is not None:
-            mask = mask & key_mask[:, None, :].astype(bool)
-        if segment_ids is not None:
-            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        mask = jnp.broadcast_to(mask, (tokens.shape[0], t, t))
+        if self.cfg.attention == "xla":
+            mask = causal_mask(jnp.arange(t, dtype=jnp.int32), t, self.cfg.sliding_window)[None]
+            if key_mask is not None:
+                mask = mask & key_mask[:, None, :].astype(bool)
+            if segment_ids is not None:
+                mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+            mask = jnp.broadcast_to(mask, (tokens.shape[0], t, t))
+        else:  # causality and the window are the implementation's own (module doc)
+            mask = SelfMask(key_mask, segment_ids)
         x = self._embed(tokens, positions)
         rope = self._rope(positions)
         run = nnx.remat(_block_forward) if self.cfg.remat else _block_forward
@@ -607,7 +775,8 @@ class Transformer(nnx.Module):
 
         The tokens' keys/values go into cache slots cache_index..cache_index+T-1 (cache_index: int32 scalar, may be
         traced); query t (slot cache_index+t) attends to slots s <= cache_index+t where key_mask [B,S] is True.
-        positions [B,T] are the tokens' position ids (RoPE angle / gpt2 table row)."""
+        positions [B,T] are the tokens' position ids (RoPE angle / gpt2 table row). Attention: cfg.attention's,
+        except that splash (a self-attention kernel) falls back to "xla" here."""
         b, t = tokens.shape
         s = cache[0]["k"].shape[2]  # slots (init_cache's layout)
         self._check_positions(s, "a KV cache (prompt + new tokens)")

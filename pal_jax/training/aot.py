@@ -14,8 +14,10 @@ the real batch sources (pipeline.BatchSource, stage2.PairSource) at one bucket o
 
 The compiled executable's memory_analysis() gives bytes per device: arguments, outputs, aliased (donated
 arguments reused as outputs), temporaries and generated code. Total = arguments + outputs - alias + temporaries +
-generated code, compared with the chip's HBM. The table is printed and written to WORKDIR/compile_<topology>.json
-and .md.
+generated code, compared with the chip's HBM. Its cost_analysis() gives XLA's estimate of the FLOPs and the bytes
+accessed of one step on one device (the partitioned program); a Pallas kernel (model.attention='splash') is a custom
+call XLA does not look into, so its FLOPs and bytes are not in these figures. The table is printed and written to
+WORKDIR/compile_<topology>.json and .md.
 
 compile.topology "cpu" compiles for this machine's devices instead (no libtpu; what the tests use).
 """
@@ -180,13 +182,17 @@ def _memory(compiled) -> dict[str, int]:
     return out
 
 
-def _flops(compiled) -> float | None:
+def _cost(compiled) -> dict[str, float | None]:
+    """XLA's cost analysis of the compiled step (one device's program): FLOPs and bytes accessed, None where the
+    backend gives none."""
     try:
         ca = compiled.cost_analysis()
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-        return float(ca["flops"]) if ca and "flops" in ca else None
     except Exception:  # noqa: BLE001 - cost analysis is optional information
-        return None
+        ca = None
+    ca = ca or {}
+    return {k: (float(ca[a]) if a in ca else None) for k, a in (("flops", "flops"),
+                                                                 ("bytes_accessed", "bytes accessed"))}
 
 
 def compile_stage(stage: str, config, mesh, seq_len: int, vocab_size: int, compiler_options=None,
@@ -232,18 +238,21 @@ def compile_stage(stage: str, config, mesh, seq_len: int, vocab_size: int, compi
         return {**row, "bytes": None, "gib": None, "error": str(e).strip().splitlines()[0][:500],
                 "lower_s": round(t1 - t0, 2), "compile_s": round(time.time() - t1, 2)}
     t2 = time.time()
-    mem = _memory(compiled)
-    return {**row, "bytes": mem, "gib": {k: v / GIB for k, v in mem.items()}, "flops_per_device": _flops(compiled),
-            "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2)}
+    mem, cost = _memory(compiled), _cost(compiled)
+    return {**row, "bytes": mem, "gib": {k: v / GIB for k, v in mem.items()}, "flops_per_device": cost["flops"],
+            "bytes_accessed_per_device": cost["bytes_accessed"], "lower_s": round(t1 - t0, 2),
+            "compile_s": round(t2 - t1, 2)}
 
 
 def _md_table(report: dict) -> str:
     hbm = report["hbm_gib"]
     cols = ("stage", "global batch", "rows x seq", "loss window", "args", "outputs", "alias", "temp", "code", "total",
-            "HBM", "fits")
+            "HBM", "fits", "TFLOP", "accessed")
     lines = [f"Ahead-of-time compile for {report['topology']} ({report['devices']} devices of "
              f"{report['device_kind']}, mesh {report['mesh']}), preset {report['preset']}, dtype {report['dtype']}, "
-             f"param_dtype {report['param_dtype']}, remat {report['remat']}. GiB per device.",
+             f"param_dtype {report['param_dtype']}, remat {report['remat']}, attention {report['attention']}. GiB "
+             f"per device; TFLOP and accessed (GiB): XLA's cost analysis of one step on one device (a Pallas "
+             f"kernel's own work is not in it).",
              "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     notes = []
     for r in report["stages"]:
@@ -252,11 +261,14 @@ def _md_table(report: dict) -> str:
         g = r["gib"]
         if g is None:
             notes.append(f"({len(notes) + 1}) {r['stage']}: the TPU compiler refused it: {r['error']}")
-            cells = ["-"] * 5 + [f"over HBM ({len(notes)})", str(hbm), "no"]
+            cells = ["-"] * 5 + [f"over HBM ({len(notes)})", str(hbm), "no", "-", "-"]
         else:
             cells = [f"{g[k]:.2f}" for k in ("arguments", "outputs", "alias", "temp")]
             cells += [f"{g['generated_code']:.3f}", f"{g['total']:.2f}", str(hbm if hbm is not None else "n/a"),
                       r["fits"]]
+            flops, accessed = r.get("flops_per_device"), r.get("bytes_accessed_per_device")
+            cells += [f"{flops / 1e12:.1f}" if flops is not None else "n/a",
+                      f"{accessed / GIB:.1f}" if accessed is not None else "n/a"]
         lines.append("| " + " | ".join(head + cells) + " |")
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
@@ -302,7 +314,8 @@ def run_compile(config, workdir: str, compiler_options=None) -> dict:
     report = {"topology": topo_name, "libtpu_topology": topo_desc, "devices": len(devices),
               "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape), "hbm_gib": hbm,
               "preset": config.preset, "dtype": config.model.dtype, "param_dtype": config.model.param_dtype,
-              "remat": bool(config.model.remat), "vocab_size": vocab_size, "stages": rows}
+              "remat": bool(config.model.remat), "attention": config.model.get("attention", "xla"),
+              "vocab_size": vocab_size, "stages": rows}
     md = _md_table(report)
     print(md, flush=True)
     os.makedirs(workdir, exist_ok=True)

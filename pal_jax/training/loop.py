@@ -33,7 +33,7 @@ from pal_jax.core.errors import ConfigError
 from pal_jax.core.metrics_writer import MetricsWriter
 from pal_jax.model import lora as lora_lib
 from pal_jax.model.spec import ModelSpec
-from pal_jax.model.transformer import ModelConfig, Transformer, shard_activations
+from pal_jax.model.transformer import RUN_TIME_FIELDS, ModelConfig, Transformer, shard_activations
 from pal_jax.training import samples as samples_lib
 
 # loss_fn(model, batch, reference) -> (numerator, denominator, {name: sum}); the loss is numerator / denominator and
@@ -492,6 +492,8 @@ def _check_resume(meta: dict, config_json: dict, task: Task, directory: str) -> 
     for section in sections:
         saved = old.get(section, {})
         for k, v in config_json.get(section, {}).items():
+            if section == "model" and k in RUN_TIME_FIELDS:  # how the model is computed (model.attention) may change
+                continue
             was = saved[k] if k in saved else (model_defaults.get(k) if section == "model"
                                                else ADDED_KEYS.get(f"{section}.{k}"))
             if was != v:

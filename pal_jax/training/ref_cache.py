@@ -14,7 +14,8 @@ The fingerprint is the SHA-256 of a JSON record of everything the numbers depend
   whatever turned the pairs into rows (the tokenizer, data.max_len's cuts and drops, stage2.dev_fraction's held-out
   dialogues, data.labeler for unlabelled pairs, the chat template of conversational pairs);
 - and, named for a reader of the record: data.max_len, data.buckets, the tokenizer (its serialized form and special
-  ids), stage2.dev_fraction, config.model (the compute dtype among others) and config.lora.
+  ids), stage2.dev_fraction, config.model (the compute dtype among others; not model.attention, whose
+  implementations agree to float rounding, as two meshes do) and config.lora.
 The file holds one [N, 2] float32 array (chosen, rejected) per split and the record with the arrays' SHA-256. A file
 that does not read, whose record differs from this run's, whose arrays have other sizes, another checksum or
 non-finite values is never trusted: a warning names the problem and the log-probs are computed again and the file
@@ -36,6 +37,7 @@ from etils import epath
 from pal_jax.core import atomic
 from pal_jax.core import checkpoint as ckpt_lib
 from pal_jax.core import mesh as mesh_lib
+from pal_jax.model.transformer import RUN_TIME_FIELDS
 
 FORMAT = 1
 FOLDER = "ref_logps"
@@ -108,7 +110,8 @@ def cache_key(config, pairs_file: str, ref_params, tokenizer, encoded: dict) -> 
             "rows": {name: rows_sha256(enc) for name, enc in sorted(encoded.items())},
             "max_len": int(config.data.max_len), "buckets": [int(b) for b in config.data.buckets],
             "tokenizer": tokenizer_hash(tokenizer), "dev_fraction": float(config.stage2.dev_fraction),
-            "model": _jsonable(config.model), "lora": _jsonable(config.get("lora") or {})}
+            "model": {k: v for k, v in _jsonable(config.model).items() if k not in RUN_TIME_FIELDS},
+            "lora": _jsonable(config.get("lora") or {})}
 
 
 def fingerprint(key: dict) -> str:

@@ -51,6 +51,7 @@ the other train.* settings (clipping, cadences, checkpoints) are shared with Sta
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -67,6 +68,7 @@ from pal_jax.data import convai2, labels, pipeline, preferences
 from pal_jax.inference.predictor import Predictor, calibrate, calibration_data, sampling_config
 from pal_jax.model import logprobs, lora
 from pal_jax.model.spec import ModelSpec, model_config
+from pal_jax.model.transformer import shard_activations
 from pal_jax.training import loop as train
 from pal_jax.training import losses, ref_cache, samples
 from pal_jax.training.experiment import Experiment
@@ -265,7 +267,10 @@ def precompute_reference(ms, ref_params, src: PairSource) -> np.ndarray:
 
     @jax.jit
     def logps(params, batch):
-        return _logps(nnx.merge(ms.graphdef, params), batch)
+        # splash runs per device in shard_map over the mesh that shard_activations names (the train and eval steps
+        # trace under it); the other attentions keep their program as it was
+        with (shard_activations(ms.mesh, mesh_lib.BATCH) if ms.cfg.attention == "splash" else contextlib.nullcontext()):
+            return _logps(nnx.merge(ms.graphdef, params), batch)
 
     out = np.zeros((len(src.pairs.prompt), 2), np.float32)
     n_rows = src.rows_per_batch
@@ -420,9 +425,10 @@ def stage1_start(s1: str) -> tuple[str, dict]:
 
 
 def _saved_model_config(exp: Experiment, s1: str, saved: dict):
-    """The ModelConfig a run with saved config `saved` built (vocab_size 0: the tokenizer's, Stage 1's own)."""
+    """The ModelConfig a run with saved config `saved` built (vocab_size 0: the tokenizer's, Stage 1's own), with
+    this run's model.attention (a run-time choice: Stage 1 on splash and Stage 2 on xla build the same params)."""
     try:
-        return model_config(saved["model"], exp.tokenizer.vocab_size)
+        return model_config(saved["model"], exp.tokenizer.vocab_size, exp.model_cfg.attention)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(_BASE_ERROR.format(s1=s1, why=f"its saved model config does not build ({e})",
                                             fix="a Stage 1 checkpoint written by this version of pal_jax")) from e

@@ -38,7 +38,8 @@ from pal_jax.weights import gguf as gguf_import
 from pal_jax.weights import hf as convert
 
 SMOLLM2 = "smollm2_gguf"
-# ModelConfig fields a pretrained file fixes; the others (max_len, dtypes, vocab_multiple, remat) are the run's.
+# ModelConfig fields a pretrained file fixes; the others (max_len, dtypes, vocab_multiple, remat, attention) are the
+# run's.
 ARCH_FIELDS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
                "rope_theta", "norm_eps", "tie_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "rope_type",
                "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len",

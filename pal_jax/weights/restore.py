@@ -27,12 +27,15 @@ class Restored:
     meta: dict
 
 
-def restore(workdir: str, mesh, rules=None, tokenizer_path: str = "", need_tokenizer: bool = True) -> Restored:
+def restore(workdir: str, mesh, rules=None, tokenizer_path: str = "", need_tokenizer: bool = True,
+            attention: str = "xla") -> Restored:
     """The latest checkpoint of a pal_jax workdir (or checkpoints dir) on `mesh` with the logical axis `rules`
     (None: the ones the checkpoint was trained with).
 
     The model shape comes from the checkpoint's saved config (vocab_size 0 = the tokenizer's); the metadata is read
-    once. need_tokenizer=False allows a checkpoint without a tokenizer when its saved vocab_size is set (export)."""
+    once. need_tokenizer=False allows a checkpoint without a tokenizer when its saved vocab_size is set (export).
+    attention: the running config's model.attention (a checkpoint trained with splash on a TPU evaluates with this
+    run's choice, e.g. xla on a CPU); the saved config's is not used."""
     workdir = os.fspath(workdir)
     meta = ckpt_lib.load_meta(workdir)
     saved = meta.get("config") or {}
@@ -43,7 +46,7 @@ def restore(workdir: str, mesh, rules=None, tokenizer_path: str = "", need_token
     if tok is None and (need_tokenizer or saved["model"].get("vocab_size", 0) == 0):
         raise FileNotFoundError(f"no tokenizer for {workdir}: expected {workdir}/tokenizer/tokenizer.json or a "
                                 f"tokenizer path (--config.tokenizer.path)")
-    cfg = model_config(saved["model"], tok.vocab_size if tok is not None else 1)
+    cfg = model_config(saved["model"], tok.vocab_size if tok is not None else 1, attention)
     spec = ModelSpec(cfg, mesh, mesh_lib.axis_rules(saved) if rules is None else rules)
     params = init_from.checkpoint_params(workdir, spec, saved)
     return Restored(spec, params, tok, int(meta["step"]), meta)
