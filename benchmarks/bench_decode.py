@@ -16,6 +16,13 @@ Each timing: one untimed warm-up call (the JAX compile; a short generate / one p
 the median of --repeats timed calls (jax.block_until_ready on the JAX side). A side whose first timed call takes
 longer than --row-budget / --repeats seconds runs fewer calls (at least 1); the table marks it "(n=K)".
 
+Each row also gives both sides' achieved GFLOP/s (model FLOPs of the call, pal_jax.core.perf's count: matmuls only,
+2 per multiply-add) beside a matmul peak measured in the same run on each side (a [1024, 1024] x [1024, 1024]
+float32 product, best of a few: `jnp.matmul` under jit, `torch.mm`), so the distance to the machine's limit shows
+beside the ratio to the peer. decode: the prompt once (LM head on its last position) and one position per further
+new token, attending over the keys it needs (prompt + tokens so far); both sides run that model. score: each side
+its own work (pal_jax the prompt once + the candidates over the shared cache; PyTorch K [prompt + candidate] rows).
+
 The machine is shared: other processes on the same cores slow both sides, PyTorch's OpenMP (barrier per op)
 far more than XLA's thread pool, so the load average is printed at the start and the end.
 
@@ -42,6 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from pal_jax.core import perf
 from pal_jax.weights import hf as convert
 from pal_jax.inference import decode as sampling  # noqa: E402
 from pal_jax.inference import scoring  # noqa: E402
@@ -146,6 +154,46 @@ def torch_score_fn(hf, tokens, cands, cmask):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# model FLOPs and the matmul peaks
+
+
+def decode_flops(cfg, batch: int, new: int = NEW) -> float:
+    """Model FLOPs of greedy decoding `new` tokens after a PROMPT-token prompt, per call: the prompt's forward (LM
+    head on its last position), then new - 1 one-position forwards, the i-th attending over PROMPT + i keys."""
+    fwd = perf.forward_flops_per_token
+    one = lambda keys: fwd(cfg, keys, head_positions=keys)  # noqa: E731  (one query: attention over keys, full head)
+    return batch * (PROMPT * fwd(cfg, PROMPT, head_positions=1) + sum(one(PROMPT + i) for i in range(1, new)))
+
+
+def score_flops(cfg, side: str) -> float:
+    """Model FLOPs of one scoring call, each side its own work: pal_jax runs each prompt once (LM head on its last
+    position), then every candidate's SCORE_C positions over the shared cache (about PROMPT + SCORE_C / 2 keys
+    each); PyTorch runs SCORE_K full [prompt + candidate] rows per prompt, the head on every position."""
+    fwd = perf.forward_flops_per_token
+    rows, t = SCORE_PROMPTS * SCORE_K, PROMPT + SCORE_C
+    if side == "pal_jax":
+        return (SCORE_PROMPTS * PROMPT * fwd(cfg, PROMPT, head_positions=1)
+                + rows * SCORE_C * fwd(cfg, PROMPT + (SCORE_C + 1) // 2))
+    return rows * t * fwd(cfg, t)
+
+
+def matmul_peaks(n: int = 1024, budget_s: float = 1.0) -> tuple[float, float]:
+    """(JAX, PyTorch) float32 matmul FLOP/s on this machine, measured now: one [n, n] x [n, n] product, best of a
+    few within ~budget_s each (JAX: perf.measure_cpu_peak on the first device; PyTorch: torch.mm, its threads)."""
+    j = perf.measure_cpu_peak("float32", devices=jax.local_devices()[:1], n=n, budget_s=budget_s)
+    a = torch.randn(n, n, dtype=torch.float32)
+    b = torch.randn(n, n, dtype=torch.float32)
+    torch.mm(a, b)
+    best, spent, reps = float("inf"), 0.0, 0
+    while reps < 2 or (spent < budget_s and reps < 20):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        dt = time.perf_counter() - t0
+        best, spent, reps = min(best, dt), spent + dt, reps + 1
+    return j, 2.0 * n ** 3 / best
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # timing
 
 
@@ -239,21 +287,36 @@ def print_machine():
           f"PyTorch's spinning OpenMP threads suffer most)")
 
 
-def print_table(rows, repeats: int, row_budget: float, fmt: str = ".1f"):
-    """Markdown table of rows (shape, workload, unit, pal_jax rate, its calls, PyTorch rate, its calls, others CPU);
-    a side that ran fewer than `repeats` timed calls is marked (n=K). `fmt` formats the rates."""
+def print_table(rows, repeats: int, row_budget: float, fmt: str = ".1f", peaks=None):
+    """Markdown table of rows (shape, workload, unit, pal_jax rate, its calls, PyTorch rate, its calls, others CPU,
+    pal_jax FLOP/s, PyTorch FLOP/s); a side that ran fewer than `repeats` timed calls is marked (n=K). `fmt` formats
+    the rates. peaks = (JAX, PyTorch) measured matmul FLOP/s: each side's GFLOP/s is shown with its share of them."""
     head = (f"| {'shape':<5} | {'workload':<12} | {'unit':<9} | {'pal_jax':>10} | {'PyTorch':>10} | "
-            f"{'pal_jax/PyTorch':>15} | {'others CPU':>10} |")
+            f"{'pal_jax/PyTorch':>15} | {'pal_jax GFLOP/s':>16} | {'PyTorch GFLOP/s':>16} | {'others CPU':>10} |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
-    for shape, wl, unit, j, jn, t, tn, other in rows:
+    jp, tp = peaks if peaks else (None, None)
+    gf = lambda f, peak: f"{f / 1e9:.1f} ({f / peak:.0%})" if peak else f"{f / 1e9:.1f}"  # noqa: E731
+    for shape, wl, unit, j, jn, t, tn, other, jf, tf in rows:
         note = lambda n: "" if n == repeats else f" (n={n})"  # noqa: E731
         print(f"| {shape:<5} | {wl:<12} | {unit:<9} | {format(j, fmt) + note(jn):>10} | "
-              f"{format(t, fmt) + note(tn):>10} | {j / t:>14.2f}x | {other:>10.0%} |")
+              f"{format(t, fmt) + note(tn):>10} | {j / t:>14.2f}x | {gf(jf, jp):>16} | {gf(tf, tp):>16} | "
+              f"{other:>10.0%} |")
     print("others CPU: the largest share of the cores used by other processes while either side of the row was timed")
-    if any(jn != repeats or tn != repeats for _, _, _, _, jn, _, tn, _ in rows):
+    if peaks:
+        print(f"GFLOP/s: model FLOPs per second (pal_jax.core.perf's count), in brackets the share of that side's "
+              f"measured float32 matmul peak ({jp / 1e9:.1f} GFLOP/s JAX, {tp / 1e9:.1f} GFLOP/s PyTorch)")
+    if any(jn != repeats or tn != repeats for _, _, _, _, jn, _, tn, *_ in rows):
         print(f"(n=K: that side ran K timed calls instead of {repeats}, to stay within --row-budget "
               f"{row_budget:.0f}s)")
+
+
+def print_peaks() -> tuple[float, float]:
+    """Measure and print both sides' float32 matmul peaks (matmul_peaks); -> (JAX, PyTorch) FLOP/s."""
+    jp, tp = matmul_peaks()
+    print(f"float32 matmul peak, [1024,1024] x [1024,1024], measured now: JAX {jp / 1e9:.1f} GFLOP/s, "
+          f"PyTorch {tp / 1e9:.1f} GFLOP/s", flush=True)
+    return jp, tp
 
 
 def main(argv=None):
@@ -283,6 +346,7 @@ def main(argv=None):
     print_machine()
     print(f"decode: prompt {PROMPT}, {NEW} new tokens, greedy | score: {SCORE_PROMPTS} prompts x {SCORE_K} "
           f"candidates, prompt {PROMPT}, candidate {SCORE_C} | median of {args.repeats} after a warm-up", flush=True)
+    peaks = print_peaks()
 
     rows = []
     t_start = time.perf_counter()
@@ -308,7 +372,9 @@ def main(argv=None):
                 agree = float(np.mean(jout == tout))
                 print(f"[{shape}] decode b={b}: pal_jax {jt:.3f}s (compile+run {jw:.1f}s), HF {tt:.3f}s; "
                       f"greedy tokens identical: {agree:.0%}", flush=True)
-                rows.append((shape, f"decode b={b}", "new tok/s", b * NEW / jt, jn, b * NEW / tt, tn, max(jo, to)))
+                f = decode_flops(cfg, b)
+                rows.append((shape, f"decode b={b}", "new tok/s", b * NEW / jt, jn, b * NEW / tt, tn, max(jo, to),
+                             f / jt, f / tt))
                 if args.breakdown:
                     parts = split_prefill(jax_decode_fn(graphdef, params, tokens, 1), jfn,
                                           torch_decode_fn(hf, tokens, 1), tfn, args.repeats, args.row_budget)
@@ -330,11 +396,12 @@ def main(argv=None):
             print(f"[{shape}] score: pal_jax {jt:.3f}s (compile+run {jw:.1f}s), torch {tt:.3f}s; "
                   f"max |sum logprob diff| = {sdiff:.2e}", flush=True)
             rows.append((shape, f"score {SCORE_PROMPTS}x{SCORE_K}", "cand/s", SCORE_PROMPTS * SCORE_K / jt, jn,
-                         SCORE_PROMPTS * SCORE_K / tt, tn, max(jo, to)))
+                         SCORE_PROMPTS * SCORE_K / tt, tn, max(jo, to), score_flops(cfg, "pal_jax") / jt,
+                         score_flops(cfg, "PyTorch") / tt))
             del hf
 
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f}s; load average at end: {os.getloadavg()[0]:.2f}\n")
-    print_table(rows, args.repeats, args.row_budget)
+    print_table(rows, args.repeats, args.row_budget, peaks=peaks)
 
 
 if __name__ == "__main__":

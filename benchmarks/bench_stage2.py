@@ -15,8 +15,10 @@ forward included, on the same random weights and the same batch -> pairs/s.
            clipping (torch.nn.utils.clip_grad_norm_); torch.optim.AdamW, weight decay on matrices only.
 
 Both sides use the Stage 2 settings of configs/stage2.py (beta, lr, b1, b2, weight decay, clip norm) with a constant
-learning rate (no warm-up: the step's cost is the same) and align_weight = 0, i.e. pure DPO: the embedding-alignment
-term of pal_jax's Stage 2 loss is off (it is not implemented on the PyTorch side).
+learning rate (no warm-up: the step's cost is the same), align_weight = 0 and sft_weight = 0, i.e. pure DPO: the
+embedding-alignment term and the chosen-reply NLL of pal_jax's Stage 2 loss are off (neither is implemented on the
+PyTorch side). The table gives both sides' GFLOP/s (perf.batch_flops: policy forward + backward and the reference
+forward, the LM head on the target window) beside each side's measured float32 matmul peak (bench_decode).
 
 A random-weight LlamaForCausalLM is built with transformers, saved as safetensors and loaded into pal_jax with
 convert.load_hf_dir (bench_decode.build_models); logits are compared first. Before timing, each side runs one step
@@ -48,7 +50,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))  # the repository root: pal_jax, configs
 
-from bench_decode import SHAPES, build_models, parity, print_machine, print_table, timed  # noqa: E402
+from bench_decode import SHAPES, build_models, parity, print_machine, print_peaks, print_table, timed  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -56,6 +58,7 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from pal_jax.core import mesh as mesh_lib  # noqa: E402
+from pal_jax.core import perf
 from pal_jax.core import optim
 from pal_jax.training import stage2
 from pal_jax.training import loop as train  # noqa: E402
@@ -70,12 +73,14 @@ HEAD = 16  # tokens of the "persona block" at the start of each prompt (only the
 
 
 def stage2_settings(n_pairs: int, lr: float | None):
-    """configs/stage2.py (its train settings: stage2.train_settings), pure DPO, constant lr."""
+    """configs/stage2.py (its train settings: stage2.train_settings), pure DPO (no embedding-alignment term, no
+    chosen-reply NLL: stage2.sft_weight's default is 1 since 2026-12-06), constant lr."""
     from configs import common  # (configs/stage2.py's get_config is base_config("stage2", preset))
     c = common.base_config("stage2", "tiny")
     c.stage2.batch_size = n_pairs
     c.stage2.warmup_steps = 0
     c.stage2.align_weight = 0.0
+    c.stage2.sft_weight = 0.0
     if lr is not None:
         c.stage2.lr = lr
     c.train.schedule = "constant"
@@ -232,9 +237,10 @@ def main(argv=None):
     t, s2 = stage2.train_settings(c0), c0.stage2
     sizes = ", ".join(f"{s} {args.pairs or DEFAULT_PAIRS[s]} pairs" for s in shapes)
     print(f"Stage 2 DPO step: {sizes} x {args.seq_len} tokens (forward rows = 2 x pairs), reference forward "
-          f"included | pure DPO (align_weight 0), beta {s2.beta}, AdamW lr {t.lr} constant, b1 {t.b1}, b2 {t.b2}, "
+          f"included | pure DPO (align_weight 0, sft_weight 0), beta {s2.beta}, AdamW lr {t.lr} constant, b1 {t.b1}, b2 {t.b2}, "
           f"weight decay {t.weight_decay} (matrices), clip {t.clip_norm} | median of {args.repeats} after a first "
           f"step", flush=True)
+    peaks = print_peaks()
 
     rows = []
     t_start = time.perf_counter()
@@ -282,12 +288,13 @@ def main(argv=None):
             assert jx.reference_intact()
             print(f"[{shape}] DPO step: pal_jax {jt:.3f}s, PyTorch {tt:.3f}s; step 2 loss (after one AdamW update) "
                   f"pal_jax {jl2:.6f}, PyTorch {tl2:.6f}", flush=True)
+            f = perf.batch_flops(cfg, host_batch, perf.passes("stage2"))  # policy fwd + bwd, reference fwd
             rows.append((shape, f"DPO {n_pairs}x{args.seq_len}", "pairs/s", n_pairs / jt, jn, n_pairs / tt, tn,
-                         max(jo, to)))
+                         max(jo, to), f / jt, f / tt))
             del hf, jx, th
 
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f}s; load average at end: {os.getloadavg()[0]:.2f}\n")
-    print_table(rows, args.repeats, args.row_budget, fmt=".3g")
+    print_table(rows, args.repeats, args.row_budget, fmt=".3g", peaks=peaks)
     print("ratio: pairs/s pal_jax / pairs/s PyTorch (> 1: pal_jax faster)")
 
 
