@@ -377,25 +377,24 @@ def attend(q, k, v, mask):
     """Grouped-query attention. q [B,T,H,hd]; k, v [B,S,K,hd]; mask bool [B,T,S] (True = may attend).
 
     Scores and softmax in float32; a row with no allowed key gets a uniform (finite) distribution."""
-    b, t, h, hd = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, hd)
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
-    s = jnp.where(mask[:, None, None], s, NEG)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, h, hd)
+    return _attend(q, k, v, mask, k.shape[2], "bskd", "bskd")
 
 
 def attend_cache(q, k_cache, v_cache, mask):
     """`attend` over a KV cache in its own layout (Transformer.init_cache): q [B,T,H,hd]; k_cache [B,K,S,hd];
     v_cache [B,K,hd,S]; mask bool [B,T,S]. The same numbers as attend(q, k, v, mask) on the [B,S,K,hd] k and v."""
+    return _attend(q, k_cache, v_cache, mask, k_cache.shape[1], "bksd", "bkds")
+
+
+def _attend(q, k, v, mask, kv: int, k_axes: str, v_axes: str):
+    """attend's computation for k, v laid out as k_axes / v_axes (einsum letters: b batch, s slot, k kv head, d
+    head dim), kv key-value heads."""
     b, t, h, hd = q.shape
-    kv = k_cache.shape[1]
     q = q.reshape(b, t, kv, h // kv, hd)
-    s = jnp.einsum("btkgd,bksd->bkgts", q, k_cache, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
+    s = jnp.einsum(f"btkgd,{k_axes}->bkgts", q, k, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
     s = jnp.where(mask[:, None, None], s, NEG)
-    p = jax.nn.softmax(s, axis=-1).astype(v_cache.dtype)
-    return jnp.einsum("bkgts,bkds->btkgd", p, v_cache).reshape(b, t, h, hd)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum(f"bkgts,{v_axes}->btkgd", p, v).reshape(b, t, h, hd)
 
 
 class SelfMask(NamedTuple):
