@@ -18,6 +18,7 @@ import importlib
 import logging as std_logging
 import os
 import sys
+import threading
 import traceback
 
 import jax
@@ -158,6 +159,20 @@ def _quiet_closed_loop(hook):
     return quiet
 
 
+def _last_line_and_exit(line: str, code: int) -> None:
+    """Write `line` as the last line of stderr and exit at once (os._exit) with `code`. Orbax's background threads
+    of a failed save are still writing tracebacks to stderr (Python's and TensorStore's, from C): silence the Python
+    ones first, and write the line in one system call, starting on a fresh line, so that a traceback line being
+    written at that moment cannot split it (a clean-clone CI run once saw '    error: ... stepself._check_closed()')."""
+    threading.excepthook = lambda args: None
+    sys.excepthook = lambda *args: None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115  (closed by the exit below)
+    os.write(2, f"\n{line}\n".encode())
+    os._exit(code)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -176,10 +191,7 @@ def main(argv):
     except CheckpointError as e:  # a failed save (disk full), no readable checkpoint: one line, exit 1
         if FLAGS.traceback:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)  # at once: Orbax's background threads of a failed save would print on after this line
+        _last_line_and_exit(f"error: {e}", 1)
     except Preempted as e:  # SIGTERM outside a training loop: the unit of work in progress was abandoned
         print(f"preempted: {e.what}; rerun the same command to resume", file=sys.stderr)
         sys.exit(0)
