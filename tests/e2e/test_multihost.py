@@ -116,6 +116,7 @@ def stage1_runs(tmp_path_factory):
     return ref1, mh1, s1
 
 
+@pytest.mark.slow  # 65 s (two Stage 1 runs in its fixture): the default suite had reached 15 min 11 s on a clean clone
 def test_two_processes_match_one_process_with_four_devices(stage1_runs, tmp_path):
     ref1, mh1, s1 = stage1_runs
     c1 = _config()
