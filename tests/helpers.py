@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -84,3 +86,27 @@ def hf_logits(torch, model, tokens):
     """A transformers model's logits for int tokens [B, T], as numpy."""
     with torch.no_grad():
         return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+
+
+def decode_in_pieces(m, tokens, positions, key_mask, p: int, slots: int):
+    """Inside a jit, the ways a KV cache is filled: a p-token prefill into a fresh cache of `slots`, a 3-token chunk
+    at cache index p (as candidate scoring does), then one token at a time in a fori_loop (traced cache_index).
+    -> (logits [B,T,V] of every position, the final cache, the prefill's logits, the cache after the prefill)."""
+    b, t = tokens.shape
+    first, _, cache = m.decode(tokens[:, :p], m.init_cache(b, slots), positions=positions[:, :p],
+                               cache_index=jnp.int32(0), key_mask=key_mask)
+    prefill_cache = cache
+    out = jnp.zeros((b, t, first.shape[-1]), jnp.float32).at[:, :p].set(first)
+    chunk, _, cache = m.decode(tokens[:, p:p + 3], cache, positions=positions[:, p:p + 3], cache_index=jnp.int32(p),
+                               key_mask=key_mask)
+    out = out.at[:, p:p + 3].set(chunk)
+
+    def body(i, carry):
+        out, cache = carry
+        tok = jax.lax.dynamic_slice_in_dim(tokens, i, 1, axis=1)
+        pos = jax.lax.dynamic_slice_in_dim(positions, i, 1, axis=1)
+        lg, _, cache = m.decode(tok, cache, positions=pos, cache_index=i, key_mask=key_mask)
+        return jax.lax.dynamic_update_slice_in_dim(out, lg, i, axis=1), cache
+
+    out, cache = jax.lax.fori_loop(p + 3, t, body, (out, cache))
+    return out, cache, first, prefill_cache

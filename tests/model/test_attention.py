@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import tiny_config
+from helpers import decode_in_pieces, tiny_config
 from pal_jax.config import validate
 from pal_jax.core import mesh as mesh_lib
 from pal_jax.core.errors import ConfigError
@@ -142,22 +142,7 @@ def test_dot_product_attention_decode_matches_full_forward():
     def run(params, tokens, positions, key_mask, mask):
         m = nnx.merge(graphdef, params)
         full = m(tokens, positions=positions, key_mask=mask)[0]
-        cache = m.init_cache(b, slots)
-        first, _, cache = m.decode(tokens[:, :p], cache, positions=positions[:, :p], cache_index=jnp.int32(0),
-                                   key_mask=key_mask)
-        out = jnp.zeros((b, t, VOCAB), jnp.float32).at[:, :p].set(first)
-        chunk, _, cache = m.decode(tokens[:, p:p + 3], cache, positions=positions[:, p:p + 3],
-                                   cache_index=jnp.int32(p), key_mask=key_mask)
-        out = out.at[:, p:p + 3].set(chunk)
-
-        def body(i, carry):
-            out, cache = carry
-            tok = jax.lax.dynamic_slice_in_dim(tokens, i, 1, axis=1)
-            pos = jax.lax.dynamic_slice_in_dim(positions, i, 1, axis=1)
-            lg, _, cache = m.decode(tok, cache, positions=pos, cache_index=i, key_mask=key_mask)
-            return jax.lax.dynamic_update_slice_in_dim(out, lg, i, axis=1), cache
-
-        return full, jax.lax.fori_loop(p + 3, t, body, (out, cache))[0]
+        return full, decode_in_pieces(m, tokens, positions, key_mask, p, slots)[0]
 
     full, out = _run(run, params, *(jnp.asarray(x) for x in (tokens, positions, key_mask, mask)))
     full, out = np.asarray(full), np.asarray(out)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import decode_in_pieces
 from pal_jax.weights import hf as convert
 from pal_jax.model.transformer import ModelConfig, Transformer
 from pal_jax.model.spec import ModelSpec
@@ -170,7 +171,8 @@ def test_read_bfloat16_safetensors(hf_models, tmp_path):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_kv_cache_matches_full_forward(hf_models, family):
-    """Prefill a prompt, decode a 3-token chunk, then one token at a time in jit + fori_loop (traced cache_index)."""
+    """Prefill a prompt, decode a 3-token chunk, then one token at a time in jit + fori_loop (traced cache_index):
+    helpers.decode_in_pieces."""
     _, models = hf_models
     _, model = convert.load_hf_dir(models[family][1])
     tokens, mask, positions = _left_padded(t=12, pads=(0, 3, 5))
@@ -184,27 +186,10 @@ def test_kv_cache_matches_full_forward(hf_models, family):
     @jax.jit
     def run(params, tokens, positions, key_mask):
         m = nnx.merge(graphdef, params)
-        cache = m.init_cache(b, slots)
-        first, _, cache = m.decode(tokens[:, :p], cache, positions=positions[:, :p], cache_index=jnp.int32(0),
-                                   key_mask=key_mask)
-        prefill_cache = cache
+        out, cache, first, prefill_cache = decode_in_pieces(m, tokens, positions, key_mask, p, slots)
         # a prefill's LM head on its last position only (decode.prefill): the same logits there, the same cache
         last, _, last_cache = m.decode(tokens[:, :p], m.init_cache(b, slots), positions=positions[:, :p],
                                        cache_index=jnp.int32(0), key_mask=key_mask, last_only=True)
-        out = jnp.zeros((b, t, VOCAB), jnp.float32).at[:, :p].set(first)
-        # a multi-token chunk at a non-zero cache_index (as candidate scoring does), then single tokens
-        chunk, _, cache = m.decode(tokens[:, p:p + 3], cache, positions=positions[:, p:p + 3],
-                                   cache_index=jnp.int32(p), key_mask=key_mask)
-        out = out.at[:, p:p + 3].set(chunk)
-
-        def body(i, carry):
-            out, cache = carry
-            tok = jax.lax.dynamic_slice_in_dim(tokens, i, 1, axis=1)
-            pos = jax.lax.dynamic_slice_in_dim(positions, i, 1, axis=1)
-            lg, _, cache = m.decode(tok, cache, positions=pos, cache_index=i, key_mask=key_mask)
-            return jax.lax.dynamic_update_slice_in_dim(out, lg, i, axis=1), cache
-
-        out, cache = jax.lax.fori_loop(p + 3, t, body, (out, cache))
         return out, cache, (first, last, prefill_cache, last_cache)
 
     out, cache, (first, last, prefill_cache, last_cache) = run(params, jnp.asarray(tokens), jnp.asarray(positions),
