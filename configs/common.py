@@ -192,7 +192,7 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.stage2.ref_sync_alpha = 0.6
     # preference JSONL: make_pairs' pairs.jsonl or your own pairs, {persona, history, chosen, rejected} or TRL's
     # conversational {prompt, chosen, rejected} (pal_jax/data/preferences.py); empty: WORKDIR/pairs.jsonl, made
-    # from the Stage 1 model if missing
+    # from the Stage 1 model if missing, rebuilt from its decoded shards when the pair settings below change
     c.stage2.pairs = ""
     c.stage2.select_pairs = True  # also pair Stage 1's wrong persona selections with the labelled one (select task)
     # turns that give generate pairs: "all" (the paper) | "persona" (gold reply draws on a persona; pal_jax/training/make_pairs.py)
@@ -201,6 +201,13 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     # persona-free prompt (persona_free, the paper), to the generate prompt without any persona (no_persona), or to
     # the generate prompt with the labelled persona highlighted (highlighted: its own attempt)
     c.stage2.rejected = "persona_free"
+    # generate pairs whose rejected reply equals the gold one: "drop" | "keep" (they then train only the chosen-reply
+    # NLL and the alignment term: the DPO margin is identically 0 there). With rejected=highlighted, "keep" replays the
+    # turns the model gets right beside the DPO pairs of those it gets wrong (pal_jax/training/make_pairs.py)
+    c.stage2.identical_pairs = "drop"
+    # a select pair's rejected target: "runner_up" (the strongest other candidate) | "own_pick" (the Stage 1 model's
+    # own selection: identical to the chosen one where it is right, kept only with identical_pairs=keep)
+    c.stage2.select_rejected = "runner_up"
     c.stage2.max_pair_turns = 2048  # training turns decoded into pairs (in split order); 0 = all
     c.stage2.dev_fraction = 0.05  # share of dialogues whose pairs are held out for the held-out DPO loss
 

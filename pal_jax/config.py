@@ -15,7 +15,7 @@ from pal_jax.inference.predictor import PROMPT_FORMATS
 from pal_jax.inference.selection import RULES as SELECT_RULES
 from pal_jax.model.transformer import ATTENTION, FAMILIES, LORA_TARGETS, SPLASH_BLOCK
 from pal_jax.training.loss_spec import DPO_LOSS_TYPES, parse_loss_type  # noqa: F401  jax-free; losses.py uses the same
-from pal_jax.training.make_pairs import GENERATE_ON, REJECTED_FROM
+from pal_jax.training.make_pairs import GENERATE_ON, IDENTICAL, REJECTED_FROM, SELECT_REJECTED
 
 # mode -> (module, function(config, workdir) -> summary dict): what main.dispatch runs for config.mode
 MODES = {
@@ -206,12 +206,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, 0 <= s2.label_smoothing < 0.5, "stage2.label_smoothing", s2.label_smoothing, "in [0, 0.5)")
     _check(e, s2.align_weight >= 0, "stage2.align_weight", s2.align_weight, ">= 0 (0 = off)")
     _check(e, s2.align_temperature > 0, "stage2.align_temperature", s2.align_temperature, "> 0")
-    _check(e, s2.use_dpo or s2.align_weight > 0, "stage2.use_dpo", s2.use_dpo,
-           "True, or stage2.align_weight > 0 (otherwise there is no loss)")
+    _check(e, s2.use_dpo or s2.align_weight > 0 or s2.sft_weight > 0, "stage2.use_dpo", s2.use_dpo,
+           "True, or stage2.align_weight > 0 or stage2.sft_weight > 0 (otherwise there is no loss)")
     _check(e, s2.generate_pairs_on in GENERATE_ON, "stage2.generate_pairs_on", s2.generate_pairs_on,
            f"one of {GENERATE_ON}")
     _check(e, s2.max_pair_turns >= 0, "stage2.max_pair_turns", s2.max_pair_turns, ">= 0 (0 = all)")
     _check(e, s2.rejected in REJECTED_FROM, "stage2.rejected", s2.rejected, f"one of {REJECTED_FROM}")
+    _check(e, s2.get("identical_pairs", "drop") in IDENTICAL, "stage2.identical_pairs", s2.get("identical_pairs"),
+           f"one of {IDENTICAL}")
+    _check(e, s2.get("identical_pairs", "drop") != "keep" or s2.sft_weight > 0 or s2.align_weight > 0,
+           "stage2.identical_pairs", s2.get("identical_pairs"),
+           "'drop', or stage2.sft_weight > 0 or stage2.align_weight > 0 (a pair with the same text on both sides "
+           "has no DPO gradient: only those terms train it)")
+    _check(e, s2.get("select_rejected", "runner_up") in SELECT_REJECTED, "stage2.select_rejected",
+           s2.get("select_rejected"), f"one of {SELECT_REJECTED}")
     _check(e, s2.get("reference", "stage1") in ("stage1", "base"), "stage2.reference", s2.get("reference"),
            "'stage1' (the Stage 1 model) or 'base' (the weights Stage 1 started from)")
     _check(e, 0 < s2.dev_fraction < 1, "stage2.dev_fraction", s2.dev_fraction, "in (0, 1)")

@@ -97,11 +97,21 @@ def what_moved(results: dict, differences: dict, s2_dir: str) -> list[str]:
         where = ("every turn" if on == "all" else
                  f"the {info.get('generate_turns')} turns whose gold reply draws on a persona sentence "
                  f"(stage2.generate_pairs_on={on})")
+        rejected = {"persona_free": "the Stage 1 reply to the persona-free prompt",
+                    "no_persona": "the Stage 1 reply with no persona", "highlighted":
+                    "the Stage 1 reply with the labelled persona highlighted"}.get(info.get("rejected_from"),
+                                                                                   "the Stage 1 persona-free reply")
+        select_rej = ("the Stage 1 model's own pick" if info.get("select_rejected") == "own_pick"
+                      else "the Stage 1 model's strongest other candidate")
+        kept = info.get("identical_kept", 0)
         lines += ["", f"Stage 2 pairs ({info_path}): {info.get('generate_pairs', info['pairs'])} generate pairs "
-                      f"(gold reply vs the Stage 1 persona-free reply, on {where}; {info['dropped_identical']} "
-                      f"dropped as identical) and {info.get('select_pairs', 0)} select pairs (labelled persona target vs the "
-                      f"Stage 1 model's strongest other candidate) from {info['turns']} training turns"
-                      + (f"; Stage 1 selection accuracy on those turns {acc:.4f}." if acc is not None else ".")]
+                      f"(gold reply vs {rejected}, on {where}; {info['dropped_identical']} "
+                      f"dropped as identical) and {info.get('select_pairs', 0)} select pairs (labelled persona target vs "
+                      f"{select_rej}) from {info['turns']} training turns"
+                      + (f"; Stage 1 selection accuracy on those turns {acc:.4f}" if acc is not None else "")
+                      + (f"; {kept} pairs have the same text on both sides (the model already right: they train the "
+                         f"chosen-reply NLL and the alignment term only, stage2.identical_pairs=keep)" if kept else "")
+                      + "."]
     return lines
 
 

@@ -28,6 +28,18 @@ model's own greedy reply to:
   the model's own attempt at using the persona, so the pair shows its actual failure (the right form with a wrong
   fact, say); where that attempt equals the gold reply the pair is dropped, as identical.
 
+Which pairs are kept (both decided from the decoded shards, so changing them rebuilds pairs.jsonl without
+decoding again):
+- `identical` (config stage2.identical_pairs): "drop" (default) leaves out a generate pair whose rejected reply
+  equals the gold one; "keep" keeps it. On such a pair the DPO margin is identically 0 (the same tokens after the
+  same prompt on both sides), so its DPO gradient is zero (up to float rounding: a gradient norm of 5e-8 on the
+  tiny model) and it trains only the chosen-reply NLL (stage2.sft_weight) and the alignment term: with `rejected=highlighted` the turns the model already gets right
+  are replayed beside the DPO pairs of the turns it gets wrong, instead of Stage 2 seeing only its failures;
+- `select_rejected` (config stage2.select_rejected): a select pair's rejected side is the strongest *other*
+  candidate ("runner_up", default: the model's own pick where it is wrong, its runner-up where it is right) or
+  the model's own pick ("own_pick": identical to the chosen target where the pick is right, so such a pair is
+  kept only with identical="keep", as replay).
+
 Shards keep each turn's candidate scores (`select_scores`), so the pairs can be rebuilt without the model, and
 the `rejected_from` they were decoded with.
 
@@ -68,6 +80,8 @@ def _same(a: str, b: str) -> bool:
 
 GENERATE_ON = ("all", "persona")
 REJECTED_FROM = ("persona_free", "no_persona", "highlighted")
+IDENTICAL = ("drop", "keep")
+SELECT_REJECTED = ("runner_up", "own_pick")
 
 
 def rejected_replies(predictor, records, rejected_from: str) -> list[str]:
@@ -86,32 +100,50 @@ def _gives_generate(persona_label, generate_on: str) -> bool:
     return generate_on == "all" or (persona_label is not None and persona_label >= 0)
 
 
-def _pairs_of(row: dict, select_pairs: bool, generate_on: str = "all") -> list[dict]:
+def _pairs_of(row: dict, select_pairs: bool, generate_on: str = "all", identical: str = "drop",
+              select_rejected: str = "runner_up") -> list[dict]:
     """The pairs one decoded turn gives (see the module doc)."""
     base = {"id": row["id"], "persona": row["persona"], "history": row["history"],
             "persona_label": row["persona_label"]}
     out = []
     if (_gives_generate(row["persona_label"], generate_on) and row["rejected"] is not None
-            and not _same(row["chosen"], row["rejected"])):
+            and (identical == "keep" or not _same(row["chosen"], row["rejected"]))):
         out.append({**base, "kind": "generate", "chosen": row["chosen"], "rejected": row["rejected"]})
     label, scores = row["persona_label"], row.get("select_scores")
     if select_pairs and label is not None and scores is not None:
         n = len(row["persona"])
-        others = [k for k in range(n + 1) if k != (label if label >= 0 else n)]
-        worst = max(others, key=lambda k: scores[k])  # the strongest wrong candidate (first on ties)
-        out.append({**base, "kind": "select", "chosen": templates.select_target(row["persona"], label),
-                    "rejected": templates.select_target(row["persona"], -1 if worst == n else worst)})
+        if select_rejected == "own_pick":
+            rejected = row["selected"]  # the model's own choice (-1: "none"), by the Select step's rule
+        else:
+            others = [k for k in range(n + 1) if k != (label if label >= 0 else n)]
+            worst = max(others, key=lambda k: scores[k])  # the strongest wrong candidate (first on ties)
+            rejected = -1 if worst == n else worst
+        if identical == "keep" or rejected != label:
+            out.append({**base, "kind": "select", "chosen": templates.select_target(row["persona"], label),
+                        "rejected": templates.select_target(row["persona"], rejected)})
     return out
 
 
 def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0, select_pairs: bool = True,
-               generate_on: str = "all", rejected_from: str = "persona_free") -> dict:
+               generate_on: str = "all", rejected_from: str = "persona_free", identical: str = "drop",
+               select_rejected: str = "runner_up") -> dict:
     """Decode the rejected replies (`rejected_from`, the module doc) and run the Select step (with select_pairs)
-    for the turns of `dialogues` (the first max_turns; 0 = all) and write the pairs. Returns counts and paths."""
+    for the turns of `dialogues` (the first max_turns; 0 = all) and write the pairs. Returns counts and paths.
+    Pairs already written with other keep rules (select_pairs, generate_on, identical, select_rejected) are
+    rebuilt from the decoded shards."""
     if generate_on not in GENERATE_ON:
         raise ValueError(f"stage2.generate_pairs_on = {generate_on!r}: expected one of {GENERATE_ON}")
     if rejected_from not in REJECTED_FROM:
         raise ValueError(f"stage2.rejected = {rejected_from!r}: expected one of {REJECTED_FROM}")
+    if identical not in IDENTICAL:
+        raise ValueError(f"stage2.identical_pairs = {identical!r}: expected one of {IDENTICAL}")
+    if select_rejected not in SELECT_REJECTED:
+        raise ValueError(f"stage2.select_rejected = {select_rejected!r}: expected one of {SELECT_REJECTED}")
+    records = convai2.records_from_dialogues(dialogues)
+    if max_turns:
+        records = records[:max_turns]
+    rules = {"turns": len(records), "select_pairs": select_pairs, "generate_on": generate_on,
+             "identical": identical, "select_rejected": select_rejected}
     root = epath.Path(os.fspath(workdir))
     out = pairs_path(workdir)
     info_path = root / "pairs_info.json"
@@ -119,18 +151,25 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
     finished = bool(mesh_lib.broadcast(np.asarray(epath.Path(out).exists() and info_path.exists(), np.int32)))
     if finished:
         info = json.loads(info_path.read_text())
-        logging.info("pairs: %s exists (%d pairs); skipping", out, info["pairs"])
-        return info
-    records = convai2.records_from_dialogues(dialogues)
-    if max_turns:
-        records = records[:max_turns]
+        # pairs written before the keep rules were recorded: the rules of that time (runner-up, identical dropped)
+        made = info.get("rules") or {"turns": info["turns"], "select_pairs": info.get("select_pairs", 0) > 0,
+                                     "generate_on": info.get("generate_on", "all"), "identical": "drop",
+                                     "select_rejected": "runner_up"}
+        if made == rules:
+            logging.info("pairs: %s exists (%d pairs); skipping", out, info["pairs"])
+            return info
+        changed = ", ".join(f"{k} {made[k]!r} -> {rules[k]!r}" for k in rules if made[k] != rules[k])
+        logging.info("pairs: %s was built with other settings (%s); rebuilding it from the decoded shards (turns "
+                     "not decoded yet are decoded first)", out, changed)
     shard_dir = root / "pairs"
     n_shards = -(-len(records) // SHARD)
     shard = [os.fspath(shard_dir / f"part-{k:05d}.jsonl") for k in range(n_shards)]
     if primary:
         shard_dir.mkdir(parents=True, exist_ok=True)
     # which shards exist: process 0's view, so every process decodes the same shards (the decoding is collective)
-    have = mesh_lib.broadcast(np.asarray([epath.Path(p).exists() for p in shard] or [False], np.int32))
+    # a shard written for a smaller stage2.max_pair_turns may hold fewer turns than this run wants: decoded again
+    have = mesh_lib.broadcast(np.asarray([_shard_rows(p) >= len(records[k * SHARD:(k + 1) * SHARD])
+                                          for k, p in enumerate(shard)] or [False], np.int32))
     t0, done_before = time.time(), 0
     for k in range(n_shards):
         if have[k]:
@@ -147,7 +186,8 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
         mesh_lib.sync("pairs written")  # process 0 writes pairs.jsonl and pairs_info.json
         return json.loads(info_path.read_text())
     with preemption.phase("make_pairs (writing pairs.jsonl; the decoded shards are kept)"):
-        info = _finish(shard, out, info_path, seed, select_pairs, generate_on, rejected_from)
+        info = _finish(shard, out, info_path, seed, select_pairs, generate_on, rejected_from, identical,
+                       select_rejected, n_turns=len(records))
     mesh_lib.sync("pairs written")
     return info
 
@@ -170,13 +210,20 @@ def _make_shard(predictor, records, k: int, seed: int, generate_on: str, rejecte
                                    for r, reply, pick in zip(chunk, replies, picks)))
 
 
+def _shard_rows(path: str) -> int:
+    """Turns in a decoded shard (0 when it is missing)."""
+    return len(_read_lines(path)) if epath.Path(path).exists() else 0
+
+
 def _finish(shard: list[str], out: str, info_path, seed: int, select_pairs: bool, generate_on: str,
-            rejected_from: str = "persona_free") -> dict:
+            rejected_from: str = "persona_free", identical: str = "drop", select_rejected: str = "runner_up",
+            n_turns: int | None = None) -> dict:
     """The pairs of every decoded shard -> pairs.jsonl, then pairs_info.json (written last: it marks them done)."""
     shard_dir = os.path.dirname(shard[0]) if shard else ""
     rows = []
     for path in shard:
         rows += _read_lines(path)
+    rows = rows[:n_turns]  # the last shard may hold turns past this run's stage2.max_pair_turns
     if select_pairs and any(r.get("select_scores") is None for r in rows):
         raise ValueError(f"{shard_dir}: shards written without the Select step (by make_pairs with select_pairs "
                          f"off); expected every row to have 'select_scores'. Delete {shard_dir} to rebuild them")
@@ -189,20 +236,25 @@ def _finish(shard: list[str], out: str, info_path, seed: int, select_pairs: bool
         raise ValueError(f"{shard_dir}: shards decoded with fewer persona-free replies than "
                          f"stage2.generate_pairs_on={generate_on!r} needs (made with generate_pairs_on=persona); "
                          f"delete {shard_dir} to rebuild them")
-    kept = [p for r in rows for p in _pairs_of(r, select_pairs, generate_on)]
+    kept = [p for r in rows for p in _pairs_of(r, select_pairs, generate_on, identical, select_rejected)]
     n_gen = sum(p["kind"] == "generate" for p in kept)
+    n_same = sum(_same(p["chosen"], p["rejected"]) for p in kept)
     atomic.write_jsonl(out, kept)
     labelled = [r for r in rows if r["persona_label"] is not None and r.get("selected") is not None]
     info = {"turns": len(rows), "pairs": len(kept), "generate_pairs": n_gen, "select_pairs": len(kept) - n_gen,
             "generate_on": generate_on, "generate_turns": len(eligible), "rejected_from": rejected_from,
-            "dropped_identical": len(eligible) - n_gen, "path": out, "seed": seed,
+            "dropped_identical": len(eligible) - n_gen, "identical": identical, "identical_kept": n_same,
+            "select_rejected": select_rejected, "path": out, "seed": seed,
+            "rules": {"turns": len(rows), "select_pairs": select_pairs, "generate_on": generate_on,
+                      "identical": identical, "select_rejected": select_rejected},
             "stage1_selection_accuracy": (sum(r["selected"] == r["persona_label"] for r in labelled) / len(labelled)
                                           if labelled else None)}
     atomic.write_json(info_path, info)  # written last: its presence marks the pairs complete
-    logging.info("pairs: %d turns -> %d generate pairs from %d %s turns (%d dropped: persona-free reply identical "
-                 "to the gold one) + %d select pairs (Stage 1 selection accuracy %s) in %s", len(rows), n_gen,
-                 len(eligible), generate_on, len(eligible) - n_gen, len(kept) - n_gen,
-                 info["stage1_selection_accuracy"], out)
+    logging.info("pairs: %d turns -> %d generate pairs from %d %s turns (%d dropped: %s reply identical to the "
+                 "gold one) + %d select pairs (rejected: %s; Stage 1 selection accuracy %s); %d pairs identical on "
+                 "both sides kept (stage2.identical_pairs=%s: they train the NLL and alignment terms only) in %s",
+                 len(rows), n_gen, len(eligible), generate_on, len(eligible) - n_gen, rejected_from,
+                 len(kept) - n_gen, select_rejected, info["stage1_selection_accuracy"], n_same, identical, out)
     return info
 
 

@@ -378,7 +378,15 @@ def run_make_pairs(config, workdir: str) -> dict:
     exp = Experiment(c, workdir)
     s1_params, _ = stage1_params(exp, s1)
     return make_pairs(stage1_predictor(c, exp, s1_params, s1), exp.corpus["train"], workdir, c.seed,
-                      c.stage2.max_pair_turns, c.stage2.select_pairs, c.stage2.generate_pairs_on, c.stage2.rejected)
+                      **pair_settings(c))
+
+
+def pair_settings(c) -> dict:
+    """make_pairs' keyword arguments from config.stage2."""
+    s2 = c.stage2
+    return dict(max_turns=s2.max_pair_turns, select_pairs=s2.select_pairs, generate_on=s2.generate_pairs_on,
+                rejected_from=s2.rejected, identical=s2.get("identical_pairs", "drop"),
+                select_rejected=s2.get("select_rejected", "runner_up"))
 
 
 def stage1_params(exp: Experiment, s1: str):
@@ -543,14 +551,16 @@ def train_stage2(config, workdir: str, devices=None):
     logging.info("stage2: initial policy = Stage 1 %s%s; DPO reference (stage2.reference=%s) = %s", s1,
                  " (LoRA)" if lora_state else "", which, ref_desc)
     path = c.stage2.pairs or pairs_path(workdir)
-    if not epath.Path(path).exists():
-        if c.stage2.pairs:
-            raise convai2.DataFileNotFoundError(
-                f"config.stage2.pairs = {path!r} does not exist; expected a preference JSONL file (a pairs.jsonl "
-                f"written by make_pairs, or your pairs: docs/guide.md, 'Bring your own data'), or leave it empty to make the "
-                f"pairs in the workdir")
+    if c.stage2.pairs and not epath.Path(path).exists():
+        raise convai2.DataFileNotFoundError(
+            f"config.stage2.pairs = {path!r} does not exist; expected a preference JSONL file (a pairs.jsonl "
+            f"written by make_pairs, or your pairs: docs/guide.md, 'Bring your own data'), or leave it empty to make the "
+            f"pairs in the workdir")
+    if not c.stage2.pairs and epath.Path(path).exists() and not (epath.Path(workdir) / "pairs_info.json").exists():
+        logging.info("stage2: %s was not written by make_pairs (no pairs_info.json beside it): trained on as given", path)
+    elif not c.stage2.pairs:  # the workdir's own pairs: made, or rebuilt when stage2's pair settings changed
         make_pairs(stage1_predictor(c, exp, s1_tree, s1), exp.corpus["train"], workdir, c.seed,  # always Stage 1's
-                   c.stage2.max_pair_turns, c.stage2.select_pairs, c.stage2.generate_pairs_on, c.stage2.rejected)
+                   **pair_settings(c))
     src, dev = pair_sources(c, exp.tokenizer, path, s1)
     reference, cache = ref_params, None
     if c.stage2.precompute_ref:

@@ -654,3 +654,82 @@ def test_config_checks_the_reference_update_keys():
     for overrides, pattern in cases:
         with pytest.raises(ConfigError, match=pattern):
             validate(tiny_config(**overrides))
+
+
+def test_pair_keep_rules_rebuild_the_pairs_from_the_decoded_shards(stage1_dir, tmp_path, caplog):
+    """stage2.identical_pairs=keep keeps the generate pairs whose rejected reply equals the gold one, and
+    stage2.select_rejected=own_pick pairs the labelled target with the model's own pick. Changing either (or
+    select_pairs, or max_pair_turns) rebuilds pairs.jsonl from the shards without decoding the turns again."""
+    w = str(tmp_path / "p")
+    c = tiny_config(init_from=stage1_dir, stage2__rejected="highlighted", **S2)
+    drop = stage2.run_make_pairs(c, w)
+    shard_dir = tmp_path / "p" / "pairs"
+    stamps = {f: os.stat(shard_dir / f).st_mtime_ns for f in os.listdir(shard_dir)}
+    shards = [json.loads(x) for f in sorted(stamps) for x in open(shard_dir / f)]
+    persona = [t for t in shards if t["persona_label"] >= 0]
+    same = [t for t in persona if t["chosen"].split() == t["rejected"].split()]
+    assert drop["identical_kept"] == 0 and drop["dropped_identical"] == len(same)
+    assert drop["select_pairs"] == len(shards)  # runner-up: one per turn, never identical
+
+    keep = tiny_config(init_from=stage1_dir, stage2__rejected="highlighted", stage2__identical_pairs="keep",
+                       stage2__select_rejected="own_pick", **S2)
+    with caplog.at_level("INFO"):
+        info = stage2.run_make_pairs(keep, w)
+    assert "built with other settings (identical 'drop' -> 'keep', select_rejected 'runner_up' -> 'own_pick')" \
+        in caplog.text
+    assert {f: os.stat(shard_dir / f).st_mtime_ns for f in os.listdir(shard_dir)} == stamps  # not decoded again
+    rows = [json.loads(x) for x in open(tmp_path / "p" / "pairs.jsonl")]
+    gen = [r for r in rows if r["kind"] == "generate"]
+    sel = [r for r in rows if r["kind"] == "select"]
+    assert info["generate_pairs"] == len(gen) == len(persona) and info["dropped_identical"] == 0
+    assert [(r["id"], r["chosen"], r["rejected"]) for r in gen] == \
+        [(t["id"], t["chosen"], t["rejected"]) for t in persona]
+    right = [t for t in shards if t["selected"] == t["persona_label"]]
+    assert len(sel) == len(shards) and info["identical_kept"] == len(same) + len(right)
+    for r, t in zip(sel, shards):
+        assert r["chosen"] == templates.select_target(t["persona"], t["persona_label"])
+        assert r["rejected"] == templates.select_target(t["persona"], t["selected"])
+    # own_pick without keeping identical pairs: only the wrong picks give select pairs
+    info = stage2.run_make_pairs(tiny_config(init_from=stage1_dir, stage2__rejected="highlighted",
+                                             stage2__select_rejected="own_pick", **S2), w)
+    assert info["select_pairs"] == len(shards) - len(right) and info["generate_pairs"] == len(persona) - len(same)
+    # fewer turns: the pairs of the first 5 only, from the same shards
+    info = stage2.run_make_pairs(tiny_config(init_from=stage1_dir, stage2__rejected="highlighted",
+                                             stage2__max_pair_turns=5, **S2), w)
+    assert info["turns"] == 5 and {json.loads(x)["id"] for x in open(tmp_path / "p" / "pairs.jsonl")} <= \
+        {t["id"] for t in shards[:5]}
+    with pytest.raises(ConfigError, match=r"config\.stage2\.identical_pairs = 'some': expected one of"):
+        validate(tiny_config(stage2__identical_pairs="some"))
+    with pytest.raises(ConfigError, match=r"config\.stage2\.select_rejected = 'best': expected one of"):
+        validate(tiny_config(stage2__select_rejected="best"))
+
+
+def test_an_identical_pair_trains_only_the_nll_term(stage1_dir, tmp_path):
+    """A pair with the same text on both sides has a DPO margin of exactly 0 and no DPO gradient (float rounding
+    aside): with the NLL and alignment terms off its DPO loss is log 2 at every step and the gradient norm is at the
+    rounding level; with the NLL term on, the gradient is the NLL's and the params move. Keeping identical pairs
+    needs a term that trains them (Adam would scale the rounding noise up to lr-sized steps)."""
+    pairs = tmp_path / "same.jsonl"
+    with open(pairs, "w") as f:
+        for k in range(40):
+            f.write(json.dumps({"persona": [f"i have {k} cats.", "i like tea."], "history": ["any pets ?"],
+                                "persona_label": 0, "chosen": f"yes , {k} cats .", "rejected": f"yes , {k} cats ."})
+                    + "\n")
+    common = dict(init_from=stage1_dir, stage2__pairs=str(pairs), stage2__align_weight=0.0,
+                  stage2__dev_fraction=0.3, **S2)
+    s1, _ = ckpt_lib.load_params(stage1_dir, Experiment(tiny_config(**common), str(tmp_path / "x")).model.abstract)
+    norms = {}
+    for sft in (0.0, 1.0):
+        w = tmp_path / f"sft{sft}"
+        stage2.run(tiny_config(stage2__sft_weight=sft, **common), str(w))
+        rows = [json.loads(x) for x in open(w / "metrics.jsonl")]
+        assert [r["train/dpo_loss"] for r in rows if "train/dpo_loss" in r] == pytest.approx([math.log(2)] * 2,
+                                                                                            abs=1e-6)
+        norms[sft] = max(r["train/grad_norm"] for r in rows if "train/grad_norm" in r)
+    assert norms[0.0] < 1e-6 and norms[1.0] > 1e-2, norms
+    policy, _ = ckpt_lib.load_params(str(tmp_path / "sft1.0"), Experiment(tiny_config(**common), str(w)).model.abstract)
+    assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(jax.tree.leaves(policy), jax.tree.leaves(s1))) > 1e-4
+    with pytest.raises(ConfigError, match=r"config\.stage2\.identical_pairs = 'keep': expected 'drop', or "
+                                          r"stage2\.sft_weight > 0 or stage2\.align_weight > 0"):
+        validate(tiny_config(stage2__identical_pairs="keep", stage2__sft_weight=0.0, stage2__align_weight=0.0))
