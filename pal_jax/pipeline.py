@@ -38,7 +38,7 @@ from pal_jax.core import mesh as mesh_lib
 from pal_jax.evaluation import evaluate
 from pal_jax.evaluation.evaluate import REPORT_ROWS
 from pal_jax.model.transformer import RUN_TIME_FIELDS
-from pal_jax.training import stage1, stage2
+from pal_jax.training import make_pairs, stage1, stage2
 from pal_jax.weights import init_from, tokenizers
 
 MOVED_HEADER = "## What Stage 2 moved"
@@ -89,7 +89,7 @@ def what_moved(results: dict, differences: dict, s2_dir: str) -> list[str]:
     if all("selects_none" in res[n] for n in names):
         lines += ["", "Share of turns where the model selects `No personal description.`: "
                   + ", ".join(f"{n} {res[n]['selects_none']:.4f}" for n in names) + "."]
-    info_path = os.fspath(epath.Path(s2_dir) / "pairs_info.json")
+    info_path = make_pairs.info_path(s2_dir)
     if epath.Path(info_path).exists():
         info = json.loads(_read(info_path))
         acc = info.get("stage1_selection_accuracy")
@@ -106,8 +106,8 @@ def what_moved(results: dict, differences: dict, s2_dir: str) -> list[str]:
         kept = info.get("identical_kept", 0)
         lines += ["", f"Stage 2 pairs ({info_path}): {info.get('generate_pairs', info['pairs'])} generate pairs "
                       f"(gold reply vs {rejected}, on {where}; {info['dropped_identical']} "
-                      f"dropped as identical) and {info.get('select_pairs', 0)} select pairs (labelled persona target vs "
-                      f"{select_rej}) from {info['turns']} training turns"
+                      f"dropped as identical) and {info.get('select_pairs', 0)} select pairs (labelled persona "
+                      f"target vs {select_rej}) from {info['turns']} training turns"
                       + (f"; Stage 1 selection accuracy on those turns {acc:.4f}" if acc is not None else "")
                       + (f"; {kept} pairs have the same text on both sides (the model already right: they train the "
                          f"chosen-reply NLL and the alignment term only, stage2.identical_pairs=keep)" if kept else "")

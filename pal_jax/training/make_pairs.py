@@ -33,8 +33,9 @@ decoding again):
 - `identical` (config stage2.identical_pairs): "drop" (default) leaves out a generate pair whose rejected reply
   equals the gold one; "keep" keeps it. On such a pair the DPO margin is identically 0 (the same tokens after the
   same prompt on both sides), so its DPO gradient is zero (up to float rounding: a gradient norm of 5e-8 on the
-  tiny model) and it trains only the chosen-reply NLL (stage2.sft_weight) and the alignment term: with `rejected=highlighted` the turns the model already gets right
-  are replayed beside the DPO pairs of the turns it gets wrong, instead of Stage 2 seeing only its failures;
+  tiny model) and it trains only the chosen-reply NLL (stage2.sft_weight) and the alignment term: with
+  `rejected=highlighted` the turns the model already gets right are replayed beside the DPO pairs of the turns it
+  gets wrong, instead of Stage 2 seeing only its failures;
 - `select_rejected` (config stage2.select_rejected): a select pair's rejected side is the strongest *other*
   candidate ("runner_up", default: the model's own pick where it is wrong, its runner-up where it is right) or
   the model's own pick ("own_pick": identical to the chosen target where the pick is right, so such a pair is
@@ -68,6 +69,11 @@ SHARD = 256  # turns per shard
 
 def pairs_path(workdir: str) -> str:
     return os.fspath(epath.Path(os.fspath(workdir)) / "pairs.jsonl")
+
+
+def info_path(workdir: str) -> str:
+    """pairs_info.json: the counts and settings of make_pairs' pairs.jsonl, written last (it marks them complete)."""
+    return os.fspath(epath.Path(os.fspath(workdir)) / "pairs_info.json")
 
 
 def _read_lines(path) -> list[dict]:
@@ -146,11 +152,11 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
              "identical": identical, "select_rejected": select_rejected}
     root = epath.Path(os.fspath(workdir))
     out = pairs_path(workdir)
-    info_path = root / "pairs_info.json"
+    info_file = epath.Path(info_path(workdir))
     primary = mesh_lib.is_primary()
-    finished = bool(mesh_lib.broadcast(np.asarray(epath.Path(out).exists() and info_path.exists(), np.int32)))
+    finished = bool(mesh_lib.broadcast(np.asarray(epath.Path(out).exists() and info_file.exists(), np.int32)))
     if finished:
-        info = json.loads(info_path.read_text())
+        info = json.loads(info_file.read_text())
         # pairs written before the keep rules were recorded: the rules of that time (runner-up, identical dropped)
         made = info.get("rules") or {"turns": info["turns"], "select_pairs": info.get("select_pairs", 0) > 0,
                                      "generate_on": info.get("generate_on", "all"), "identical": "drop",
@@ -184,10 +190,9 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
                      len(records[k * SHARD:(k + 1) * SHARD]), eta)
     if not primary:
         mesh_lib.sync("pairs written")  # process 0 writes pairs.jsonl and pairs_info.json
-        return json.loads(info_path.read_text())
+        return json.loads(info_file.read_text())
     with preemption.phase("make_pairs (writing pairs.jsonl; the decoded shards are kept)"):
-        info = _finish(shard, out, info_path, seed, select_pairs, generate_on, rejected_from, identical,
-                       select_rejected, n_turns=len(records))
+        info = _finish(shard, out, info_file, seed, rejected_from, rules)
     mesh_lib.sync("pairs written")
     return info
 
@@ -211,19 +216,22 @@ def _make_shard(predictor, records, k: int, seed: int, generate_on: str, rejecte
 
 
 def _shard_rows(path: str) -> int:
-    """Turns in a decoded shard (0 when it is missing)."""
-    return len(_read_lines(path)) if epath.Path(path).exists() else 0
+    """Turns in a decoded shard (0 when it is missing), counted without parsing them."""
+    p = epath.Path(path)
+    return sum(1 for line in p.read_text(encoding="utf-8").split("\n") if line.strip()) if p.exists() else 0
 
 
-def _finish(shard: list[str], out: str, info_path, seed: int, select_pairs: bool, generate_on: str,
-            rejected_from: str = "persona_free", identical: str = "drop", select_rejected: str = "runner_up",
-            n_turns: int | None = None) -> dict:
-    """The pairs of every decoded shard -> pairs.jsonl, then pairs_info.json (written last: it marks them done)."""
+def _finish(shard: list[str], out: str, info_file, seed: int, rejected_from: str, rules: dict) -> dict:
+    """The pairs of the first rules["turns"] decoded turns -> pairs.jsonl, kept by `rules` (make_pairs: the turn
+    count, select_pairs, generate_on, identical, select_rejected), then pairs_info.json (written last: it marks them
+    done)."""
+    select_pairs, generate_on = rules["select_pairs"], rules["generate_on"]
+    identical, select_rejected = rules["identical"], rules["select_rejected"]
     shard_dir = os.path.dirname(shard[0]) if shard else ""
     rows = []
     for path in shard:
         rows += _read_lines(path)
-    rows = rows[:n_turns]  # the last shard may hold turns past this run's stage2.max_pair_turns
+    rows = rows[:rules["turns"]]  # the last shard may hold turns past this run's stage2.max_pair_turns
     if select_pairs and any(r.get("select_scores") is None for r in rows):
         raise ValueError(f"{shard_dir}: shards written without the Select step (by make_pairs with select_pairs "
                          f"off); expected every row to have 'select_scores'. Delete {shard_dir} to rebuild them")
@@ -243,13 +251,11 @@ def _finish(shard: list[str], out: str, info_path, seed: int, select_pairs: bool
     labelled = [r for r in rows if r["persona_label"] is not None and r.get("selected") is not None]
     info = {"turns": len(rows), "pairs": len(kept), "generate_pairs": n_gen, "select_pairs": len(kept) - n_gen,
             "generate_on": generate_on, "generate_turns": len(eligible), "rejected_from": rejected_from,
-            "dropped_identical": len(eligible) - n_gen, "identical": identical, "identical_kept": n_same,
-            "select_rejected": select_rejected, "path": out, "seed": seed,
-            "rules": {"turns": len(rows), "select_pairs": select_pairs, "generate_on": generate_on,
-                      "identical": identical, "select_rejected": select_rejected},
+            "dropped_identical": len(eligible) - n_gen, "identical_kept": n_same, "select_rejected": select_rejected,
+            "path": out, "seed": seed, "rules": rules,
             "stage1_selection_accuracy": (sum(r["selected"] == r["persona_label"] for r in labelled) / len(labelled)
                                           if labelled else None)}
-    atomic.write_json(info_path, info)  # written last: its presence marks the pairs complete
+    atomic.write_json(info_file, info)  # written last: its presence marks the pairs complete
     logging.info("pairs: %d turns -> %d generate pairs from %d %s turns (%d dropped: %s reply identical to the "
                  "gold one) + %d select pairs (rejected: %s; Stage 1 selection accuracy %s); %d pairs identical on "
                  "both sides kept (stage2.identical_pairs=%s: they train the NLL and alignment terms only) in %s",

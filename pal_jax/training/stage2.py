@@ -72,7 +72,7 @@ from pal_jax.model.transformer import shard_activations
 from pal_jax.training import loop as train
 from pal_jax.training import losses, ref_cache, samples
 from pal_jax.training.experiment import Experiment
-from pal_jax.training.make_pairs import make_pairs, pairs_path, read_pairs
+from pal_jax.training.make_pairs import info_path, make_pairs, pairs_path, read_pairs
 from pal_jax.weights import init_from, tokenizers
 
 
@@ -551,14 +551,16 @@ def train_stage2(config, workdir: str, devices=None):
     logging.info("stage2: initial policy = Stage 1 %s%s; DPO reference (stage2.reference=%s) = %s", s1,
                  " (LoRA)" if lora_state else "", which, ref_desc)
     path = c.stage2.pairs or pairs_path(workdir)
-    if c.stage2.pairs and not epath.Path(path).exists():
-        raise convai2.DataFileNotFoundError(
-            f"config.stage2.pairs = {path!r} does not exist; expected a preference JSONL file (a pairs.jsonl "
-            f"written by make_pairs, or your pairs: docs/guide.md, 'Bring your own data'), or leave it empty to make the "
-            f"pairs in the workdir")
-    if not c.stage2.pairs and epath.Path(path).exists() and not (epath.Path(workdir) / "pairs_info.json").exists():
-        logging.info("stage2: %s was not written by make_pairs (no pairs_info.json beside it): trained on as given", path)
-    elif not c.stage2.pairs:  # the workdir's own pairs: made, or rebuilt when stage2's pair settings changed
+    if c.stage2.pairs:
+        if not epath.Path(path).exists():
+            raise convai2.DataFileNotFoundError(
+                f"config.stage2.pairs = {path!r} does not exist; expected a preference JSONL file (a pairs.jsonl "
+                f"written by make_pairs, or your pairs: docs/guide.md, 'Bring your own data'), or leave it empty to "
+                f"make the pairs in the workdir")
+    elif epath.Path(path).exists() and not epath.Path(info_path(workdir)).exists():
+        logging.info("stage2: %s was not written by make_pairs (no pairs_info.json beside it): trained on as given",
+                     path)
+    else:  # the workdir's own pairs: made, or rebuilt when stage2's pair settings changed
         make_pairs(stage1_predictor(c, exp, s1_tree, s1), exp.corpus["train"], workdir, c.seed,  # always Stage 1's
                    **pair_settings(c))
     src, dev = pair_sources(c, exp.tokenizer, path, s1)

@@ -27,6 +27,12 @@ S2 = dict(stage2__steps=2, stage2__batch_size=8, stage2__warmup_steps=0, train__
           predict__batch_size=8, predict__max_new_tokens=6, data__synthetic_dialogues=30)
 
 
+def _max_abs_diff(a, b) -> float:
+    """The largest absolute difference between two params trees' leaves."""
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
 def _record_step0(seen: dict):
     """A stand-in for train.make_train_step whose step records (as numpy) the params of its first call."""
     real = train.make_train_step
@@ -99,8 +105,7 @@ def test_stage2_trains_and_reference_is_untouched(stage1_dir, tmp_path):
     assert first["train/loss"] == pytest.approx(math.log(2) + 1.0 * first["train/chosen_nll"], abs=1e-4)
     assert first["train/reward_margin"] == pytest.approx(0.0, abs=1e-5)
     policy, _ = ckpt_lib.load_params(str(tmp_path / "w2"), exp.model.abstract)
-    assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-               for a, b in zip(jax.tree.leaves(policy), jax.tree.leaves(fresh))) > 0  # the policy moved
+    assert _max_abs_diff(policy, fresh) > 0  # the policy moved
 
 
 def test_pairs_deterministic_resumable_and_precomputed_reference(stage1_dir, tmp_path):
@@ -728,8 +733,7 @@ def test_an_identical_pair_trains_only_the_nll_term(stage1_dir, tmp_path):
         norms[sft] = max(r["train/grad_norm"] for r in rows if "train/grad_norm" in r)
     assert norms[0.0] < 1e-6 and norms[1.0] > 1e-2, norms
     policy, _ = ckpt_lib.load_params(str(tmp_path / "sft1.0"), Experiment(tiny_config(**common), str(w)).model.abstract)
-    assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-               for a, b in zip(jax.tree.leaves(policy), jax.tree.leaves(s1))) > 1e-4
+    assert _max_abs_diff(policy, s1) > 1e-4
     with pytest.raises(ConfigError, match=r"config\.stage2\.identical_pairs = 'keep': expected 'drop', or "
                                           r"stage2\.sft_weight > 0 or stage2\.align_weight > 0"):
         validate(tiny_config(stage2__identical_pairs="keep", stage2__sft_weight=0.0, stage2__align_weight=0.0))
