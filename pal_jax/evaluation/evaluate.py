@@ -9,7 +9,9 @@ reading gold labels or responses), then
   ParlAI's generator agents rank by) and by summed log-prob;
   persona selection accuracy against the labels (exact on the synthetic corpus, the labeler's on ConvAI2), the
   share of "none" selections and the selection errors (none -> persona, persona -> none, wrong sentence);
-  persona coverage, persona F1 and (synthetic corpus) exact persona use between each response and the persona;
+  persona coverage, persona F1 and (synthetic corpus) exact persona use between each response and the persona,
+  and the share of responses that contain a whole persona sentence word for word (what inflates coverage and
+  the proxy without a person's paraphrase: metrics.copies_persona);
   both C-score forms when an NLI model is configured (Madotto et al.'s sum over persona sentences; PAL's released
   code's max over them with the persona sentence as premise), otherwise a note that it was skipped;
   an embedding consistency proxy (pal_jax/evaluation/sentence_encoder.py, all-MiniLM-L6-v2 by default): the max cosine between
@@ -53,6 +55,7 @@ REPORT_ROWS = (
     ("hits_at_1_sum", "Hits@1, summed log-prob", True),
     ("persona_selection_accuracy", "Persona selection acc.", True), ("selects_none", "Selects 'none'", None),
     ("persona_coverage", "Persona coverage", True), ("persona_f1", "Persona F1", True),
+    ("persona_copy_rate", "Copies a whole persona sentence", None),
     ("persona_use_rate", "Persona use rate (exact)", True), ("persona_use_exact", "Persona use exact match", True),
     ("c_score", "C-score, Madotto et al. (sum over persona)", True),
     ("c_score_max", "C-score, PAL's code (max over persona)", True),
@@ -62,12 +65,12 @@ REPORT_ROWS = (
 CONSISTENCY_LABELS = ("Consistency proxy: max cos (MiniLM)", "Consistency proxy: best persona = label")
 C_SCORE_LABELS = ("C-score, Madotto et al. (sum over persona)", "C-score, PAL's code (max over persona)")
 # what the oracle row reports: generation metrics (no selection, no gold-side scoring)
-ORACLE_KEYS = ("f1", "bleu4", "dist2", "repetition_rate", "persona_coverage", "persona_f1", "persona_use_rate",
-               "persona_use_exact", "c_score", "c_score_max", "consistency_max_cos", "consistency_best_persona")
+ORACLE_KEYS = ("f1", "bleu4", "dist2", "repetition_rate", "persona_coverage", "persona_f1", "persona_copy_rate",
+               "persona_use_rate", "persona_use_exact", "c_score", "c_score_max", "consistency_max_cos", "consistency_best_persona")
 # what the reference row reports: the gold replies scored as if a model had written them (the reply-side metrics:
 # a ceiling to read persona coverage and the proxy against, since a model can beat a human there by copying)
-REFERENCE_KEYS = ("dist1", "dist2", "repetition_rate", "persona_coverage", "persona_f1", "persona_use_rate",
-                  "c_score", "c_score_max", "consistency_max_cos", "consistency_best_persona")
+REFERENCE_KEYS = ("dist1", "dist2", "repetition_rate", "persona_coverage", "persona_f1", "persona_copy_rate",
+                  "persona_use_rate", "c_score", "c_score_max", "consistency_max_cos", "consistency_best_persona")
 TURN_TYPES = (("persona", "Turns labelled with a persona sentence"), ("none", "Turns labelled 'none'"))
 FEW_DIALOGUES = 20  # below this the report says its intervals are unreliable
 
@@ -186,6 +189,7 @@ def turn_stats(records, predictions, scored: dict | None = None, extra_rows: dic
         st["selects_none"] = bs.mean_stat([p.selected == -1 for p in predictions])
     st["persona_coverage"] = bs.mean_stat([M.persona_coverage(h, list(r.persona)) for h, r in zip(hyps, records)])
     st["persona_f1"] = bs.mean_stat([M.persona_f1(h, list(r.persona)) for h, r in zip(hyps, records)])
+    st["persona_copy_rate"] = bs.mean_stat([M.copies_persona(h, list(r.persona)) for h, r in zip(hyps, records)])
     for key, v in synthetic_persona_use(records, predictions).items():
         if np.isfinite(v).any():
             st[key] = _per_turn(v)
@@ -478,7 +482,8 @@ def write_report(out_dir: str, results: dict[str, dict], info: dict, analysis: d
         lines += ["", f"## The gold replies themselves ({ref['turns']} turns)", "",
                   "The human replies scored by the same reply-side metrics, beside each checkpoint: a model above "
                   "them on persona coverage, persona F1 or the proxy says persona words more often than a person "
-                  "does (copying), which these metrics reward.", ""]
+                  "does (copying, which these metrics reward; the 'Copies a whole persona sentence' row counts the "
+                  "word-for-word copies).", ""]
         lines += _table(names + list(ref["values"]), both, ivs, None, keys=REFERENCE_KEYS)
     atomic.write_text(paths["markdown"], "\n".join(lines) + "\n")
     _plot(paths["plot"], results, a.get("intervals"), curves or {})

@@ -497,6 +497,17 @@ def persona_coverage(response: str, persona: list[str]) -> float:
     return best
 
 
+def copies_persona(response: str, persona: list[str]) -> float:
+    """1.0 when the response contains a whole persona sentence word for word (both ``normalize_answer``-ed, the
+    sentence's words contiguous in the response's), else 0.0. Persona coverage and the consistency proxy reward
+    such copies ("i play with my friends on the playground." as the answer to "do you have a dog ?"); people in
+    ConvAI2 almost never make them, so a rate far above the gold replies' says a gain in those metrics is copying.
+    """
+    persona = _check_str_list(persona, "copies_persona persona")
+    wy = f" {normalize_answer(_check_str(response, 'copies_persona response'))} "
+    return float(any(p and f" {p} " in wy for p in (normalize_answer(x) for x in persona)))
+
+
 def persona_f1(response: str, persona: list[str]) -> float:
     """Persona F1: max over persona sentences of unigram F1 between the response's and the sentence's content
     words (``content_words``, multiset overlap as in ParlAI F1). Idea: knowledge/persona F1 (Lian et al. 2019,

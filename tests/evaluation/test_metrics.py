@@ -188,6 +188,16 @@ def test_persona_coverage():
     assert M.persona_coverage("anything", []) == 0.0
 
 
+def test_copies_persona_needs_a_whole_sentence_word_for_word():
+    # after ParlAI normalisation (case, punctuation, articles): "I love hiking in THE mountains!" is sentence 1
+    assert M.copies_persona("sure . I love hiking in THE mountains! you ?", PERSONA) == 1.0
+    assert M.copies_persona("i love hiking .", PERSONA) == 0.0  # part of a sentence: coverage 2/3, no copy
+    assert M.copies_persona("i love hiking in mountains today", PERSONA) == 1.0  # contiguous words, not a suffix
+    assert M.copies_persona("i love hiking in the big mountains", PERSONA) == 0.0  # a word in between
+    assert M.copies_persona("xi love hiking in the mountains", PERSONA) == 0.0  # whole words only
+    assert M.copies_persona("anything", []) == 0.0
+
+
 def test_persona_f1():
     # response "i love hiking ." -> [love, hiking]; sentence 1 -> [love, hiking, mountains]
     # overlap 2: P = 2/2, R = 2/3, F1 = 2 * 1 * (2/3) / (5/3) = 0.8; sentence 2 -> 0; max = 0.8
