@@ -208,6 +208,9 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     # a select pair's rejected target: "runner_up" (the strongest other candidate) | "own_pick" (the Stage 1 model's
     # own selection: identical to the chosen one where it is right, kept only with identical_pairs=keep)
     c.stage2.select_rejected = "runner_up"
+    # the persona sentence a generate pair's prompt highlights: "label" (the turn's label, the paper) | "own_pick" (the
+    # Stage 1 model's own Select pick: the prompt Select then Generate will show it; pal_jax/training/make_pairs.py)
+    c.stage2.pair_highlight = "label"
     c.stage2.max_pair_turns = 2048  # training turns decoded into pairs (in split order); 0 = all
     c.stage2.dev_fraction = 0.05  # share of dialogues whose pairs are held out for the held-out DPO loss
 

@@ -15,7 +15,7 @@ from pal_jax.inference.predictor import PROMPT_FORMATS
 from pal_jax.inference.selection import RULES as SELECT_RULES
 from pal_jax.model.transformer import ATTENTION, FAMILIES, LORA_TARGETS, SPLASH_BLOCK
 from pal_jax.training.loss_spec import DPO_LOSS_TYPES, parse_loss_type  # noqa: F401  jax-free; losses.py uses the same
-from pal_jax.training.make_pairs import GENERATE_ON, IDENTICAL, REJECTED_FROM, SELECT_REJECTED
+from pal_jax.training.make_pairs import GENERATE_ON, HIGHLIGHT, IDENTICAL, REJECTED_FROM, SELECT_REJECTED
 
 # mode -> (module, function(config, workdir) -> summary dict): what main.dispatch runs for config.mode
 MODES = {
@@ -220,6 +220,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "has no DPO gradient: only those terms train it)")
     _check(e, s2.get("select_rejected", "runner_up") in SELECT_REJECTED, "stage2.select_rejected",
            s2.get("select_rejected"), f"one of {SELECT_REJECTED}")
+    _check(e, s2.get("pair_highlight", "label") in HIGHLIGHT, "stage2.pair_highlight", s2.get("pair_highlight"),
+           f"one of {HIGHLIGHT}")
+    _check(e, s2.get("pair_highlight", "label") != "own_pick" or s2.rejected != "highlighted",
+           "stage2.pair_highlight", s2.get("pair_highlight"),
+           "'label' with stage2.rejected='highlighted' (its rejected replies are decoded with the label highlighted)")
     _check(e, s2.get("reference", "stage1") in ("stage1", "base"), "stage2.reference", s2.get("reference"),
            "'stage1' (the Stage 1 model) or 'base' (the weights Stage 1 started from)")
     _check(e, 0 < s2.dev_fraction < 1, "stage2.dev_fraction", s2.dev_fraction, "in (0, 1)")

@@ -105,8 +105,10 @@ def what_moved(results: dict, differences: dict, s2_dir: str) -> list[str]:
                       else "the Stage 1 model's strongest other candidate")
         kept = info.get("identical_kept", 0)
         lines += ["", f"Stage 2 pairs ({info_path}): {info.get('generate_pairs', info['pairs'])} generate pairs "
-                      f"(gold reply vs {rejected}, on {where}; {info['dropped_identical']} "
-                      f"dropped as identical) and {info.get('select_pairs', 0)} select pairs (labelled persona "
+                      f"(gold reply vs {rejected}, on {where}"
+                      + ("; their prompts highlight the Stage 1 model's own Select pick, stage2.pair_highlight="
+                         "own_pick" if info.get("highlight") == "own_pick" else "")
+                      + f"; {info['dropped_identical']} dropped as identical) and {info.get('select_pairs', 0)} select pairs (labelled persona "
                       f"target vs {select_rej}) from {info['turns']} training turns"
                       + (f"; Stage 1 selection accuracy on those turns {acc:.4f}" if acc is not None else "")
                       + (f"; {kept} pairs have the same text on both sides (the model already right: they train the "

@@ -41,6 +41,13 @@ decoding again):
   the model's own pick ("own_pick": identical to the chosen target where the pick is right, so such a pair is
   kept only with identical="keep", as replay).
 
+Which persona sentence a generate pair's prompt highlights (`highlight`, config stage2.pair_highlight): the turn's
+label ("label", default: the paper's persona-conditioned prompt) or the Stage 1 model's own Select pick on that turn
+("own_pick": the prompt the model will see at inference, where Select then Generate highlights its own pick; where
+the Select step cannot select, e.g. answers "none" on every turn, the generate pairs then teach the reply to draw on
+the persona list itself). Needs the Select step in the shards (run whenever select_pairs or own_pick is on); not
+with rejected="highlighted", whose rejected replies were decoded with the label highlighted.
+
 Shards keep each turn's candidate scores (`select_scores`), so the pairs can be rebuilt without the model, and
 the `rejected_from` they were decoded with.
 
@@ -88,6 +95,7 @@ GENERATE_ON = ("all", "persona")
 REJECTED_FROM = ("persona_free", "no_persona", "highlighted")
 IDENTICAL = ("drop", "keep")
 SELECT_REJECTED = ("runner_up", "own_pick")
+HIGHLIGHT = ("label", "own_pick")
 
 
 def rejected_replies(predictor, records, rejected_from: str) -> list[str]:
@@ -107,14 +115,17 @@ def _gives_generate(persona_label, generate_on: str) -> bool:
 
 
 def _pairs_of(row: dict, select_pairs: bool, generate_on: str = "all", identical: str = "drop",
-              select_rejected: str = "runner_up") -> list[dict]:
+              select_rejected: str = "runner_up", highlight: str = "label") -> list[dict]:
     """The pairs one decoded turn gives (see the module doc)."""
     base = {"id": row["id"], "persona": row["persona"], "history": row["history"],
             "persona_label": row["persona_label"]}
     out = []
     if (_gives_generate(row["persona_label"], generate_on) and row["rejected"] is not None
             and (identical == "keep" or not _same(row["chosen"], row["rejected"]))):
-        out.append({**base, "kind": "generate", "chosen": row["chosen"], "rejected": row["rejected"]})
+        # a generate pair's persona_label is the sentence its prompt highlights
+        shown = row["selected"] if highlight == "own_pick" else row["persona_label"]
+        out.append({**base, "persona_label": shown, "kind": "generate", "chosen": row["chosen"],
+                    "rejected": row["rejected"]})
     label, scores = row["persona_label"], row.get("select_scores")
     if select_pairs and label is not None and scores is not None:
         n = len(row["persona"])
@@ -132,11 +143,11 @@ def _pairs_of(row: dict, select_pairs: bool, generate_on: str = "all", identical
 
 def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0, select_pairs: bool = True,
                generate_on: str = "all", rejected_from: str = "persona_free", identical: str = "drop",
-               select_rejected: str = "runner_up") -> dict:
+               select_rejected: str = "runner_up", highlight: str = "label") -> dict:
     """Decode the rejected replies (`rejected_from`, the module doc) and run the Select step (with select_pairs)
     for the turns of `dialogues` (the first max_turns; 0 = all) and write the pairs. Returns counts and paths.
-    Pairs already written with other keep rules (select_pairs, generate_on, identical, select_rejected) are
-    rebuilt from the decoded shards."""
+    Pairs already written with other keep rules (select_pairs, generate_on, identical, select_rejected, highlight)
+    are rebuilt from the decoded shards."""
     if generate_on not in GENERATE_ON:
         raise ValueError(f"stage2.generate_pairs_on = {generate_on!r}: expected one of {GENERATE_ON}")
     if rejected_from not in REJECTED_FROM:
@@ -145,11 +156,14 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
         raise ValueError(f"stage2.identical_pairs = {identical!r}: expected one of {IDENTICAL}")
     if select_rejected not in SELECT_REJECTED:
         raise ValueError(f"stage2.select_rejected = {select_rejected!r}: expected one of {SELECT_REJECTED}")
+    if highlight not in HIGHLIGHT or (highlight == "own_pick" and rejected_from == "highlighted"):
+        raise ValueError(f"stage2.pair_highlight = {highlight!r}: expected one of {HIGHLIGHT}, and 'label' with "
+                         f"stage2.rejected='highlighted' (its rejected replies are decoded with the label highlighted)")
     records = convai2.records_from_dialogues(dialogues)
     if max_turns:
         records = records[:max_turns]
     rules = {"turns": len(records), "select_pairs": select_pairs, "generate_on": generate_on,
-             "identical": identical, "select_rejected": select_rejected}
+             "identical": identical, "select_rejected": select_rejected, "highlight": highlight}
     root = epath.Path(os.fspath(workdir))
     out = pairs_path(workdir)
     info_file = epath.Path(info_path(workdir))
@@ -161,6 +175,7 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
         made = info.get("rules") or {"turns": info["turns"], "select_pairs": info.get("select_pairs", 0) > 0,
                                      "generate_on": info.get("generate_on", "all"), "identical": "drop",
                                      "select_rejected": "runner_up"}
+        made = {"highlight": "label", **made}  # pairs written before stage2.pair_highlight existed
         if made == rules:
             logging.info("pairs: %s exists (%d pairs); skipping", out, info["pairs"])
             return info
@@ -183,7 +198,8 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
             continue
         with preemption.phase(f"make_pairs (shard {k + 1}/{n_shards} abandoned, not written; the shards before "
                               f"it are kept in {os.fspath(shard_dir)})"):
-            _make_shard(predictor, records, k, seed, generate_on, rejected_from, select_pairs, primary, shard[k])
+            _make_shard(predictor, records, k, seed, generate_on, rejected_from,
+                        select_pairs or highlight == "own_pick", primary, shard[k])
         done = k + 1 - done_before
         eta = (time.time() - t0) / done * (n_shards - k - 1)
         logging.info("pairs: shard %d/%d (%d turns) ETA %.0fs", k + 1, n_shards,
@@ -197,7 +213,7 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
     return info
 
 
-def _make_shard(predictor, records, k: int, seed: int, generate_on: str, rejected_from: str, select_pairs: bool,
+def _make_shard(predictor, records, k: int, seed: int, generate_on: str, rejected_from: str, run_select: bool,
                 primary: bool, path: str) -> None:
     """Decode shard k and write it (process 0) whole under its final name, or not at all."""
     chunk = records[k * SHARD:(k + 1) * SHARD]
@@ -207,7 +223,7 @@ def _make_shard(predictor, records, k: int, seed: int, generate_on: str, rejecte
     decoded = iter(rejected_replies(predictor, [r for r, w in zip(chunk, wanted) if w], rejected_from)
                    if any(wanted) else [])
     replies = [next(decoded) if w else None for w in wanted]
-    picks = predictor.select(chunk) if select_pairs else [(None, None, None)] * len(chunk)
+    picks = predictor.select(chunk) if run_select else [(None, None, None)] * len(chunk)
     if primary:
         atomic.write_jsonl(path, ({"id": r.id, "persona": list(r.persona), "history": list(r.history),
                                     "persona_label": r.persona_label, "chosen": r.response, "rejected": reply,
@@ -223,18 +239,19 @@ def _shard_rows(path: str) -> int:
 
 def _finish(shard: list[str], out: str, info_file, seed: int, rejected_from: str, rules: dict) -> dict:
     """The pairs of the first rules["turns"] decoded turns -> pairs.jsonl, kept by `rules` (make_pairs: the turn
-    count, select_pairs, generate_on, identical, select_rejected), then pairs_info.json (written last: it marks them
-    done)."""
+    count, select_pairs, generate_on, identical, select_rejected, highlight), then pairs_info.json (written last: it
+    marks them done)."""
     select_pairs, generate_on = rules["select_pairs"], rules["generate_on"]
-    identical, select_rejected = rules["identical"], rules["select_rejected"]
+    identical, select_rejected, highlight = rules["identical"], rules["select_rejected"], rules["highlight"]
     shard_dir = os.path.dirname(shard[0]) if shard else ""
     rows = []
     for path in shard:
         rows += _read_lines(path)
     rows = rows[:rules["turns"]]  # the last shard may hold turns past this run's stage2.max_pair_turns
-    if select_pairs and any(r.get("select_scores") is None for r in rows):
+    if (select_pairs or highlight == "own_pick") and any(r.get("select_scores") is None for r in rows):
         raise ValueError(f"{shard_dir}: shards written without the Select step (by make_pairs with select_pairs "
-                         f"off); expected every row to have 'select_scores'. Delete {shard_dir} to rebuild them")
+                         f"off and stage2.pair_highlight='label'); expected every row to have 'select_scores' "
+                         f"(select pairs and pair_highlight='own_pick' need it). Delete {shard_dir} to rebuild them")
     made = {r.get("rejected_from", "persona_free") for r in rows}
     if made - {rejected_from}:
         raise ValueError(f"{shard_dir}: shards decoded with stage2.rejected={sorted(made)}, not {rejected_from!r}; "
@@ -244,7 +261,7 @@ def _finish(shard: list[str], out: str, info_file, seed: int, rejected_from: str
         raise ValueError(f"{shard_dir}: shards decoded with fewer persona-free replies than "
                          f"stage2.generate_pairs_on={generate_on!r} needs (made with generate_pairs_on=persona); "
                          f"delete {shard_dir} to rebuild them")
-    kept = [p for r in rows for p in _pairs_of(r, select_pairs, generate_on, identical, select_rejected)]
+    kept = [p for r in rows for p in _pairs_of(r, select_pairs, generate_on, identical, select_rejected, highlight)]
     n_gen = sum(p["kind"] == "generate" for p in kept)
     n_same = sum(_same(p["chosen"], p["rejected"]) for p in kept)
     atomic.write_jsonl(out, kept)
@@ -252,15 +269,17 @@ def _finish(shard: list[str], out: str, info_file, seed: int, rejected_from: str
     info = {"turns": len(rows), "pairs": len(kept), "generate_pairs": n_gen, "select_pairs": len(kept) - n_gen,
             "generate_on": generate_on, "generate_turns": len(eligible), "rejected_from": rejected_from,
             "dropped_identical": len(eligible) - n_gen, "identical_kept": n_same, "select_rejected": select_rejected,
+            "highlight": highlight,
             "path": out, "seed": seed, "rules": rules,
             "stage1_selection_accuracy": (sum(r["selected"] == r["persona_label"] for r in labelled) / len(labelled)
                                           if labelled else None)}
     atomic.write_json(info_file, info)  # written last: its presence marks the pairs complete
     logging.info("pairs: %d turns -> %d generate pairs from %d %s turns (%d dropped: %s reply identical to the "
-                 "gold one) + %d select pairs (rejected: %s; Stage 1 selection accuracy %s); %d pairs identical on "
-                 "both sides kept (stage2.identical_pairs=%s: they train the NLL and alignment terms only) in %s",
-                 len(rows), n_gen, len(eligible), generate_on, len(eligible) - n_gen, rejected_from,
-                 len(kept) - n_gen, select_rejected, info["stage1_selection_accuracy"], n_same, identical, out)
+                 "gold one; prompts highlight the %s) + %d select pairs (rejected: %s; Stage 1 selection accuracy %s); "
+                 "%d pairs identical on both sides kept (stage2.identical_pairs=%s: they train the NLL and alignment "
+                 "terms only) in %s", len(rows), n_gen, len(eligible), generate_on, len(eligible) - n_gen,
+                 rejected_from, "Stage 1 pick" if highlight == "own_pick" else "label", len(kept) - n_gen,
+                 select_rejected, info["stage1_selection_accuracy"], n_same, identical, out)
     return info
 
 

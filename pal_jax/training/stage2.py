@@ -386,7 +386,7 @@ def pair_settings(c) -> dict:
     s2 = c.stage2
     return dict(max_turns=s2.max_pair_turns, select_pairs=s2.select_pairs, generate_on=s2.generate_pairs_on,
                 rejected_from=s2.rejected, identical=s2.get("identical_pairs", "drop"),
-                select_rejected=s2.get("select_rejected", "runner_up"))
+                select_rejected=s2.get("select_rejected", "runner_up"), highlight=s2.get("pair_highlight", "label"))
 
 
 def stage1_params(exp: Experiment, s1: str):

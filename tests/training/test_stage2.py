@@ -20,7 +20,7 @@ from pal_jax.training import stage2
 from pal_jax.training import loop as train
 from pal_jax.core.errors import ConfigError
 from pal_jax.config import validate
-from pal_jax.data import convai2, corpus, templates
+from pal_jax.data import convai2, corpus, preferences, templates
 from pal_jax.training.experiment import Experiment
 
 S2 = dict(stage2__steps=2, stage2__batch_size=8, stage2__warmup_steps=0, train__log_every=1, train__eval_every=2,
@@ -707,6 +707,39 @@ def test_pair_keep_rules_rebuild_the_pairs_from_the_decoded_shards(stage1_dir, t
         validate(tiny_config(stage2__identical_pairs="some"))
     with pytest.raises(ConfigError, match=r"config\.stage2\.select_rejected = 'best': expected one of"):
         validate(tiny_config(stage2__select_rejected="best"))
+
+
+def test_pair_highlight_own_pick_shows_the_stage1_pick_in_the_generate_prompt(stage1_dir, tmp_path, caplog):
+    """stage2.pair_highlight=own_pick: a generate pair's prompt highlights the Stage 1 model's own Select pick (the
+    prompt Select then Generate shows it), not the label; the Select step runs for it even without select pairs,
+    and switching back to 'label' rebuilds the pairs from the same shards."""
+    w = str(tmp_path / "p")
+    own = tiny_config(init_from=stage1_dir, stage2__select_pairs=False, stage2__generate_pairs_on="all",
+                      stage2__pair_highlight="own_pick", **S2)
+    info = stage2.run_make_pairs(own, w)
+    shard_dir = tmp_path / "p" / "pairs"
+    shards = [json.loads(x) for f in sorted(os.listdir(shard_dir)) for x in open(shard_dir / f)]
+    assert all(t["select_scores"] is not None for t in shards)  # the Select step ran
+    rows = [json.loads(x) for x in open(tmp_path / "p" / "pairs.jsonl")]
+    assert info["highlight"] == "own_pick" and info["select_pairs"] == 0 and rows
+    by_id = {t["id"]: t for t in shards}
+    assert [r["persona_label"] for r in rows] == [by_id[r["id"]]["selected"] for r in rows]
+    differ = [r for r in rows if by_id[r["id"]]["selected"] != by_id[r["id"]]["persona_label"]]
+    assert differ, "the tiny Stage 1 picks the label on every turn: the test shows nothing"
+    r = differ[0]
+    shown = None if r["persona_label"] < 0 else r["persona"][r["persona_label"]]
+    assert preferences.prompt_parts({**r, "kind": "generate"}) == templates.generate_prompt(r["persona"], r["history"], shown)
+    with caplog.at_level("INFO"):
+        info = stage2.run_make_pairs(tiny_config(init_from=stage1_dir, stage2__select_pairs=False,
+                                                 stage2__generate_pairs_on="all", **S2), w)
+    assert "highlight 'own_pick' -> 'label'" in caplog.text and info["highlight"] == "label"
+    rows = [json.loads(x) for x in open(tmp_path / "p" / "pairs.jsonl")]
+    assert [r["persona_label"] for r in rows] == [by_id[r["id"]]["persona_label"] for r in rows]
+    with pytest.raises(ConfigError, match=r"config\.stage2\.pair_highlight = 'pick': expected one of"):
+        validate(tiny_config(stage2__pair_highlight="pick"))
+    with pytest.raises(ConfigError, match=r"config\.stage2\.pair_highlight = 'own_pick': expected 'label' with "
+                                          r"stage2\.rejected='highlighted'"):
+        validate(tiny_config(stage2__pair_highlight="own_pick", stage2__rejected="highlighted"))
 
 
 def test_an_identical_pair_trains_only_the_nll_term(stage1_dir, tmp_path):
