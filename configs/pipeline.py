@@ -37,7 +37,13 @@ SMOLLM2_CONVAI2_CPU = {
     "train.eval_every": 80,  # one held-out evaluation, at the end
     "train.eval_batches": 4,
     "train.checkpoint_every": 40,
-    "stage2.max_pair_turns": 96,  # training turns decoded: a select pair each, a generate pair on persona turns
+    "stage2.max_pair_turns": 96,  # training turns decoded: a generate pair on each persona turn
+    # no select pairs: the Select step stays at chance with or without them (it answers "none" on every turn), and
+    # their chosen targets are persona sentences word for word, which the replies then copy (docs/method.md)
+    "stage2.select_pairs": False,
+    # generate pairs on the prompt Select then Generate will show: the Stage 1 model's own pick highlighted ("none"
+    # on every turn here), so the replies learn to draw on the persona list themselves (docs/method.md)
+    "stage2.pair_highlight": "own_pick",
     "stage2.steps": 30,
     "stage2.batch_size": 4,  # pairs per step (8 rows through the policy, plus the reference forward)
     "stage2.lr": 5e-5,

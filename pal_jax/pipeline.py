@@ -108,8 +108,11 @@ def what_moved(results: dict, differences: dict, s2_dir: str) -> list[str]:
                       f"(gold reply vs {rejected}, on {where}"
                       + ("; their prompts highlight the Stage 1 model's own Select pick, stage2.pair_highlight="
                          "own_pick" if info.get("highlight") == "own_pick" else "")
-                      + f"; {info['dropped_identical']} dropped as identical) and {info.get('select_pairs', 0)} select pairs (labelled persona "
-                      f"target vs {select_rej}) from {info['turns']} training turns"
+                      + (f"; {info['dropped_identical']} dropped as identical"
+                         if (info.get("rules") or {}).get("identical", "drop") == "drop"
+                         else "; identical ones kept, stage2.identical_pairs=keep")
+                      + f") and {info.get('select_pairs', 0)} select pairs (labelled persona target vs {select_rej}) "
+                      f"from {info['turns']} training turns"
                       + (f"; Stage 1 selection accuracy on those turns {acc:.4f}" if acc is not None else "")
                       + (f"; {kept} pairs have the same text on both sides (the model already right: they train the "
                          f"chosen-reply NLL and the alignment term only, stage2.identical_pairs=keep)" if kept else "")
