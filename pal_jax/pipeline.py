@@ -107,7 +107,7 @@ def what_moved(results: dict, differences: dict, s2_dir: str) -> list[str]:
         lines += ["", f"Stage 2 pairs ({info_path}): {info.get('generate_pairs', info['pairs'])} generate pairs "
                       f"(gold reply vs {rejected}, on {where}"
                       + ("; their prompts highlight the Stage 1 model's own Select pick, stage2.pair_highlight="
-                         "own_pick" if info.get("highlight") == "own_pick" else "")
+                         "own_pick" if (info.get("rules") or {}).get("highlight") == "own_pick" else "")
                       + (f"; {info['dropped_identical']} dropped as identical"
                          if (info.get("rules") or {}).get("identical", "drop") == "drop"
                          else "; identical ones kept, stage2.identical_pairs=keep")

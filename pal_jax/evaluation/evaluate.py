@@ -66,7 +66,8 @@ CONSISTENCY_LABELS = ("Consistency proxy: max cos (MiniLM)", "Consistency proxy:
 C_SCORE_LABELS = ("C-score, Madotto et al. (sum over persona)", "C-score, PAL's code (max over persona)")
 # what the oracle row reports: generation metrics (no selection, no gold-side scoring)
 ORACLE_KEYS = ("f1", "bleu4", "dist2", "repetition_rate", "persona_coverage", "persona_f1", "persona_copy_rate",
-               "persona_use_rate", "persona_use_exact", "c_score", "c_score_max", "consistency_max_cos", "consistency_best_persona")
+               "persona_use_rate", "persona_use_exact", "c_score", "c_score_max", "consistency_max_cos",
+               "consistency_best_persona")
 # what the reference row reports: the gold replies scored as if a model had written them (the reply-side metrics:
 # a ceiling to read persona coverage and the proxy against, since a model can beat a human there by copying)
 REFERENCE_KEYS = ("dist1", "dist2", "repetition_rate", "persona_coverage", "persona_f1", "persona_copy_rate",

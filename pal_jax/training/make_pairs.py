@@ -109,6 +109,11 @@ def rejected_replies(predictor, records, rejected_from: str) -> list[str]:
     raise ValueError(f"stage2.rejected = {rejected_from!r}: expected one of {REJECTED_FROM}")
 
 
+def _needs_select(select_pairs: bool, highlight: str) -> bool:
+    """Whether the shards need the Select step: for select pairs, or for generate prompts that show its pick."""
+    return select_pairs or highlight == "own_pick"
+
+
 def _gives_generate(persona_label, generate_on: str) -> bool:
     """Whether a turn with this persona label gives a generate pair (and so needs a persona-free reply)."""
     return generate_on == "all" or (persona_label is not None and persona_label >= 0)
@@ -198,8 +203,8 @@ def make_pairs(predictor, dialogues, workdir: str, seed: int, max_turns: int = 0
             continue
         with preemption.phase(f"make_pairs (shard {k + 1}/{n_shards} abandoned, not written; the shards before "
                               f"it are kept in {os.fspath(shard_dir)})"):
-            _make_shard(predictor, records, k, seed, generate_on, rejected_from,
-                        select_pairs or highlight == "own_pick", primary, shard[k])
+            _make_shard(predictor, records, k, seed, generate_on, rejected_from, _needs_select(select_pairs, highlight),
+                        primary, shard[k])
         done = k + 1 - done_before
         eta = (time.time() - t0) / done * (n_shards - k - 1)
         logging.info("pairs: shard %d/%d (%d turns) ETA %.0fs", k + 1, n_shards,
@@ -248,7 +253,7 @@ def _finish(shard: list[str], out: str, info_file, seed: int, rejected_from: str
     for path in shard:
         rows += _read_lines(path)
     rows = rows[:rules["turns"]]  # the last shard may hold turns past this run's stage2.max_pair_turns
-    if (select_pairs or highlight == "own_pick") and any(r.get("select_scores") is None for r in rows):
+    if _needs_select(select_pairs, highlight) and any(r.get("select_scores") is None for r in rows):
         raise ValueError(f"{shard_dir}: shards written without the Select step (by make_pairs with select_pairs "
                          f"off and stage2.pair_highlight='label'); expected every row to have 'select_scores' "
                          f"(select pairs and pair_highlight='own_pick' need it). Delete {shard_dir} to rebuild them")
@@ -269,7 +274,6 @@ def _finish(shard: list[str], out: str, info_file, seed: int, rejected_from: str
     info = {"turns": len(rows), "pairs": len(kept), "generate_pairs": n_gen, "select_pairs": len(kept) - n_gen,
             "generate_on": generate_on, "generate_turns": len(eligible), "rejected_from": rejected_from,
             "dropped_identical": len(eligible) - n_gen, "identical_kept": n_same, "select_rejected": select_rejected,
-            "highlight": highlight,
             "path": out, "seed": seed, "rules": rules,
             "stage1_selection_accuracy": (sum(r["selected"] == r["persona_label"] for r in labelled) / len(labelled)
                                           if labelled else None)}

@@ -721,18 +721,19 @@ def test_pair_highlight_own_pick_shows_the_stage1_pick_in_the_generate_prompt(st
     shards = [json.loads(x) for f in sorted(os.listdir(shard_dir)) for x in open(shard_dir / f)]
     assert all(t["select_scores"] is not None for t in shards)  # the Select step ran
     rows = [json.loads(x) for x in open(tmp_path / "p" / "pairs.jsonl")]
-    assert info["highlight"] == "own_pick" and info["select_pairs"] == 0 and rows
+    assert info["rules"]["highlight"] == "own_pick" and info["select_pairs"] == 0 and rows
     by_id = {t["id"]: t for t in shards}
     assert [r["persona_label"] for r in rows] == [by_id[r["id"]]["selected"] for r in rows]
     differ = [r for r in rows if by_id[r["id"]]["selected"] != by_id[r["id"]]["persona_label"]]
     assert differ, "the tiny Stage 1 picks the label on every turn: the test shows nothing"
     r = differ[0]
     shown = None if r["persona_label"] < 0 else r["persona"][r["persona_label"]]
-    assert preferences.prompt_parts({**r, "kind": "generate"}) == templates.generate_prompt(r["persona"], r["history"], shown)
+    assert preferences.prompt_parts({**r, "kind": "generate"}) == templates.generate_prompt(r["persona"], r["history"],
+                                                                                            shown)
     with caplog.at_level("INFO"):
         info = stage2.run_make_pairs(tiny_config(init_from=stage1_dir, stage2__select_pairs=False,
                                                  stage2__generate_pairs_on="all", **S2), w)
-    assert "highlight 'own_pick' -> 'label'" in caplog.text and info["highlight"] == "label"
+    assert "highlight 'own_pick' -> 'label'" in caplog.text and info["rules"]["highlight"] == "label"
     rows = [json.loads(x) for x in open(tmp_path / "p" / "pairs.jsonl")]
     assert [r["persona_label"] for r in rows] == [by_id[r["id"]]["persona_label"] for r in rows]
     with pytest.raises(ConfigError, match=r"config\.stage2\.pair_highlight = 'pick': expected one of"):
