@@ -33,6 +33,11 @@ timed step takes longer than --row-budget / --repeats seconds runs fewer steps (
     .venv/bin/python benchmarks/bench_stage2.py --shapes tiny                       # 16 pairs x 128 tokens
     .venv/bin/python benchmarks/bench_stage2.py --shapes 135m --repeats 2 --row-budget 150   # 4 pairs x 128
     .venv/bin/python benchmarks/bench_stage2.py --shapes 135m --pairs 8 --seq-len 256
+    .venv/bin/python benchmarks/bench_stage2.py --shapes tiny --share-prompt [--identical 0.88]   # + the shared rows
+
+--share-prompt adds a row: pal_jax with stage2.share_prompt on the same pairs (one row per pair, [prompt | chosen |
+rejected], the prompt run once; stage2.PairSource), against the same PyTorch step. Its first-step loss and gradient
+norm, and its second-step loss, must equal the unshared step's (the script stops otherwise).
 """
 from __future__ import annotations
 
@@ -87,9 +92,11 @@ def stage2_settings(n_pairs: int, lr: float | None):
     return c
 
 
-def pair_batch(n_pairs: int, seq_len: int, vocab: int, rng) -> dict[str, np.ndarray]:
-    """A [2N, L] pair batch from stage2.PairSource.make_batch: random prompts of L/2..3L/4 tokens, chosen and
-    rejected responses filling 1/2..all of the rest (each row right-padded to L; pair 0's chosen fills it)."""
+def pair_batch(n_pairs: int, seq_len: int, vocab: int, rng, identical: float = 0.0):
+    """(a [2N, L] pair batch from stage2.PairSource.make_batch, the same pairs as one [N, L'] share_prompt batch):
+    random prompts of L/2..3L/4 tokens, chosen and rejected responses filling 1/2..all of the rest (each row
+    right-padded to L; pair 0's chosen fills it). identical: the share of pairs (the last ones) whose rejected reply
+    is their chosen one (stage2.identical_pairs=keep: 88% of the tiny main job's pairs)."""
     prompts, chosen, rejected = [], [], []
     for i in range(n_pairs):
         plen = int(rng.integers(seq_len // 2, 3 * seq_len // 4 + 1))
@@ -99,13 +106,17 @@ def pair_batch(n_pairs: int, seq_len: int, vocab: int, rng) -> dict[str, np.ndar
         prompts.append(rng.integers(3, vocab, plen).tolist())
         chosen.append(rng.integers(3, vocab, clen).tolist())
         rejected.append(rng.integers(3, vocab, rlen).tolist())
+    for i in range(n_pairs - int(round(identical * n_pairs)), n_pairs):
+        rejected[i] = list(chosen[i])
     enc = stage2.PairEncoded(prompt=prompts, chosen=chosen, rejected=rejected, head_len=[HEAD] * n_pairs,
                              is_select=[False] * n_pairs, n_truncated=0, n_dropped=0)
-    src = stage2.PairSource(enc, n_pairs, (seq_len,), seed=0)
-    src.set_pad(0)
-    batch = src.make_batch(np.arange(n_pairs))
-    assert batch["inputs"].shape == (2 * n_pairs, seq_len), batch["inputs"].shape
-    return batch
+    out = []
+    for share in (False, True):
+        src = stage2.PairSource(enc, n_pairs, (seq_len,), seed=0, share_prompt=share)
+        src.set_pad(0)
+        out.append(src.make_batch(np.arange(n_pairs)))
+    assert out[0]["inputs"].shape == (2 * n_pairs, seq_len), out[0]["inputs"].shape
+    return out[0], out[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,6 +228,12 @@ def main(argv=None):
     ap.add_argument("--wait-idle", type=float, default=0.0,
                     help="before each timed side, wait up to this many seconds for other processes to use < 10%% "
                          "of the cores (shared machine); 0 = do not wait")
+    ap.add_argument("--share-prompt", action="store_true",
+                    help="also time pal_jax with stage2.share_prompt (one row per pair, the prompt run once) on the "
+                         "same pairs: a second row, against the same PyTorch step")
+    ap.add_argument("--identical", type=float, default=0.0,
+                    help="share of pairs whose rejected reply is their chosen one (identical_pairs=keep; the tiny "
+                         "main job: 0.88); both sides compute them in full, except pal_jax with --share-prompt")
     ap.add_argument("--cpu-devices", type=int, default=1,
                     help="pal_jax on CPU: split the host into this many JAX devices, the batch data-parallel over "
                          "them (config mesh.cpu_devices; the tiny preset runs on 2); PyTorch is unchanged")
@@ -257,12 +274,19 @@ def main(argv=None):
                   flush=True)
             if not diff < 1e-3:
                 raise SystemExit(f"[{shape}] logits disagree (max diff {diff}); not timing different models")
-            host_batch = pair_batch(n_pairs, args.seq_len, cfg.vocab_size, rng)
+            host_batch, shared_batch = pair_batch(n_pairs, args.seq_len, cfg.vocab_size, rng, args.identical)
             resp = host_batch["weights"].sum(-1)
             print(f"[{shape}] batch [{2 * n_pairs}, {args.seq_len}]: response tokens per row {int(resp.min())}.."
                   f"{int(resp.max())} (mean {resp.mean():.0f}), real tokens "
                   f"{int((host_batch['inputs'] != 0).sum())}/{host_batch['inputs'].size}", flush=True)
 
+            if args.share_prompt:
+                print(f"[{shape}] share_prompt batch {list(shared_batch['inputs'].shape)}: tokens through the model "
+                      f"{shared_batch['inputs'].size} vs {host_batch['inputs'].size}", flush=True)
+                js = JaxDPO(c, cfg, params, shared_batch)
+                t0 = time.perf_counter()
+                jax.block_until_ready(js())
+                s_first = time.perf_counter() - t0
             jx = JaxDPO(c, cfg, params, host_batch)
             del params
             t0 = time.perf_counter()
@@ -280,6 +304,13 @@ def main(argv=None):
                 raise SystemExit(f"[{shape}] first-step DPO loss is not log 2 on both sides ({jl}, {tl})")
             if not abs(jg - tg) <= 1e-3 * max(jg, tg, 1e-12):
                 raise SystemExit(f"[{shape}] first-step gradient norms disagree ({jg} vs {tg})")
+            if args.share_prompt:
+                sl, sg = js.loss(0)
+                print(f"[{shape}] share_prompt step 1: DPO loss {sl:.6f}, grad norm {sg:.6g} | first step "
+                      f"{s_first:.1f}s (compile + run)", flush=True)
+                if not (abs(sl - jl) < 1e-5 and abs(sg - jg) <= 1e-4 * max(jg, 1e-12)):
+                    raise SystemExit(f"[{shape}] share_prompt's first step differs from the unshared one's "
+                                     f"(loss {sl} vs {jl}, grad norm {sg} vs {jg})")
 
             nop = lambda: None  # noqa: E731  (the first step above was the warm-up)
             jt, jn, _, jo = timed(jx, args.repeats, args.row_budget, True, warm_fn=nop, idle_wait=args.wait_idle)
@@ -291,6 +322,18 @@ def main(argv=None):
             f = perf.batch_flops(cfg, host_batch, perf.passes("stage2"))  # policy fwd + bwd, reference fwd
             rows.append((shape, f"DPO {n_pairs}x{args.seq_len}", "pairs/s", n_pairs / jt, jn, n_pairs / tt, tn,
                          max(jo, to), f / jt, f / tt))
+            if args.share_prompt:
+                st, sn, _, so = timed(js, args.repeats, args.row_budget, True, warm_fn=nop, idle_wait=args.wait_idle)
+                sl2 = js.loss(1)[0]
+                print(f"[{shape}] share_prompt DPO step: {st:.3f}s ({jt / st:.2f}x the unshared step); step 2 loss "
+                      f"{sl2:.6f}", flush=True)
+                if not abs(sl2 - jl2) < 1e-4:
+                    raise SystemExit(f"[{shape}] share_prompt's step 2 loss differs ({sl2} vs {jl2})")
+                # GFLOP/s: the FLOPs the shared step computes (fewer than the unshared rows': the prompt once)
+                fs = perf.batch_flops(cfg, shared_batch, perf.passes("stage2"))
+                rows.append((shape, "DPO shared", "pairs/s", n_pairs / st, sn, n_pairs / tt, tn, max(so, to),
+                             fs / st, f / tt))
+                del js
             del hf, jx, th
 
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f}s; load average at end: {os.getloadavg()[0]:.2f}\n")

@@ -181,6 +181,11 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.stage2.sft_weight = 1.0
     c.stage2.align_weight = 0.1  # lambda of the embedding-alignment term; 0 = off
     c.stage2.align_temperature = 0.1
+    # one row per pair, [prompt | chosen | rejected], the prompt run once and seen by both replies (a branch mask and
+    # positions continuing the prompt's), instead of two rows that each repeat it; a pair with the same text on both
+    # sides has one branch. The same losses up to float rounding (pal_jax/training/stage2.py PairSource); not with
+    # model.attention='splash' nor a sliding window
+    c.stage2.share_prompt = False
     # reference log-probs computed once instead of a reference forward per step, and cached beside the pairs file
     # (ref_logps/<fingerprint>.npz: pal_jax/training/ref_cache.py), reused by any Stage 2 on the same pairs and reference
     c.stage2.precompute_ref = False

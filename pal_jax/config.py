@@ -194,6 +194,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, _positive_finite(s2.lr), "stage2.lr", s2.lr, "a finite number > 0")
     _check(e, s2.warmup_steps >= 0, "stage2.warmup_steps", s2.warmup_steps, ">= 0")
     _check(e, s2.beta > 0, "stage2.beta", s2.beta, "> 0")
+    share = s2.get("share_prompt", False)
+    _check(e, isinstance(share, bool), "stage2.share_prompt", share, "True or False")
+    _check(e, not share or (c.model.get("attention", "xla") != "splash" and not c.model.get("sliding_window", 0)),
+           "stage2.share_prompt", share, "False with model.attention='splash' (its SegmentIds cannot give the shared "
+           "prompt to both replies) or a sliding window (which counts row indices, not positions)")
     try:
         parse_loss_type(s2.loss_type)
     except ValueError as err:  # names the key, the bad entry and the syntax

@@ -399,10 +399,12 @@ def _attend(q, k, v, mask, kv: int, k_axes: str, v_axes: str):
 
 class SelfMask(NamedTuple):
     """What a training forward (queries = keys, T == S) masks beside causality and the sliding window, for the
-    "dot_product_attention" and "splash" implementations: key_mask bool [B,T] (False = padding key) and segment_ids
-    int32 [B,T] (packed rows), each None when absent."""
+    "dot_product_attention" and "splash" implementations: key_mask bool [B,T] (False = padding key), segment_ids
+    int32 [B,T] (packed rows) and shared_keys bool [B,T] (keys every segment sees: a prompt shared by the branches
+    after it), each None when absent."""
     key_mask: Any = None
     segment_ids: Any = None
+    shared_keys: Any = None
 
 
 def attend_dot_product(q, k, v, mask=None, *, causal: bool = False, window: int = 0):
@@ -420,6 +422,8 @@ def _self_mask_dense(m: SelfMask):
         mask = m.key_mask.astype(bool)[:, None, None, :]
     if m.segment_ids is not None:
         same = m.segment_ids[:, None, :, None] == m.segment_ids[:, None, None, :]
+        if m.shared_keys is not None:
+            same = same | m.shared_keys.astype(bool)[:, None, None, :]
         mask = same if mask is None else mask & same
     return mask
 
@@ -710,25 +714,39 @@ class Transformer(nnx.Module):
         return positions
 
     # -- public API -----------------------------------------------------------------------------------------
-    def hidden_states(self, tokens, *, positions=None, key_mask=None, segment_ids=None):
+    def hidden_states(self, tokens, *, positions=None, key_mask=None, segment_ids=None, shared_keys=None):
         """tokens int32 [B,T] -> final-normed hidden states [B,T,d_model] (cfg.dtype).
 
         positions int32 [B,T] (default arange); key_mask bool [B,T] (False = padding key, never attended);
         segment_ids int32 [B,T] (packed rows, data.packing): a token attends only to earlier tokens of its own
-        segment (give each example's positions restarting at 0). Attention through cfg.attention (module doc);
-        splash needs T a multiple of SPLASH_BLOCK (ConfigError otherwise)."""
+        segment (give each example's positions restarting at 0). shared_keys bool [B,T] (with segment_ids): keys
+        every later token sees whatever its segment, i.e. a prompt shared by the branches that follow it in the row
+        (stage2.share_prompt: [prompt | chosen | rejected], each branch's positions continuing the prompt's); not
+        with splash (its SegmentIds cannot express it) nor a sliding window (which counts row indices, not
+        positions): ConfigError. Attention through cfg.attention (module doc); splash needs T a multiple of
+        SPLASH_BLOCK (ConfigError otherwise)."""
         self._check_positions(tokens.shape[1], "a sequence")
         positions = self._positions(tokens, positions)
         t = tokens.shape[1]
+        if shared_keys is not None and (self.cfg.attention == "splash" or self.cfg.sliding_window
+                                        or segment_ids is None):
+            raise ConfigError(
+                f"a shared prompt (stage2.share_prompt) with model.attention={self.cfg.attention!r}, "
+                f"model.sliding_window={self.cfg.sliding_window}, segment_ids {'absent' if segment_ids is None else 'given'}: "
+                f"expected attention 'xla' or 'dot_product_attention', no sliding window, and segment ids; set "
+                f"--config.stage2.share_prompt=False")
         if self.cfg.attention == "xla":
             mask = causal_mask(jnp.arange(t, dtype=jnp.int32), t, self.cfg.sliding_window)[None]
             if key_mask is not None:
                 mask = mask & key_mask[:, None, :].astype(bool)
             if segment_ids is not None:
-                mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+                same = segment_ids[:, :, None] == segment_ids[:, None, :]
+                if shared_keys is not None:
+                    same = same | shared_keys[:, None, :].astype(bool)
+                mask = mask & same
             mask = jnp.broadcast_to(mask, (tokens.shape[0], t, t))
         else:  # causality and the window are the implementation's own (module doc)
-            mask = SelfMask(key_mask, segment_ids)
+            mask = SelfMask(key_mask, segment_ids, shared_keys)
         x = self._embed(tokens, positions)
         rope = self._rope(positions)
         run = nnx.remat(_block_forward) if self.cfg.remat else _block_forward

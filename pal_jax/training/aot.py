@@ -152,9 +152,11 @@ def stage1_batch(rows: int, seq_len: int, window: int, packing: bool = False) ->
     return src.make_batch(np.full(rows, -1))
 
 
-def stage2_batch(pairs: int, seq_len: int, window: int, precompute_ref: bool) -> dict[str, np.ndarray]:
-    """A Stage 2 batch ([2 * pairs, seq_len]: chosen rows then rejected) from the real PairSource."""
-    src = stage2.PairSource(stage2.PairEncoded([], [], [], [], [], 0, 0), pairs, (seq_len,), 0)
+def stage2_batch(pairs: int, seq_len: int, window: int, precompute_ref: bool,
+                 share_prompt: bool = False) -> dict[str, np.ndarray]:
+    """A Stage 2 batch from the real PairSource: [2 * pairs, seq_len] (chosen rows then rejected), or with
+    share_prompt [pairs, seq_len] (one row per pair)."""
+    src = stage2.PairSource(stage2.PairEncoded([], [], [], [], [], 0, 0), pairs, (seq_len,), 0, share_prompt)
     src.window = window
     if precompute_ref:
         src.ref_logps = np.zeros((0, 2), np.float32)
@@ -219,7 +221,8 @@ def compile_stage(stage: str, config, mesh, seq_len: int, vocab_size: int, compi
         task = train.Task(name="stage1", loss_fn=stage1.sft_loss_fn, train_batch=None, eval_batches=None)
         reference = None
     else:
-        np_batch = stage2_batch(t.batch_size, seq_len, window, config.stage2.precompute_ref)
+        np_batch = stage2_batch(t.batch_size, seq_len, window, config.stage2.precompute_ref,
+                                config.stage2.get("share_prompt", False))
         task = train.Task(name="stage2", loss_fn=stage2.make_loss_fn(ms.graphdef, config.stage2),
                           train_batch=None, eval_batches=None)
         reference = None if config.stage2.precompute_ref else ms.abstract  # same shapes and shardings as the policy

@@ -120,9 +120,20 @@ def encode_pairs(rows: list[dict], tokenizer, max_len: int) -> PairEncoded:
 
 
 class PairSource(pipeline.BatchSource):
-    """Bucketed pair batches (pure function of (seed, step), as BatchSource): rows [chosen..., rejected...]."""
+    """Bucketed pair batches (pure function of (seed, step), as BatchSource).
 
-    def __init__(self, enc: PairEncoded, batch_size: int, buckets, seed: int):
+    Two layouts, the same pairs in the same batches (the plan is made on the unshared lengths either way):
+    - share_prompt False: [2B, L] rows [chosen..., rejected...], each row the prompt + one reply.
+    - share_prompt True (stage2.share_prompt): [B, L'] rows, one per pair: the prompt's first P-1 tokens (segment
+      0, seen by both branches: shared_keys), then the chosen branch (segment 1: the prompt's last token and the
+      chosen reply), then the rejected branch (segment 2: the prompt's last token again, at the same position, and
+      the rejected reply), each branch's positions continuing the prompt's. Every token sees what it would see in
+      its own unshared row, so the log-probs are the same up to float rounding, while the prompt runs through the
+      model once per pair instead of twice. A pair whose two replies are the same tokens (identical_pairs=keep)
+      has no rejected branch: its rejected log-prob is its chosen one (rej_same), as the unshared rows compute.
+      L' is the smallest of share_lengths(buckets) that holds the batch's longest row."""
+
+    def __init__(self, enc: PairEncoded, batch_size: int, buckets, seed: int, share_prompt: bool = False):
         self.pairs = enc
         longest = [np.asarray(p + (c if len(c) >= len(j) else j), np.int32)
                    for p, c, j in zip(enc.prompt, enc.chosen, enc.rejected)]
@@ -132,17 +143,29 @@ class PairSource(pipeline.BatchSource):
                                     index=np.arange(len(longest)))
         super().__init__(planning, batch_size, buckets, seed)  # window: the longest chosen or rejected response
         self.ref_logps: np.ndarray | None = None  # [N, 2] (chosen, rejected) when precomputed
+        self.share_prompt = bool(share_prompt)
+        if self.share_prompt:
+            self.same = np.asarray([c == j for c, j in zip(enc.chosen, enc.rejected)], bool)
+            self.shared_len = np.asarray([len(p) + len(c) - 1 + (0 if s else len(j)) for p, c, j, s in
+                                          zip(enc.prompt, enc.chosen, enc.rejected, self.same)], np.int64)
+            self.share_buckets = share_lengths(self.buckets, int(self.shared_len.max(initial=1)))
+            # the window runs from the prompt's last token over both branches
+            self.window = pipeline.target_window(len(c) + (0 if s else len(j)) for c, j, s in
+                                                 zip(enc.chosen, enc.rejected, self.same))
 
     def set_pad(self, pad_id: int):
         self.pad_id = pad_id
 
     @property
     def rows_per_batch(self) -> int:
-        return 2 * self.batch_size  # chosen rows, then rejected rows
+        return self.batch_size if self.share_prompt else 2 * self.batch_size
 
     def make_batch(self, rows: np.ndarray, out: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """The [2B, L] pair batch of these B pairs (-1 = a padding pair): row r < B is pair r's chosen side, row
-        B + r its rejected side. out: build only these of the 2B rows (multi-host: this process's slice)."""
+        """The pair batch of these B pairs (-1 = a padding pair). Unshared: [2B, L], row r < B is pair r's chosen
+        side, row B + r its rejected side. Shared: [B, L'], row r is pair r (class doc). out: build only these of
+        the rows (multi-host: this process's slice)."""
+        if self.share_prompt:
+            return self._make_shared_batch(rows, out)
         L = self.bucket_length(rows)
         B = len(rows)
         out = np.arange(2 * B) if out is None else np.asarray(out, np.int64)
@@ -180,11 +203,120 @@ class PairSource(pipeline.BatchSource):
             batch["ref_logps"] = ref
         return batch
 
+    def shared_length(self, rows: np.ndarray) -> int:
+        """L' of these pairs' shared batch (class doc)."""
+        real = np.asarray(rows)[np.asarray(rows) >= 0]
+        longest = int(self.shared_len[real].max()) if len(real) else 1
+        return int(self.share_buckets[np.searchsorted(self.share_buckets, longest)])
+
+    def _make_shared_batch(self, rows: np.ndarray, out: np.ndarray | None) -> dict[str, np.ndarray]:
+        L = self.shared_length(rows)
+        B = len(rows)
+        out = np.arange(B) if out is None else np.asarray(out, np.int64)
+        R = len(out)
+        inputs = np.full((R, L), self.pad_id, np.int32)
+        targets = np.full((R, L), self.pad_id, np.int32)
+        weights = np.zeros((R, L), np.float32)  # the chosen reply's tokens
+        rej_weights = np.zeros((R, L), np.float32)  # the rejected reply's tokens
+        segments = np.full((R, L), 3, np.int32)  # padding: a segment of its own, after every real token
+        shared = np.zeros((R, L), bool)
+        positions = np.zeros((R, L), np.int32)
+        persona = np.zeros((R, L), np.float32)
+        valid = np.zeros((R,), np.float32)
+        align = np.zeros((R,), np.float32)
+        same = np.zeros((R,), np.float32)
+        ref = np.zeros((R, 2), np.float32)
+        starts = np.zeros((R,), np.int64)
+        e = self.pairs
+        for row, o in enumerate(out):
+            i = int(rows[int(o)])
+            if i < 0:
+                continue
+            p, c, j = e.prompt[i], e.chosen[i], e.rejected[i]
+            P = len(p)
+            inputs[row, :P - 1] = p[:-1]
+            targets[row, :P - 1] = p[1:]
+            positions[row, :P - 1] = np.arange(P - 1)
+            segments[row, :P - 1] = 0
+            shared[row, :P - 1] = True
+            at = P - 1
+            branches = ((1, c, weights),) if self.same[i] else ((1, c, weights), (2, j, rej_weights))
+            for seg, reply, w in branches:
+                n = len(reply)
+                inputs[row, at:at + n] = [p[-1]] + reply[:-1]
+                targets[row, at:at + n] = reply
+                positions[row, at:at + n] = np.arange(P - 1, P - 1 + n)
+                segments[row, at:at + n] = seg
+                w[row, at:at + n] = 1.0
+                at += n
+            persona[row, :e.head_len[i]] = 1.0
+            valid[row] = 1.0
+            align[row] = 0.0 if e.is_select[i] else 1.0
+            same[row] = float(self.same[i])
+            starts[row] = P - 1
+            if self.ref_logps is not None:
+                ref[row] = self.ref_logps[i]
+        batch = {"inputs": inputs, "targets": targets, "weights": weights, "rej_weights": rej_weights,
+                 "positions": positions, "segment_ids": segments, "shared_keys": shared, "persona_mask": persona,
+                 "valid": valid, "align_mask": align, "rej_same": same, "task": np.zeros((R,), np.int32)}
+        pipeline.add_window(batch, starts, self.window)
+        w = np.take_along_axis(rej_weights, batch["win_idx"].astype(np.int64), axis=1)
+        w *= (starts[:, None] + np.arange(batch["win_idx"].shape[1])[None, :]) < L  # clipped positions: weight 0
+        assert np.isclose(w.sum(), rej_weights.sum()), "a rejected token fell outside the loss window"
+        batch["win_rej_weights"] = w.astype(np.float32)
+        if self.ref_logps is not None:
+            batch["ref_logps"] = ref
+        return batch
+
+
+def share_lengths(buckets, longest: int) -> np.ndarray:
+    """The row lengths of shared-prompt batches: the configured buckets, then steps of a quarter of the largest
+    (rounded up to a multiple of 16) until one holds `longest`. A shared row is the prompt + both replies, so it can
+    exceed the largest bucket (at most data.max_len + the longest reply)."""
+    out = [int(b) for b in buckets]
+    step = max(16, -(-out[-1] // 4 // 16) * 16)
+    while out[-1] < longest:
+        out.append(out[-1] + step)
+    return np.asarray(out, np.int64)
+
+
+def _forward(model, batch):
+    """(hidden states of the chosen rows, chosen log-probs [B], rejected log-probs [B]): each summed over its
+    response tokens, the LM head on the target window only; either PairSource layout."""
+    if "rej_weights" not in batch:
+        hidden = model.hidden_states(batch["inputs"], positions=batch["positions"])
+        logps = logprobs.sequence_logprobs(*logprobs.window_logits(model, hidden, batch))
+        b = batch["inputs"].shape[0] // 2
+        return hidden[:b], logps[:b], logps[b:]
+    hidden = model.hidden_states(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+                                 shared_keys=batch["shared_keys"])
+    logits, targets, weights = logprobs.window_logits(model, hidden, batch)
+    tok = logprobs.token_logprobs(logits, targets)
+    chosen = jnp.sum(tok * weights, axis=-1)
+    rejected = jnp.where(batch["rej_same"] > 0, chosen, jnp.sum(tok * batch["win_rej_weights"], axis=-1))
+    return hidden, chosen, rejected
+
 
 def _logps(model, batch):
-    """Summed log-prob of each row's response tokens (LM head on the target window only)."""
-    hidden = model.hidden_states(batch["inputs"], positions=batch["positions"])
-    return logprobs.sequence_logprobs(*logprobs.window_logits(model, hidden, batch))
+    """Summed log-prob of each pair's (chosen, rejected) response tokens: [B, 2]."""
+    _, chosen, rejected = _forward(model, batch)
+    return jnp.stack([chosen, rejected], axis=-1)
+
+
+def target_tokens(batch) -> tuple[jax.Array, jax.Array]:
+    """(chosen, rejected) target-token counts of each pair, [B] each (sigmoid_norm's lengths)."""
+    if "rej_weights" not in batch:
+        ntok = jnp.sum(batch["weights"], axis=-1)
+        b = ntok.shape[0] // 2
+        return ntok[:b], ntok[b:]
+    chosen = jnp.sum(batch["weights"], axis=-1)
+    return chosen, jnp.where(batch["rej_same"] > 0, chosen, jnp.sum(batch["rej_weights"], axis=-1))
+
+
+def pair_rows(batch, key: str):
+    """A per-row array of the batch on the pairs: the chosen rows' part (unshared layout) or the whole."""
+    x = batch[key]
+    return x if "rej_weights" in batch else x[:x.shape[0] // 2]
 
 
 def make_loss_fn(graphdef, s2):
@@ -192,30 +324,29 @@ def make_loss_fn(graphdef, s2):
     from flax import nnx
 
     def loss_fn(model, batch, ref_params):
-        b = batch["inputs"].shape[0] // 2
-        hidden = model.hidden_states(batch["inputs"], positions=batch["positions"])
-        logps = logprobs.sequence_logprobs(*logprobs.window_logits(model, hidden, batch))
+        hidden, chosen, rejected = _forward(model, batch)
         if "ref_logps" in batch:
             ref = batch["ref_logps"]
+            ref = (ref[:, 0], ref[:, 1]) if ref.ndim == 2 else (ref[:ref.shape[0] // 2], ref[ref.shape[0] // 2:])
         else:
-            ref = _logps(nnx.merge(graphdef, ref_params), batch)
-        ref = jax.lax.stop_gradient(ref)
-        valid = batch["valid"][:b]  # 0 for the padding rows of an eval batch
-        ntok = jnp.sum(batch["weights"], axis=-1)  # target tokens of each row (sigmoid_norm's lengths)
+            ref = _forward(nnx.merge(graphdef, ref_params), batch)[1:]
+        ref_c, ref_r = jax.lax.stop_gradient(ref)
+        valid = pair_rows(batch, "valid")  # 0 for the padding rows of an eval batch
+        ntok_c, ntok_r = target_tokens(batch)
         dpo_sum, n_real, out = losses.dpo_loss_sums(
-            logps[:b], logps[b:], ref[:b], ref[b:], s2.beta, s2.label_smoothing, valid=valid,
-            loss_type=s2.get("loss_type", "sigmoid"), chosen_tokens=ntok[:b], rejected_tokens=ntok[b:],
+            chosen, rejected, ref_c, ref_r, s2.beta, s2.label_smoothing, valid=valid,
+            loss_type=s2.get("loss_type", "sigmoid"), chosen_tokens=ntok_c, rejected_tokens=ntok_r,
             norm_use_reference=s2.get("norm_use_reference", True), gamma=s2.get("simpo_gamma", 0.0))
         out = {"dpo_loss": dpo_sum, **out}
         total = dpo_sum if s2.use_dpo else jnp.zeros((), jnp.float32)
         if s2.sft_weight > 0:
-            sft_sum = jnp.sum(-logps[:b] / jnp.maximum(ntok[:b], 1.0) * valid)
+            sft_sum = jnp.sum(-chosen / jnp.maximum(ntok_c, 1.0) * valid)
             total = total + s2.sft_weight * sft_sum
             out["chosen_nll"] = sft_sum
         if s2.align_weight > 0:
-            p_emb = losses.pooled_embeddings(hidden[:b], batch["persona_mask"][:b])
-            r_emb = losses.pooled_embeddings(hidden[:b], batch["weights"][:b])
-            use = (valid * batch["align_mask"][:b]) > 0
+            p_emb = losses.pooled_embeddings(hidden, pair_rows(batch, "persona_mask"))
+            r_emb = losses.pooled_embeddings(hidden, pair_rows(batch, "weights"))
+            use = (valid * pair_rows(batch, "align_mask")) > 0
             align, amets = losses.embedding_alignment_loss(p_emb, r_emb, s2.align_temperature, valid=use)
             total = total + s2.align_weight * align * n_real  # the loop divides by n_real
             out["align_loss"] = align * n_real
@@ -277,11 +408,10 @@ def precompute_reference(ms, ref_params, src: PairSource) -> np.ndarray:
     local = mesh_lib.process_rows(ms.mesh, n_rows)  # this process builds its rows; every process gets all log-probs
     for rows in src.eval_plan():
         batch = src.make_batch(rows, local)
-        lp = mesh_lib.to_host(logps(ref_params, mesh_lib.global_batch(batch, ms.mesh, n_rows)))
-        b = len(rows)
+        lp = mesh_lib.to_host(logps(ref_params, mesh_lib.global_batch(batch, ms.mesh, n_rows)))  # [B, 2]
         for r, i in enumerate(rows):
             if i >= 0:
-                out[i] = (lp[r], lp[b + r])
+                out[i] = lp[r]
     return out
 
 
@@ -531,7 +661,7 @@ def pair_sources(c, tokenizer, path: str, s1: str) -> tuple[PairSource, PairSour
             raise convai2.DataError(f"{path}: every one of the {len(part)} {name} pairs was dropped (empty chosen/"
                                     f"rejected after truncation); expected pairs with non-empty replies that fit "
                                     f"data.max_len={c.data.max_len}")
-        src = PairSource(enc, c.stage2.batch_size, buckets, c.seed)
+        src = PairSource(enc, c.stage2.batch_size, buckets, c.seed, share_prompt=c.stage2.get("share_prompt", False))
         src.set_pad(tokenizer.pad_id)
         sources.append(src)
     return sources[0], sources[1]

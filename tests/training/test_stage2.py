@@ -333,6 +333,29 @@ def test_loss_type_reaches_the_train_step(stage1_run, pairs_file, tmp_path, loss
     assert first["train/reward_margin"] == pytest.approx(0.0, abs=1e-5)  # the same metrics for every loss type
 
 
+SAME = ("loss", "dpo_loss", "chosen_nll", "align_loss", "logps_chosen", "logps_rejected", "reward_margin",
+        "grad_norm", "perplexity")
+
+
+def test_share_prompt_trains_the_same_steps_as_the_two_row_layout(stage1_run, pairs_file, tmp_path):
+    """stage2.share_prompt through train_stage2: the same batches, losses and held-out metrics as two rows per pair
+    (float rounding aside), here with the precomputed reference log-probs on the shared side."""
+    s1, _ = stage1_run
+    logged = {}
+    for name, share in (("plain", False), ("shared", True)):
+        c = tiny_config(init_from=s1, stage2__share_prompt=share, stage2__precompute_ref=share,
+                        **dict(S2, stage2__pairs=pairs_file))
+        summary, _ = stage2.train_stage2(c, str(tmp_path / name))
+        assert summary["step"] == 2
+        rows = [json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")]
+        logged[name] = {(r["step"], k): v for r in rows for k, v in r.items()
+                        if k.split("/")[0] in ("train", "dev") and k.split("/")[-1] in SAME}
+    assert logged["plain"].keys() == logged["shared"].keys()
+    assert len(logged["plain"]) == 2 * 8 + 8  # steps 1 and 2, and the held-out evaluation at step 2
+    for key, v in logged["plain"].items():
+        assert logged["shared"][key] == pytest.approx(v, rel=1e-4, abs=1e-5), key
+
+
 def test_config_refuses_bad_loss_types_naming_the_key_and_entry():
     validate(tiny_config(stage2__loss_type="sigmoid:1,ipo:0.5"))
     validate(tiny_config(stage2__loss_type="sigmoid_norm", stage2__norm_use_reference=False,
