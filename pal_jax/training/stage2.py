@@ -270,11 +270,11 @@ class PairSource(pipeline.BatchSource):
 
 
 def share_lengths(buckets, longest: int) -> np.ndarray:
-    """The row lengths of shared-prompt batches: the configured buckets, then steps of a quarter of the largest
+    """The row lengths of shared-prompt batches: the configured buckets, then steps of an eighth of the largest
     (rounded up to a multiple of 16) until one holds `longest`. A shared row is the prompt + both replies, so it can
-    exceed the largest bucket (at most data.max_len + the longest reply)."""
+    exceed the largest bucket (at most data.max_len + the longest reply). Only the lengths batches reach compile."""
     out = [int(b) for b in buckets]
-    step = max(16, -(-out[-1] // 4 // 16) * 16)
+    step = -(-max(16, out[-1] // 8) // 16) * 16
     while out[-1] < longest:
         out.append(out[-1] + step)
     return np.asarray(out, np.int64)

@@ -111,7 +111,8 @@ def test_precomputed_reference_logps_are_the_same_in_both_layouts():
 
 def test_share_lengths_grow_past_the_largest_bucket():
     assert stage2.share_lengths((64, 96), 90).tolist() == [64, 96]
-    assert stage2.share_lengths((64, 96), 130).tolist() == [64, 96, 128, 160]
+    assert stage2.share_lengths((64, 96), 130).tolist() == [64, 96, 112, 128, 144]
+    assert stage2.share_lengths((128, 256, 512), 600).tolist() == [128, 256, 512, 576, 640]
 
 
 def test_share_prompt_is_refused_with_splash_or_a_sliding_window():
