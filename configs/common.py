@@ -186,6 +186,10 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     # sides has one branch. The same losses up to float rounding (pal_jax/training/stage2.py PairSource); not with
     # model.attention='splash' nor a sliding window
     c.stage2.share_prompt = False
+    # the row lengths of share_prompt batches (each batch takes the smallest that holds it; extended in steps of an
+    # eighth of the largest when a row is longer): () = data.buckets. Fewer lengths, fewer compiled steps; they do
+    # not change which pairs are batched together
+    c.stage2.share_buckets = ()
     # reference log-probs computed once instead of a reference forward per step, and cached beside the pairs file
     # (ref_logps/<fingerprint>.npz: pal_jax/training/ref_cache.py), reused by any Stage 2 on the same pairs and reference
     c.stage2.precompute_ref = False

@@ -195,6 +195,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, s2.warmup_steps >= 0, "stage2.warmup_steps", s2.warmup_steps, ">= 0")
     _check(e, s2.beta > 0, "stage2.beta", s2.beta, "> 0")
     share = s2.get("share_prompt", False)
+    sb = tuple(s2.get("share_buckets", ()))
+    _check(e, all(isinstance(b, int) and b > 0 for b in sb) and list(sb) == sorted(set(sb)),
+           "stage2.share_buckets", sb, "() or strictly increasing positive lengths")
     _check(e, isinstance(share, bool), "stage2.share_prompt", share, "True or False")
     _check(e, not share or (c.model.get("attention", "xla") != "splash" and not c.model.get("sliding_window", 0)),
            "stage2.share_prompt", share, "False with model.attention='splash' (its SegmentIds cannot give the shared "

@@ -131,9 +131,12 @@ class PairSource(pipeline.BatchSource):
       its own unshared row, so the log-probs are the same up to float rounding, while the prompt runs through the
       model once per pair instead of twice. A pair whose two replies are the same tokens (identical_pairs=keep)
       has no rejected branch: its rejected log-prob is its chosen one (rej_same), as the unshared rows compute.
-      L' is the smallest of share_lengths(buckets) that holds the batch's longest row."""
+      L' is the smallest of share_lengths(share_buckets or buckets) that holds the batch's longest row: the row
+      lengths do not change which pairs go together (the plan), so share_buckets trades padding against compiled
+      shapes without changing the training."""
 
-    def __init__(self, enc: PairEncoded, batch_size: int, buckets, seed: int, share_prompt: bool = False):
+    def __init__(self, enc: PairEncoded, batch_size: int, buckets, seed: int, share_prompt: bool = False,
+                 share_buckets=()):
         self.pairs = enc
         longest = [np.asarray(p + (c if len(c) >= len(j) else j), np.int32)
                    for p, c, j in zip(enc.prompt, enc.chosen, enc.rejected)]
@@ -148,7 +151,8 @@ class PairSource(pipeline.BatchSource):
             self.same = np.asarray([c == j for c, j in zip(enc.chosen, enc.rejected)], bool)
             self.shared_len = np.asarray([len(p) + len(c) - 1 + (0 if s else len(j)) for p, c, j, s in
                                           zip(enc.prompt, enc.chosen, enc.rejected, self.same)], np.int64)
-            self.share_buckets = share_lengths(self.buckets, int(self.shared_len.max(initial=1)))
+            self.share_buckets = share_lengths(tuple(share_buckets) or self.buckets,
+                                               int(self.shared_len.max(initial=1)))
             # the window runs from the prompt's last token over both branches
             self.window = pipeline.target_window(len(c) + (0 if s else len(j)) for c, j, s in
                                                  zip(enc.chosen, enc.rejected, self.same))
@@ -661,7 +665,8 @@ def pair_sources(c, tokenizer, path: str, s1: str) -> tuple[PairSource, PairSour
             raise convai2.DataError(f"{path}: every one of the {len(part)} {name} pairs was dropped (empty chosen/"
                                     f"rejected after truncation); expected pairs with non-empty replies that fit "
                                     f"data.max_len={c.data.max_len}")
-        src = PairSource(enc, c.stage2.batch_size, buckets, c.seed, share_prompt=c.stage2.get("share_prompt", False))
+        src = PairSource(enc, c.stage2.batch_size, buckets, c.seed, share_prompt=c.stage2.get("share_prompt", False),
+                         share_buckets=tuple(c.stage2.get("share_buckets", ())))
         src.set_pad(tokenizer.pad_id)
         sources.append(src)
     return sources[0], sources[1]

@@ -104,6 +104,15 @@ def test_cpu_compile_stage1_and_stage2(tmp_path, capsys):
     assert rows["stage2"]["bytes"]["arguments"] > rows["stage1"]["bytes"]["arguments"]
 
 
+def test_cpu_compile_stage2_with_shared_prompt_rows(tmp_path, capsys):
+    """stage2.share_prompt compiles as the run trains it: one row per pair (4 x 32, not 8 x 32)."""
+    cfg = compile_config(**{"compile.topology": "cpu", "compile.stages": "stage2", "stage2.share_prompt": True})
+    aot.run_compile(cfg, str(tmp_path), compiler_options=FAST_CPU)
+    assert "| stage2 | 4 pairs | 4 x 32 | 32 |" in capsys.readouterr().out
+    (row,) = json.loads((tmp_path / "compile_cpu.json").read_text())["stages"]
+    assert row["rows"] == 4 and row["flops_per_device"] > 0
+
+
 def test_bad_compile_settings_name_their_key(tmp_path):
     with pytest.raises(ValueError, match="config.compile.stages"):
         aot.run_compile(compile_config(**{"compile.topology": "cpu", "compile.stages": "stage3"}), str(tmp_path))

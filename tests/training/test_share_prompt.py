@@ -115,6 +115,23 @@ def test_share_lengths_grow_past_the_largest_bucket():
     assert stage2.share_lengths((128, 256, 512), 600).tolist() == [128, 256, 512, 576, 640]
 
 
+def test_share_buckets_change_the_row_length_not_the_plan():
+    enc = pairs(40, seed=5)
+    default = stage2.PairSource(enc, 4, (32, 64), seed=0, share_prompt=True)
+    one = stage2.PairSource(enc, 4, (32, 64), seed=0, share_prompt=True, share_buckets=(56,))
+    longest = int(default.shared_len.max())
+    assert 32 < longest <= 56 and one.share_buckets.tolist() == [56]
+    lengths = set()
+    for step in range(default.steps_per_epoch):
+        a, b = default.batch(step), one.batch(step)
+        np.testing.assert_array_equal(a["targets"][a["weights"] > 0], b["targets"][b["weights"] > 0])
+        lengths.add(a["inputs"].shape[1])
+        assert b["inputs"].shape[1] == 56
+    assert len(lengths) >= 2  # the default ladder: several compiled lengths
+    with pytest.raises(ConfigError, match=r"stage2\.share_buckets = \(96, 64\)"):
+        validate(tiny_config(stage2__share_buckets=(96, 64)))
+
+
 def test_share_prompt_is_refused_with_splash_or_a_sliding_window():
     with pytest.raises(ConfigError, match=r"stage2\.share_prompt.*splash"):
         validate(tiny_config(stage2__share_prompt=True, model__attention="splash"))
