@@ -106,7 +106,7 @@ TINY_PIPELINE = {
 # pair has the same text on both sides and trains only the chosen-reply NLL (replay), where it is wrong DPO acts too.
 # 300 steps keep the job under 5 minutes. One row per pair (stage2.share_prompt): the prompt runs once, and the 88% of
 # pairs with the same text on both sides have one branch; the report equals the two-row layout's up to float rounding
-# (perplexity's 7th digit) and the Stage 2 step takes 0.09 s instead of 0.16 s (benchmarks/README.md, section 5).
+# (perplexity's 7th digit) and the Stage 2 step takes 0.105 s instead of 0.164 s (benchmarks/README.md, section 5).
 # Every shared row is padded to 112 tokens (the longest is 108): one compiled step instead of three.
 TINY_STAGE2 = {
     "stage2.share_prompt": True,
