@@ -45,7 +45,11 @@ SMOLLM2_CONVAI2_CPU = {
     # on every turn here), so the replies learn to draw on the persona list themselves (docs/method.md)
     "stage2.pair_highlight": "own_pick",
     "stage2.steps": 30,
-    "stage2.batch_size": 4,  # pairs per step (8 rows through the policy, plus the reference forward)
+    "stage2.batch_size": 4,  # pairs per step
+    # one row per pair (benchmarks/README.md, section 5): the ~170-token prompt runs once per pair, not twice; a
+    # shared row is at most 192 + the rejected reply (<= 24 decoded tokens), so one compiled length of 224
+    "stage2.share_prompt": True,
+    "stage2.share_buckets": (224,),
     "stage2.lr": 5e-5,
     "stage2.warmup_steps": 3,
     "predict.batch_size": 8,
@@ -70,6 +74,7 @@ SMOLLM2_CONVAI2_FULL = {
     "stage2.max_pair_turns": 0,  # every training turn
     "stage2.steps": 300,
     "stage2.batch_size": 16,
+    "stage2.share_buckets": (),  # data.buckets extended by eighths (rows up to 512 + the rejected reply)
     "stage2.lr": 5e-6,
     "stage2.warmup_steps": 20,
     "predict.batch_size": 64,
