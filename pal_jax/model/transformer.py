@@ -416,7 +416,8 @@ def attend_dot_product(q, k, v, mask=None, *, causal: bool = False, window: int 
 
 
 def _self_mask_dense(m: SelfMask):
-    """bool [B,1,T|1,T] from a SelfMask's padding keys and segments, or None when it has neither."""
+    """bool [B,1,T|1,T] from a SelfMask's padding keys, segments and shared keys, or None when it has neither keys
+    nor segments: what a token may see beside causality and the window (the xla and dot_product_attention paths)."""
     mask = None
     if m.key_mask is not None:
         mask = m.key_mask.astype(bool)[:, None, None, :]
@@ -737,13 +738,9 @@ class Transformer(nnx.Module):
                 f"--config.stage2.share_prompt=False")
         if self.cfg.attention == "xla":
             mask = causal_mask(jnp.arange(t, dtype=jnp.int32), t, self.cfg.sliding_window)[None]
-            if key_mask is not None:
-                mask = mask & key_mask[:, None, :].astype(bool)
-            if segment_ids is not None:
-                same = segment_ids[:, :, None] == segment_ids[:, None, :]
-                if shared_keys is not None:
-                    same = same | shared_keys[:, None, :].astype(bool)
-                mask = mask & same
+            keys = _self_mask_dense(SelfMask(key_mask, segment_ids, shared_keys))  # [B,1,T|1,T] or None
+            if keys is not None:
+                mask = mask & keys[:, 0]
             mask = jnp.broadcast_to(mask, (tokens.shape[0], t, t))
         else:  # causality and the window are the implementation's own (module doc)
             mask = SelfMask(key_mask, segment_ids, shared_keys)
