@@ -284,14 +284,26 @@ def share_lengths(buckets, longest: int) -> np.ndarray:
     return np.asarray(out, np.int64)
 
 
+def shared_layout(batch) -> bool:
+    """Which PairSource layout a batch has: True for share_prompt's [B, L'] rows (one per pair), False for the
+    two-row [2B, L] layout (chosen rows, then rejected rows). Told by its keys, so it is static under jit: only
+    the shared layout carries the rejected branch's weights."""
+    return "rej_weights" in batch
+
+
+def halves(x):
+    """(chosen rows' part, rejected rows' part) of a per-row array of the two-row layout."""
+    b = x.shape[0] // 2
+    return x[:b], x[b:]
+
+
 def _forward(model, batch):
     """(hidden states of the chosen rows, chosen log-probs [B], rejected log-probs [B]): each summed over its
     response tokens, the LM head on the target window only; either PairSource layout."""
-    if "rej_weights" not in batch:
+    if not shared_layout(batch):
         hidden = model.hidden_states(batch["inputs"], positions=batch["positions"])
         logps = logprobs.sequence_logprobs(*logprobs.window_logits(model, hidden, batch))
-        b = batch["inputs"].shape[0] // 2
-        return hidden[:b], logps[:b], logps[b:]
+        return (halves(hidden)[0], *halves(logps))
     hidden = model.hidden_states(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
                                  shared_keys=batch["shared_keys"])
     logits, targets, weights = logprobs.window_logits(model, hidden, batch)
@@ -309,18 +321,15 @@ def _logps(model, batch):
 
 def target_tokens(batch) -> tuple[jax.Array, jax.Array]:
     """(chosen, rejected) target-token counts of each pair, [B] each (sigmoid_norm's lengths)."""
-    if "rej_weights" not in batch:
-        ntok = jnp.sum(batch["weights"], axis=-1)
-        b = ntok.shape[0] // 2
-        return ntok[:b], ntok[b:]
+    if not shared_layout(batch):
+        return halves(jnp.sum(batch["weights"], axis=-1))
     chosen = jnp.sum(batch["weights"], axis=-1)
     return chosen, jnp.where(batch["rej_same"] > 0, chosen, jnp.sum(batch["rej_weights"], axis=-1))
 
 
 def pair_rows(batch, key: str):
     """A per-row array of the batch on the pairs: the chosen rows' part (unshared layout) or the whole."""
-    x = batch[key]
-    return x if "rej_weights" in batch else x[:x.shape[0] // 2]
+    return batch[key] if shared_layout(batch) else halves(batch[key])[0]
 
 
 def make_loss_fn(graphdef, s2):
@@ -330,8 +339,8 @@ def make_loss_fn(graphdef, s2):
     def loss_fn(model, batch, ref_params):
         hidden, chosen, rejected = _forward(model, batch)
         if "ref_logps" in batch:
-            ref = batch["ref_logps"]
-            ref = (ref[:, 0], ref[:, 1]) if ref.ndim == 2 else (ref[:ref.shape[0] // 2], ref[ref.shape[0] // 2:])
+            ref = batch["ref_logps"]  # shared layout: [B, 2] (chosen, rejected); two rows: [2B], one per row
+            ref = (ref[:, 0], ref[:, 1]) if shared_layout(batch) else halves(ref)
         else:
             ref = _forward(nnx.merge(graphdef, ref_params), batch)[1:]
         ref_c, ref_r = jax.lax.stop_gradient(ref)
