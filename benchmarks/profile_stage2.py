@@ -10,6 +10,7 @@ fusion name without its number: ynn_fusion = a matmul through YNNPACK, copy_bitc
 the step.
 
     .venv/bin/python benchmarks/profile_stage2.py --shape tiny
+    .venv/bin/python benchmarks/profile_stage2.py --shape tiny --share-prompt        # one row per pair
     .venv/bin/python benchmarks/profile_stage2.py --shape 135m --warmup 1 --steps 1 --trace 2 --top 30
 """
 from __future__ import annotations
@@ -74,6 +75,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5, help="timed steps (median printed)")
     ap.add_argument("--trace", type=int, default=5, help="profiled steps")
     ap.add_argument("--top", type=int, default=25, help="ops printed")
+    ap.add_argument("--share-prompt", action="store_true",
+                    help="profile the step on the same pairs as share_prompt rows (one row per pair: bench_stage2's "
+                         "--share-prompt row) instead of two rows per pair")
     args = ap.parse_args(argv)
     if min(args.steps, args.trace) < 1 or args.warmup < 0:
         ap.error("--steps and --trace must be >= 1, --warmup >= 0")
@@ -82,7 +86,8 @@ def main(argv=None):
     c = b.stage2_settings(n, None)
     with tempfile.TemporaryDirectory() as tmp:
         _, cfg, _, params = b.build_models(args.shape, tmp)
-        batch = b.pair_batch(n, args.seq_len, cfg.vocab_size, np.random.default_rng(0))
+        two_rows, shared = b.pair_batch(n, args.seq_len, cfg.vocab_size, np.random.default_rng(0))
+        batch = shared if args.share_prompt else two_rows
         jx = b.JaxDPO(c, cfg, params, batch)
         del params
         hlo = hlo_index(jx.step_fn.lower(*jx.state, jx.batch, jx.task.reference).compile().as_text())
@@ -101,7 +106,8 @@ def main(argv=None):
         tot = op_times(trace_dir)
 
     step_ms = statistics.median(times) * 1e3
-    print(f"[{args.shape}] DPO step on {n} pairs x {args.seq_len} tokens: median {step_ms:.1f} ms over {args.steps} "
+    layout = f"shared rows {list(batch['inputs'].shape)}" if args.share_prompt else f"rows {list(batch['inputs'].shape)}"
+    print(f"[{args.shape}] DPO step on {n} pairs x {args.seq_len} tokens ({layout}): median {step_ms:.1f} ms over {args.steps} "
           f"steps (load average {os.getloadavg()[0]:.2f}); op times below are per step, over {args.trace} traced steps")
     kinds = collections.Counter()
     for name, us in tot.items():

@@ -1,0 +1,58 @@
+"""The benchmark and profiling scripts run, on the tiny shape with small sizes (their timings are not checked: only
+that each script completes its own correctness checks and prints what its docs quote). A change to a benchmarked
+API (bench_stage2.pair_batch returning both layouts broke profile_stage2.py unnoticed) fails here."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest.importorskip("torch", reason="torch (test-only, CPU wheel): the benchmarks build their models with transformers")
+
+
+def run(script: str, *args: str) -> str:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
+    # the scripts run as a user runs them: one CPU device (conftest splits the host into 8 for the tests)
+    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{script} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n" \
+                                 f"{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_bench_stage2_shared_rows_agree_with_two_rows_and_pytorch():
+    # the script stops (non-zero) when the first DPO loss is not log 2 on both sides, the gradient norms disagree,
+    # or the shared rows' losses differ from the two-row step's
+    out = run("bench_stage2.py", "--shapes", "tiny", "--pairs", "4", "--seq-len", "64", "--repeats", "1",
+              "--share-prompt")
+    m = re.search(r"step 2 loss \(after one AdamW update\) pal_jax ([\d.]+), PyTorch ([\d.]+)", out)
+    assert m, out
+    assert float(m.group(1)) == pytest.approx(float(m.group(2)), abs=1e-4)
+    assert re.search(r"\| tiny +\| DPO shared +\| pairs/s", out), out
+
+
+@pytest.mark.parametrize("layout", [[], ["--share-prompt"]], ids=["two_rows", "shared"])
+def test_profile_stage2_names_the_ops_of_either_layout(layout):
+    out = run("profile_stage2.py", "--shape", "tiny", "--pairs", "4", "--seq-len", "64", "--warmup", "0",
+              "--steps", "1", "--trace", "1", "--top", "5", *layout)
+    rows = "[4, " if layout else "[8, 64]"
+    assert f"rows {rows}" in out, out
+    assert "ynn_fusion" in out or "dot" in out, out
+    listed = [line for line in out.split("top 5 ops")[1].splitlines() if re.match(r"\s+[\d.]+ ms ", line)]
+    assert len(listed) == 5 and all("jit(step)" in line for line in listed), out  # each op named by its source
+
+
+def test_profile_decode_splits_prefill_and_steps():
+    out = run("profile_decode.py", "--shape", "tiny", "--batch", "2", "--repeats", "1", "--top", "3", "--floor")
+    m = re.search(r"call (\d+) ms = prefill \+ 1 step (\d+) ms \+ 31 steps x ([\d.]+) ms", out)
+    assert m, out
+    call, prefill, step = int(m.group(1)), int(m.group(2)), float(m.group(3))
+    assert call >= prefill > 0 and step >= 0
+    for part in ("prefill + 1 step:", "one further step:", "floors (this process, now):"):
+        assert part in out, out
+    assert "dot_general" in out.split("one further step:")[1], out  # the loop's matmuls are listed per step
