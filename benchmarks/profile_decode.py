@@ -11,9 +11,10 @@ more than the wall time.
 The floors (--floor) are measured in the same process with plain jitted matmuls of the model's shapes:
 - prefill: the prompt tokens' matmul FLOPs (perf.forward_flops_per_token: every weight matrix, the attention
   products, the LM head on the last position) at the float32 matmul peak measured now ([1024, 1024] x [1024, 1024], bench_decode.print_peaks);
-- one step: the layers' weight matrices ([B, d] x [d, n] for q, k, v, o, gate, up, down, the layers as a
-  one dict per layer, as the model holds them) and the LM head, timed as one call each: at batch 16 a step must read every weight once, so the
-  memory bandwidth these matmuls reach bounds it (the KV cache reads and the attention come on top).
+- one step: the layers' weight matrices ([B, d] x [d, n] for q, k, v, o, gate, up, down; one array per layer and
+  matrix, as the model holds them), the LM head, and the layers' attention over a full KV cache (prompt + new
+  tokens slots; the decode path's attend_cache), timed as one call each. A step must read every weight and the
+  whole cache once; at batch 16 these small matmuls reach a fraction of the memory bandwidth and of the peak.
 
     .venv/bin/python benchmarks/profile_decode.py --shape 135m --batch 16 --floor
     .venv/bin/python benchmarks/profile_decode.py --shape tiny --batch 16 --top 20
@@ -39,7 +40,9 @@ import profile_stage2 as ps  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from pal_jax.core import perf  # noqa: E402
 from pal_jax.inference import decode as sampling  # noqa: E402
+from pal_jax.model.transformer import attend_cache  # noqa: E402
 
 
 def median_time(fn, repeats: int) -> float:
@@ -65,9 +68,10 @@ def by_kind(times) -> collections.Counter:
     return kinds
 
 
-def step_floor(cfg, batch: int, repeats: int) -> tuple[float, float, float]:
-    """(seconds for the layers' weight matrices at [batch, d], for the LM head, bytes of both) as plain jitted
-    matmuls on random weights of the model's shapes."""
+def step_floor(cfg, batch: int, slots: int, repeats: int) -> tuple[float, float, float, float]:
+    """(seconds for the layers' weight matrices at [batch, d], for the LM head, for the layers' attention over a
+    full KV cache of `slots` slots, bytes of the weights) as plain jitted calls on random arrays of the model's
+    shapes; the attention is the decode path's own (transformer.attend_cache, the cache in init_cache's layout)."""
     d, f, hd = cfg.d_model, cfg.d_ff, cfg.hd
     shapes = {"q": (d, cfg.n_heads * hd), "k": (d, cfg.n_kv_heads * hd), "v": (d, cfg.n_kv_heads * hd),
               "o": (cfg.n_heads * hd, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
@@ -91,7 +95,23 @@ def step_floor(cfg, batch: int, repeats: int) -> tuple[float, float, float]:
     t_layers = median_time(lambda: f_layers(x, w), repeats)
     t_head = median_time(lambda: f_head(x, head), repeats)
     nbytes = 4 * (sum(a.size for lw in w for a in lw.values()) + head.size)
-    return t_layers, t_head, nbytes
+
+    kv = jax.random.split(jax.random.key(1), 2 * cfg.n_layers)
+    caches = [(jax.random.normal(kv[2 * i], (batch, cfg.n_kv_heads, slots, hd), jnp.float32),
+               jax.random.normal(kv[2 * i + 1], (batch, cfg.n_kv_heads, hd, slots), jnp.float32))
+              for i in range(cfg.n_layers)]
+    mask = jnp.ones((batch, 1, slots), bool)
+
+    def attention(q, caches):
+        for k, v in caches:  # each layer's output feeds the next one's query: a data dependence, as in the model
+            q = q + 0.01 * attend_cache(q, k, v, mask)
+        return q
+
+    q0 = jnp.ones((batch, 1, cfg.n_heads, hd), jnp.float32)
+    f_attn = jax.jit(attention)
+    jax.block_until_ready(f_attn(q0, caches))
+    t_attn = median_time(lambda: f_attn(q0, caches), repeats)
+    return t_layers, t_head, t_attn, nbytes
 
 
 def main(argv=None):
@@ -124,7 +144,7 @@ def main(argv=None):
         t_step = (t_full - t_one) / (bd.NEW - 1)
         ops_one = traced(one, os.path.join(tmp, "one"))
         ops_full = traced(full, os.path.join(tmp, "full"))
-        floor = step_floor(cfg, args.batch, args.repeats) if args.floor else None
+        floor = step_floor(cfg, args.batch, bd.PROMPT + bd.NEW, args.repeats) if args.floor else None
 
     steps = bd.NEW - 1
     ops_step = collections.Counter({k: (ops_full[k] - ops_one[k]) / steps for k in set(ops_full) | set(ops_one)})
@@ -144,18 +164,19 @@ def main(argv=None):
         for (kind, shape, src), us in groups.most_common(args.top):
             print(f"  {us / 1e3:9.2f} ms  x{count[kind, shape, src]:<3d} {kind:26s} {shape:30s} {src[:40]}")
     if floor:
-        from pal_jax.core import perf
-        t_layers, t_head, nbytes = floor
+        t_layers, t_head, t_attn, nbytes = floor
+        t_floor = t_layers + t_head + t_attn
         # the prompt's positions, the LM head on the last one only (Transformer.decode(last_only=True))
         prefill_flops = perf.forward_flops_per_token(cfg, bd.PROMPT, head_positions=1) * args.batch * bd.PROMPT
         t_prefill = prefill_flops / peaks[0]
         print(f"\nfloors (this process, now):"
               f"\n  prefill: {prefill_flops / 1e9:.3g} GFLOP at the JAX matmul peak {peaks[0] / 1e9:.1f} GFLOP/s = "
               f"{t_prefill * 1e3:.0f} ms (measured prefill + 1 step {t_one * 1e3:.0f} ms)"
-              f"\n  a step's weights at batch {args.batch}: layers {t_layers * 1e3:.1f} ms + LM head {t_head * 1e3:.1f} ms"
-              f" = {(t_layers + t_head) * 1e3:.1f} ms ({nbytes / 1e6:.3g} MB at {nbytes / (t_layers + t_head) / 1e9:.1f}"
-              f" GB/s; measured step {t_step * 1e3:.1f} ms)"
-              f"\n  the call at these floors: {(t_prefill + bd.NEW * (t_layers + t_head)) * 1e3:.0f} ms "
+              f"\n  a step at batch {args.batch}: the layers' weight matmuls {t_layers * 1e3:.1f} ms + LM head "
+              f"{t_head * 1e3:.1f} ms ({nbytes / 1e6:.3g} MB at {nbytes / (t_layers + t_head) / 1e9:.1f} GB/s) + the "
+              f"attention over {bd.PROMPT + bd.NEW} cache slots {t_attn * 1e3:.1f} ms = {t_floor * 1e3:.1f} ms "
+              f"(measured step {t_step * 1e3:.1f} ms)"
+              f"\n  the call at these floors: {(t_prefill + bd.NEW * t_floor) * 1e3:.0f} ms "
               f"(measured {t_full * 1e3:.0f} ms)")
 
 
