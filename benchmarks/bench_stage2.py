@@ -34,6 +34,7 @@ timed step takes longer than --row-budget / --repeats seconds runs fewer steps (
     .venv/bin/python benchmarks/bench_stage2.py --shapes 135m --repeats 2 --row-budget 150   # 4 pairs x 128
     .venv/bin/python benchmarks/bench_stage2.py --shapes 135m --pairs 8 --seq-len 256
     .venv/bin/python benchmarks/bench_stage2.py --shapes tiny --share-prompt [--identical 0.88]   # + the shared rows
+    .venv/bin/python benchmarks/bench_stage2.py --shapes tiny --share-prompt --attention xla_chunked
 
 --share-prompt adds a row: pal_jax with stage2.share_prompt on the same pairs (one row per pair, [prompt | chosen |
 rejected], the prompt run once; stage2.PairSource), against the same PyTorch step. Its first-step loss and gradient
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import os
 import sys
@@ -234,6 +236,9 @@ def main(argv=None):
     ap.add_argument("--identical", type=float, default=0.0,
                     help="share of pairs whose rejected reply is their chosen one (identical_pairs=keep; the tiny "
                          "main job: 0.88); both sides compute them in full, except pal_jax with --share-prompt")
+    ap.add_argument("--attention", default="xla", choices=("xla", "xla_chunked", "dot_product_attention"),
+                    help="pal_jax's model.attention (xla_chunked: the causal attention in query chunks, the masked "
+                         "blocks skipped; benchmarks/ab_attention.py compares it with xla interleaved)")
     ap.add_argument("--cpu-devices", type=int, default=1,
                     help="pal_jax on CPU: split the host into this many JAX devices, the batch data-parallel over "
                          "them (config mesh.cpu_devices; the tiny preset runs on 2); PyTorch is unchanged")
@@ -253,7 +258,7 @@ def main(argv=None):
     c0 = stage2_settings(1, args.lr)
     t, s2 = stage2.train_settings(c0), c0.stage2
     sizes = ", ".join(f"{s} {args.pairs or DEFAULT_PAIRS[s]} pairs" for s in shapes)
-    print(f"Stage 2 DPO step: {sizes} x {args.seq_len} tokens (forward rows = 2 x pairs), reference forward "
+    print(f"Stage 2 DPO step: {sizes} x {args.seq_len} tokens, pal_jax attention {args.attention} (forward rows = 2 x pairs), reference forward "
           f"included | pure DPO (align_weight 0, sft_weight 0), beta {s2.beta}, AdamW lr {t.lr} constant, b1 {t.b1}, b2 {t.b2}, "
           f"weight decay {t.weight_decay} (matrices), clip {t.clip_norm} | median of {args.repeats} after a first "
           f"step", flush=True)
@@ -267,6 +272,7 @@ def main(argv=None):
             c = stage2_settings(n_pairs, args.lr)
             t0 = time.perf_counter()
             hf, cfg, graphdef, params = build_models(shape, tmp)
+            cfg = dataclasses.replace(cfg, attention=args.attention)  # the parity check below runs xla
             rng = np.random.default_rng(0)
             diff = parity(hf, graphdef, params, cfg.vocab_size, rng)
             print(f"\n[{shape}] built + converted in {time.perf_counter() - t0:.1f}s; "

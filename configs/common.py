@@ -87,9 +87,11 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
     c.model.remat = False
-    # attention implementation (pal_jax/model/transformer.py): "xla" (einsum + mask + softmax) | "dot_product_attention"
-    # (jax.nn.dot_product_attention) | "splash" (the Pallas TPU kernel, training forward; sequence lengths multiples
-    # of 128; interpret mode off TPU). A run-time choice: a checkpoint restores under any of them
+    # attention implementation (pal_jax/model/transformer.py): "xla" (einsum + mask + softmax) | "xla_chunked" (xla,
+    # the training forward's causal attention in query chunks: the masked blocks above the diagonal skipped, faster on
+    # CPU, the same numbers to float rounding) | "dot_product_attention" (jax.nn.dot_product_attention) | "splash" (the
+    # Pallas TPU kernel, training forward; sequence lengths multiples of 128; interpret mode off TPU). A run-time
+    # choice: a checkpoint restores under any of them
     c.model.attention = "xla"
     c.model.init_std = 0.02  # random init only (model.ModelConfig.init_std)
 

@@ -22,6 +22,10 @@ Numerics: norms, RoPE, attention scores/softmax and logits are float32; matmuls 
 
 Attention (`cfg.attention`, config key model.attention; a run-time choice, not a property of the weights):
 - "xla" (default): `attend`, einsum + mask + softmax over the whole T x S score matrix, in every path.
+- "xla_chunked": "xla" with the training forward's causal self-attention in chunks of query rows, each against the
+  keys up to its own end (`attend_causal`: the blocks above the diagonal, masked anyway, are not computed). The same
+  numbers up to float rounding, faster on CPU (benchmarks/README.md, section 7); not the default because float
+  rounding alone moves the tiny main job's report (docs/results.md, "Sensitivity").
 - "dot_product_attention": `jax.nn.dot_product_attention` with implementation=None. The training forward passes
   causality and the sliding window as is_causal / local_window_size and only padding keys and packed segments as a
   boolean mask [B,1,T,S]; the KV-cache decode path passes its whole [B,1,T,S] mask (queries sit at cache slots
@@ -38,8 +42,8 @@ Attention (`cfg.attention`, config key model.attention; a run-time choice, not a
   once), which is what the CPU parity tests use. The decode path (`decode`: KV cache, T queries against S cache
   slots) uses "xla"'s `attend_cache`.
 A query with no visible key (a padding query of a left-padded row) gets a finite output that differs between the
-implementations ("xla" and "dot_product_attention": the mean of every value; "splash": of the values of the blocks
-it computes); no real token attends to it, so no real token's output depends on it.
+implementations ("xla" and "dot_product_attention": the mean of every value; "xla_chunked" in the training
+forward: of the values up to its chunk's end; "splash": of the values of the blocks it computes); no real token attends to it, so no real token's output depends on it.
 """
 from __future__ import annotations
 
@@ -61,7 +65,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from pal_jax.core.errors import ConfigError
 
 FAMILIES = ("llama", "gpt2")
-ATTENTION = ("xla", "dot_product_attention", "splash")  # model.attention (module doc)
+ATTENTION = ("xla", "xla_chunked", "dot_product_attention", "splash")  # model.attention (module doc)
 SPLASH_BLOCK = 128  # the splash kernel's tile: its sequence lengths must be multiples of this
 # ModelConfig fields that say how the model is computed, not what its params are: a checkpoint restores, resumes and
 # serves as a reference under any value (the run's config decides), and they are no input of a pipeline phase
@@ -380,6 +384,34 @@ def attend(q, k, v, mask):
     return _attend(q, k, v, mask, k.shape[2], "bskd", "bskd")
 
 
+CAUSAL_CHUNK = 32  # query rows per chunk of attend_causal ("xla_chunked"'s training forward), at least
+CAUSAL_MAX_CHUNKS = 16  # longer rows get longer chunks: a bounded number of ops per layer
+
+
+def causal_chunk(t: int) -> int:
+    """attend_causal's chunk for rows of t tokens: CAUSAL_CHUNK, or t / CAUSAL_MAX_CHUNKS rounded up to 8."""
+    return max(CAUSAL_CHUNK, -(-t // (CAUSAL_MAX_CHUNKS * 8)) * 8)
+
+
+def attend_causal(q, k, v, mask, chunk: int | None = None):
+    """`attend` for self-attention under a causal mask (T == S, mask[:, t, s] False for every s > t, as every
+    training forward's mask is: causal, sliding-window, padding, packed segments, a shared prompt), computed in
+    chunks of `chunk` query rows, each against the keys up to its own last row only: the score matrix's blocks
+    above the diagonal, masked anyway, are not computed (about half of it). The same numbers as `attend` for every
+    query that sees a key, up to float rounding (each chunk's softmax sums fewer exact zeros); a query that sees no
+    key (padding) gets the mean of the values up to its chunk's end instead of all (no real token reads it).
+    model.attention="xla_chunked"; on the 2-core CPU: benchmarks/README.md, section 7."""
+    t = q.shape[1]
+    chunk = causal_chunk(t) if chunk is None else chunk
+    if chunk <= 0 or t <= chunk:
+        return attend(q, k, v, mask)
+    outs = []
+    for start in range(0, t, chunk):
+        end = min(start + chunk, t)
+        outs.append(attend(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
+    return jnp.concatenate(outs, axis=1)
+
+
 def attend_cache(q, k_cache, v_cache, mask):
     """`attend` over a KV cache in its own layout (Transformer.init_cache): q [B,T,H,hd]; k_cache [B,K,S,hd];
     v_cache [B,K,hd,S]; mask bool [B,T,S]. The same numbers as attend(q, k, v, mask) on the [B,S,K,hd] k and v."""
@@ -630,6 +662,8 @@ class Block(nnx.Module):
             a = attend_splash(q, k, v, mask, self.window)
         elif isinstance(mask, SelfMask):
             a = attend_dot_product(q, k, v, _self_mask_dense(mask), causal=True, window=self.window)
+        elif self.attention == "xla_chunked":  # a training forward's causal self-attention
+            a = attend_causal(q, k, v, mask)
         else:  # xla
             a = attend(q, k, v, mask)
         x = x + self.attn.out(a)
@@ -736,7 +770,7 @@ class Transformer(nnx.Module):
                 f"model.sliding_window={self.cfg.sliding_window}, segment_ids {'absent' if segment_ids is None else 'given'}: "
                 f"expected attention 'xla' or 'dot_product_attention', no sliding window, and segment ids; set "
                 f"--config.stage2.share_prompt=False")
-        if self.cfg.attention == "xla":
+        if self.cfg.attention in ("xla", "xla_chunked"):
             mask = causal_mask(jnp.arange(t, dtype=jnp.int32), t, self.cfg.sliding_window)[None]
             keys = _self_mask_dense(SelfMask(key_mask, segment_ids, shared_keys))  # [B,1,T|1,T] or None
             if keys is not None:
@@ -790,7 +824,7 @@ class Transformer(nnx.Module):
         The tokens' keys/values go into cache slots cache_index..cache_index+T-1 (cache_index: int32 scalar, may be
         traced); query t (slot cache_index+t) attends to slots s <= cache_index+t where key_mask [B,S] is True.
         positions [B,T] are the tokens' position ids (RoPE angle / gpt2 table row). Attention: cfg.attention's,
-        except that splash (a self-attention kernel) falls back to "xla" here."""
+        except that splash (a self-attention kernel) and xla_chunked (a causal self-attention) use "xla" here."""
         b, t = tokens.shape
         s = cache[0]["k"].shape[2]  # slots (init_cache's layout)
         self._check_positions(s, "a KV cache (prompt + new tokens)")

@@ -125,6 +125,52 @@ def test_dot_product_attention_matches_xla():
     assert d_logits <= LOGIT_TOL and d_grads <= GRAD_RTOL
 
 
+def test_xla_causal_chunks_match_the_whole_score_matrix():
+    """attend_causal (xla_chunked's training forward: query chunks, each against the keys up to its end) against attend
+    over the whole matrix: values and gradients of the real queries, with left padding, packed segments behind a
+    shared prompt (share_prompt's mask), a sliding window, and chunks that do not divide T."""
+    b, t, h, kv, hd = 3, 45, 4, 2, 8
+    rng = np.random.RandomState(1)
+    q, k, v = (jnp.asarray(rng.normal(0, 1.0, (b, t, n, hd)), jnp.float32) for n in (h, kv, kv))
+    real = _left_padding(b, t, (7, 0, 0))
+    seg = np.zeros((b, t), np.int32)
+    seg[1, 20:33], seg[1, 33:] = 1, 2  # row 1: a prompt of 20 (segment 0, shared), then two branches
+    shared = seg == 0
+    causal = np.tril(np.ones((t, t), bool))
+    window = causal & (np.arange(t)[:, None] - np.arange(t)[None, :] < 9)
+    same = (seg[:, :, None] == seg[:, None, :]) | shared[:, None, :]
+    for m in (causal[None] & real[:, None, :] & same, window[None] & real[:, None, :]):
+        mask = jnp.asarray(m)
+        w = jnp.asarray(rng.normal(0, 1.0, (b, t, h, hd)) * real[..., None, None], jnp.float32)
+        for chunk in (8, 16, 44):
+            def loss(fn):
+                return lambda q, k, v: jnp.sum(fn(q, k, v) * w)
+            ref, ref_g = jax.value_and_grad(loss(lambda q, k, v: transformer.attend(q, k, v, mask)), (0, 1, 2))(q, k, v)
+            got, got_g = jax.value_and_grad(loss(lambda q, k, v: transformer.attend_causal(q, k, v, mask, chunk)),
+                                            (0, 1, 2))(q, k, v)
+            out_ref = transformer.attend(q, k, v, mask)
+            out = transformer.attend_causal(q, k, v, mask, chunk)
+            assert float(jnp.max(jnp.abs(out - out_ref)[real])) <= 1e-5, chunk
+            assert abs(float(got) - float(ref)) <= 1e-4 * max(1.0, abs(float(ref))), chunk
+            for g, r in zip(got_g, ref_g):
+                assert float(jnp.max(jnp.abs(g - r))) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(r)))), chunk
+    assert transformer.causal_chunk(96) == transformer.CAUSAL_CHUNK  # 3 chunks of 32
+    assert transformer.causal_chunk(4096) == 256  # at most CAUSAL_MAX_CHUNKS chunks
+
+
+def test_xla_chunked_training_forward_matches_xla():
+    """model.attention='xla_chunked': the training forward at a length that chunks (80 tokens: 3 chunks of 32, the
+    last 16) against xla (the whole matrix): logits and gradients, left padding, packed segments, a window."""
+    b, t = 3, 80
+    cfg = dataclasses.replace(BASE, n_layers=1, sliding_window=40)
+    real = _left_padding(b, t, (11, 0, 3))
+    seg, pos = _packed(b, t, ((), (30, 61), (45,)), real)
+    d_logits, d_grads = _compare(cfg, "xla_chunked", _tokens(b, t), real, key_mask=real, segment_ids=seg,
+                                 positions=pos)
+    print(f"xla_chunked vs xla at T={t}: logits {d_logits:.3g}, grads {d_grads:.3g}")
+    assert d_logits <= LOGIT_TOL and d_grads <= GRAD_RTOL
+
+
 def test_dot_product_attention_decode_matches_full_forward():
     """Transformer.decode with dot_product_attention (the whole [B,1,T,S] mask: queries at cache slots
     cache_index..): a left-padded prefill, a 3-token chunk at a non-zero cache index, then one token at a time in a
@@ -239,7 +285,7 @@ def test_splash_under_a_mesh_runs_per_device(monkeypatch):
 
 
 def test_attention_choices_are_validated():
-    with pytest.raises(ValueError, match=r"ModelConfig.attention = 'flash': expected one of \('xla', "
+    with pytest.raises(ValueError, match=r"ModelConfig.attention = 'flash': expected one of \('xla', 'xla_chunked', "
                                          r"'dot_product_attention', 'splash'\)"):
         dataclasses.replace(BASE, attention="flash")
     with pytest.raises(ConfigError, match=r"config.model.attention = 'flash': expected one of"):
@@ -250,6 +296,7 @@ def test_attention_choices_are_validated():
     assert "config.data.buckets = (64, 128): expected multiples of 128 with model.attention='splash'" in str(e.value)
     validate(tiny_config(model__attention="splash", data__buckets=(128,)))
     validate(tiny_config(model__attention="dot_product_attention"))
+    validate(tiny_config(model__attention="xla_chunked"))
     c = tiny_config(model__attention="splash", data__buckets=(128,))
     c.mode, c.compile.seq_len = "compile", 96
     with pytest.raises(ConfigError, match=r"config.compile.seq_len = 96: expected multiples of 128"):

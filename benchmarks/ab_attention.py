@@ -1,0 +1,70 @@
+"""pal_jax's Stage 2 DPO step with model.attention = xla against xla_chunked, interleaved in one process.
+
+bench_stage2.py's step (its random-weight Llama of the shape, pure DPO, its pair batch) is built four times: the
+two-row and the shared-prompt layout, each with the whole score matrix (xla) and with the causal attention in query
+chunks (xla_chunked). After one compiling step each, --rounds rounds time one step of each in turn, so that the
+VM's drift hits all four alike; the medians and their ratios are printed, with each side's first-step loss and
+gradient norm and second-step loss (equal to float rounding).
+
+    .venv/bin/python benchmarks/ab_attention.py --shape tiny --rounds 15
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import numpy as np  # noqa: E402
+
+import bench_stage2 as b  # noqa: E402  (puts the repository root on sys.path)
+import jax  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="tiny", choices=sorted(b.SHAPES))
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=15, help="timed steps of each variant, interleaved")
+    args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
+    b.print_machine()
+    n = b.DEFAULT_PAIRS[args.shape]
+    with tempfile.TemporaryDirectory() as tmp:
+        _, cfg, _, params = b.build_models(args.shape, tmp)
+    two, shared = b.pair_batch(n, args.seq_len, cfg.vocab_size, np.random.default_rng(0))
+    c = b.stage2_settings(n, None)
+    steps = {}
+    for layout, batch in (("two rows", two), ("shared", shared)):
+        for attention in ("xla", "xla_chunked"):
+            step = b.JaxDPO(c, dataclasses.replace(cfg, attention=attention), params, batch)
+            jax.block_until_ready(step())  # compile + the first step
+            steps[layout, attention] = step
+    times = {k: [] for k in steps}
+    for _ in range(args.rounds):
+        for k, step in steps.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(step())
+            times[k].append(time.perf_counter() - t0)
+    print(f"[{args.shape}] {n} pairs x {args.seq_len}: median of {args.rounds} interleaved steps "
+          f"(load average {os.getloadavg()[0]:.2f})")
+    for layout in ("two rows", "shared"):
+        rows = {a: steps[layout, a] for a in ("xla", "xla_chunked")}
+        shape = list((two if layout == "two rows" else shared)["inputs"].shape)
+        for a, step in rows.items():
+            (l1, g1), (l2, _) = step.loss(0), step.loss(1)
+            print(f"  {layout} {shape} {a:12s} {statistics.median(times[layout, a]) * 1e3:8.1f} ms | loss step 1 "
+                  f"{l1:.6f}, grad norm {g1:.6g}, loss step 2 {l2:.6f}")
+        ratio = statistics.median(times[layout, "xla"]) / statistics.median(times[layout, "xla_chunked"])
+        print(f"  {layout}: xla / xla_chunked = {ratio:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
