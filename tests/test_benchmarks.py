@@ -56,3 +56,15 @@ def test_profile_decode_splits_prefill_and_steps():
     for part in ("prefill + 1 step:", "one further step:", "floors (this process, now):"):
         assert part in out, out
     assert "dot_general" in out.split("one further step:")[1], out  # the loop's matmuls are listed per step
+
+
+def test_ab_attention_times_both_attentions_with_the_same_losses():
+    out = run("ab_attention.py", "--shape", "tiny", "--seq-len", "64", "--rounds", "1")
+    for layout in ("two rows", "shared"):
+        lines = [line for line in out.splitlines() if line.strip().startswith(layout + " [")]
+        assert len(lines) == 2, out  # xla and xla_chunked
+        losses = [re.search(r"loss step 1 ([\d.]+), grad norm ([\d.]+), loss step 2 ([\d.]+)", line).groups()
+                  for line in lines]
+        (a1, ag, a2), (b1, bg, b2) = ([float(x) for x in group] for group in losses)
+        assert a1 == pytest.approx(b1, abs=1e-6) and ag == pytest.approx(bg, rel=1e-5) and a2 == pytest.approx(b2, abs=1e-5)
+        assert re.search(rf"{layout}: xla / xla_chunked = [\d.]+x", out), out
