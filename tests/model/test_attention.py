@@ -112,16 +112,22 @@ def _logits(cfg, tokens, **kw):
 # dot_product_attention
 
 
-def test_dot_product_attention_matches_xla():
-    """Training forward and gradients, 4 query heads on 2 key-value heads, a sliding window of 5: row 0 left-padded
-    (key_mask), row 1 packed (segment_ids, positions restarting), row 2 both."""
-    b, t = 3, 16
-    cfg = dataclasses.replace(BASE, n_layers=1, sliding_window=5)
-    real = _left_padding(b, t, (5, 0, 3))
-    seg, pos = _packed(b, t, ((), (6, 13), (9,)), real)
-    d_logits, d_grads = _compare(cfg, "dot_product_attention", _tokens(b, t), real, key_mask=real, segment_ids=seg,
-                                 positions=pos)
-    print(f"dot_product_attention: logits max|diff| {d_logits:.3g}, grads max|diff|/max|grad| {d_grads:.3g}")
+@pytest.mark.parametrize("attention,t,window,pads,starts", [
+    # 4 query heads on 2 key-value heads; row 0 left-padded (key_mask), row 1 packed (segment_ids, positions
+    # restarting), row 2 both
+    ("dot_product_attention", 16, 5, (5, 0, 3), ((), (6, 13), (9,))),
+    # a length that chunks (80 tokens: 3 chunks of 32, the last 16) against the whole matrix
+    ("xla_chunked", 80, 40, (11, 0, 3), ((), (30, 61), (45,))),
+])
+def test_training_forward_matches_xla(attention, t, window, pads, starts):
+    """model.attention's training forward and gradients against xla's, with a sliding window, left padding and
+    packed segments."""
+    b = 3
+    cfg = dataclasses.replace(BASE, n_layers=1, sliding_window=window)
+    real = _left_padding(b, t, pads)
+    seg, pos = _packed(b, t, starts, real)
+    d_logits, d_grads = _compare(cfg, attention, _tokens(b, t), real, key_mask=real, segment_ids=seg, positions=pos)
+    print(f"{attention} at T={t}: logits max|diff| {d_logits:.3g}, grads max|diff|/max|grad| {d_grads:.3g}")
     assert d_logits <= LOGIT_TOL and d_grads <= GRAD_RTOL
 
 
@@ -156,19 +162,6 @@ def test_xla_causal_chunks_match_the_whole_score_matrix():
                 assert float(jnp.max(jnp.abs(g - r))) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(r)))), chunk
     assert transformer.causal_chunk(96) == transformer.CAUSAL_CHUNK  # 3 chunks of 32
     assert transformer.causal_chunk(4096) == 256  # at most CAUSAL_MAX_CHUNKS chunks
-
-
-def test_xla_chunked_training_forward_matches_xla():
-    """model.attention='xla_chunked': the training forward at a length that chunks (80 tokens: 3 chunks of 32, the
-    last 16) against xla (the whole matrix): logits and gradients, left padding, packed segments, a window."""
-    b, t = 3, 80
-    cfg = dataclasses.replace(BASE, n_layers=1, sliding_window=40)
-    real = _left_padding(b, t, (11, 0, 3))
-    seg, pos = _packed(b, t, ((), (30, 61), (45,)), real)
-    d_logits, d_grads = _compare(cfg, "xla_chunked", _tokens(b, t), real, key_mask=real, segment_ids=seg,
-                                 positions=pos)
-    print(f"xla_chunked vs xla at T={t}: logits {d_logits:.3g}, grads {d_grads:.3g}")
-    assert d_logits <= LOGIT_TOL and d_grads <= GRAD_RTOL
 
 
 def test_dot_product_attention_decode_matches_full_forward():
