@@ -5,12 +5,13 @@ random tokens, --batch rows, 32 new tokens, greedy, no early stop), and a second
 + 1 step). Each is timed (median of --repeats), then traced once with the JAX profiler; every executed op's time is
 summed (profile_stage2.op_times) and the 1-token call's is subtracted from the 32-token call's, so the loop's ops
 come out per step. Ops of the same kind, output shape and jaxpr source (the layers' instances of one op) are listed
-as one group, with their count. Op times are thread time (ops and the matmuls' tiles run on both cores at once), so they add up to
-more than the wall time.
+as one group, with their count. Op times are thread time (ops and the matmuls' tiles run on both cores at once), so
+they add up to more than the wall time.
 
 The floors (--floor) are measured in the same process with plain jitted matmuls of the model's shapes:
 - prefill: the prompt tokens' matmul FLOPs (perf.forward_flops_per_token: every weight matrix, the attention
-  products, the LM head on the last position) at the float32 matmul peak measured now ([1024, 1024] x [1024, 1024], bench_decode.print_peaks);
+  products, the LM head on the last position) at the float32 matmul peak measured now ([1024, 1024] x [1024, 1024],
+  bench_decode.print_peaks);
 - one step: the layers' weight matrices ([B, d] x [d, n] for q, k, v, o, gate, up, down; one array per layer and
   matrix, as the model holds them), the LM head, and the layers' attention over a full KV cache (prompt + new
   tokens slots; the decode path's attend_cache), timed as one call each. A step must read every weight and the
@@ -83,7 +84,8 @@ def step_floor(cfg, batch: int, slots: int, repeats: int) -> tuple[float, float,
     def layers(x, w):
         for lw in w:
             q, k, v = x @ lw["q"], x @ lw["k"], x @ lw["v"]
-            a = q + jnp.tile(k + v, (1, cfg.n_heads // cfg.n_kv_heads))  # stands in for the attention: a data dependence
+            # stands in for the attention: a data dependence between the projections
+            a = q + jnp.tile(k + v, (1, cfg.n_heads // cfg.n_kv_heads))
             x = x + a @ lw["o"]
             x = x + (jax.nn.silu(x @ lw["gate"]) * (x @ lw["up"])) @ lw["down"]
         return x

@@ -25,7 +25,7 @@ Attention (`cfg.attention`, config key model.attention; a run-time choice, not a
 - "xla_chunked": "xla" with the training forward's causal self-attention in chunks of query rows, each against the
   keys up to its own end (`attend_causal`: the blocks above the diagonal, masked anyway, are not computed). The same
   numbers up to float rounding, faster on CPU (benchmarks/README.md, section 7); not the default because float
-  rounding alone moves the tiny main job's report (docs/results.md, "Sensitivity").
+  rounding alone moves the tiny main job's report (docs/results.md, "Sensitivity to float rounding").
 - "dot_product_attention": `jax.nn.dot_product_attention` with implementation=None. The training forward passes
   causality and the sliding window as is_causal / local_window_size and only padding keys and packed segments as a
   boolean mask [B,1,T,S]; the KV-cache decode path passes its whole [B,1,T,S] mask (queries sit at cache slots
@@ -43,7 +43,8 @@ Attention (`cfg.attention`, config key model.attention; a run-time choice, not a
   slots) uses "xla"'s `attend_cache`.
 A query with no visible key (a padding query of a left-padded row) gets a finite output that differs between the
 implementations ("xla" and "dot_product_attention": the mean of every value; "xla_chunked" in the training
-forward: of the values up to its chunk's end; "splash": of the values of the blocks it computes); no real token attends to it, so no real token's output depends on it.
+forward: of the values up to its chunk's end; "splash": of the values of the blocks it computes); no real token
+attends to it, so no real token's output depends on it.
 """
 from __future__ import annotations
 
@@ -768,7 +769,8 @@ class Transformer(nnx.Module):
             raise ConfigError(
                 f"a shared prompt (stage2.share_prompt) with model.attention={self.cfg.attention!r}, "
                 f"model.sliding_window={self.cfg.sliding_window}, segment_ids {'absent' if segment_ids is None else 'given'}: "
-                f"expected attention 'xla' or 'dot_product_attention', no sliding window, and segment ids; set "
+                f"expected attention 'xla', 'xla_chunked' or 'dot_product_attention', no sliding window, and "
+                f"segment ids; set "
                 f"--config.stage2.share_prompt=False")
         if self.cfg.attention in ("xla", "xla_chunked"):
             mask = causal_mask(jnp.arange(t, dtype=jnp.int32), t, self.cfg.sliding_window)[None]
