@@ -259,8 +259,7 @@ def main(argv=None):
     t, s2 = stage2.train_settings(c0), c0.stage2
     sizes = ", ".join(f"{s} {args.pairs or DEFAULT_PAIRS[s]} pairs" for s in shapes)
     print(f"Stage 2 DPO step: {sizes} x {args.seq_len} tokens, pal_jax attention {args.attention} (forward rows = 2 "
-          f"x pairs), reference forward "
-          f"included | pure DPO (align_weight 0, sft_weight 0), beta {s2.beta}, AdamW lr {t.lr} constant, b1 {t.b1}, b2 {t.b2}, "
+          f"x pairs), reference forward included | pure DPO (align_weight 0, sft_weight 0), beta {s2.beta}, AdamW lr {t.lr} constant, b1 {t.b1}, b2 {t.b2}, "
           f"weight decay {t.weight_decay} (matrices), clip {t.clip_norm} | median of {args.repeats} after a first "
           f"step", flush=True)
     peaks = print_peaks()

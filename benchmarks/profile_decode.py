@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -47,6 +46,8 @@ from pal_jax.model.transformer import attend_cache  # noqa: E402
 
 
 def median_time(fn, repeats: int) -> float:
+    """The median seconds of `repeats` calls of fn, after one untimed call (the compile)."""
+    jax.block_until_ready(fn())
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -60,13 +61,6 @@ def traced(fn, trace_dir: str) -> collections.Counter:
     jax.block_until_ready(fn())
     jax.profiler.stop_trace()
     return ps.op_times(trace_dir)
-
-
-def by_kind(times) -> collections.Counter:
-    kinds = collections.Counter()
-    for name, us in times.items():
-        kinds[re.sub(r"\.\d+$", "", name)] += us
-    return kinds
 
 
 def step_floor(cfg, batch: int, slots: int, repeats: int) -> tuple[float, float, float, float]:
@@ -92,8 +86,6 @@ def step_floor(cfg, batch: int, slots: int, repeats: int) -> tuple[float, float,
 
     x = jnp.ones((batch, d), jnp.float32)
     f_layers, f_head = jax.jit(layers), jax.jit(lambda x, h: x @ h)
-    jax.block_until_ready(f_layers(x, w))
-    jax.block_until_ready(f_head(x, head))
     t_layers = median_time(lambda: f_layers(x, w), repeats)
     t_head = median_time(lambda: f_head(x, head), repeats)
     nbytes = 4 * (sum(a.size for lw in w for a in lw.values()) + head.size)
@@ -111,7 +103,6 @@ def step_floor(cfg, batch: int, slots: int, repeats: int) -> tuple[float, float,
 
     q0 = jnp.ones((batch, 1, cfg.n_heads, hd), jnp.float32)
     f_attn = jax.jit(attention)
-    jax.block_until_ready(f_attn(q0, caches))
     t_attn = median_time(lambda: f_attn(q0, caches), repeats)
     return t_layers, t_head, t_attn, nbytes
 
@@ -140,8 +131,6 @@ def main(argv=None):
         hlo = ps.hlo_index(sampling.generate_jit.lower(
             graphdef, params, jnp.asarray(tokens), jnp.ones(tokens.shape, bool), jax.random.key(0), cfg=scfg,
             eos_id=bd.NEVER_EOS, pad_id=0).compile().as_text())
-        jax.block_until_ready(full())
-        jax.block_until_ready(one())
         t_full, t_one = median_time(full, args.repeats), median_time(one, args.repeats)
         t_step = (t_full - t_one) / (bd.NEW - 1)
         ops_one = traced(one, os.path.join(tmp, "one"))
@@ -154,13 +143,13 @@ def main(argv=None):
           f"prefill + 1 step {t_one * 1e3:.0f} ms + {steps} steps x {t_step * 1e3:.1f} ms (median of {args.repeats}; "
           f"load average {os.getloadavg()[0]:.2f})")
     for label, ops, wall in (("prefill + 1 step", ops_one, t_one), ("one further step", ops_step, t_step)):
-        kinds = by_kind(ops)
+        kinds = ps.by_kind(ops)
         print(f"\n{label}: {wall * 1e3:.1f} ms wall; op thread time by kind (ms): "
               + ", ".join(f"{k} {us / 1e3:.1f}" for k, us in kinds.most_common(8) if us > 0))
         groups, count = collections.Counter(), collections.Counter()
         for name, us in ops.items():  # the 30 layers' instances of an op fall into one group
             shape, src = hlo.get(name, ("?", ""))
-            key = (re.sub(r"\.\d+$", "", name), shape, src.rsplit("/", 1)[-1])
+            key = (ps.op_kind(name), shape, src.rsplit("/", 1)[-1])
             groups[key] += us
             count[key] += 1
         for (kind, shape, src), us in groups.most_common(args.top):

@@ -66,6 +66,19 @@ def op_times(trace_dir: str) -> collections.Counter:
     return tot
 
 
+def op_kind(name: str) -> str:
+    """An executed op's kind: its name without the instance number (ynn_fusion.59 -> ynn_fusion)."""
+    return re.sub(r"\.\d+$", "", name)
+
+
+def by_kind(times) -> collections.Counter:
+    """Op times ({op name: time}) summed by op_kind."""
+    kinds = collections.Counter()
+    for name, t in times.items():
+        kinds[op_kind(name)] += t
+    return kinds
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="tiny", choices=sorted(b.SHAPES))
@@ -106,14 +119,12 @@ def main(argv=None):
         tot = op_times(trace_dir)
 
     step_ms = statistics.median(times) * 1e3
-    layout = f"shared rows {list(batch['inputs'].shape)}" if args.share_prompt else f"rows {list(batch['inputs'].shape)}"
-    print(f"[{args.shape}] DPO step on {n} pairs x {args.seq_len} tokens ({layout}): median {step_ms:.1f} ms over {args.steps} "
-          f"steps (load average {os.getloadavg()[0]:.2f}); op times below are per step, over {args.trace} traced steps")
-    kinds = collections.Counter()
-    for name, us in tot.items():
-        kinds[re.sub(r"\.\d+$", "", name)] += us
+    layout = f"{'shared ' if args.share_prompt else ''}rows {list(batch['inputs'].shape)}"
+    print(f"[{args.shape}] DPO step on {n} pairs x {args.seq_len} tokens ({layout}): median {step_ms:.1f} ms over "
+          f"{args.steps} steps (load average {os.getloadavg()[0]:.2f}); op times below are per step, over {args.trace} "
+          f"traced steps")
     print("\nby kind (ms per step, share of the step):")
-    for kind, us in kinds.most_common(12):
+    for kind, us in by_kind(tot).most_common(12):
         ms = us / args.trace / 1e3
         print(f"  {ms:9.1f} ms  {ms / step_ms:6.1%}  {kind}")
     print(f"\ntop {args.top} ops (ms per step, the shape it produces, its jaxpr source):")

@@ -770,8 +770,7 @@ class Transformer(nnx.Module):
                 f"a shared prompt (stage2.share_prompt) with model.attention={self.cfg.attention!r}, "
                 f"model.sliding_window={self.cfg.sliding_window}, segment_ids {'absent' if segment_ids is None else 'given'}: "
                 f"expected attention 'xla', 'xla_chunked' or 'dot_product_attention', no sliding window, and "
-                f"segment ids; set "
-                f"--config.stage2.share_prompt=False")
+                f"segment ids; set --config.stage2.share_prompt=False")
         if self.cfg.attention in ("xla", "xla_chunked"):
             mask = causal_mask(jnp.arange(t, dtype=jnp.int32), t, self.cfg.sliding_window)[None]
             keys = _self_mask_dense(SelfMask(key_mask, segment_ids, shared_keys))  # [B,1,T|1,T] or None
