@@ -1,12 +1,18 @@
-"""pal_jax's Stage 2 DPO step with model.attention = xla against xla_chunked, interleaved in one process.
+"""Two variants of pal_jax's Stage 2 DPO step, interleaved in one process.
+
+--compare attention (default): model.attention = xla against xla_chunked (the causal attention in query chunks).
+--compare dense: the projections and the LM head as transformer.dense (one 2-D matmul over the flattened leading
+axes, the code since 2026-12-07) against jnp.tensordot over [B, T, d] (the einsum form before it; patched in for
+that variant's trace only), both with model.attention = xla.
 
 bench_stage2.py's step (its random-weight Llama of the shape, pure DPO, its pair batch) is built four times: the
-two-row and the shared-prompt layout, each with the whole score matrix (xla) and with the causal attention in query
-chunks (xla_chunked). After one compiling step each, --rounds rounds time one step of each in turn, so that the
-VM's drift hits all four alike; the medians and their ratios are printed, with each side's first-step loss and
-gradient norm and second-step loss (equal to float rounding).
+two-row and the shared-prompt layout, each in both variants. After one compiling step and one more each, --rounds
+rounds time one step of each in turn, so that the VM's drift hits all four alike; the medians and their ratios
+are printed, with each side's first-step loss and gradient norm and second-step loss (equal to float rounding).
 
     .venv/bin/python benchmarks/ab_attention.py --shape tiny --rounds 15
+    .venv/bin/python benchmarks/ab_attention.py --compare dense --shape tiny --rounds 15
+    .venv/bin/python benchmarks/ab_attention.py --compare dense --shape 135m --rounds 3
 """
 from __future__ import annotations
 
@@ -25,6 +31,20 @@ import numpy as np  # noqa: E402
 
 import bench_stage2 as b  # noqa: E402  (puts the repository root on sys.path)
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from pal_jax.model import transformer  # noqa: E402
+
+
+def tensordot(x, w, n_in: int = 1, **kw):
+    """transformer.dense's contraction as the einsum-style tensordot over [B, T, d] (the code before dense)."""
+    return jnp.tensordot(x, w, axes=n_in, **kw)
+
+
+DENSE = transformer.dense
+# --compare -> its two variants: (name, model.attention, the projection function traced into the step)
+VARIANTS = {"attention": (("xla", "xla", DENSE), ("xla_chunked", "xla_chunked", DENSE)),
+            "dense": (("tensordot", "xla", tensordot), ("dense", "xla", DENSE))}
 
 
 def main(argv=None):
@@ -32,6 +52,7 @@ def main(argv=None):
     ap.add_argument("--shape", default="tiny", choices=sorted(b.SHAPES))
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=15, help="timed steps of each variant, interleaved")
+    ap.add_argument("--compare", default="attention", choices=sorted(VARIANTS))
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
@@ -42,11 +63,17 @@ def main(argv=None):
     two, shared = b.pair_batch(n, args.seq_len, cfg.vocab_size, np.random.default_rng(0))
     c = b.stage2_settings(n, None)
     steps = {}
+    variants = VARIANTS[args.compare]
     for layout, batch in (("two rows", two), ("shared", shared)):
-        for attention in ("xla", "xla_chunked"):
-            step = b.JaxDPO(c, dataclasses.replace(cfg, attention=attention), params, batch)
-            jax.block_until_ready(step())  # compile + the first step
-            steps[layout, attention] = step
+        for name, attention, project in variants:
+            transformer.dense = project  # read when the step is traced (its first call)
+            try:
+                step = b.JaxDPO(c, dataclasses.replace(cfg, attention=attention), params, batch)
+                jax.block_until_ready(step())  # compile + the first step
+            finally:
+                transformer.dense = DENSE
+            jax.block_until_ready(step())  # the second step (its loss is printed)
+            steps[layout, name] = step
     times = {k: [] for k in steps}
     for _ in range(args.rounds):
         for k, step in steps.items():
@@ -55,15 +82,16 @@ def main(argv=None):
             times[k].append(time.perf_counter() - t0)
     print(f"[{args.shape}] {n} pairs x {args.seq_len}: median of {args.rounds} interleaved steps "
           f"(load average {os.getloadavg()[0]:.2f})")
+    first, second = (v[0] for v in variants)
     for layout in ("two rows", "shared"):
-        rows = {a: steps[layout, a] for a in ("xla", "xla_chunked")}
+        rows = {a: steps[layout, a] for a in (first, second)}
         shape = list((two if layout == "two rows" else shared)["inputs"].shape)
         for a, step in rows.items():
             (l1, g1), (l2, _) = step.loss(0), step.loss(1)
             print(f"  {layout} {shape} {a:12s} {statistics.median(times[layout, a]) * 1e3:8.1f} ms | loss step 1 "
                   f"{l1:.6f}, grad norm {g1:.6g}, loss step 2 {l2:.6f}")
-        ratio = statistics.median(times[layout, "xla"]) / statistics.median(times[layout, "xla_chunked"])
-        print(f"  {layout}: xla / xla_chunked = {ratio:.3f}x")
+        ratio = statistics.median(times[layout, first]) / statistics.median(times[layout, second])
+        print(f"  {layout}: {first} / {second} = {ratio:.3f}x")
 
 
 if __name__ == "__main__":

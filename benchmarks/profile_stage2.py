@@ -16,6 +16,7 @@ the step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import collections
 import glob
 import gzip
@@ -91,6 +92,8 @@ def main(argv=None):
     ap.add_argument("--share-prompt", action="store_true",
                     help="profile the step on the same pairs as share_prompt rows (one row per pair: bench_stage2's "
                          "--share-prompt row) instead of two rows per pair")
+    ap.add_argument("--attention", default="xla", choices=("xla", "xla_chunked", "dot_product_attention"),
+                    help="pal_jax's model.attention (bench_stage2.py --attention)")
     args = ap.parse_args(argv)
     if min(args.steps, args.trace) < 1 or args.warmup < 0:
         ap.error("--steps and --trace must be >= 1, --warmup >= 0")
@@ -99,6 +102,7 @@ def main(argv=None):
     c = b.stage2_settings(n, None)
     with tempfile.TemporaryDirectory() as tmp:
         _, cfg, _, params = b.build_models(args.shape, tmp)
+        cfg = dataclasses.replace(cfg, attention=args.attention)
         two_rows, shared = b.pair_batch(n, args.seq_len, cfg.vocab_size, np.random.default_rng(0))
         batch = shared if args.share_prompt else two_rows
         jx = b.JaxDPO(c, cfg, params, batch)
@@ -119,7 +123,7 @@ def main(argv=None):
         tot = op_times(trace_dir)
 
     step_ms = statistics.median(times) * 1e3
-    layout = f"{'shared ' if args.share_prompt else ''}rows {list(batch['inputs'].shape)}"
+    layout = f"{'shared ' if args.share_prompt else ''}rows {list(batch['inputs'].shape)}, attention {args.attention}"
     print(f"[{args.shape}] DPO step on {n} pairs x {args.seq_len} tokens ({layout}): median {step_ms:.1f} ms over "
           f"{args.steps} steps (load average {os.getloadavg()[0]:.2f}); op times below are per step, over {args.trace} "
           f"traced steps")

@@ -59,14 +59,15 @@ def test_profile_decode_splits_prefill_and_steps():
     assert "dot_general" in out.split("one further step:")[1], out  # the loop's matmuls are listed per step
 
 
-def test_ab_attention_times_both_attentions_with_the_same_losses():
-    out = run("ab_attention.py", "--shape", "tiny", "--seq-len", "64", "--rounds", "1")
+@pytest.mark.parametrize("compare,names", [("attention", ("xla", "xla_chunked")), ("dense", ("tensordot", "dense"))])
+def test_ab_attention_times_both_variants_with_the_same_losses(compare, names):
+    out = run("ab_attention.py", "--compare", compare, "--shape", "tiny", "--seq-len", "64", "--rounds", "1")
     for layout in ("two rows", "shared"):
         lines = [line for line in out.splitlines() if line.strip().startswith(layout + " [")]
-        assert len(lines) == 2, out  # xla and xla_chunked
+        assert [line.split("]")[1].split()[0] for line in lines] == list(names), out
         losses = [re.search(r"loss step 1 ([\d.]+), grad norm ([\d.]+), loss step 2 ([\d.]+)", line).groups()
                   for line in lines]
         (a1, ag, a2), (b1, bg, b2) = ([float(x) for x in group] for group in losses)
         assert a1 == pytest.approx(b1, abs=1e-6) and ag == pytest.approx(bg, rel=1e-5)
         assert a2 == pytest.approx(b2, abs=1e-5)
-        assert re.search(rf"{layout}: xla / xla_chunked = [\d.]+x", out), out
+        assert re.search(rf"{layout}: {names[0]} / {names[1]} = [\d.]+x", out), out

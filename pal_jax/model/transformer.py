@@ -277,14 +277,31 @@ def _add_adapters(module: nnx.Module, name: str, n_in: int, lora: LoraConfig, cf
     module.lora_scale = lora.scale
 
 
+def dense(x, w, n_in: int = 1, **kw):
+    """x [..., *w.shape[:n_in]] contracted with w [*in, *out] -> [..., *out]: the tensordot over x's last n_in
+    axes, written as one 2-D matmul [N, prod(in)] @ [prod(in), prod(out)] over the flattened leading axes. Every
+    projection (q, k, v, o, the MLP, LoRA's adapters) and the LM head goes through it.
+
+    The same numbers as the einsum over [B, T, d] (up to float rounding in the backward). The 2-D form is for the
+    backward pass: differentiating the einsum, XLA:CPU contracted each weight gradient over (B, T) through
+    transposed copies of the activations (benchmarks/README.md, section 1: the SwiGLU's
+    `transpose(jvp(jit(silu)))` copies); the flattened matmul's weight gradient is one x2.T @ dy2. The DPO step
+    became 1.08x faster at the tiny shape and 1.25x at the 135M shape (two rows per pair; section 8,
+    `benchmarks/ab_attention.py --compare dense`). kw: jnp.matmul's (preferred_element_type)."""
+    lead, out = x.shape[:x.ndim - n_in], w.shape[n_in:]
+    k = math.prod(w.shape[:n_in])
+    y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), **kw)
+    return y.reshape(*lead, *out)
+
+
 def _lora(module: nnx.Module, name: str, x, y):
     """y (= x W for projection `name`) plus the adapters' (alpha/r) (x A) B when `module` has them; else y."""
     a = getattr(module, f"{name}_lora_a", None)
     if a is None:
         return y
     b = getattr(module, f"{name}_lora_b")
-    xa = jnp.tensordot(x, a[...].astype(y.dtype), axes=a.ndim - 1)
-    return y + jnp.tensordot(xa * jnp.asarray(module.lora_scale, y.dtype), b[...].astype(y.dtype), axes=1)
+    xa = dense(x, a[...].astype(y.dtype), a.ndim - 1)
+    return y + dense(xa * jnp.asarray(module.lora_scale, y.dtype), b[...].astype(y.dtype))
 
 
 class Norm(nnx.Module):
@@ -582,8 +599,7 @@ class Attention(nnx.Module):
         return (y * scale[...].astype(jnp.float32)).astype(x.dtype)
 
     def qkv(self, x, rope):
-        proj = lambda n: _lora(self, n, x, jnp.einsum(  # noqa: E731
-            "btd,dhk->bthk", x, getattr(self, n)[...].astype(self.dtype)))
+        proj = lambda n: _lora(self, n, x, dense(x, getattr(self, n)[...].astype(self.dtype)))  # noqa: E731
         q, k, v = proj("q"), proj("k"), proj("v")
         if self.has_bias:
             q = q + self.q_bias[...].astype(self.dtype)
@@ -596,7 +612,7 @@ class Attention(nnx.Module):
         return q, k, v
 
     def out(self, a):
-        y = _lora(self, "o", a, jnp.einsum("bthk,hkd->btd", a, self.o[...].astype(self.dtype)))
+        y = _lora(self, "o", a, dense(a, self.o[...].astype(self.dtype), 2))
         if self.has_o_bias:
             y = y + self.o_bias[...].astype(self.dtype)
         return y
@@ -625,7 +641,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
-        mm = lambda h, n: _lora(self, n, h, h @ w(getattr(self, n)))  # noqa: E731
+        mm = lambda h, n: _lora(self, n, h, dense(h, w(getattr(self, n))))  # noqa: E731
         if self.gated and self.has_bias:
             hmid = jax.nn.silu(mm(x, "gate") + w(self.gate_bias)) * (mm(x, "up") + w(self.up_bias))
             return mm(hmid, "down") + w(self.down_bias)
@@ -791,10 +807,8 @@ class Transformer(nnx.Module):
         """The LM head: float32 logits [..., vocab_size] (padded vocab entries sliced off)."""
         dtype = DTYPES[self.cfg.dtype]
         h = hidden.astype(dtype)
-        if self.cfg.tie_embeddings:
-            out = jnp.einsum("...d,vd->...v", h, self.embed[...].astype(dtype), preferred_element_type=jnp.float32)
-        else:
-            out = jnp.einsum("...d,dv->...v", h, self.head[...].astype(dtype), preferred_element_type=jnp.float32)
+        w = self.embed[...].astype(dtype).T if self.cfg.tie_embeddings else self.head[...].astype(dtype)
+        out = dense(h, w, preferred_element_type=jnp.float32)
         if self.cfg.padded_vocab != self.cfg.vocab_size:
             out = out[..., : self.cfg.vocab_size]
         return _constrain_rows(out.astype(jnp.float32))

@@ -12,7 +12,7 @@ from flax import nnx
 
 from helpers import decode_in_pieces
 from pal_jax.weights import hf as convert
-from pal_jax.model.transformer import ModelConfig, Transformer
+from pal_jax.model.transformer import ModelConfig, Transformer, dense
 from pal_jax.model.spec import ModelSpec
 
 VOCAB = 97
@@ -259,6 +259,27 @@ def test_partition_specs_carry_logical_names():
             mapped = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract, nnx.Param)))
         assert mapped["embed"] == P("tensor", "fsdp")
         assert mapped["blocks"][0]["attn"]["o"] == P("tensor", None, "fsdp")
+
+
+@pytest.mark.parametrize("x_shape,w_shape,n_in", [((3, 5, 8), (8, 6), 1), ((3, 5, 8), (8, 2, 3), 1),
+                                                   ((3, 5, 2, 4), (2, 4, 7), 2), ((4, 8), (8, 6), 1)])
+def test_dense_is_tensordot_in_values_and_gradients(x_shape, w_shape, n_in):
+    """transformer.dense (the projections and the LM head as one 2-D matmul) computes jnp.tensordot's values and
+    gradients, for every layout the model uses it in: [B,T,d] x [d,f], q/k/v [d,h,hd], o [h,hd,d], 2-D."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+    y = dense(x, w, n_in)
+    assert y.shape == x_shape[:len(x_shape) - n_in] + w_shape[n_in:]
+    np.testing.assert_allclose(np.asarray(y), np.asarray(jnp.tensordot(x, w, axes=n_in)), rtol=1e-5, atol=1e-5)
+    cot = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    grads = [jax.grad(lambda a, b: jnp.sum(f(a, b) * cot), argnums=(0, 1))(x, w)
+             for f in (lambda a, b: dense(a, b, n_in), lambda a, b: jnp.tensordot(a, b, axes=n_in))]
+    for got, want in zip(*grads):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    bf = dense(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), n_in, preferred_element_type=jnp.float32)
+    assert bf.dtype == jnp.float32
 
 
 def test_remat_and_bfloat16_forward():
