@@ -50,6 +50,7 @@ VARIANTS = {"attention": (("xla", "xla", DENSE), ("xla_chunked", "xla_chunked", 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="tiny", choices=sorted(b.SHAPES))
+    ap.add_argument("--pairs", type=int, default=0, help="0 = bench_stage2's default for the shape")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=15, help="timed steps of each variant, interleaved")
     ap.add_argument("--compare", default="attention", choices=sorted(VARIANTS))
@@ -57,7 +58,7 @@ def main(argv=None):
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     b.print_machine()
-    n = b.DEFAULT_PAIRS[args.shape]
+    n = args.pairs or b.DEFAULT_PAIRS[args.shape]
     with tempfile.TemporaryDirectory() as tmp:
         _, cfg, _, params = b.build_models(args.shape, tmp)
     two, shared = b.pair_batch(n, args.seq_len, cfg.vocab_size, np.random.default_rng(0))

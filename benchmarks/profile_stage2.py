@@ -38,16 +38,38 @@ import jax  # noqa: E402
 
 _INSTR = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ")
 _OP_NAME = re.compile(r'op_name="([^"]+)"')
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_COMPUTATION = re.compile(r"%?([\w.\-]+) \(.*\) -> .* \{$")
+
+
+# printed as the source of an op of the step's HLO that has no op_name metadata, nor the computation it calls: ops
+# XLA adds itself (the NaN guard's finiteness reductions, split by XLA:CPU into reduce-window + reduce)
+NO_OP_NAME = "(no op_name: added by XLA)"
 
 
 def hlo_index(text: str) -> dict[str, tuple[str, str]]:
-    """{instruction name: (its shape, its op_name metadata)} of a compiled module's text."""
-    out = {}
+    """{instruction name: (its shape, its op_name metadata)} of a compiled module's text. A fusion whose own line
+    has no op_name (XLA:CPU wraps some ops without one) gets the op_name of the computation it calls (its root's,
+    else the first one in it)."""
+    out, calls, named = {}, {}, {}  # named: computation -> op_name (its root's, else its first)
+    computation = None
     for line in text.splitlines():
+        c = _COMPUTATION.match(line)
+        if c:
+            computation = c.group(1)
+            continue
         m = _INSTR.match(line)
-        if m:
-            op = _OP_NAME.search(line)
-            out[m.group(1)] = (m.group(2), op.group(1) if op else "")
+        if not m:
+            continue
+        op = _OP_NAME.search(line)
+        out[m.group(1)] = (m.group(2), op.group(1) if op else "")
+        if op and computation is not None and (computation not in named or line.lstrip().startswith("ROOT ")):
+            named[computation] = op.group(1)
+        call = _CALLS.search(line)
+        if call and not op:
+            calls[m.group(1)] = call.group(1)
+    for name, computation in calls.items():
+        out[name] = (out[name][0], named.get(computation, ""))
     return out
 
 
@@ -134,6 +156,7 @@ def main(argv=None):
     print(f"\ntop {args.top} ops (ms per step, the shape it produces, its jaxpr source):")
     for name, us in tot.most_common(args.top):
         shape, src = hlo.get(name, ("?", ""))
+        src = src or (NO_OP_NAME if shape != "?" else "")
         print(f"  {us / args.trace / 1e3:9.2f} ms  {name:30s} {shape:32s} {src[-90:]}")
 
 

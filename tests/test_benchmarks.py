@@ -45,7 +45,11 @@ def test_profile_stage2_names_the_ops_of_either_layout(layout):
     assert f"rows {rows}" in out, out
     assert "ynn_fusion" in out or "dot" in out, out
     listed = [line for line in out.split("top 5 ops")[1].splitlines() if re.match(r"\s+[\d.]+ ms ", line)]
-    assert len(listed) == 5 and all("jit(step)" in line for line in listed), out  # each op named by its source
+    # each op is one of the compiled step's (its shape printed, not "?") and named by its jaxpr source, or marked as
+    # one XLA added without op_name (the NaN guard's finiteness reductions: rare in a top 5, and once a flake here)
+    assert len(listed) == 5 and all(" ? " not in line for line in listed), out
+    assert all("jit(step)" in line or "(no op_name: added by XLA)" in line for line in listed), out
+    assert any("jit(step)" in line and "dot_general" in line for line in listed), out
 
 
 def test_profile_decode_splits_prefill_and_steps():
@@ -59,9 +63,13 @@ def test_profile_decode_splits_prefill_and_steps():
     assert "dot_general" in out.split("one further step:")[1], out  # the loop's matmuls are listed per step
 
 
-@pytest.mark.parametrize("compare,names", [("attention", ("xla", "xla_chunked")), ("dense", ("tensordot", "dense"))])
+# the attention comparison's numbers are tests/model/test_attention.py's; in the default suite the dense one runs the
+# script's code (its variants differ only in VARIANTS)
+@pytest.mark.parametrize("compare,names", [pytest.param("attention", ("xla", "xla_chunked"), marks=pytest.mark.slow),
+                                           ("dense", ("tensordot", "dense"))])
 def test_ab_attention_times_both_variants_with_the_same_losses(compare, names):
-    out = run("ab_attention.py", "--compare", compare, "--shape", "tiny", "--seq-len", "64", "--rounds", "1")
+    out = run("ab_attention.py", "--compare", compare, "--shape", "tiny", "--pairs", "4", "--seq-len", "64",
+              "--rounds", "1")
     for layout in ("two rows", "shared"):
         lines = [line for line in out.splitlines() if line.strip().startswith(layout + " [")]
         assert [line.split("]")[1].split()[0] for line in lines] == list(names), out

@@ -148,14 +148,13 @@ def test_xla_causal_chunks_match_the_whole_score_matrix():
     for m in (causal[None] & real[:, None, :] & same, window[None] & real[:, None, :]):
         mask = jnp.asarray(m)
         w = jnp.asarray(rng.normal(0, 1.0, (b, t, h, hd)) * real[..., None, None], jnp.float32)
+        def check(fn):  # jitted: op by op, the dozens of small ops of each chunk took ~40 s of dispatch
+            return jax.jit(lambda q, k, v: (fn(q, k, v), *jax.value_and_grad(
+                lambda q, k, v: jnp.sum(fn(q, k, v) * w), (0, 1, 2))(q, k, v)))
+
+        out_ref, ref, ref_g = check(lambda q, k, v: transformer.attend(q, k, v, mask))(q, k, v)
         for chunk in (8, 16, 44):
-            def loss(fn):
-                return lambda q, k, v: jnp.sum(fn(q, k, v) * w)
-            ref, ref_g = jax.value_and_grad(loss(lambda q, k, v: transformer.attend(q, k, v, mask)), (0, 1, 2))(q, k, v)
-            got, got_g = jax.value_and_grad(loss(lambda q, k, v: transformer.attend_causal(q, k, v, mask, chunk)),
-                                            (0, 1, 2))(q, k, v)
-            out_ref = transformer.attend(q, k, v, mask)
-            out = transformer.attend_causal(q, k, v, mask, chunk)
+            out, got, got_g = check(lambda q, k, v: transformer.attend_causal(q, k, v, mask, chunk))(q, k, v)
             assert float(jnp.max(jnp.abs(out - out_ref)[real])) <= 1e-5, chunk
             assert abs(float(got) - float(ref)) <= 1e-4 * max(1.0, abs(float(ref))), chunk
             for g, r in zip(got_g, ref_g):
