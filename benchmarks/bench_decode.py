@@ -249,6 +249,24 @@ def timed(fn, repeats: int, row_budget: float, is_jax: bool, warm_fn=None, idle_
             return statistics.median(ts), n, warm, others_share(snap, _cpu_jiffies())
 
 
+def interleaved(fns: dict, repeats: int, idle_wait: float = 0.0) -> dict:
+    """{name: (fn, is_jax)} -> {name: (median seconds, calls timed, share of the cores used by other processes)}:
+    `repeats` rounds, each timing one call of every fn in turn (no warm-up: the caller has made its first calls), so
+    that the machine's drift over the rounds hits every side alike. The others' share is over all the rounds."""
+    wait_idle(idle_wait)
+    ts = {name: [] for name in fns}
+    snap = _cpu_jiffies()
+    for _ in range(repeats):
+        for name, (fn, is_jax) in fns.items():
+            t0 = time.perf_counter()
+            out = fn()
+            if is_jax:
+                jax.block_until_ready(out)
+            ts[name].append(time.perf_counter() - t0)
+    others = others_share(snap, _cpu_jiffies())
+    return {name: (statistics.median(t), len(t), others) for name, t in ts.items()}
+
+
 def split_prefill(jax_fn1, jax_fn, torch_fn1, torch_fn, repeats: int, row_budget: float):
     """Generate with 1 new token vs NEW new tokens on both sides: per-step cost = (t_NEW - t_1) / (NEW - 1), and
     prefill (+ one step) = t_1. Returns {side: (t_1, seconds per further step)}."""

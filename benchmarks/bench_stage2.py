@@ -36,6 +36,9 @@ timed step takes longer than --row-budget / --repeats seconds runs fewer steps (
     .venv/bin/python benchmarks/bench_stage2.py --shapes tiny --share-prompt [--identical 0.88]   # + the shared rows
     .venv/bin/python benchmarks/bench_stage2.py --shapes tiny --share-prompt --attention xla_chunked
 
+--interleave times the sides in turn (one step of pal_jax, one of PyTorch, one of the shared rows, --repeats
+rounds) instead of one side's steps after the other's, so that the VM's drift over the run hits all sides alike.
+
 --share-prompt adds a row: pal_jax with stage2.share_prompt on the same pairs (one row per pair, [prompt | chosen |
 rejected], the prompt run once; stage2.PairSource), against the same PyTorch step. Its first-step loss and gradient
 norm, and its second-step loss, must equal the unshared step's (the script stops otherwise).
@@ -57,7 +60,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))  # the repository root: pal_jax, configs
 
-from bench_decode import SHAPES, build_models, parity, print_machine, print_peaks, print_table, timed  # noqa: E402
+from bench_decode import (SHAPES, build_models, interleaved, parity, print_machine, print_peaks,  # noqa: E402
+                          print_table, timed)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -239,6 +243,9 @@ def main(argv=None):
     ap.add_argument("--attention", default="xla", choices=("xla", "xla_chunked", "dot_product_attention"),
                     help="pal_jax's model.attention (xla_chunked: the causal attention in query chunks, the masked "
                          "blocks skipped; benchmarks/ab_attention.py compares it with xla interleaved)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="time the sides in turn, one step each per round (--repeats rounds; --row-budget unused), "
+                         "instead of one side's steps after the other's: the VM's drift hits both sides alike")
     ap.add_argument("--cpu-devices", type=int, default=1,
                     help="pal_jax on CPU: split the host into this many JAX devices, the batch data-parallel over "
                          "them (config mesh.cpu_devices; the tiny preset runs on 2); PyTorch is unchanged")
@@ -319,8 +326,13 @@ def main(argv=None):
                                      f"(loss {sl} vs {jl}, grad norm {sg} vs {jg})")
 
             nop = lambda: None  # noqa: E731  (the first step above was the warm-up)
-            jt, jn, _, jo = timed(jx, args.repeats, args.row_budget, True, warm_fn=nop, idle_wait=args.wait_idle)
-            tt, tn, _, to = timed(th, args.repeats, args.row_budget, False, warm_fn=nop, idle_wait=args.wait_idle)
+            if args.interleave:  # one step of each side in turn, --repeats rounds
+                both = interleaved({"jx": (jx, True), "th": (th, False), **({"js": (js, True)} if args.share_prompt
+                                                                           else {})}, args.repeats, args.wait_idle)
+                (jt, jn, jo), (tt, tn, to) = both["jx"], both["th"]
+            else:
+                jt, jn, _, jo = timed(jx, args.repeats, args.row_budget, True, warm_fn=nop, idle_wait=args.wait_idle)
+                tt, tn, _, to = timed(th, args.repeats, args.row_budget, False, warm_fn=nop, idle_wait=args.wait_idle)
             (jl2, _), (tl2, _) = jx.loss(1), th.loss(1)
             assert jx.reference_intact()
             print(f"[{shape}] DPO step: pal_jax {jt:.3f}s, PyTorch {tt:.3f}s; step 2 loss (after one AdamW update) "
@@ -329,7 +341,11 @@ def main(argv=None):
             rows.append((shape, f"DPO {n_pairs}x{args.seq_len}", "pairs/s", n_pairs / jt, jn, n_pairs / tt, tn,
                          max(jo, to), f / jt, f / tt))
             if args.share_prompt:
-                st, sn, _, so = timed(js, args.repeats, args.row_budget, True, warm_fn=nop, idle_wait=args.wait_idle)
+                if args.interleave:
+                    st, sn, so = both["js"]
+                else:
+                    st, sn, _, so = timed(js, args.repeats, args.row_budget, True, warm_fn=nop,
+                                          idle_wait=args.wait_idle)
                 sl2 = js.loss(1)[0]
                 print(f"[{shape}] share_prompt DPO step: {st:.3f}s ({jt / st:.2f}x the unshared step); step 2 loss "
                       f"{sl2:.6f}", flush=True)

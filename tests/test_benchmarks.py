@@ -26,11 +26,12 @@ def run(script: str, *args: str) -> str:
     return proc.stdout
 
 
-def test_bench_stage2_shared_rows_agree_with_two_rows_and_pytorch():
+@pytest.mark.parametrize("timing", [[], ["--interleave"]], ids=["one_side_then_the_other", "interleaved"])
+def test_bench_stage2_shared_rows_agree_with_two_rows_and_pytorch(timing):
     # the script stops (non-zero) when the first DPO loss is not log 2 on both sides, the gradient norms disagree,
     # or the shared rows' losses differ from the two-row step's
-    out = run("bench_stage2.py", "--shapes", "tiny", "--pairs", "4", "--seq-len", "64", "--repeats", "1",
-              "--share-prompt")
+    out = run("bench_stage2.py", "--shapes", "tiny", "--pairs", "4", "--seq-len", "64", "--repeats", "2",
+              "--share-prompt", *timing)
     m = re.search(r"step 2 loss \(after one AdamW update\) pal_jax ([\d.]+), PyTorch ([\d.]+)", out)
     assert m, out
     assert float(m.group(1)) == pytest.approx(float(m.group(2)), abs=1e-4)
