@@ -7,8 +7,9 @@ that variant's trace only), both with model.attention = xla.
 
 bench_stage2.py's step (its random-weight Llama of the shape, pure DPO, its pair batch) is built four times: the
 two-row and the shared-prompt layout, each in both variants. After one compiling step and one more each, --rounds
-rounds time one step of each in turn, so that the VM's drift hits all four alike; the medians and their ratios
-are printed, with each side's first-step loss and gradient norm and second-step loss (equal to float rounding).
+rounds time one step of each in turn (bench_decode.interleaved), so that the VM's drift hits all four alike; the
+medians and their ratios are printed, with each side's first-step loss and gradient norm and second-step loss
+(equal to float rounding).
 
     .venv/bin/python benchmarks/ab_attention.py --shape tiny --rounds 15
     .venv/bin/python benchmarks/ab_attention.py --compare dense --shape tiny --rounds 15
@@ -19,10 +20,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -75,12 +74,8 @@ def main(argv=None):
                 transformer.dense = DENSE
             jax.block_until_ready(step())  # the second step (its loss is printed)
             steps[layout, name] = step
-    times = {k: [] for k in steps}
-    for _ in range(args.rounds):
-        for k, step in steps.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(step())
-            times[k].append(time.perf_counter() - t0)
+    median = {k: t for k, (t, _, _) in b.interleaved({k: (step, True) for k, step in steps.items()},
+                                                       args.rounds).items()}
     print(f"[{args.shape}] {n} pairs x {args.seq_len}: median of {args.rounds} interleaved steps "
           f"(load average {os.getloadavg()[0]:.2f})")
     first, second = (v[0] for v in variants)
@@ -89,9 +84,9 @@ def main(argv=None):
         shape = list((two if layout == "two rows" else shared)["inputs"].shape)
         for a, step in rows.items():
             (l1, g1), (l2, _) = step.loss(0), step.loss(1)
-            print(f"  {layout} {shape} {a:12s} {statistics.median(times[layout, a]) * 1e3:8.1f} ms | loss step 1 "
+            print(f"  {layout} {shape} {a:12s} {median[layout, a] * 1e3:8.1f} ms | loss step 1 "
                   f"{l1:.6f}, grad norm {g1:.6g}, loss step 2 {l2:.6f}")
-        ratio = statistics.median(times[layout, first]) / statistics.median(times[layout, second])
+        ratio = median[layout, first] / median[layout, second]
         print(f"  {layout}: {first} / {second} = {ratio:.3f}x")
 
 

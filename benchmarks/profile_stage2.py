@@ -16,8 +16,8 @@ the step.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import collections
+import dataclasses
 import glob
 import gzip
 import json
