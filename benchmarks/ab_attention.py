@@ -4,6 +4,9 @@
 --compare dense: the projections and the LM head as transformer.dense (one 2-D matmul over the flattened leading
 axes, the code since 2026-12-07) against jnp.tensordot over [B, T, d] (the einsum form before it; patched in for
 that variant's trace only), both with model.attention = xla.
+--compare flat: the shared-prompt step with its loss window per row against stage2.flat_window's (one list of
+reply positions per data shard, the LM head on those only), both with model.attention = xla_chunked; the two-row
+layout has no flat window, so only the shared rows are timed.
 
 bench_stage2.py's step (its random-weight Llama of the shape, pure DPO, its pair batch) is built four times: the
 two-row and the shared-prompt layout, each in both variants. After one compiling step and one more each, --rounds
@@ -14,6 +17,7 @@ medians and their ratios are printed, with each side's first-step loss and gradi
     .venv/bin/python benchmarks/ab_attention.py --shape tiny --rounds 15
     .venv/bin/python benchmarks/ab_attention.py --compare dense --shape tiny --rounds 15
     .venv/bin/python benchmarks/ab_attention.py --compare dense --shape 135m --rounds 3
+    .venv/bin/python benchmarks/ab_attention.py --compare flat --shape tiny --rounds 15 [--cpu-devices 2]
 """
 from __future__ import annotations
 
@@ -41,9 +45,11 @@ def tensordot(x, w, n_in: int = 1, **kw):
 
 
 DENSE = transformer.dense
-# --compare -> its two variants: (name, model.attention, the projection function traced into the step)
-VARIANTS = {"attention": (("xla", "xla", DENSE), ("xla_chunked", "xla_chunked", DENSE)),
-            "dense": (("tensordot", "xla", tensordot), ("dense", "xla", DENSE))}
+# --compare -> its two variants: (name, model.attention, the projection function traced into the step, whether the
+# shared batch has the flat loss window)
+VARIANTS = {"attention": (("xla", "xla", DENSE, False), ("xla_chunked", "xla_chunked", DENSE, False)),
+            "dense": (("tensordot", "xla", tensordot, False), ("dense", "xla", DENSE, False)),
+            "flat": (("row window", "xla_chunked", DENSE, False), ("flat window", "xla_chunked", DENSE, True))}
 
 
 def main(argv=None):
@@ -53,22 +59,29 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=15, help="timed steps of each variant, interleaved")
     ap.add_argument("--compare", default="attention", choices=sorted(VARIANTS))
+    ap.add_argument("--cpu-devices", type=int, default=0,
+                    help="split the host into this many CPU devices, the data-parallel mesh (bench_stage2.py's)")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
+    if args.cpu_devices > 1:
+        b.mesh_lib.cpu_devices(args.cpu_devices)  # before the backend starts (print_machine)
     b.print_machine()
     n = args.pairs or b.DEFAULT_PAIRS[args.shape]
     with tempfile.TemporaryDirectory() as tmp:
         _, cfg, _, params = b.build_models(args.shape, tmp)
     two, shared = b.pair_batch(n, args.seq_len, cfg.vocab_size, np.random.default_rng(0))
+    flat = b.pair_batch(n, args.seq_len, cfg.vocab_size, np.random.default_rng(0), flat_groups=jax.device_count())[1]
     c = b.stage2_settings(n, None)
     steps = {}
     variants = VARIANTS[args.compare]
-    for layout, batch in (("two rows", two), ("shared", shared)):
-        for name, attention, project in variants:
+    layouts = (("shared", shared),) if args.compare == "flat" else (("two rows", two), ("shared", shared))
+    for layout, batch in layouts:
+        for name, attention, project, use_flat in variants:
             transformer.dense = project  # read when the step is traced (its first call)
             try:
-                step = b.JaxDPO(c, dataclasses.replace(cfg, attention=attention), params, batch)
+                step = b.JaxDPO(c, dataclasses.replace(cfg, attention=attention), params,
+                                flat if use_flat else batch)
                 jax.block_until_ready(step())  # compile + the first step
             finally:
                 transformer.dense = DENSE
@@ -79,12 +92,13 @@ def main(argv=None):
     print(f"[{args.shape}] {n} pairs x {args.seq_len}: median of {args.rounds} interleaved steps "
           f"(load average {os.getloadavg()[0]:.2f})")
     first, second = (v[0] for v in variants)
-    for layout in ("two rows", "shared"):
+    for layout, batch in layouts:
         rows = {a: steps[layout, a] for a in (first, second)}
-        shape = list((two if layout == "two rows" else shared)["inputs"].shape)
-        for a, step in rows.items():
+        shape = list(batch["inputs"].shape)
+        for (a, step), (*_, use_flat) in zip(rows.items(), variants):
             (l1, g1), (l2, _) = step.loss(0), step.loss(1)
-            print(f"  {layout} {shape} {a:12s} {median[layout, a] * 1e3:8.1f} ms | loss step 1 "
+            window = (flat if use_flat else batch)["win_idx"].shape[1]
+            print(f"  {layout} {shape} {a:12s} (loss window {window} a row) {median[layout, a] * 1e3:8.1f} ms | loss step 1 "
                   f"{l1:.6f}, grad norm {g1:.6g}, loss step 2 {l2:.6f}")
         ratio = median[layout, first] / median[layout, second]
         print(f"  {layout}: {first} / {second} = {ratio:.3f}x")

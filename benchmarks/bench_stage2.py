@@ -35,13 +35,15 @@ timed step takes longer than --row-budget / --repeats seconds runs fewer steps (
     .venv/bin/python benchmarks/bench_stage2.py --shapes 135m --pairs 8 --seq-len 256
     .venv/bin/python benchmarks/bench_stage2.py --shapes tiny --share-prompt [--identical 0.88]   # + the shared rows
     .venv/bin/python benchmarks/bench_stage2.py --shapes tiny --share-prompt --attention xla_chunked
+    .venv/bin/python benchmarks/bench_stage2.py --shapes tiny --share-prompt --flat-window --attention xla_chunked
 
 --interleave times the sides in turn (one step of pal_jax, one of PyTorch, one of the shared rows, --repeats
 rounds) instead of one side's steps after the other's, so that the VM's drift over the run hits all sides alike.
 
 --share-prompt adds a row: pal_jax with stage2.share_prompt on the same pairs (one row per pair, [prompt | chosen |
 rejected], the prompt run once; stage2.PairSource), against the same PyTorch step. Its first-step loss and gradient
-norm, and its second-step loss, must equal the unshared step's (the script stops otherwise).
+norm, and its second-step loss, must equal the unshared step's (the script stops otherwise). --flat-window gives
+that row stage2.flat_window's loss window (one list of reply positions per data shard, one shard per device).
 """
 from __future__ import annotations
 
@@ -98,11 +100,12 @@ def stage2_settings(n_pairs: int, lr: float | None):
     return c
 
 
-def pair_batch(n_pairs: int, seq_len: int, vocab: int, rng, identical: float = 0.0):
+def pair_batch(n_pairs: int, seq_len: int, vocab: int, rng, identical: float = 0.0, flat_groups: int = 0):
     """(a [2N, L] pair batch from stage2.PairSource.make_batch, the same pairs as one [N, L'] share_prompt batch):
     random prompts of L/2..3L/4 tokens, chosen and rejected responses filling 1/2..all of the rest (each row
     right-padded to L; pair 0's chosen fills it). identical: the share of pairs (the last ones) whose rejected reply
-    is their chosen one (stage2.identical_pairs=keep: 88% of the tiny main job's pairs)."""
+    is their chosen one (stage2.identical_pairs=keep: 88% of the tiny main job's pairs). flat_groups > 0: the
+    shared batch with stage2.flat_window's loss window, one group per data shard (PairSource flat_groups)."""
     prompts, chosen, rejected = [], [], []
     for i in range(n_pairs):
         plen = int(rng.integers(seq_len // 2, 3 * seq_len // 4 + 1))
@@ -118,7 +121,8 @@ def pair_batch(n_pairs: int, seq_len: int, vocab: int, rng, identical: float = 0
                              is_select=[False] * n_pairs, n_truncated=0, n_dropped=0)
     out = []
     for share in (False, True):
-        src = stage2.PairSource(enc, n_pairs, (seq_len,), seed=0, share_prompt=share)
+        src = stage2.PairSource(enc, n_pairs, (seq_len,), seed=0, share_prompt=share,
+                                flat_groups=flat_groups if share else 0)
         src.set_pad(0)
         out.append(src.make_batch(np.arange(n_pairs)))
     assert out[0]["inputs"].shape == (2 * n_pairs, seq_len), out[0]["inputs"].shape
@@ -237,6 +241,9 @@ def main(argv=None):
     ap.add_argument("--share-prompt", action="store_true",
                     help="also time pal_jax with stage2.share_prompt (one row per pair, the prompt run once) on the "
                          "same pairs: a second row, against the same PyTorch step")
+    ap.add_argument("--flat-window", action="store_true",
+                    help="the --share-prompt row with stage2.flat_window: each data shard's reply positions in one "
+                         "list through the LM head, not a window of the longest reply's width on every row")
     ap.add_argument("--identical", type=float, default=0.0,
                     help="share of pairs whose rejected reply is their chosen one (identical_pairs=keep; the tiny "
                          "main job: 0.88); both sides compute them in full, except pal_jax with --share-prompt")
@@ -252,6 +259,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.cpu_devices < 1:
         ap.error("--cpu-devices must be >= 1")
+    if args.flat_window and not args.share_prompt:
+        ap.error("--flat-window is a setting of the --share-prompt row: give both")
     if args.cpu_devices > 1:
         mesh_lib.cpu_devices(args.cpu_devices)  # before the backend starts (print_machine)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -287,7 +296,8 @@ def main(argv=None):
                   flush=True)
             if not diff < 1e-3:
                 raise SystemExit(f"[{shape}] logits disagree (max diff {diff}); not timing different models")
-            host_batch, shared_batch = pair_batch(n_pairs, args.seq_len, cfg.vocab_size, rng, args.identical)
+            host_batch, shared_batch = pair_batch(n_pairs, args.seq_len, cfg.vocab_size, rng, args.identical,
+                                                  jax.device_count() if args.flat_window else 0)
             resp = host_batch["weights"].sum(-1)
             print(f"[{shape}] batch [{2 * n_pairs}, {args.seq_len}]: response tokens per row {int(resp.min())}.."
                   f"{int(resp.max())} (mean {resp.mean():.0f}), real tokens "
@@ -295,7 +305,9 @@ def main(argv=None):
 
             if args.share_prompt:
                 print(f"[{shape}] share_prompt batch {list(shared_batch['inputs'].shape)}: tokens through the model "
-                      f"{shared_batch['inputs'].size} vs {host_batch['inputs'].size}", flush=True)
+                      f"{shared_batch['inputs'].size} vs {host_batch['inputs'].size}; loss window "
+                      f"{shared_batch['win_idx'].shape[1]} a row"
+                      f"{' (flat_window)' if args.flat_window else ''}", flush=True)
                 js = JaxDPO(c, cfg, params, shared_batch)
                 t0 = time.perf_counter()
                 jax.block_until_ready(js())
@@ -353,8 +365,8 @@ def main(argv=None):
                     raise SystemExit(f"[{shape}] share_prompt's step 2 loss differs ({sl2} vs {jl2})")
                 # GFLOP/s: the FLOPs the shared step computes (fewer than the unshared rows': the prompt once)
                 fs = perf.batch_flops(cfg, shared_batch, perf.passes("stage2"))
-                rows.append((shape, "DPO shared", "pairs/s", n_pairs / st, sn, n_pairs / tt, tn, max(so, to),
-                             fs / st, f / tt))
+                rows.append((shape, "DPO flat" if args.flat_window else "DPO shared", "pairs/s", n_pairs / st, sn,
+                             n_pairs / tt, tn, max(so, to), fs / st, f / tt))
                 del js
             del hf, jx, th
 

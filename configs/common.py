@@ -192,6 +192,11 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     # eighth of the largest when a row is longer): () = data.buckets. Fewer lengths, fewer compiled steps; they do
     # not change which pairs are batched together
     c.stage2.share_buckets = ()
+    # with share_prompt: the LM head on each data shard's reply positions listed one after another, instead of a
+    # window of the longest reply's width on every row (38% padding on bench_stage2's tiny batch). The same losses
+    # up to float rounding; each batch's width is its fullest shard's (a multiple of 8), so a length bucket may
+    # compile a few widths. Needs train.grad_accum = 1 (micro-batches take every n-th row, splitting a shard's list)
+    c.stage2.flat_window = False
     # reference log-probs computed once instead of a reference forward per step, and cached beside the pairs file
     # (ref_logps/<fingerprint>.npz: pal_jax/training/ref_cache.py), reused by any Stage 2 on the same pairs and reference
     c.stage2.precompute_ref = False

@@ -202,6 +202,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, not share or (c.model.get("attention", "xla") != "splash" and not c.model.get("sliding_window", 0)),
            "stage2.share_prompt", share, "False with model.attention='splash' (its SegmentIds cannot give the shared "
            "prompt to both replies) or a sliding window (which counts row indices, not positions)")
+    flat = s2.get("flat_window", False)
+    _check(e, isinstance(flat, bool), "stage2.flat_window", flat, "True or False")
+    _check(e, not flat or (share is True and c.train.grad_accum == 1), "stage2.flat_window", flat,
+           f"False unless stage2.share_prompt = True and train.grad_accum = 1 (they are {share} and "
+           f"{c.train.grad_accum}: the flat window lists each data shard's reply positions in its shared rows, and "
+           f"micro-batches would split a shard's rows)")
     try:
         parse_loss_type(s2.loss_type)
     except ValueError as err:  # names the key, the bad entry and the syntax

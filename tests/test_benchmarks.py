@@ -26,16 +26,19 @@ def run(script: str, *args: str) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize("timing", [[], ["--interleave"]], ids=["one_side_then_the_other", "interleaved"])
+@pytest.mark.parametrize("timing", [[], ["--interleave", "--flat-window"]],
+                         ids=["one_side_then_the_other", "interleaved_flat_window"])
 def test_bench_stage2_shared_rows_agree_with_two_rows_and_pytorch(timing):
     # the script stops (non-zero) when the first DPO loss is not log 2 on both sides, the gradient norms disagree,
-    # or the shared rows' losses differ from the two-row step's
+    # or the shared rows' losses (with --flat-window: its loss window's) differ from the two-row step's
     out = run("bench_stage2.py", "--shapes", "tiny", "--pairs", "4", "--seq-len", "64", "--repeats", "2",
               "--share-prompt", *timing)
     m = re.search(r"step 2 loss \(after one AdamW update\) pal_jax ([\d.]+), PyTorch ([\d.]+)", out)
     assert m, out
     assert float(m.group(1)) == pytest.approx(float(m.group(2)), abs=1e-4)
-    assert re.search(r"\| tiny +\| DPO shared +\| pairs/s", out), out
+    flat = "--flat-window" in timing
+    assert re.search(r"\| tiny +\| DPO " + ("flat" if flat else "shared") + r" +\| pairs/s", out), out
+    assert ("a row (flat_window)" in out) == flat, out
 
 
 @pytest.mark.parametrize("layout", [[], ["--share-prompt"]], ids=["two_rows", "shared"])
@@ -64,16 +67,17 @@ def test_profile_decode_splits_prefill_and_steps():
     assert "dot_general" in out.split("one further step:")[1], out  # the loop's matmuls are listed per step
 
 
-# the attention comparison's numbers are tests/model/test_attention.py's; in the default suite the dense one runs the
-# script's code (its variants differ only in VARIANTS)
+# the attention comparison's numbers are tests/model/test_attention.py's, the dense one's test_transformer's; in the
+# default suite the flat one runs the script's code (the only comparison with its own batches: shared rows only)
 @pytest.mark.parametrize("compare,names", [pytest.param("attention", ("xla", "xla_chunked"), marks=pytest.mark.slow),
-                                           ("dense", ("tensordot", "dense"))])
+                                           pytest.param("dense", ("tensordot", "dense"), marks=pytest.mark.slow),
+                                           ("flat", ("row window", "flat window"))])
 def test_ab_attention_times_both_variants_with_the_same_losses(compare, names):
     out = run("ab_attention.py", "--compare", compare, "--shape", "tiny", "--pairs", "4", "--seq-len", "64",
               "--rounds", "1")
-    for layout in ("two rows", "shared"):
+    for layout in ("shared",) if compare == "flat" else ("two rows", "shared"):
         lines = [line for line in out.splitlines() if line.strip().startswith(layout + " [")]
-        assert [line.split("]")[1].split()[0] for line in lines] == list(names), out
+        assert [re.search(r"\] (.+?) +\(loss window \d+ a row\)", line).group(1) for line in lines] == list(names), out
         losses = [re.search(r"loss step 1 ([\d.]+), grad norm ([\d.]+), loss step 2 ([\d.]+)", line).groups()
                   for line in lines]
         (a1, ag, a2), (b1, bg, b2) = ([float(x) for x in group] for group in losses)

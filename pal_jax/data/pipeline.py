@@ -232,6 +232,61 @@ def add_window(batch: dict, starts: np.ndarray, window: int) -> dict:
     return batch
 
 
+FLAT_MULTIPLE = 8
+
+
+def flat_width(row_targets: np.ndarray, group: int, cap: int) -> int:
+    """Positions per row of a flat loss window (add_flat_window) for a batch whose rows have these target counts
+    (all rows of the batch, in order): the fullest group of `group` consecutive rows, spread over its rows, rounded
+    up to a multiple of 8, at most `cap` (the row window: every row fits in it, so every group fits in group x cap)."""
+    need = np.asarray(row_targets, np.int64)
+    if group < 1 or len(need) % group:
+        raise ValueError(f"{len(need)} rows in groups of {group}: expected a group size >= 1 that divides the rows")
+    fullest = int(need.reshape(-1, group).sum(axis=1).max(initial=0))
+    per_row = -(-fullest // group)
+    return int(min(cap, max(FLAT_MULTIPLE, -(-per_row // FLAT_MULTIPLE) * FLAT_MULTIPLE)))
+
+
+def add_flat_window(batch: dict, group: int, width: int, weight_keys: dict[str, str], rows=None) -> dict:
+    """The loss window as one list of target positions per group of `group` consecutive rows, instead of
+    add_window's W positions per row, which are padding wherever a row's targets are shorter than the longest.
+
+    Every position where one of weight_keys (e.g. {"weights": "win_weights"}) is non-zero is listed once, row by
+    row, as row_in_group * L + position; the group's list is padded to group * width entries (index 0, weight 0)
+    and laid out over its rows as [group, width]. Adds win_idx / win_targets / win_row (the entry's row in its
+    group) and each weight key's window, all [R, width], and win_group [R, group]: the batch rows of each row's
+    group (rows: the batch row of each built row, for a process building only its slice; default 0..R-1). The
+    losses (model.logprobs.flat_window_sums) gather [R / group, group * width] entries within each group, so a
+    group must not straddle devices: group = the rows of one data shard."""
+    R, L = batch["targets"].shape
+    if group < 1 or R % group:
+        raise ValueError(f"{R} rows in groups of {group}: expected a group size >= 1 that divides the rows")
+    rows = np.arange(R) if rows is None else np.asarray(rows, np.int64)
+    G, M = R // group, group * width
+    on = np.zeros((R, L), bool)
+    for key in weight_keys:
+        on |= np.asarray(batch[key]) != 0
+    idx, inside = np.zeros((G, M), np.int64), np.zeros((G, M), bool)
+    for g in range(G):
+        flat = np.flatnonzero(on[g * group:(g + 1) * group].reshape(-1))  # row-major: row * L + position
+        if len(flat) > M:
+            raise ValueError(f"rows {g * group}..{(g + 1) * group - 1}: {len(flat)} target positions, more than the "
+                             f"window's {group} x {width}; expected a width from flat_width over the whole batch")
+        idx[g, :len(flat)], inside[g, :len(flat)] = flat, True
+    gathered = {k: np.take_along_axis(np.asarray(batch[k]).reshape(G, group * L), idx, axis=1)
+                for k in ("targets", *weight_keys)}
+    shape = (R, width)
+    out = {"win_idx": idx.reshape(shape).astype(np.int32), "win_row": (idx // L).reshape(shape).astype(np.int32),
+           "win_targets": gathered["targets"].reshape(shape).astype(np.int32),
+           "win_group": np.repeat(rows.reshape(G, group), group, axis=0).astype(np.int32)}
+    for key, name in weight_keys.items():
+        w = gathered[key] * inside
+        assert np.isclose(w.sum(), np.asarray(batch[key]).sum()), "a target token fell outside the flat window"
+        out[name] = w.reshape(shape).astype(np.float32)
+    batch.update(out)
+    return batch
+
+
 def group_by_bucket(items: np.ndarray, bucket: np.ndarray, n_buckets: int, B: int):
     """Batches of B items, bucket by bucket (the smallest first), the leftovers of a bucket moving up into the
     next one; items keep their order within a bucket. -> (batches, the < B items left after the last bucket)."""

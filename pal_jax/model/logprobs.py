@@ -26,3 +26,19 @@ def window_logits(model, hidden, batch):
         return model.logits(hidden), batch["targets"], batch["weights"]
     h = jnp.take_along_axis(hidden, batch["win_idx"][..., None], axis=1)
     return model.logits(h), batch["win_targets"], batch["win_weights"]
+
+
+def flat_window_sums(model, hidden, batch, weight_keys) -> list[jax.Array]:
+    """Per-row sums of the target log-probs on a flat window (data.pipeline.add_flat_window): one float32 [R] per
+    weight key. Each group of G = win_group.shape[1] rows gathers its G x W listed positions from its own rows'
+    hidden states ([R, L, d] viewed as [R / G, G * L, d]: local to a data shard), runs the LM head on them only,
+    and adds each entry's log-prob into its row."""
+    R, L, d = hidden.shape
+    group, width = batch["win_group"].shape[1], batch["win_idx"].shape[1]
+    n, m = R // group, group * width
+    h = jnp.take_along_axis(hidden.reshape(n, group * L, d), batch["win_idx"].reshape(n, m)[..., None], axis=1)
+    tok = token_logprobs(model.logits(h), batch["win_targets"].reshape(n, m))  # [R / G, G * W]
+    member = batch["win_row"].reshape(n, m)[..., None] == jnp.arange(group)  # [R / G, G * W, G]
+    # a masked sum, not a matmul: exact float32 adds on every backend (a TPU's default matmul rounds to bfloat16)
+    return [jnp.sum(jnp.where(member, (tok * batch[k].reshape(n, m))[..., None], 0.0), axis=1).reshape(R)
+            for k in weight_keys]

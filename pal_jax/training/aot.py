@@ -153,11 +153,14 @@ def stage1_batch(rows: int, seq_len: int, window: int, packing: bool = False) ->
 
 
 def stage2_batch(pairs: int, seq_len: int, window: int, precompute_ref: bool,
-                 share_prompt: bool = False) -> dict[str, np.ndarray]:
+                 share_prompt: bool = False, flat_groups: int = 0) -> dict[str, np.ndarray]:
     """A Stage 2 batch from the real PairSource: [2 * pairs, seq_len] (chosen rows then rejected), or with
-    share_prompt [pairs, seq_len] (one row per pair)."""
-    src = stage2.PairSource(stage2.PairEncoded([], [], [], [], [], 0, 0), pairs, (seq_len,), 0, share_prompt)
+    share_prompt [pairs, seq_len] (one row per pair). flat_groups > 0 (stage2.flat_window): the flat loss window
+    at its widest, `window` positions a row (a batch whose rows all fill the window)."""
+    src = stage2.PairSource(stage2.PairEncoded([], [], [], [], [], 0, 0), pairs, (seq_len,), 0, share_prompt,
+                            flat_groups=flat_groups)
     src.window = window
+    src.flat_width_fixed = window if flat_groups else None
     if precompute_ref:
         src.ref_logps = np.zeros((0, 2), np.float32)
     return src.make_batch(np.full(pairs, -1))
@@ -222,7 +225,8 @@ def compile_stage(stage: str, config, mesh, seq_len: int, vocab_size: int, compi
         reference = None
     else:
         np_batch = stage2_batch(t.batch_size, seq_len, window, config.stage2.precompute_ref,
-                                config.stage2.get("share_prompt", False))
+                                config.stage2.get("share_prompt", False),
+                                mesh_lib.batch_divisor(mesh) if config.stage2.get("flat_window", False) else 0)
         task = train.Task(name="stage2", loss_fn=stage2.make_loss_fn(ms.graphdef, config.stage2),
                           train_batch=None, eval_batches=None)
         reference = None if config.stage2.precompute_ref else ms.abstract  # same shapes and shardings as the policy

@@ -133,10 +133,16 @@ class PairSource(pipeline.BatchSource):
       has no rejected branch: its rejected log-prob is its chosen one (rej_same), as the unshared rows compute.
       L' is the smallest of share_lengths(share_buckets or buckets) that holds the batch's longest row: the row
       lengths do not change which pairs go together (the plan), so share_buckets trades padding against compiled
-      shapes without changing the training."""
+      shapes without changing the training.
+
+    flat_groups > 0 (stage2.flat_window, shared layout only): the loss window of each group of B / flat_groups
+    consecutive rows (one data shard's rows) is one list of the group's reply positions (pipeline.add_flat_window)
+    instead of W positions per row, so the LM head skips the rows' padding; its width is the batch's fullest group
+    (pipeline.flat_width), so a batch compiles once per (L', width). flat_width_fixed: that width for every batch
+    (the AOT compile's worst case)."""
 
     def __init__(self, enc: PairEncoded, batch_size: int, buckets, seed: int, share_prompt: bool = False,
-                 share_buckets=()):
+                 share_buckets=(), flat_groups: int = 0):
         self.pairs = enc
         longest = [np.asarray(p + (c if len(c) >= len(j) else j), np.int32)
                    for p, c, j in zip(enc.prompt, enc.chosen, enc.rejected)]
@@ -154,8 +160,13 @@ class PairSource(pipeline.BatchSource):
             self.share_buckets = share_lengths(tuple(share_buckets) or self.buckets,
                                                int(self.shared_len.max(initial=1)))
             # the window runs from the prompt's last token over both branches
-            self.window = pipeline.target_window(len(c) + (0 if s else len(j)) for c, j, s in
-                                                 zip(enc.chosen, enc.rejected, self.same))
+            self.win_need = np.asarray([len(c) + (0 if s else len(j)) for c, j, s in
+                                        zip(enc.chosen, enc.rejected, self.same)], np.int64)
+            self.window = pipeline.target_window(self.win_need)
+        self.flat_groups, self.flat_width_fixed = int(flat_groups), None
+        if self.flat_groups and (not self.share_prompt or batch_size % self.flat_groups):
+            raise ValueError(f"flat_groups = {flat_groups} with share_prompt {share_prompt} and batch_size "
+                             f"{batch_size}: expected share_prompt and a group count that divides the batch")
 
     def set_pad(self, pad_id: int):
         self.pad_id = pad_id
@@ -263,14 +274,35 @@ class PairSource(pipeline.BatchSource):
         batch = {"inputs": inputs, "targets": targets, "weights": weights, "rej_weights": rej_weights,
                  "positions": positions, "segment_ids": segments, "shared_keys": shared, "persona_mask": persona,
                  "valid": valid, "align_mask": align, "rej_same": same, "task": np.zeros((R,), np.int32)}
-        pipeline.add_window(batch, starts, self.window)
-        w = np.take_along_axis(rej_weights, batch["win_idx"].astype(np.int64), axis=1)
-        w *= (starts[:, None] + np.arange(batch["win_idx"].shape[1])[None, :]) < L  # clipped positions: weight 0
-        assert np.isclose(w.sum(), rej_weights.sum()), "a rejected token fell outside the loss window"
-        batch["win_rej_weights"] = w.astype(np.float32)
+        if self.flat_groups:
+            self._add_flat_window(batch, rows, out)
+        else:
+            pipeline.add_window(batch, starts, self.window)
+            w = np.take_along_axis(rej_weights, batch["win_idx"].astype(np.int64), axis=1)
+            w *= (starts[:, None] + np.arange(batch["win_idx"].shape[1])[None, :]) < L  # clipped positions: 0
+            assert np.isclose(w.sum(), rej_weights.sum()), "a rejected token fell outside the loss window"
+            batch["win_rej_weights"] = w.astype(np.float32)
         if self.ref_logps is not None:
             batch["ref_logps"] = ref
         return batch
+
+    def flat_width(self, rows: np.ndarray) -> int:
+        """The flat window's width for these B pairs (all of the batch's rows, wherever they are built)."""
+        if self.flat_width_fixed:
+            return int(self.flat_width_fixed)
+        rows = np.asarray(rows, np.int64)
+        need = np.where(rows >= 0, self.win_need[np.maximum(rows, 0)] if len(self.win_need) else 0, 0)
+        return pipeline.flat_width(need, len(rows) // self.flat_groups, self.window)
+
+    def _add_flat_window(self, batch, rows, out):
+        group = len(rows) // self.flat_groups
+        out = np.arange(len(rows)) if out is None else np.asarray(out, np.int64)
+        if len(out) % group or np.any(out.reshape(-1, group) != out.reshape(-1, group)[:, :1] + np.arange(group)) \
+                or np.any(out.reshape(-1, group)[:, 0] % group):
+            raise ValueError(f"rows {out.tolist()} of a batch of {len(rows)}: expected whole groups of {group} "
+                             f"consecutive rows (a process builds the rows of its data shards)")
+        pipeline.add_flat_window(batch, group, self.flat_width(rows),
+                                 {"weights": "win_weights", "rej_weights": "win_rej_weights"}, rows=out)
 
 
 def share_lengths(buckets, longest: int) -> np.ndarray:
@@ -306,11 +338,13 @@ def _forward(model, batch):
         return (halves(hidden)[0], *halves(logps))
     hidden = model.hidden_states(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
                                  shared_keys=batch["shared_keys"])
-    logits, targets, weights = logprobs.window_logits(model, hidden, batch)
-    tok = logprobs.token_logprobs(logits, targets)
-    chosen = jnp.sum(tok * weights, axis=-1)
-    rejected = jnp.where(batch["rej_same"] > 0, chosen, jnp.sum(tok * batch["win_rej_weights"], axis=-1))
-    return hidden, chosen, rejected
+    if "win_group" in batch:  # a flat window (PairSource flat_groups)
+        chosen, rejected = logprobs.flat_window_sums(model, hidden, batch, ("win_weights", "win_rej_weights"))
+    else:
+        logits, targets, weights = logprobs.window_logits(model, hidden, batch)
+        tok = logprobs.token_logprobs(logits, targets)
+        chosen, rejected = jnp.sum(tok * weights, axis=-1), jnp.sum(tok * batch["win_rej_weights"], axis=-1)
+    return hidden, chosen, jnp.where(batch["rej_same"] > 0, chosen, rejected)
 
 
 def _logps(model, batch):
@@ -649,9 +683,10 @@ def reference_params(exp: Experiment, s1: str, which: str, s1_tree, lora_state):
     raise ValueError(f"config.stage2.reference = {which!r}: expected one of {REFERENCES}")
 
 
-def pair_sources(c, tokenizer, path: str, s1: str) -> tuple[PairSource, PairSource]:
+def pair_sources(c, tokenizer, path: str, s1: str, data_shards: int = 1) -> tuple[PairSource, PairSource]:
     """(training, held-out) pair batches of the pairs file at path (whole dialogues held out: _is_dev); s1: the
-    Stage 1 workdir (its chat template renders conversational pairs)."""
+    Stage 1 workdir (its chat template renders conversational pairs); data_shards: the mesh's data * fsdp (one
+    flat-window group each, with stage2.flat_window)."""
     rows = read_pairs(path, labeler=labels.get_labeler(c.data.labeler),  # labels the pairs given without one
                       chat_template=lambda: init_from.chat_template(s1))  # renders conversational pairs
     dev_rows = [r for r in rows if _is_dev(r.get("id"), c.stage2.dev_fraction)]
@@ -675,7 +710,8 @@ def pair_sources(c, tokenizer, path: str, s1: str) -> tuple[PairSource, PairSour
                                     f"rejected after truncation); expected pairs with non-empty replies that fit "
                                     f"data.max_len={c.data.max_len}")
         src = PairSource(enc, c.stage2.batch_size, buckets, c.seed, share_prompt=c.stage2.get("share_prompt", False),
-                         share_buckets=tuple(c.stage2.get("share_buckets", ())))
+                         share_buckets=tuple(c.stage2.get("share_buckets", ())),
+                         flat_groups=data_shards if c.stage2.get("flat_window", False) else 0)
         src.set_pad(tokenizer.pad_id)
         sources.append(src)
     return sources[0], sources[1]
@@ -707,7 +743,11 @@ def train_stage2(config, workdir: str, devices=None):
     else:  # the workdir's own pairs: made, or rebuilt when stage2's pair settings changed
         make_pairs(stage1_predictor(c, exp, s1_tree, s1), exp.corpus["train"], workdir, c.seed,  # always Stage 1's
                    **pair_settings(c))
-    src, dev = pair_sources(c, exp.tokenizer, path, s1)
+    src, dev = pair_sources(c, exp.tokenizer, path, s1, mesh_lib.batch_divisor(ms.mesh))
+    if src.flat_groups:
+        logging.info("stage2: flat loss window (stage2.flat_window): each of %d data shards' %d rows list their reply "
+                     "positions for the LM head (row window: %d positions a row)", src.flat_groups,
+                     c.stage2.batch_size // src.flat_groups, src.window)
     reference, cache = ref_params, None
     if c.stage2.precompute_ref:
         cache, hit = cached_reference(c, ms, ref_params, {"train": src, "dev": dev}, path, exp.tokenizer, workdir)

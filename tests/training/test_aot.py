@@ -111,6 +111,10 @@ def test_cpu_compile_stage2_with_shared_prompt_rows(tmp_path, capsys):
     assert "| stage2 | 4 pairs | 4 x 32 | 32 |" in capsys.readouterr().out
     (row,) = json.loads((tmp_path / "compile_cpu.json").read_text())["stages"]
     assert row["rows"] == 4 and row["flops_per_device"] > 0
+    # stage2.flat_window compiles at its widest (every row's window full): the same head rows, a gathered list
+    flat = aot.compile_stage("stage2", compile_config(**{"stage2.share_prompt": True, "stage2.flat_window": True}),
+                             _cpu_mesh(), 32, 256, compiler_options=FAST_CPU, window=16)
+    assert flat["rows"] == 4 and flat["target_window"] == 16 and flat["flops_per_device"] > 0
 
 
 def test_bad_compile_settings_name_their_key(tmp_path):

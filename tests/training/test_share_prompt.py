@@ -138,3 +138,84 @@ def test_share_prompt_is_refused_with_splash_or_a_sliding_window():
     with pytest.raises(ConfigError, match=r"stage2\.share_prompt.*sliding window"):
         validate(tiny_config(stage2__share_prompt=True, model__sliding_window=16))
     validate(tiny_config(stage2__share_prompt=True))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_flat_window_lists_each_groups_reply_positions_once(groups):
+    """stage2.flat_window: each group of 8 / groups rows lists its reply positions (chosen and rejected) once, in
+    row order, within its own rows, narrower than the per-row window; the rest is weight-0 padding."""
+    enc = pairs()
+    enc.chosen[0] = list(range(3, 43))  # one long reply: the per-row window is mostly padding on the other rows
+    rows = np.array([0, 1, 2, 3, 4, 5, 6, -1])
+    row_src = stage2.PairSource(enc, 8, (64, 128), seed=0, share_prompt=True)
+    flat_src = stage2.PairSource(enc, 8, (64, 128), seed=0, share_prompt=True, flat_groups=groups)
+    for s in (row_src, flat_src):
+        s.set_pad(0)
+    a, b = row_src.make_batch(rows), flat_src.make_batch(rows)
+    group, width, L = 8 // groups, b["win_idx"].shape[1], b["inputs"].shape[1]
+    need = [len(enc.chosen[i]) + (0 if i == 1 else len(enc.rejected[i])) for i in range(7)] + [0]
+    fullest = max(sum(need[g * group:(g + 1) * group]) for g in range(groups))
+    assert width == max(8, -(-(-(-fullest // group)) // 8) * 8) < a["win_idx"].shape[1]
+    assert b["win_group"].tolist() == [list(range(g * group, (g + 1) * group)) for g in range(groups) for _ in range(group)]
+    for g in range(groups):
+        sl = slice(g * group, (g + 1) * group)
+        idx, row = b["win_idx"][sl].reshape(-1), b["win_row"][sl].reshape(-1)
+        for key, wkey in (("weights", "win_weights"), ("rej_weights", "win_rej_weights")):
+            w = b[wkey][sl].reshape(-1)
+            on = np.flatnonzero(w)
+            expect = np.flatnonzero(b[key][sl].reshape(-1))  # row-major positions within the group's rows
+            np.testing.assert_array_equal(idx[on], expect)
+            np.testing.assert_array_equal(row[on], expect // L)
+            np.testing.assert_array_equal(b["win_targets"][sl].reshape(-1)[on], b["targets"][sl].reshape(-1)[expect])
+        real = (b["win_weights"][sl] + b["win_rej_weights"][sl]).reshape(-1) > 0
+        assert real.sum() == sum(need[sl]) and not real[real.sum():].any()  # listed first, then padding
+    assert {k: v.shape for k, v in b.items() if not k.startswith("win_")} == \
+        {k: v.shape for k, v in a.items() if not k.startswith("win_")}
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_flat_window_loss_metrics_and_gradients_equal_the_row_window(groups):
+    enc = pairs()
+    enc.chosen[0] = list(range(3, 43))
+    rows = np.array([0, 1, 2, 3, 4, 5, 6, -1])
+    row_src = stage2.PairSource(enc, 8, (64, 128), seed=0, share_prompt=True)
+    flat_src = stage2.PairSource(enc, 8, (64, 128), seed=0, share_prompt=True, flat_groups=groups)
+    for s in (row_src, flat_src):
+        s.set_pad(0)
+    a, b = row_src.make_batch(rows), flat_src.make_batch(rows)
+    policy, ref = tiny_model("llama", 0), tiny_model("llama", 1)
+    la, da, ma, ga = loss_and_grads(policy, ref, a, S2)
+    lb, db, mb, gb = loss_and_grads(policy, ref, b, S2)
+    assert da == db == 7.0
+    assert abs(la - lb) < 1e-5 * max(1.0, abs(la)), (la, lb)
+    assert set(ma) == set(mb)
+    for k in ma:
+        assert abs(ma[k] - mb[k]) < 1e-4 * max(1.0, abs(ma[k])), (k, ma[k], mb[k])
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=2e-4, atol=2e-6)
+    graphdef, state = nnx.split(policy, nnx.Param)
+    lp_a = np.asarray(jax.jit(stage2._logps)(nnx.merge(graphdef, state), a))
+    lp_b = np.asarray(jax.jit(stage2._logps)(nnx.merge(graphdef, state), b))
+    assert np.all(lp_a[:7] < -1.0) and lp_a[1, 0] == lp_a[1, 1]
+    np.testing.assert_allclose(lp_b, lp_a, rtol=1e-5, atol=1e-5)
+
+
+def test_flat_window_is_refused_without_whole_groups():
+    enc = pairs()
+    with pytest.raises(ValueError, match="flat_groups = 3"):
+        stage2.PairSource(enc, 8, (64, 128), seed=0, share_prompt=True, flat_groups=3)
+    with pytest.raises(ValueError, match="flat_groups = 2 with share_prompt False"):
+        stage2.PairSource(enc, 8, (64, 128), seed=0, flat_groups=2)
+    src = stage2.PairSource(enc, 8, (64, 128), seed=0, share_prompt=True, flat_groups=2)
+    src.set_pad(0)
+    assert src.make_batch(np.arange(8) % 7, out=np.arange(4, 8))["win_group"][0].tolist() == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match="expected whole groups of 4"):
+        src.make_batch(np.arange(8) % 7, out=np.arange(2, 6))
+
+
+def test_flat_window_config_needs_shared_rows_and_no_micro_batches():
+    validate(tiny_config(stage2__share_prompt=True, stage2__flat_window=True))
+    with pytest.raises(ConfigError, match=r"stage2\.flat_window = True: expected False unless stage2\.share_prompt"):
+        validate(tiny_config(stage2__flat_window=True))
+    with pytest.raises(ConfigError, match=r"they are True and 2"):
+        validate(tiny_config(stage2__share_prompt=True, stage2__flat_window=True, train__grad_accum=2))

@@ -339,21 +339,25 @@ SAME = ("loss", "dpo_loss", "chosen_nll", "align_loss", "logps_chosen", "logps_r
 
 def test_share_prompt_trains_the_same_steps_as_the_two_row_layout(stage1_run, pairs_file, tmp_path):
     """stage2.share_prompt through train_stage2: the same batches, losses and held-out metrics as two rows per pair
-    (float rounding aside), here with the precomputed reference log-probs on the shared side."""
+    (float rounding aside), here with the precomputed reference log-probs on the shared side; and with
+    stage2.flat_window on the shared rows (the reference's forward in the step; a data 2 x fsdp 2 x tensor 2 mesh:
+    4 groups of 2 rows)."""
     s1, _ = stage1_run
     logged = {}
-    for name, share in (("plain", False), ("shared", True)):
-        c = tiny_config(init_from=s1, stage2__share_prompt=share, stage2__precompute_ref=share,
-                        **dict(S2, stage2__pairs=pairs_file))
+    for name, share, flat in (("plain", False, False), ("shared", True, False), ("flat", True, True)):
+        mesh = dict(mesh__data=2, mesh__fsdp=2, mesh__tensor=2) if flat else {}
+        c = tiny_config(init_from=s1, stage2__share_prompt=share, stage2__precompute_ref=share and not flat,
+                        stage2__flat_window=flat, **mesh, **dict(S2, stage2__pairs=pairs_file))
         summary, _ = stage2.train_stage2(c, str(tmp_path / name))
         assert summary["step"] == 2
         rows = [json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")]
         logged[name] = {(r["step"], k): v for r in rows for k, v in r.items()
                         if k.split("/")[0] in ("train", "dev") and k.split("/")[-1] in SAME}
-    assert logged["plain"].keys() == logged["shared"].keys()
+    assert logged["plain"].keys() == logged["shared"].keys() == logged["flat"].keys()
     assert len(logged["plain"]) == 2 * 8 + 8  # steps 1 and 2, and the held-out evaluation at step 2
     for key, v in logged["plain"].items():
         assert logged["shared"][key] == pytest.approx(v, rel=1e-4, abs=1e-5), key
+        assert logged["flat"][key] == pytest.approx(v, rel=1e-4, abs=1e-5), key
 
 
 def test_config_refuses_bad_loss_types_naming_the_key_and_entry():
