@@ -140,18 +140,25 @@ def test_share_prompt_is_refused_with_splash_or_a_sliding_window():
     validate(tiny_config(stage2__share_prompt=True))
 
 
+def row_and_flat_batches(groups: int):
+    """(pairs, their shared batch with the row window, with the flat window of `groups` groups): 7 pairs and a padding
+    pair; pair 0 has one long reply, so the row window is mostly padding on the other rows."""
+    enc = pairs()
+    enc.chosen[0] = list(range(3, 43))
+    rows = np.array([0, 1, 2, 3, 4, 5, 6, -1])
+    out = []
+    for flat_groups in (0, groups):
+        src = stage2.PairSource(enc, 8, (64, 128), seed=0, share_prompt=True, flat_groups=flat_groups)
+        src.set_pad(0)
+        out.append(src.make_batch(rows))
+    return enc, *out
+
+
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_flat_window_lists_each_groups_reply_positions_once(groups):
     """stage2.flat_window: each group of 8 / groups rows lists its reply positions (chosen and rejected) once, in
     row order, within its own rows, narrower than the per-row window; the rest is weight-0 padding."""
-    enc = pairs()
-    enc.chosen[0] = list(range(3, 43))  # one long reply: the per-row window is mostly padding on the other rows
-    rows = np.array([0, 1, 2, 3, 4, 5, 6, -1])
-    row_src = stage2.PairSource(enc, 8, (64, 128), seed=0, share_prompt=True)
-    flat_src = stage2.PairSource(enc, 8, (64, 128), seed=0, share_prompt=True, flat_groups=groups)
-    for s in (row_src, flat_src):
-        s.set_pad(0)
-    a, b = row_src.make_batch(rows), flat_src.make_batch(rows)
+    enc, a, b = row_and_flat_batches(groups)
     group, width, L = 8 // groups, b["win_idx"].shape[1], b["inputs"].shape[1]
     need = [len(enc.chosen[i]) + (0 if i == 1 else len(enc.rejected[i])) for i in range(7)] + [0]
     fullest = max(sum(need[g * group:(g + 1) * group]) for g in range(groups))
@@ -175,14 +182,7 @@ def test_flat_window_lists_each_groups_reply_positions_once(groups):
 
 @pytest.mark.parametrize("groups", [1, 4])
 def test_flat_window_loss_metrics_and_gradients_equal_the_row_window(groups):
-    enc = pairs()
-    enc.chosen[0] = list(range(3, 43))
-    rows = np.array([0, 1, 2, 3, 4, 5, 6, -1])
-    row_src = stage2.PairSource(enc, 8, (64, 128), seed=0, share_prompt=True)
-    flat_src = stage2.PairSource(enc, 8, (64, 128), seed=0, share_prompt=True, flat_groups=groups)
-    for s in (row_src, flat_src):
-        s.set_pad(0)
-    a, b = row_src.make_batch(rows), flat_src.make_batch(rows)
+    _, a, b = row_and_flat_batches(groups)
     policy, ref = tiny_model("llama", 0), tiny_model("llama", 1)
     la, da, ma, ga = loss_and_grads(policy, ref, a, S2)
     lb, db, mb, gb = loss_and_grads(policy, ref, b, S2)
