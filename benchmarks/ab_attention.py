@@ -71,7 +71,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         _, cfg, _, params = b.build_models(args.shape, tmp)
     two, shared = b.pair_batch(n, args.seq_len, cfg.vocab_size, np.random.default_rng(0))
-    flat = b.pair_batch(n, args.seq_len, cfg.vocab_size, np.random.default_rng(0), flat_groups=jax.device_count())[1]
+    flat = (b.pair_batch(n, args.seq_len, cfg.vocab_size, np.random.default_rng(0), flat_groups=jax.device_count())[1]
+            if args.compare == "flat" else None)  # the same pairs, the shared rows with the flat window
     c = b.stage2_settings(n, None)
     steps = {}
     variants = VARIANTS[args.compare]
@@ -98,8 +99,8 @@ def main(argv=None):
         for (a, step), (*_, use_flat) in zip(rows.items(), variants):
             (l1, g1), (l2, _) = step.loss(0), step.loss(1)
             window = (flat if use_flat else batch)["win_idx"].shape[1]
-            print(f"  {layout} {shape} {a:12s} (loss window {window} a row) {median[layout, a] * 1e3:8.1f} ms | loss step 1 "
-                  f"{l1:.6f}, grad norm {g1:.6g}, loss step 2 {l2:.6f}")
+            print(f"  {layout} {shape} {a:12s} (loss window {window} a row) {median[layout, a] * 1e3:8.1f} ms | "
+                  f"loss step 1 {l1:.6f}, grad norm {g1:.6g}, loss step 2 {l2:.6f}")
         ratio = median[layout, first] / median[layout, second]
         print(f"  {layout}: {first} / {second} = {ratio:.3f}x")
 

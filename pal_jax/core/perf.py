@@ -13,9 +13,10 @@ hardware does the whole product (PaLM's 6N + 12LHQT, Chowdhery et al. 2022, appe
 way; the splash kernel and model.attention='xla_chunked' skip the blocks above the diagonal, and the count stays
 PaLM's). The LM head runs only on the target window (losses.window_logits: W positions per row, W = the batch's
 win_idx width) when the batch has one, so its cost per token is 2 * d * V * W / T. The padded vocab is counted
-because the head's matmul runs on it before the logits are sliced. Not counted: the embedding gather (no multiplies), norms, RoPE, softmax,
-activations, biases, the loss, the embedding-alignment term (B x B cosines), the optimizer update (all O(d) or less
-per token against O(d^2)), and remat's recomputation (model FLOPs, not hardware FLOPs: MFU as PaLM defines it).
+because the head's matmul runs on it before the logits are sliced (stage2.flat_window's window: the same count,
+W = its width). Not counted: the embedding gather (no multiplies), norms, RoPE, softmax, activations, biases, the
+loss, the embedding-alignment term (B x B cosines), the optimizer update (all O(d) or less per token against
+O(d^2)), and remat's recomputation (model FLOPs, not hardware FLOPs: MFU as PaLM defines it).
 
 Training = forward + backward = 3 x forward (the backward of a matmul is two matmuls of its size: the input and
 the weight gradients). Stage 1 runs 3 forward-equivalents per token. Stage 2 runs chosen and rejected as one

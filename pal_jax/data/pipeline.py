@@ -235,14 +235,19 @@ def add_window(batch: dict, starts: np.ndarray, window: int) -> dict:
 FLAT_MULTIPLE = 8
 
 
+def _flat_groups(n_rows: int, group: int) -> int:
+    """How many groups of `group` consecutive rows n_rows make; a named error unless `group` divides them."""
+    if group < 1 or n_rows % group:
+        raise ValueError(f"{n_rows} rows in groups of {group}: expected a group size >= 1 that divides the rows")
+    return n_rows // group
+
+
 def flat_width(row_targets: np.ndarray, group: int, cap: int) -> int:
     """Positions per row of a flat loss window (add_flat_window) for a batch whose rows have these target counts
     (all rows of the batch, in order): the fullest group of `group` consecutive rows, spread over its rows, rounded
     up to a multiple of 8, at most `cap` (the row window: every row fits in it, so every group fits in group x cap)."""
     need = np.asarray(row_targets, np.int64)
-    if group < 1 or len(need) % group:
-        raise ValueError(f"{len(need)} rows in groups of {group}: expected a group size >= 1 that divides the rows")
-    fullest = int(need.reshape(-1, group).sum(axis=1).max(initial=0))
+    fullest = int(need.reshape(_flat_groups(len(need), group), group).sum(axis=1).max(initial=0))
     per_row = -(-fullest // group)
     return int(min(cap, max(FLAT_MULTIPLE, -(-per_row // FLAT_MULTIPLE) * FLAT_MULTIPLE)))
 
@@ -259,10 +264,8 @@ def add_flat_window(batch: dict, group: int, width: int, weight_keys: dict[str, 
     losses (model.logprobs.flat_window_sums) gather [R / group, group * width] entries within each group, so a
     group must not straddle devices: group = the rows of one data shard."""
     R, L = batch["targets"].shape
-    if group < 1 or R % group:
-        raise ValueError(f"{R} rows in groups of {group}: expected a group size >= 1 that divides the rows")
     rows = np.arange(R) if rows is None else np.asarray(rows, np.int64)
-    G, M = R // group, group * width
+    G, M = _flat_groups(R, group), group * width
     on = np.zeros((R, L), bool)
     for key in weight_keys:
         on |= np.asarray(batch[key]) != 0

@@ -294,11 +294,11 @@ class PairSource(pipeline.BatchSource):
         need = np.where(rows >= 0, self.win_need[np.maximum(rows, 0)] if len(self.win_need) else 0, 0)
         return pipeline.flat_width(need, len(rows) // self.flat_groups, self.window)
 
-    def _add_flat_window(self, batch, rows, out):
+    def _add_flat_window(self, batch, rows, out: np.ndarray):
+        """out: the batch rows built here (_make_shared_batch's, all of them by default)."""
         group = len(rows) // self.flat_groups
-        out = np.arange(len(rows)) if out is None else np.asarray(out, np.int64)
-        if len(out) % group or np.any(out.reshape(-1, group) != out.reshape(-1, group)[:, :1] + np.arange(group)) \
-                or np.any(out.reshape(-1, group)[:, 0] % group):
+        blocks = out.reshape(-1, group) if len(out) % group == 0 else None
+        if blocks is None or np.any(blocks != blocks[:, :1] + np.arange(group)) or np.any(blocks[:, 0] % group):
             raise ValueError(f"rows {out.tolist()} of a batch of {len(rows)}: expected whole groups of {group} "
                              f"consecutive rows (a process builds the rows of its data shards)")
         pipeline.add_flat_window(batch, group, self.flat_width(rows),

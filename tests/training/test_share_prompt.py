@@ -163,7 +163,8 @@ def test_flat_window_lists_each_groups_reply_positions_once(groups):
     need = [len(enc.chosen[i]) + (0 if i == 1 else len(enc.rejected[i])) for i in range(7)] + [0]
     fullest = max(sum(need[g * group:(g + 1) * group]) for g in range(groups))
     assert width == max(8, -(-(-(-fullest // group)) // 8) * 8) < a["win_idx"].shape[1]
-    assert b["win_group"].tolist() == [list(range(g * group, (g + 1) * group)) for g in range(groups) for _ in range(group)]
+    assert b["win_group"].tolist() == [list(range(g * group, (g + 1) * group))
+                                       for g in range(groups) for _ in range(group)]
     for g in range(groups):
         sl = slice(g * group, (g + 1) * group)
         idx, row = b["win_idx"][sl].reshape(-1), b["win_row"][sl].reshape(-1)
