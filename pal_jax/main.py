@@ -26,7 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pal_jax.config import MODES, validate
-from pal_jax.core import compile_cache, preemption
+from pal_jax.core import compile_cache, host_malloc, preemption
 from pal_jax.core import mesh as mesh_lib
 from pal_jax.core import workdir as workdir_lib
 from pal_jax.core.errors import CheckpointError, ConfigError
@@ -204,6 +204,7 @@ def _run():
 
 def _run_handled():
     validate(FLAGS.config)
+    host_malloc.setup(FLAGS.config.get("host_malloc", "auto"))  # before any backend starts its threads
     mesh_lib.cpu_devices(FLAGS.config.mesh.get("cpu_devices", 0))
     compile_cache.setup(FLAGS.config.get("compile_cache", "off"), FLAGS.config.mode)
     _distributed_init()

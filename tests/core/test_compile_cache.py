@@ -121,3 +121,5 @@ def test_main_sets_the_cache_up_before_the_first_compile(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"compile cache: {cache} " in r.stderr
     assert any(n.startswith("jit_step-") for n in _entries(cache))  # the train step
+    # config.host_malloc (auto; run_main sets JAX_PLATFORMS=cpu) was set before the backend started, too
+    assert "host malloc: one arena, no mmap, freed memory kept for reuse (config.host_malloc = 'auto')" in r.stderr
