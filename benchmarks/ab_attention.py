@@ -61,12 +61,13 @@ def main(argv=None):
     ap.add_argument("--compare", default="attention", choices=sorted(VARIANTS))
     ap.add_argument("--cpu-devices", type=int, default=0,
                     help="split the host into this many CPU devices, the data-parallel mesh (bench_stage2.py's)")
+    b.add_host_malloc_arg(ap)
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     if args.cpu_devices > 1:
         b.mesh_lib.cpu_devices(args.cpu_devices)  # before the backend starts (print_machine)
-    b.print_machine()
+    b.print_machine(args.host_malloc)
     n = args.pairs or b.DEFAULT_PAIRS[args.shape]
     with tempfile.TemporaryDirectory() as tmp:
         _, cfg, _, params = b.build_models(args.shape, tmp)

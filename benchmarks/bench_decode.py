@@ -49,7 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from pal_jax.core import perf
+from pal_jax.core import host_malloc, perf
 from pal_jax.weights import hf as convert
 from pal_jax.inference import decode as sampling  # noqa: E402
 from pal_jax.inference import scoring  # noqa: E402
@@ -292,15 +292,24 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def print_machine():
-    """Header lines shared by the benchmarks: CPU model, cores, versions, torch threads, load average now.
+def add_host_malloc_arg(ap):
+    ap.add_argument("--host-malloc", default="auto", choices=host_malloc.VALUES,
+                    help="glibc malloc for this process, both sides (config.host_malloc, pal_jax/core/host_malloc.py): "
+                         "auto = keep freed memory on a CPU run, as pal_jax.main does; off = glibc's defaults")
 
-    Sets torch's thread count to the core count (as every benchmark here runs it)."""
+
+def print_machine(malloc: str = "auto"):
+    """Header lines shared by the benchmarks: CPU model, cores, versions, torch threads, host malloc, load average.
+
+    Applies config.host_malloc's `malloc` first (before the JAX backend starts), for both sides of the process. Sets
+    torch's thread count to the core count (as every benchmark here runs it)."""
+    kept = host_malloc.setup(malloc)
     ncpu = os.cpu_count() or 1
     torch.set_num_threads(ncpu)
     print(f"machine: {cpu_name()}, {ncpu} cores | jax {jax.__version__} "
           f"({jax.devices()[0].platform}, {jax.device_count()} device(s)), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), fp32")
+          f"({torch.get_num_threads()} threads), fp32 | host malloc {malloc!r}: "
+          f"{'freed memory kept (one arena, no mmap)' if kept else 'glibc defaults'}")
     print(f"load average at start: {os.getloadavg()[0]:.2f} (other processes on these cores skew both columns; "
           f"PyTorch's spinning OpenMP threads suffer most)")
 
@@ -351,6 +360,7 @@ def main(argv=None):
     ap.add_argument("--breakdown", action="store_true",
                     help="also split decode time into prefill and per-step cost on both sides "
                          "(generate 1 new token vs 32; extra compiles)")
+    add_host_malloc_arg(ap)
     args = ap.parse_args(argv)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     for s in shapes:
@@ -361,7 +371,7 @@ def main(argv=None):
         if w not in ("decode", "score"):
             ap.error(f"--workloads: unknown workload {w!r}; expected some of ['decode', 'score']")
 
-    print_machine()
+    print_machine(args.host_malloc)
     print(f"decode: prompt {PROMPT}, {NEW} new tokens, greedy | score: {SCORE_PROMPTS} prompts x {SCORE_K} "
           f"candidates, prompt {PROMPT}, candidate {SCORE_C} | median of {args.repeats} after a warm-up", flush=True)
     peaks = print_peaks()

@@ -62,8 +62,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))  # the repository root: pal_jax, configs
 
-from bench_decode import (SHAPES, build_models, interleaved, parity, print_machine, print_peaks,  # noqa: E402
-                          print_table, timed)
+from bench_decode import (SHAPES, add_host_malloc_arg, build_models, interleaved, parity,  # noqa: E402
+                          print_machine, print_peaks, print_table, timed)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -256,6 +256,7 @@ def main(argv=None):
     ap.add_argument("--cpu-devices", type=int, default=1,
                     help="pal_jax on CPU: split the host into this many JAX devices, the batch data-parallel over "
                          "them (config mesh.cpu_devices; the tiny preset runs on 2); PyTorch is unchanged")
+    add_host_malloc_arg(ap)
     args = ap.parse_args(argv)
     if args.cpu_devices < 1:
         ap.error("--cpu-devices must be >= 1")
@@ -270,7 +271,7 @@ def main(argv=None):
     if args.pairs < 0 or args.seq_len < 16:
         ap.error("--pairs must be >= 0 and --seq-len >= 16")
 
-    print_machine()
+    print_machine(args.host_malloc)
     c0 = stage2_settings(1, args.lr)
     t, s2 = stage2.train_settings(c0), c0.stage2
     sizes = ", ".join(f"{s} {args.pairs or DEFAULT_PAIRS[s]} pairs" for s in shapes)

@@ -116,10 +116,11 @@ def main(argv=None):
                     help="op groups listed for the prefill and for a step (a group: the ops of one kind, output "
                          "shape and source, e.g. the 30 layers' gate projections)")
     ap.add_argument("--floor", action="store_true", help="also measure the prefill's and a step's floors")
+    bd.add_host_malloc_arg(ap)
     args = ap.parse_args(argv)
     if args.batch < 1 or args.repeats < 1:
         ap.error("--batch and --repeats must be >= 1")
-    bd.print_machine()
+    bd.print_machine(args.host_malloc)
     peaks = bd.print_peaks() if args.floor else None
 
     with tempfile.TemporaryDirectory() as tmp:

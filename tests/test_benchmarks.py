@@ -37,6 +37,8 @@ def test_bench_stage2_shared_rows_agree_with_two_rows_and_pytorch(timing):
     assert m, out
     assert float(m.group(1)) == pytest.approx(float(m.group(2)), abs=1e-4)
     flat = "--flat-window" in timing
+    # --host-malloc auto (the default, as pal_jax.main's config.host_malloc) on this CPU run, before the backend
+    assert "host malloc 'auto': freed memory kept (one arena, no mmap)" in out, out
     assert re.search(r"\| tiny +\| DPO " + ("flat" if flat else "shared") + r" +\| pairs/s", out), out
     assert ("a row (flat_window)" in out) == flat, out
 

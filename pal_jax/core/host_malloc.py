@@ -4,15 +4,15 @@ backend starts.
 Why. An XLA:CPU executable allocates one buffer for all its temporaries at every call, on the backend's worker
 threads. glibc gives each such thread its own arena, whose heaps hold at most 64 MiB, and serves a larger request
 (and, by default, any over its mmap threshold, at most 32 MiB) with a fresh mmap that free() unmaps again. So every
-training step faulted its whole temporary buffer back in, page by page: the tiny pipeline's Stage 1 step (~100 MB
-of logits and their gradients on each of its 2 CPU devices) took ~25,000 minor page faults, and the README main job
-34 million, 71 s of kernel time on 2 cores (benchmarks/README.md, section 10).
+training step faulted its whole temporary buffer back in, page by page: the tiny pipeline's Stage 1 step took ~25,000
+minor page faults (~100 MB) on its 2 CPU devices, and the README main job 34 million, 70 s of kernel time on 2 cores
+(benchmarks/README.md, section 10).
 
-    "keep"  mallopt(M_ARENA_MAX, 1), mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, 2**31 - 1): every thread
+    "keep"  mallopt(M_ARENA_MAX, 1), mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, -1): every thread
             allocates from the main arena's heap, nothing is mmap'd, and freed memory stays in the process for the
-            next call to reuse. The resident size stays at its peak (the main job's: 1.27 -> 1.46 GB), and threads
-            share one arena's lock (XLA:CPU allocates a few buffers per call; a host running many allocating threads,
-            e.g. a large checkpoint's writers, contends more).
+            next call to reuse. The resident size stays at its peak (the main job's maximum: 1.28-1.38 GB; 1.27-1.30
+            GB with "off"), and threads share one arena's lock (XLA:CPU allocates a few buffers per call; a host
+            running many allocating threads, e.g. a large checkpoint's writers, contends more).
     "auto"  "keep" when the run's devices will be CPUs (JAX_PLATFORMS names cpu first, or it is unset and neither
             libtpu nor a jax_plugins accelerator plugin is installed), else "off": on TPU and GPU the step's
             temporaries are device memory, not malloc's.
@@ -33,7 +33,9 @@ import platform
 VALUES = ("auto", "keep", "off")
 # mallopt parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-KEEP = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
+# trim threshold -1: no trimming at all (mallopt's int; 2**31 - 1 still trimmed a free top chunk over 2 GiB, which the
+# 135M Stage 2 step's temporaries reach: it then faulted 4.8M pages in its benchmark run and was slower than "off")
+KEEP = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
 
 
 def cpu_run(env=None, find_spec=importlib.util.find_spec) -> bool:
