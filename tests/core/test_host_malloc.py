@@ -37,6 +37,7 @@ def test_bad_values_are_refused_by_name():
         host_malloc.resolve("mmap", env={})
     with pytest.raises(ConfigError, match=r"host_malloc = 'always'.*one of \('auto', 'keep', 'off'\)"):
         validate(tiny_config(host_malloc="always"))
+    validate(tiny_config(host_malloc=" Keep "))  # what resolve accepts, validation accepts
 
 
 def test_sets_nothing_once_a_backend_runs(caplog):
