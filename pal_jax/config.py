@@ -189,8 +189,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "mesh.cpu_devices", c.mesh.get("cpu_devices"), "an integer >= 0 (0 = JAX's default: one CPU device)")
     _check(e, isinstance(c.get("compile_cache", ""), str), "compile_cache", c.get("compile_cache"),
            "a string: 'auto', '' or 'off', or a directory")
-    _check(e, str(c.get("host_malloc", "auto")).strip().lower() in host_malloc.VALUES, "host_malloc",
-           c.get("host_malloc"), f"one of {host_malloc.VALUES}")  # as host_malloc.resolve reads it
+    _check(e, host_malloc.normalized(c.get("host_malloc", "auto")) in host_malloc.VALUES, "host_malloc",
+           c.get("host_malloc"), f"one of {host_malloc.VALUES}")
     s2 = c.stage2
     for k in ("steps", "batch_size"):
         _check(e, isinstance(s2[k], int) and s2[k] > 0, f"stage2.{k}", s2[k], "a positive integer")

@@ -48,9 +48,19 @@ def cpu_run(env=None, find_spec=importlib.util.find_spec) -> bool:
     return find_spec("libtpu") is None and find_spec("jax_plugins") is None
 
 
+def normalized(value) -> str:
+    """config.host_malloc as read: stripped, lower case (one of VALUES when valid; config validation checks that)."""
+    return str(value).strip().lower()
+
+
+def glibc() -> bool:
+    """Whether this process runs on glibc (Linux), whose mallopt the "keep" settings are."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def resolve(value, env=None, find_spec=importlib.util.find_spec) -> bool:
     """config.host_malloc -> whether to keep freed memory ("keep", or "auto" on a CPU run). ValueError otherwise."""
-    value = str(value).strip().lower()
+    value = normalized(value)
     if value not in VALUES:
         raise ValueError(f"host_malloc = {value!r}: expected one of {VALUES}")
     return value == "keep" or (value == "auto" and cpu_run(env, find_spec))
@@ -69,7 +79,7 @@ def setup(value, env=None) -> bool:
     if not resolve(value, env):
         logging.info("host malloc: glibc defaults (config.host_malloc = %r)", value)
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not glibc():
         logging.info("host malloc: not glibc (%s %s); nothing to set (config.host_malloc = %r)", platform.system(),
                      platform.libc_ver()[0] or "libc", value)
         return False

@@ -2,7 +2,6 @@
 in fresh processes: the minor page faults of a jitted call whose temporary buffer is 64 MiB."""
 import json
 import logging
-import platform
 import subprocess
 import sys
 
@@ -81,7 +80,7 @@ def _probe(mode: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
+@pytest.mark.skipif(not host_malloc.glibc(), reason="glibc's mallopt only")
 def test_keep_stops_refaulting_the_temporaries():
     off, keep = _probe("off"), _probe("keep")
     assert off["applied"] is False and keep["applied"] is True
